@@ -1,0 +1,10 @@
+"""bytemtp: byte-level language models with multi-byte prediction.
+
+Ids 0-255 are bytes; id 256 is BOS, written before every document. There is no
+tokenizer: what goes in and what comes out are raw bytes.
+"""
+
+__version__ = "0.1.0"
+
+BOS = 256
+VOCAB = 257  # bytes + BOS; embedding tables are padded past this, padding ids are never sampled

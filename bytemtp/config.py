@@ -1,0 +1,108 @@
+"""Model configuration and named presets.
+
+``ModelConfig`` is stored as JSON with every checkpoint, so a checkpoint always
+knows the exact architecture it needs; unknown or contradictory fields are errors
+that name the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from bytemtp import VOCAB
+from bytemtp.errors import BytemtpError
+
+HEAD_KINDS = ("linear", "transformer")
+FFN_KINDS = ("swiglu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """Byte trunk + ``n_future`` prediction heads (head k predicts byte t+k).
+
+    ``head_kind="linear"``: one (d -> vocab) unembedding per head after the shared
+    final norm (the paper's byte-level models). ``"transformer"``: ``head_layers``
+    blocks per head, then the shared final norm and shared unembedding (the paper's
+    main architecture). ``n_future=1`` is the next-byte baseline, same code.
+    """
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_attn_heads: int = 4
+    n_future: int = 8
+    head_layers: int = 1
+    head_kind: str = "linear"
+    ffn: str = "swiglu"
+    d_ff: int = 0  # 0: derived from d_model (8/3 d for SwiGLU, 4 d for GELU, rounded up to 64)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    vocab: int = VOCAB
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.head_kind not in HEAD_KINDS:
+            raise BytemtpError(f"head_kind: {self.head_kind!r} is not one of {', '.join(HEAD_KINDS)}")
+        if self.ffn not in FFN_KINDS:
+            raise BytemtpError(f"ffn: {self.ffn!r} is not one of {', '.join(FFN_KINDS)}")
+        for name in ("d_model", "n_layers", "n_attn_heads", "n_future", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise BytemtpError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.head_kind == "transformer" and self.head_layers < 1:
+            raise BytemtpError(f"head_layers: must be at least 1 for transformer heads, got {self.head_layers}")
+        if self.d_model % self.n_attn_heads or (self.d_model // self.n_attn_heads) % 2:
+            raise BytemtpError(
+                f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"
+            )
+        if self.vocab != VOCAB:
+            raise BytemtpError(f"vocab: must be {VOCAB} (256 bytes + BOS), got {self.vocab}")
+
+    @property
+    def vocab_padded(self) -> int:
+        """Embedding rows: vocab rounded up to a multiple of 64 for aligned matmuls."""
+        return -(-self.vocab // 64) * 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_attn_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        hidden = 8 * self.d_model // 3 if self.ffn == "swiglu" else 4 * self.d_model
+        return -(-hidden // 64) * 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, d)
+
+
+def from_dict(cls, d: dict[str, Any], where: str = "config"):
+    """Build dataclass ``cls`` from ``d``, naming any field it does not have."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise BytemtpError(f"{where}: unknown field {unknown[0]!r} for {cls.__name__}")
+    return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~1.1M parameters: trains to readable Python in a few CPU minutes.
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_attn_heads=4, max_seq_len=256),
+    # ~26M parameters: a long CPU run or a short GPU run.
+    "small": ModelConfig(d_model=512, n_layers=8, n_attn_heads=8, max_seq_len=1024),
+    # ~115M parameters: GPU.
+    "base": ModelConfig(d_model=768, n_layers=16, n_attn_heads=12, max_seq_len=2048),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A copy of preset ``name`` with ``overrides`` applied (and validated)."""
+    if name not in PRESETS:
+        raise BytemtpError(f"--preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,237 @@
+"""The byte model: a transformer trunk and ``n_future`` independent prediction heads.
+
+Head k (0-based here, "head k+1" in the paper's words) predicts the byte k+1
+positions ahead. Inference uses a static, pre-allocated KV cache: every attention
+layer writes keys/values at explicit positions and attends over the whole buffer
+through a position mask, so shapes never change (friendly to ``torch.compile`` and
+CUDA graphs) and rolling the cache back after a speculative rejection costs
+nothing: the next forward simply writes at the earlier positions again, and the
+mask hides whatever stale entries lie beyond.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bytemtp.config import ModelConfig
+from bytemtp.errors import BytemtpError
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of ``x`` [B, H, T, hd] by the angles of its positions (cos/sin: [T, hd/2])."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+@dataclass
+class PosContext:
+    """What every layer needs to know about the positions of the current forward."""
+
+    cos: torch.Tensor  # [T, hd/2]
+    sin: torch.Tensor
+    input_pos: torch.Tensor | None = None  # [T] absolute positions, only with a KV cache
+    mask: torch.Tensor | None = None  # [T, max_len] bool, only with a KV cache
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys/values of one attention layer: [B, H, max_len, hd]."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
+        if pos.input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("forward with input_pos needs setup_cache() first")
+            k, v = self.kv_cache.update(pos.input_pos, k, v)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pos.mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.ffn == "swiglu"
+        self.w_in = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ffn_dim, bias=False)
+        self.w_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.w_out(h)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TransformerHead(nn.Module):
+    """``head_layers`` blocks of one prediction head (norm and unembedding are shared)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.head_layers))
+
+    def forward(self, z: torch.Tensor, pos: PosContext) -> torch.Tensor:
+        for blk in self.blocks:
+            z = blk(z, pos)
+        return z
+
+
+class ByteMTP(nn.Module):
+    """Embedding -> trunk blocks -> z; head k maps z to logits for byte t+k+1.
+
+    ``forward`` returns logits of the first ``n_heads`` heads, sliced to the real
+    vocabulary (padding ids never get probability mass). Training code uses
+    ``trunk`` and ``head_logits`` directly to run the heads one at a time.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_padded, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        if cfg.head_kind == "linear":
+            self.heads = nn.ModuleList(
+                nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False) for _ in range(cfg.n_future)
+            )
+            self.unembed = None
+        else:
+            self.heads = nn.ModuleList(TransformerHead(cfg) for _ in range(cfg.n_future))
+            self.unembed = nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("causal_mask", None, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by depth."""
+        depth = self.cfg.n_layers + (self.cfg.head_layers if self.cfg.head_kind == "transformer" else 0)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("wo.weight", "w_out.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    # -- positions -------------------------------------------------------------
+    def pos_context(self, T: int, input_pos: torch.Tensor | None = None) -> PosContext:
+        if input_pos is None:
+            if T > self.cfg.max_seq_len:
+                raise BytemtpError(f"sequence of {T} bytes exceeds max_seq_len={self.cfg.max_seq_len}")
+            return PosContext(self.rope_cos[:T], self.rope_sin[:T])
+        return PosContext(
+            self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, self.causal_mask[input_pos]
+        )
+
+    # -- pieces ----------------------------------------------------------------
+    def trunk(self, ids: torch.Tensor, pos: PosContext | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, d] trunk output z."""
+        pos = pos or self.pos_context(ids.shape[1])
+        x = self.embed(ids)
+        for blk in self.blocks:
+            x = blk(x, pos)
+        return x
+
+    def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z."""
+        if self.unembed is None:
+            logits = self.heads[k](self.norm(z))
+        else:
+            logits = self.unembed(self.norm(self.heads[k](z, pos or self.pos_context(z.shape[1]))))
+        return logits[..., : self.cfg.vocab]
+
+    def forward(
+        self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None
+    ) -> torch.Tensor:
+        """Logits [B, T, n_heads, vocab] of the first ``n_heads`` heads (default: all).
+
+        With ``input_pos`` ([T] absolute positions) the KV cache is read and written;
+        ``setup_cache`` must have been called.
+        """
+        pos = self.pos_context(ids.shape[1], input_pos)
+        z = self.trunk(ids, pos)
+        n_heads = self.cfg.n_future if n_heads is None else n_heads
+        return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
+
+    # -- inference cache -------------------------------------------------------
+    def attention_layers(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention)]
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache of ``max_len`` positions for every attention layer."""
+        if max_len > self.cfg.max_seq_len:
+            raise BytemtpError(f"KV cache of {max_len} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        device = self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        for attn in self.attention_layers():
+            attn.kv_cache = KVCache(batch_size, attn.n_heads, max_len, attn.head_dim, dtype, device)
+        self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    def clear_cache(self) -> None:
+        for attn in self.attention_layers():
+            attn.kv_cache = None
+        self.causal_mask = None
+
+    # -- bookkeeping -----------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part, so an n=1 baseline of equal size can be configured."""
+        count = lambda ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+        shared = [self.norm] + ([self.unembed] if self.unembed is not None else [])
+        counts = {
+            "embedding": count([self.embed]),
+            "trunk": count(self.blocks),
+            "heads": count(self.heads),
+            "shared_head": count(shared),
+        }
+        counts["total"] = sum(counts.values())
+        return counts

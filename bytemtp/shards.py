@@ -1,0 +1,213 @@
+"""The on-disk dataset format: zstd shards of documents plus a manifest.
+
+A shard is one zstd frame (content checksum on) whose content is::
+
+    header   32 bytes: magic b"BMTPSHRD", u32 version, u32 reserved, u64 n_docs, u64 n_bytes
+    offsets  (n_docs + 1) little-endian u64, offsets[0] == 0, offsets[-1] == n_bytes
+    data     n_bytes of document bytes, concatenated
+
+Offsets come before the data so a reader can size its arrays up front; the writer
+therefore holds one shard (``shard_bytes``, 64 MiB by default) in memory, which is
+what bounds the memory of ``prepare`` whatever the input size.
+
+Shards are read through ``stream_reader``: python-zstandard's one-shot
+``decompress()`` silently stops after the first frame of a multi-frame blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zstandard
+
+from bytemtp.atomic import atomic_open, atomic_write_bytes
+from bytemtp.errors import BytemtpError
+
+MAGIC = b"BMTPSHRD"
+SHARD_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "bytemtp-shards"
+_HEADER = struct.Struct("<8sIIQQ")
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One manifest entry. ``file`` is relative to the dataset directory."""
+
+    file: str
+    split: str
+    n_docs: int
+    n_bytes: int
+    sha256: str
+    compressed_bytes: int
+
+
+@dataclass
+class Shard:
+    """A decoded shard: document ``i`` is ``data[offsets[i]:offsets[i + 1]]``."""
+
+    offsets: np.ndarray  # uint64, n_docs + 1
+    data: np.ndarray  # uint8, n_bytes
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, i: int) -> bytes:
+        return self.data[int(self.offsets[i]) : int(self.offsets[i + 1])].tobytes()
+
+    def docs(self) -> Iterator[bytes]:
+        for i in range(self.n_docs):
+            yield self.doc(i)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.zst"
+
+
+def write_shard(path: Path, docs: list[bytes], *, level: int = 3, threads: int = -1) -> ShardInfo:
+    """Write ``docs`` as one shard at ``path`` atomically and return its manifest entry.
+
+    ``threads=-1`` lets zstd compress on every core; the output is still one frame.
+    """
+    split = path.name.split("-")[0]
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
+    offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
+    np.cumsum(lengths, out=offsets[1:])
+    n_bytes = int(offsets[-1])
+    header = _HEADER.pack(MAGIC, SHARD_VERSION, 0, len(docs), n_bytes)
+    content_size = len(header) + offsets.nbytes + n_bytes
+    cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    sha = hashlib.sha256()
+
+    class _Hashing:
+        """File wrapper that hashes what zstd writes, so the file is never re-read."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            sha.update(b)
+            return self.f.write(b)
+
+    with atomic_open(path) as f:
+        with cctx.stream_writer(_Hashing(f), size=content_size, closefd=False) as w:
+            w.write(header)
+            w.write(offsets.tobytes())
+            for d in docs:
+                w.write(d)
+        compressed = f.tell()
+    return ShardInfo(path.name, split, len(docs), n_bytes, sha.hexdigest(), compressed)
+
+
+def _read_exact(reader, n: int, path: Path, what: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = reader.readinto(view[got:])
+        if k == 0:
+            raise BytemtpError(f"{path}: truncated shard ({what}: got {got} of {n} bytes)")
+        got += k
+    return buf
+
+
+def read_shard(path: str | os.PathLike) -> Shard:
+    """Decode a shard fully, checking header, sizes and the zstd content checksum.
+
+    Any corruption or truncation is a ``BytemtpError`` naming the file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            dctx = zstandard.ZstdDecompressor()
+            with dctx.stream_reader(f, read_across_frames=True) as r:
+                head = _read_exact(r, _HEADER.size, path, "header")
+                magic, version, _, n_docs, n_bytes = _HEADER.unpack(head)
+                if magic != MAGIC:
+                    raise BytemtpError(f"{path}: not a bytemtp shard (bad magic)")
+                if version != SHARD_VERSION:
+                    raise BytemtpError(f"{path}: shard version {version}, expected {SHARD_VERSION}")
+                offsets = np.frombuffer(_read_exact(r, 8 * (n_docs + 1), path, "offsets"), dtype="<u8")
+                if offsets[0] != 0 or offsets[-1] != n_bytes or np.any(np.diff(offsets.astype(np.int64)) < 0):
+                    raise BytemtpError(f"{path}: corrupt shard (inconsistent document offsets)")
+                data = np.frombuffer(_read_exact(r, n_bytes, path, "data"), dtype=np.uint8)
+                if r.read(1):
+                    raise BytemtpError(f"{path}: corrupt shard (trailing bytes after the data)")
+    except FileNotFoundError:
+        raise BytemtpError(f"{path}: shard file is missing") from None
+    except zstandard.ZstdError as e:
+        raise BytemtpError(f"{path}: corrupt shard ({e})") from None
+    return Shard(offsets.astype(np.uint64, copy=False), data)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Dataset:
+    """A prepared dataset directory: its manifest and access to its shards."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        if not mpath.is_file():
+            raise BytemtpError(f"{self.root}: not a prepared dataset (no {MANIFEST}; run `bytemtp prepare`)")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BytemtpError(f"{mpath}: unreadable manifest ({e})") from None
+        if self.manifest.get("format") != MANIFEST_FORMAT:
+            raise BytemtpError(f"{mpath}: not a bytemtp manifest")
+        self._shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+
+    def shards(self, split: str | None = None) -> list[ShardInfo]:
+        return [s for s in self._shards if split is None or s.split == split]
+
+    def n_bytes(self, split: str) -> int:
+        return sum(s.n_bytes for s in self.shards(split))
+
+    def n_docs(self, split: str) -> int:
+        return sum(s.n_docs for s in self.shards(split))
+
+    def read(self, info: ShardInfo) -> Shard:
+        shard = read_shard(self.root / info.file)
+        if shard.n_docs != info.n_docs or len(shard.data) != info.n_bytes:
+            raise BytemtpError(f"{self.root / info.file}: shard does not match the manifest (size differs)")
+        return shard
+
+    def verify(self, info: ShardInfo) -> None:
+        """Full check of one shard: sha256 of the file, then decode and sizes."""
+        path = self.root / info.file
+        if not path.is_file():
+            raise BytemtpError(f"{path}: shard file is missing")
+        if file_sha256(path) != info.sha256:
+            raise BytemtpError(f"{path}: sha256 mismatch (file corrupt or modified)")
+        self.read(info)
+
+
+def write_manifest(root: Path, shards: list[ShardInfo], *, source: dict, params: dict) -> None:
+    """Write the manifest last and atomically: its presence means every shard is complete."""
+    from bytemtp import __version__
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": SHARD_VERSION,
+        "created_by": f"bytemtp {__version__}",
+        "source": source,
+        "params": params,
+        "shards": [asdict(s) for s in shards],
+    }
+    atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -1,0 +1,1 @@
+"""bytemtp_corpora: named built-in corpora for ``bytemtp prepare builtin:NAME``."""
