@@ -15,6 +15,16 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (single-threaded then): os.umask can only be read by setting it.
+_UMASK = _read_umask()
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Persist a directory entry (a rename or a new file) on filesystems that need it."""
     fd = os.open(path, os.O_RDONLY)
@@ -29,6 +39,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open ``path`` for binary writing; it appears under its name only if the block succeeds."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from other users
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -57,6 +68,7 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide the directory from other users
     try:
         yield tmp
         for child in tmp.rglob("*"):

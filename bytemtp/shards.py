@@ -16,6 +16,7 @@ Shards are read through ``stream_reader``: python-zstandard's one-shot
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import os
@@ -78,12 +79,52 @@ def write_shard(path: Path, docs: list[bytes], *, level: int = 3, threads: int =
 
     ``threads=-1`` lets zstd compress on every core; the output is still one frame.
     """
-    split = path.name.split("-")[0]
     lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
     np.cumsum(lengths, out=offsets[1:])
+    return _write_shard_content(path, offsets, docs, level=level, threads=threads)
+
+
+class ShardBuffer:
+    """The documents of one shard being filled, held in one contiguous buffer.
+
+    ``prepare`` streams inputs of any size into shards; keeping the pending shard as one
+    ``bytearray`` plus a packed ``uint64`` offset array (rather than a list of ``bytes``)
+    makes its memory the document bytes plus 8 bytes per document, which is what lets
+    ``--shard-bytes`` bound peak memory even for millions of tiny documents.
+    """
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self._offsets = array.array("Q", [0])
+
+    @property
+    def n_docs(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def n_bytes(self) -> int:
+        return len(self._data)
+
+    def add(self, doc: bytes) -> None:
+        self._data += doc
+        self._offsets.append(len(self._data))
+
+    def write(self, path: Path, *, level: int = 3, threads: int = -1) -> ShardInfo:
+        """Write the buffered documents as one shard (like ``write_shard``), then empty the buffer."""
+        offsets = np.frombuffer(self._offsets, dtype=np.uint64)
+        info = _write_shard_content(path, offsets, [self._data], level=level, threads=threads)
+        self._data = bytearray()
+        self._offsets = array.array("Q", [0])
+        return info
+
+
+def _write_shard_content(path: Path, offsets: np.ndarray, chunks, *, level: int, threads: int) -> ShardInfo:
+    """Compress header, ``offsets`` and the document bytes (``chunks``, concatenated) into ``path``."""
+    split = path.name.split("-")[0]
+    n_docs = len(offsets) - 1
     n_bytes = int(offsets[-1])
-    header = _HEADER.pack(MAGIC, SHARD_VERSION, 0, len(docs), n_bytes)
+    header = _HEADER.pack(MAGIC, SHARD_VERSION, 0, n_docs, n_bytes)
     content_size = len(header) + offsets.nbytes + n_bytes
     cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
     sha = hashlib.sha256()
@@ -102,10 +143,10 @@ def write_shard(path: Path, docs: list[bytes], *, level: int = 3, threads: int =
         with cctx.stream_writer(_Hashing(f), size=content_size, closefd=False) as w:
             w.write(header)
             w.write(offsets.tobytes())
-            for d in docs:
-                w.write(d)
+            for chunk in chunks:
+                w.write(chunk)
         compressed = f.tell()
-    return ShardInfo(path.name, split, len(docs), n_bytes, sha.hexdigest(), compressed)
+    return ShardInfo(path.name, split, n_docs, n_bytes, sha.hexdigest(), compressed)
 
 
 def _read_exact(reader, n: int, path: Path, what: str) -> bytearray:
