@@ -72,8 +72,6 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
         if pos.input_pos is not None:
-            if self.kv_cache is None:
-                raise RuntimeError("forward with input_pos needs setup_cache() first")
             k, v = self.kv_cache.update(pos.input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pos.mask)
         else:
@@ -131,7 +129,8 @@ class ByteMTP(nn.Module):
 
     ``forward`` returns logits of the first ``n_heads`` heads, sliced to the real
     vocabulary (padding ids never get probability mass). Training code uses
-    ``trunk`` and ``head_logits`` directly to run the heads one at a time.
+    ``trunk`` and ``head_features`` + ``unembedding`` directly to run the heads one
+    at a time.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -152,6 +151,9 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("causal_mask", None, persistent=False)
+        # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
+        # its per-head cross-entropy compiled, not just the blocks.
+        self.compiled = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -169,6 +171,8 @@ class ByteMTP(nn.Module):
             if T > self.cfg.max_seq_len:
                 raise BytemtpError(f"sequence of {T} bytes exceeds max_seq_len={self.cfg.max_seq_len}")
             return PosContext(self.rope_cos[:T], self.rope_sin[:T])
+        if self.causal_mask is None:
+            raise RuntimeError("forward with input_pos needs setup_cache() first")
         return PosContext(
             self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, self.causal_mask[input_pos]
         )
@@ -182,13 +186,31 @@ class ByteMTP(nn.Module):
             x = blk(x, pos)
         return x
 
+    def head_features(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
+        """What head ``k``'s unembedding reads: final-normed head output [B, T, d].
+
+        For linear heads this is ``norm(z)`` whatever ``k`` is (see ``shared_features``),
+        so callers running several heads compute it once.
+        """
+        if self.unembed is None:
+            return self.norm(z)
+        return self.norm(self.heads[k](z, pos or self.pos_context(z.shape[1])))
+
+    @property
+    def shared_features(self) -> bool:
+        """True when every head reads the same features (linear heads): only the unembedding differs."""
+        return self.unembed is None
+
+    def unembedding(self, k: int) -> torch.Tensor:
+        """Head ``k``'s unembedding weight [vocab_padded, d] (shared by all transformer heads)."""
+        return self.heads[k].weight if self.unembed is None else self.unembed.weight
+
     def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z."""
-        if self.unembed is None:
-            logits = self.heads[k](self.norm(z))
-        else:
-            logits = self.unembed(self.norm(self.heads[k](z, pos or self.pos_context(z.shape[1]))))
-        return logits[..., : self.cfg.vocab]
+        return self._logits(self.head_features(z, k, pos), k)
+
+    def _logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        return F.linear(features, self.unembedding(k))[..., : self.cfg.vocab]
 
     def forward(
         self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None
@@ -201,6 +223,9 @@ class ByteMTP(nn.Module):
         pos = self.pos_context(ids.shape[1], input_pos)
         z = self.trunk(ids, pos)
         n_heads = self.cfg.n_future if n_heads is None else n_heads
+        if self.shared_features:
+            features = self.head_features(z, 0)
+            return torch.stack([self._logits(features, k) for k in range(n_heads)], dim=2)
         return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
 
     # -- inference cache -------------------------------------------------------

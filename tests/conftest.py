@@ -1,4 +1,4 @@
-"""Shared fixtures and the ``slow`` / ``gpu`` markers.
+"""Shared fixtures, the ``slow`` / ``gpu`` markers, and single-threaded torch.
 
 ``slow`` tests run only with ``--runslow`` (or BYTEMTP_SLOW=1); ``gpu`` tests only
 where CUDA is available. Both are skipped cleanly otherwise.
@@ -13,6 +13,18 @@ from pathlib import Path
 import pytest
 
 from bytemtp.shards import ShardInfo, shard_name, write_manifest, write_shard
+
+
+def pytest_configure(config):
+    """One thread per process, for this process and every subprocess a test starts.
+
+    The test models are too small to gain from a second thread, and on a busy
+    2-core machine OpenMP's spin-waiting threads slow every op down many times over.
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):

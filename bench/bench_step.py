@@ -1,0 +1,176 @@
+"""Training-step cost of n future-byte heads against the next-byte baseline.
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_step.py                   # small preset's width, CPU-sized batch
+    .venv/bin/python bench/bench_step.py --batch 16 --seq 1024   # e.g. on a GPU
+
+For linear and transformer heads it times one training step (forward + backward,
+no optimizer) of the model with ``--n-future`` heads against the same trunk with
+one head, on the same batch, steps of the models interleaved so that a change in
+machine load hits both alike, the fastest step of each reported (the one least
+disturbed by anything else running; ``--clock cpu --threads 1`` counts only this
+process's CPU time, for a machine other jobs keep busy); and it measures the peak memory a step allocates
+with the sequential head schedule and with the naive summed loss. On CUDA the step
+runs under bf16 autocast and, unless ``--no-compile``, with ``compile_model``; the
+table then also gives MFU against the H100's dense bf16 peak, counting
+6 N + 12 L d T FLOPs per byte (N: parameters outside the embedding, L: attention
+layers run per step, trunk and heads; attention scored over the full T, as in the
+PaLM paper's MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bytemtp import VOCAB
+from bytemtp.compile import compile_model
+from bytemtp.config import HEAD_KINDS, preset
+from bytemtp.loss import multihead_loss
+from bytemtp.model import ByteMTP
+
+H100_BF16_DENSE = 989e12
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", help="model preset whose trunk and width are used")
+    p.add_argument("--n-layers", type=int, help="override the preset's trunk depth")
+    p.add_argument("--n-future", type=int, default=8, help="heads of the multi-byte model")
+    p.add_argument("--head-kinds", nargs="+", default=list(HEAD_KINDS), choices=HEAD_KINDS)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256, help="positions trained per row (T)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model (the fastest is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: this process's CPU time, steadier on a busy machine (use with --threads 1)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile_model (default: on CUDA only)")
+    return p.parse_args()
+
+
+@dataclasses.dataclass
+class Case:
+    head_kind: str
+    n_future: int
+    mode: str
+    model: ByteMTP
+    times: list[float] = dataclasses.field(default_factory=list)
+    peak_bytes: int = 0
+
+
+def step_fn(case: Case, ids: torch.Tensor, seq: int, device: torch.device) -> Callable[[], None]:
+    """One training step of ``case`` on the first T + n columns of the shared batch."""
+    batch = ids[:, : seq + case.n_future]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step() -> None:
+        case.model.zero_grad(set_to_none=True)
+        with autocast:
+            loss = multihead_loss(case.model, batch, case.mode).loss
+        loss.backward()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during one step, above what was allocated before it.
+
+    CPU allocations are invisible to tracemalloc and blurred in RSS by the allocator's
+    caching, so on the CPU they come from the profiler's allocation log.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def flops_per_byte(model: ByteMTP, seq: int) -> float:
+    cfg, counts = model.cfg, model.param_counts()
+    attn_layers = cfg.n_layers + (cfg.n_future * cfg.head_layers if cfg.head_kind == "transformer" else 0)
+    return 6 * (counts["total"] - counts["embedding"]) + 12 * attn_layers * cfg.d_model * seq
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = {"n_layers": args.n_layers} if args.n_layers else {}
+    base = preset(args.preset, max_seq_len=args.seq, **overrides)
+
+    cases: list[Case] = []
+    for kind in args.head_kinds:
+        for n, mode in ((1, "sequential"), (args.n_future, "sequential"), (args.n_future, "naive")):
+            torch.manual_seed(0)  # same seed, same construction order: the same trunk weights
+            model = ByteMTP(dataclasses.replace(base, head_kind=kind, n_future=n)).to(device)
+            compile_model(model, args.compile)
+            cases.append(Case(kind, n, mode, model))
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq + args.n_future), device=device)
+    steps = [step_fn(c, ids, args.seq, device) for c in cases]
+
+    for step in steps:
+        for _ in range(args.warmup):
+            step()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for _ in range(args.steps):
+        for case, step in zip(cases, steps):
+            sync(device)
+            t0 = clock()
+            step()
+            sync(device)
+            case.times.append(clock() - t0)
+    for case, step in zip(cases, steps):
+        case.model.zero_grad(set_to_none=True)  # the step frees nothing allocated before it
+        case.peak_bytes = peak_step_bytes(step, device)
+
+    tokens = args.batch * args.seq
+    print(
+        f"device={device.type} threads={torch.get_num_threads()} compiled={cases[0].model.compiled} "
+        f"preset={args.preset} d_model={base.d_model} n_layers={base.n_layers} "
+        f"batch={args.batch} seq={args.seq} step=fwd+bwd, fastest of {args.steps}, {args.clock} clock"
+    )
+    header = f"{'heads':<12}{'n':>3} {'schedule':<11}{'step ms':>10}{'vs n=1':>8}{'bytes/s':>11}"
+    header += f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        t = min(case.times)
+        baseline = next(c for c in cases if c.head_kind == case.head_kind and c.n_future == 1)
+        ratio = t / min(baseline.times)
+        flops = flops_per_byte(case.model, args.seq) * tokens / t
+        mfu = f"{flops / H100_BF16_DENSE:7.1%}" if device.type == "cuda" else f"{'-':>7}"
+        print(
+            f"{case.head_kind:<12}{case.n_future:>3} {case.mode:<11}{t * 1e3:>10.1f}{ratio:>7.3f}x"
+            f"{tokens / t:>11,.0f}{flops / 1e12:>9.3f}{mfu}{case.peak_bytes / 2**20:>10.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

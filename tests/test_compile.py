@@ -1,0 +1,66 @@
+"""compile_model: compiled training steps agree with eager ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from bytemtp import VOCAB
+from bytemtp.compile import compile_model
+from bytemtp.config import HEAD_KINDS, preset
+from bytemtp.loss import multihead_loss
+from bytemtp.model import ByteMTP
+
+
+def train_step(model: ByteMTP, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = multihead_loss(model, ids)
+    out.loss.backward()
+    return out.head_losses, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def compare_compiled_with_eager(head_kind: str, device: str, dtype: torch.dtype, rtol: float) -> None:
+    torch.manual_seed(0)
+    model = ByteMTP(preset("tiny", head_kind=head_kind, n_future=4, max_seq_len=64)).to(device)
+    ids = torch.randint(0, VOCAB, (2, 64 + 4), device=device)
+    ids[1, -9:] = -1
+    keys = model.state_dict().keys()
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        want_losses, want = train_step(model, ids)
+        torch.compiler.reset()
+        counters.clear()
+        assert compile_model(model, enabled=True) and model.compiled
+        got_losses, got = train_step(model, ids)
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert model.state_dict().keys() == keys  # in place: checkpoints see the eager names
+    torch.testing.assert_close(got_losses, want_losses, rtol=rtol, atol=rtol)
+    for name in want:
+        err, size = (got[name] - want[name]).norm(), want[name].norm()
+        assert err <= rtol * size, f"{name}: error {err:.2e}, gradient norm {size:.2e}"
+
+
+def test_cpu_stays_eager_by_default():
+    model = ByteMTP(preset("tiny", n_future=2))
+    assert compile_model(model) is False
+    assert not model.compiled
+    assert compile_model(model, enabled=False) is False
+
+
+@pytest.mark.slow  # inductor builds C++ kernels: ~15 s warm, minutes with a cold cache on 2 cores
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_compiled_matches_eager_on_cpu(head_kind):
+    compare_compiled_with_eager(head_kind, "cpu", torch.float32, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_compiled_matches_eager_on_cuda(head_kind, dtype, rtol):
+    compare_compiled_with_eager(head_kind, "cuda", dtype, rtol)
+
+
+@pytest.mark.gpu
+def test_cuda_compiles_by_default():
+    model = ByteMTP(preset("tiny", n_future=2)).cuda()
+    assert compile_model(model) is True and model.compiled

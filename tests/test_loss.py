@@ -1,0 +1,203 @@
+"""The multi-byte objective: the sequential head schedule against the naive summed loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from bytemtp import VOCAB
+from bytemtp.config import HEAD_KINDS, ModelConfig
+from bytemtp.loss import LN2, MTPObjective, head_parameters, multihead_loss, split_batch
+from bytemtp.model import ByteMTP
+
+
+
+
+def make_model(head_kind: str, n_future: int, d_model: int = 32, **overrides) -> ByteMTP:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=d_model, n_layers=2, n_attn_heads=4, n_future=n_future, head_kind=head_kind, max_seq_len=64,
+        **overrides,
+    )
+    return ByteMTP(cfg)
+
+
+def padded_batch(n_future: int, B: int = 3, T: int = 20, seed: int = 1) -> torch.Tensor:
+    """[B, T+n] ids whose rows end in -1 padding of different lengths (as the packer writes)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, T + n_future), generator=g)
+    ids[1, -(n_future + 3) :] = -1
+    ids[2, -1:] = -1
+    return ids
+
+
+def grads_of(model: ByteMTP, ids: torch.Tensor, mode: str, scale: float = 1.0):
+    model.zero_grad(set_to_none=True)
+    out = multihead_loss(model, ids, mode)
+    (out.loss * scale).backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        err, size = (got[name] - want[name]).norm(), want[name].norm()
+        assert err <= rtol * size, f"{name}: error {err:.2e}, gradient norm {size:.2e}"
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("n_future", [1, 2, 8])
+def test_sequential_gradients_equal_naive(head_kind, n_future):
+    model = make_model(head_kind, n_future)
+    ids = padded_batch(n_future)
+    naive, want = grads_of(model, ids, "naive")
+    seq, got = grads_of(model, ids, "sequential")
+    assert_grads_close(got, want, rtol=1e-5)
+    torch.testing.assert_close(seq.head_losses, naive.head_losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seq.loss, naive.loss)
+    assert seq.head_losses.shape == (n_future,) and not seq.head_losses.requires_grad
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_incoming_gradient_scales_and_accumulates(head_kind):
+    """loss * c backward (gradient accumulation, loss scaling) reaches the heads scaled by c."""
+    model = make_model(head_kind, 3)
+    ids = padded_batch(3)
+    _, want = grads_of(model, ids, "naive", scale=0.25)
+    _, got = grads_of(model, ids, "sequential", scale=0.25)
+    assert_grads_close(got, want, rtol=1e-5)
+    multihead_loss(model, ids).loss.mul(0.75).backward()  # accumulates onto the 0.25 pass
+    _, full = grads_of(model, ids, "naive")
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, full, rtol=1e-5)
+
+
+def test_next_byte_baseline_is_plain_cross_entropy():
+    """n_future = 1 is the ordinary next-byte loss, computed from ``forward``'s logits."""
+    for kind in HEAD_KINDS:
+        model = make_model(kind, 1)
+        ids = padded_batch(1)
+        inputs, targets = ids[:, :-1].clamp_min(0), ids[:, 1:]
+        want = F.cross_entropy(model(inputs)[:, :, 0].flatten(0, 1), targets.flatten(), ignore_index=-1)
+        out = multihead_loss(model, ids)
+        torch.testing.assert_close(out.loss, want)
+        assert out.bpb_heads == pytest.approx([want.item() / LN2], rel=1e-6)
+
+
+def test_split_batch_aligns_head_k_with_byte_t_plus_k():
+    ids = torch.arange(2 * 13).view(2, 13)
+    inputs, targets = split_batch(ids, 3)
+    assert inputs.shape == (2, 10) and targets.shape == (2, 10, 3)
+    for k in range(3):
+        assert torch.equal(targets[..., k], ids[:, k + 1 : k + 11])
+    padded = padded_batch(3)
+    assert split_batch(padded, 3)[0].min() >= 0  # padding is embeddable as an input
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_head_without_targets_contributes_zero(head_kind):
+    """A batch whose last heads see only padding must not turn the loss into NaN."""
+    model = make_model(head_kind, 4)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    ids[:, 3:] = -1  # T = 2: head 3 and 4 only ever see padding
+    naive, want = grads_of(model, ids, "naive")
+    seq, got = grads_of(model, ids, "sequential")
+    assert torch.equal(seq.head_losses[2:], torch.zeros(2)) and seq.loss.isfinite()
+    torch.testing.assert_close(seq.head_losses, naive.head_losses)
+    assert_grads_close(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_bf16_autocast_matches_naive(head_kind):
+    """Under autocast the hand-written head step casts as autograd would: same result, bf16 tolerance."""
+    model = make_model(head_kind, 3, d_model=64)
+    ids = padded_batch(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive, want = grads_of(model, ids, "naive")
+        seq, got = grads_of(model, ids, "sequential")
+    assert all(g.dtype == torch.float32 for g in got.values())
+    torch.testing.assert_close(seq.head_losses, naive.head_losses, rtol=2e-2, atol=2e-2)
+    assert_grads_close(got, want, rtol=2e-2)
+
+
+def test_evaluation_needs_no_graph():
+    model = make_model("transformer", 3)
+    ids = padded_batch(3)
+    with torch.no_grad():
+        out = multihead_loss(model, ids)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.head_losses, multihead_loss(model, ids, "naive").head_losses)
+
+
+def test_second_backward_is_refused():
+    model = make_model("linear", 2)
+    out = multihead_loss(model, padded_batch(2))
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        out.loss.backward()
+
+
+def test_unknown_mode_is_an_error():
+    with pytest.raises(ValueError, match="mode"):
+        multihead_loss(make_model("linear", 2), padded_batch(2), "parallel")
+
+
+def test_head_parameters_are_what_the_heads_touch():
+    for kind in HEAD_KINDS:
+        model = make_model(kind, 2)
+        trunk = {id(p) for m in (model.embed, model.blocks) for p in m.parameters()}
+        heads = {id(p) for p in head_parameters(model)}
+        assert heads.isdisjoint(trunk) and len(heads | trunk) == len(list(model.parameters()))
+
+
+def peak_cpu_bytes(fn, trace: Path) -> int:
+    """Peak of torch's CPU allocations while ``fn`` runs, from the profiler's allocation log."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+
+
+def test_sequential_keeps_one_head_alive(tmp_path):
+    """Transformer heads: the sequential step's peak memory is well below the naive one's."""
+    model = make_model("transformer", 8, d_model=64)
+    ids = torch.randint(0, VOCAB, (4, 64 + 8))
+
+    def step(mode):
+        model.zero_grad(set_to_none=True)
+        multihead_loss(model, ids, mode).loss.backward()
+
+    naive = peak_cpu_bytes(lambda: step("naive"), tmp_path / "naive.json")
+    seq = peak_cpu_bytes(lambda: step("sequential"), tmp_path / "seq.json")
+    assert seq < 0.6 * naive
+
+
+# -- DDP ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_ddp_gives_the_same_gradients(gloo_group, head_kind):
+    model = make_model(head_kind, 4)
+    ids = padded_batch(4)
+    _, want = grads_of(model, ids, "sequential")
+    model.zero_grad(set_to_none=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(MTPObjective(model))
+    loss, head_losses = ddp(ids)
+    loss.backward()
+    assert head_losses.shape == (4,)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want, rtol=1e-6)

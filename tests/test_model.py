@@ -1,0 +1,196 @@
+"""ModelConfig, presets, and the model's incremental (KV-cached) forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bytemtp import VOCAB
+from bytemtp.config import HEAD_KINDS, ModelConfig, preset
+from bytemtp.errors import BytemtpError
+from bytemtp.loss import multihead_loss
+from bytemtp.model import ByteMTP
+
+
+
+
+def small_model(head_kind: str, n_future: int = 3, **overrides) -> ByteMTP:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        d_model=32, n_layers=2, n_attn_heads=4, n_future=n_future, head_kind=head_kind, max_seq_len=64, **overrides
+    )
+    return ByteMTP(cfg).eval()
+
+
+# -- config ------------------------------------------------------------------------
+
+
+def test_config_json_round_trip():
+    cfg = ModelConfig(d_model=64, n_layers=3, n_attn_heads=2, n_future=5, head_kind="transformer", head_layers=2,
+                      ffn="gelu", d_ff=96, max_seq_len=77, rope_theta=5e5, norm_eps=1e-6)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert again.ffn_dim == 96 and again.head_dim == 32
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("head_kind", "mlp"),
+        ("ffn", "relu"),
+        ("d_model", 0),
+        ("n_layers", 0),
+        ("n_future", 0),
+        ("max_seq_len", -3),
+        ("d_model", 100),  # 100 / 4 heads = 25: odd head size, no RoPE
+        ("vocab", 256),
+    ],
+)
+def test_bad_config_field_is_named(field, value):
+    with pytest.raises(BytemtpError, match=field):
+        ModelConfig(**{"n_attn_heads": 4, field: value})
+
+
+def test_transformer_heads_need_a_layer():
+    with pytest.raises(BytemtpError, match="head_layers"):
+        ModelConfig(head_kind="transformer", head_layers=0)
+
+
+def test_unknown_field_is_named():
+    d = ModelConfig().to_dict() | {"n_head": 4}
+    with pytest.raises(BytemtpError, match="'n_head'"):
+        ModelConfig.from_dict(d)
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(BytemtpError, match="huge"):
+        preset("huge")
+
+
+@pytest.mark.parametrize("name, low, high", [("small", 20e6, 30e6), ("base", 100e6, 135e6)])
+def test_preset_sizes(name, low, high):
+    with torch.device("meta"):  # counts without allocating (or initialising) the weights
+        counts = ByteMTP(preset(name)).param_counts()
+    assert low <= counts["total"] <= high
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_param_counts_cover_every_parameter():
+    for kind in HEAD_KINDS:
+        model = small_model(kind)
+        assert model.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+        one_head = small_model(kind, n_future=1).param_counts()["heads"]
+        assert model.param_counts()["heads"] == 3 * one_head
+
+
+def test_tiny_preset_trains_on_cpu():
+    """A few steps of AdamW on one batch of the tiny preset must bring its loss well down."""
+    torch.manual_seed(0)
+    model = ByteMTP(preset("tiny", max_seq_len=64))
+    text = b"def f(x):\n    return x + 1\n" * 4
+    ids = torch.tensor([list(text[:72])] * 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        out = multihead_loss(model, ids)
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# -- forward -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_forward_stacks_head_logits_over_real_vocab(head_kind):
+    model = small_model(head_kind)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    logits = model(ids)
+    assert logits.shape == (2, 10, 3, VOCAB)
+    z = model.trunk(ids)
+    for k in range(3):
+        torch.testing.assert_close(logits[:, :, k], model.head_logits(z, k))
+    torch.testing.assert_close(model(ids, n_heads=2), logits[:, :, :2])
+
+
+def test_heads_are_independent():
+    """Each head has its own parameters: different heads give different predictions."""
+    for kind in HEAD_KINDS:
+        logits = small_model(kind)(torch.randint(0, VOCAB, (1, 8)))
+        assert not torch.allclose(logits[:, :, 0], logits[:, :, 1])
+
+
+def test_forward_is_causal():
+    model = small_model("transformer")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    changed = ids.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % VOCAB
+    torch.testing.assert_close(model(ids)[:, :7], model(changed)[:, :7])
+    assert not torch.allclose(model(ids)[:, 7:], model(changed)[:, 7:])
+
+
+def test_too_long_is_an_error():
+    model = small_model("linear")
+    with pytest.raises(BytemtpError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(BytemtpError, match="max_seq_len"):
+        model.setup_cache(1, 65)
+
+
+# -- KV cache ----------------------------------------------------------------------
+
+
+def run_chunks(model: ByteMTP, ids: torch.Tensor, start: int, sizes: list[int]) -> torch.Tensor:
+    """Feed ids[:, start:] through the cache in chunks of ``sizes``; logits of all of them."""
+    out, p = [], start
+    for size in sizes:
+        chunk = ids[:, p : p + size]
+        out.append(model(chunk, input_pos=torch.arange(p, p + chunk.shape[1])))
+        p += chunk.shape[1]
+    assert p == ids.shape[1]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("sizes", [[7, 1, 1, 3, 5, 2, 5], [1] * 24, [24], [16, 8]])
+def test_cached_logits_equal_full_logits(head_kind, sizes):
+    model = small_model(head_kind)
+    ids = torch.randint(0, VOCAB, (2, 24))
+    full = model(ids)
+    model.setup_cache(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_chunks(model, ids, 0, sizes), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_cache_rolls_back(head_kind):
+    """Speculative rejection: garbage written past the accepted prefix is simply overwritten."""
+    model = small_model(head_kind, n_future=4)
+    ids = torch.randint(0, VOCAB, (1, 30))
+    full = model(ids)
+    model.setup_cache(1, 40)
+    with torch.no_grad():
+        run_chunks(model, ids[:, :20], 0, [12, 8])
+        garbage = torch.randint(0, VOCAB, (1, 12))
+        model(garbage, input_pos=torch.arange(14, 26))  # positions 14..25 now hold junk keys/values
+        model(garbage[:, :3], input_pos=torch.arange(26, 29))
+        rerun = run_chunks(model, ids, 14, [4, 1, 6, 5])  # accepted prefix ends at 14
+    torch.testing.assert_close(rerun, full[:, 14:], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_needs_setup_and_clears():
+    model = small_model("transformer")
+    ids = torch.randint(0, VOCAB, (1, 4))
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(ids, input_pos=torch.arange(4))
+    model.setup_cache(1, 8)
+    assert all(a.kv_cache is not None for a in model.attention_layers())
+    assert len(model.attention_layers()) == 2 + 3  # trunk layers + one per transformer head
+    model(ids, input_pos=torch.arange(4))
+    model.clear_cache()
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(ids, input_pos=torch.arange(4))
