@@ -35,7 +35,8 @@ from bytemtp.sampling import SamplingConfig
 from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
 
-StepForward = Callable[..., torch.Tensor]  # (ids [1, P], input_pos [P], n_heads) -> logits [1, P, H, V]
+# (ids [1, P], input_pos [P], n_heads) -> (head-1 logits [1, P, V], draft features [1, P, F, d]): ByteMTP.decode
+StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 STOP_REASONS = ("max_bytes", "stop_string", "end_of_document")
 
@@ -182,7 +183,7 @@ def generate(
 ) -> "Generation":
     """Start a generation (nothing runs until it is iterated).
 
-    ``step_forward`` replaces ``model.forward`` for the per-step forwards (fixed,
+    ``step_forward`` replaces ``model.decode`` for the per-step forwards (fixed,
     small shapes), e.g. with a compiled version of it; the prompt's forward
     always uses the model itself.
     """
@@ -200,16 +201,17 @@ class Generation:
         self.model = model
         self.config = config
         self.n_drafts = config.n_drafts(model.cfg.n_future)
-        self.step_forward = step_forward or model.forward
+        self.step_forward = step_forward or model.decode
         self.device = next(model.parameters()).device
         self.stats = GenerationStats(draft_heads=self.n_drafts)
+        drafter = (lambda features: model.draft_logits(features, self.n_drafts)) if self.n_drafts else None
         if config.sampling.greedy:
-            self.verify = GreedyVerifier()
+            self.verify = GreedyVerifier(drafter)
         else:
             generator = torch.Generator(device=self.device)
             self.stats.seed = generator.seed() if config.seed is None else config.seed
             generator.manual_seed(self.stats.seed)
-            self.verify = SamplingVerifier(config.sampling, generator)
+            self.verify = SamplingVerifier(config.sampling, generator, drafter)
         self._stream = self._run()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -284,12 +286,12 @@ class Generation:
         """Forward a whole context from position 0 and decide from its last position."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)
-        logits = self.model(x, input_pos=pos, n_heads=self.n_drafts + 1)
-        return self.verify(logits[0, -1:], x.new_empty(0))
+        logits, features = self.model.decode(x, pos, self.n_drafts + 1)
+        return self.verify(logits[0, -1:], features[0, -1:], x.new_empty(0))
 
     @torch.inference_mode()
     def _step(self, feed: torch.Tensor, start: int) -> torch.Tensor:
         """Forward ``[pending, drafts...]`` at positions ``start..`` and verify the drafts."""
         pos = torch.arange(start, start + feed.numel(), device=self.device)
-        logits = self.step_forward(feed.view(1, -1), input_pos=pos, n_heads=self.n_drafts + 1)
-        return self.verify(logits[0], feed[1:])
+        logits, features = self.step_forward(feed.view(1, -1), pos, self.n_drafts + 1)
+        return self.verify(logits[0], features[0], feed[1:])

@@ -151,6 +151,7 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("causal_mask", None, persistent=False)
+        self.register_buffer("draft_weight", None, persistent=False)
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
@@ -228,6 +229,33 @@ class ByteMTP(nn.Module):
             return torch.stack([self._logits(features, k) for k in range(n_heads)], dim=2)
         return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
 
+    # -- decoding --------------------------------------------------------------
+    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cached decoding forward: head 1's logits [B, P, vocab] at every position,
+        and the features the next ``n_heads - 1`` draft heads read, [B, P, F, d].
+
+        Decoding needs head 1 everywhere (to verify drafts) but the draft heads only at
+        the one position verification stops at, which is known only after this forward.
+        Returning features instead of draft logits lets the caller pick that position on
+        the device and run ``draft_logits`` there: for linear heads F = 1 (the features
+        are shared) and the draft heads cost one small batched matmul instead of
+        ``n_heads - 1`` unembeddings over every position. Transformer heads must run at
+        every position anyway (to fill their KV caches), so F = n_heads - 1.
+        """
+        pos = self.pos_context(ids.shape[1], input_pos)
+        z = self.trunk(ids, pos)
+        if self.shared_features:
+            features = self.head_features(z, 0)
+            return self._logits(features, 0), features[:, :, None]
+        drafts = [self.head_features(z, k, pos) for k in range(1, n_heads)]
+        feats = torch.stack(drafts, dim=2) if drafts else z.new_empty(*z.shape[:2], 0, z.shape[2])
+        return self.head_logits(z, 0, pos), feats
+
+    def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
+        """Logits [n_drafts, vocab] of heads 2..n_drafts+1 from one position's ``decode`` features [F, d]."""
+        weight = self.draft_weight[:n_drafts]  # [n_drafts, vocab, d]
+        return torch.bmm(weight, features.expand(n_drafts, -1).unsqueeze(-1)).squeeze(-1)
+
     # -- inference cache -------------------------------------------------------
     def attention_layers(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
@@ -241,11 +269,20 @@ class ByteMTP(nn.Module):
         for attn in self.attention_layers():
             attn.kv_cache = KVCache(batch_size, attn.n_heads, max_len, attn.head_dim, dtype, device)
         self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+        # The draft heads' unembeddings stacked for ``draft_logits``, built once per generation.
+        drafts = range(1, self.cfg.n_future)
+        if not drafts:
+            self.draft_weight = None
+        elif self.shared_features:
+            self.draft_weight = torch.stack([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
+        else:
+            self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype).expand(len(drafts), -1, -1)
 
     def clear_cache(self) -> None:
         for attn in self.attention_layers():
             attn.kv_cache = None
         self.causal_mask = None
+        self.draft_weight = None
 
     # -- bookkeeping -----------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

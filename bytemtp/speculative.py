@@ -1,34 +1,50 @@
-"""Turning one forward's logits into the next step of decoding.
+"""Turning one forward's outputs into the next step of decoding.
 
 A forward fed ``[pending, d_1 .. d_k]`` (the byte head 1 chose last time and the
-drafts heads 2.. proposed for the bytes after it) returns logits [P = k+1
-positions, H = 1 + draft heads, V]. Head 1 at position j-1 judges draft d_j; the
-longest run of accepted drafts is kept, head 1 supplies the byte after it (a
-correction at the first rejection, or a fresh byte after the last draft) and the
-draft heads at that same position propose the next block. Autoregressive decoding
-is the case k = 0, H = 1.
+drafts the draft heads proposed for the bytes after it) returns head 1's logits
+at its P = k+1 positions and the draft heads' features there (see
+``ByteMTP.decode``). Head 1 at position j-1 judges draft d_j; the longest run of
+accepted drafts is kept, head 1 supplies the byte after it (a correction at the
+first rejection, or a fresh byte after the last draft), and the draft heads are
+evaluated at that one position to propose the next block. Autoregressive
+decoding is the case k = 0 with no drafter.
 
 Everything is computed on the device and packed into one small ``decision``
-tensor ``[a, next_byte, new_draft_1 .. new_draft_{H-1}]``, so the caller needs a
+tensor ``[a, next_byte, new_draft_1 .. new_draft_m]``, so the caller needs a
 single host transfer per step, and the next forward's input is a slice of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bytemtp.sampling import SamplingConfig, draw, probabilities
+
+# features of the position verification stopped at [F, d] -> draft logits [m, V]
+Drafter = Callable[[torch.Tensor], torch.Tensor]
+
+
+def accepted_run(agree: torch.Tensor) -> torch.Tensor:
+    """[k] bool, draft j judged acceptable -> [1] length of the accepted prefix."""
+    return agree.cumprod(dim=0).sum().view(1)
 
 
 class GreedyVerifier:
     """Drafts are accepted while they equal head 1's argmax: output is exactly greedy decoding."""
 
-    def __call__(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        choice = logits.argmax(dim=-1)  # [P, H]
-        if drafts.numel() == 0:
-            return torch.cat((choice.new_zeros(1), choice[0]))
-        accepted = (choice[:-1, 0] == drafts).cumprod(dim=0).sum().view(1)
-        return torch.cat((accepted, choice.index_select(0, accepted).view(-1)))
+    def __init__(self, drafter: Drafter | None):
+        self.drafter = drafter
+
+    def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        choice = logits.argmax(dim=-1)  # [P]
+        accepted = accepted_run(choice[:-1] == drafts) if drafts.numel() else drafts.new_zeros(1)
+        decided = torch.cat((accepted, choice.index_select(0, accepted)))
+        if self.drafter is None:
+            return decided
+        new_drafts = self.drafter(features.index_select(0, accepted)[0]).argmax(dim=-1)
+        return torch.cat((decided, new_drafts))
 
 
 class SamplingVerifier:
@@ -43,14 +59,15 @@ class SamplingVerifier:
     q of the drafts it proposed, because the next call judges them.
     """
 
-    def __init__(self, sampling: SamplingConfig, generator: torch.Generator):
+    def __init__(self, sampling: SamplingConfig, generator: torch.Generator, drafter: Drafter | None):
         self.sampling = sampling
         self.generator = generator
-        self.draft_probs: torch.Tensor | None = None  # [H-1, V] q of the latest drafts
+        self.drafter = drafter
+        self.draft_probs: torch.Tensor | None = None  # [m, V] q of the latest drafts
 
-    def __call__(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         k = drafts.numel()
-        p = probabilities(logits[:, 0], self.sampling)  # [P, V]
+        p = probabilities(logits, self.sampling)  # [P, V]
         if k == 0:
             accepted = drafts.new_zeros(1)
             fallback = p
@@ -59,15 +76,14 @@ class SamplingVerifier:
             p_d = p[:-1].gather(1, drafts[:, None]).squeeze(1)
             q_d = q.gather(1, drafts[:, None]).squeeze(1)
             u = torch.rand(k, generator=self.generator, device=p.device)
-            accepted = (u * q_d < p_d).cumprod(dim=0).sum().view(1)
+            accepted = accepted_run(u * q_d < p_d)
             residual = (p[:-1] - q).clamp_min(0)
             # p <= q everywhere means p == q: rejection has probability zero, but
             # rounding can still reject; drawing from p is then the right answer.
             residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:-1])
             fallback = torch.cat((residual, p[-1:]))
-        next_byte = draw(fallback.index_select(0, accepted), self.generator)
-        if logits.shape[1] == 1:
-            return torch.cat((accepted, next_byte))
-        self.draft_probs = probabilities(logits.index_select(0, accepted)[0, 1:], self.sampling)
-        new_drafts = draw(self.draft_probs, self.generator)
-        return torch.cat((accepted, next_byte, new_drafts))
+        decided = torch.cat((accepted, draw(fallback.index_select(0, accepted), self.generator)))
+        if self.drafter is None:
+            return decided
+        self.draft_probs = probabilities(self.drafter(features.index_select(0, accepted)[0]), self.sampling)
+        return torch.cat((decided, draw(self.draft_probs, self.generator)))

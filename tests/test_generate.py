@@ -82,6 +82,14 @@ class StubLM(torch.nn.Module):
         rows = [torch.stack([self.logits_fn(tuple(self.cache[: p + 1]), k) for k in range(n_heads)]) for p in pos_l]
         return torch.stack(rows)[None]
 
+    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int):
+        """``ByteMTP.decode``'s contract; the stub's draft features are its draft logits."""
+        logits = self(ids, input_pos=input_pos, n_heads=n_heads)
+        return logits[:, :, 0], logits[:, :, 1:]
+
+    def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
+        return features[:n_drafts]
+
 
 def one_hot(i: int) -> torch.Tensor:
     return torch.zeros(VOCAB).index_fill_(0, torch.tensor([i]), 20.0)
@@ -291,9 +299,9 @@ def test_step_forward_hook_runs_every_step():
     stub = scripted(b"", SCRIPT)
     seen = []
 
-    def step(ids, input_pos=None, n_heads=None):
+    def step(ids, input_pos, n_heads):
         seen.append(ids.shape[1])
-        return stub(ids, input_pos=input_pos, n_heads=n_heads)
+        return stub.decode(ids, input_pos, n_heads)
 
     gen = generate(stub, GenerationConfig(max_new_bytes=20, draft_heads=3), step_forward=step)
     assert gen.read() == SCRIPT[:20]

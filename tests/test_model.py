@@ -182,6 +182,23 @@ def test_cache_rolls_back(head_kind):
     torch.testing.assert_close(rerun, full[:, 14:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("n_heads", [1, 2, 4])
+def test_decode_and_draft_logits_equal_forward(head_kind, n_heads):
+    """Decoding's split forward: head 1 at every position, draft heads at any one position."""
+    model = small_model(head_kind, n_future=4)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    full = model(ids)
+    model.setup_cache(1, 24)
+    with torch.no_grad():
+        first, _ = model.decode(ids[:, :12], torch.arange(12), n_heads)
+        logits, features = model.decode(ids[:, 12:], torch.arange(12, 20), n_heads)
+        torch.testing.assert_close(torch.cat((first, logits), dim=1), full[:, :, 0], rtol=1e-5, atol=1e-5)
+        for j in range(8):
+            drafts = model.draft_logits(features[0, j], n_heads - 1)
+            torch.testing.assert_close(drafts, full[0, 12 + j, 1:n_heads], rtol=1e-5, atol=1e-5)
+
+
 def test_cache_needs_setup_and_clears():
     model = small_model("transformer")
     ids = torch.randint(0, VOCAB, (1, 4))
