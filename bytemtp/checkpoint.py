@@ -5,7 +5,9 @@ Layout of ``RUN/checkpoints/step-NNNNNNN/``: ``model.safetensors`` (weights),
 training runs, ``train_state.pt`` (optimizer, scheduler, loader, RNG). Each is
 built in a temporary directory and renamed into place, then ``latest`` (a
 symlink) is switched to it, so a crash at any moment leaves the previous
-checkpoint complete and ``latest`` pointing at a complete one.
+checkpoint complete and ``latest`` pointing at a complete one. A write that fails
+(a full disk) is reported as a ``BytemtpError`` naming the checkpoint, and leaves
+the previous one and ``latest`` as they were.
 """
 
 from __future__ import annotations
@@ -61,23 +63,59 @@ def save_checkpoint(
     train_config: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     keep: int | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` of ``run_dir``, point ``latest`` at it, keep the newest ``keep``."""
+    """Write checkpoint ``step`` of ``run_dir``, point ``latest`` at it, keep the newest ``keep``.
+
+    ``weights`` replaces ``model.state_dict()`` where the model's own parameters are
+    shards (FSDP2) and the full weights were gathered elsewhere.
+    """
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    with atomic_dir(final, replace=True) as tmp:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS))
-        meta = {"bytemtp_version": __version__, "step": step, "model": model.cfg.to_dict(), "train": train_config}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
-    _point_latest(root, final)
+    if weights is None:
+        weights = model.state_dict()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(final, replace=True) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            meta = {"bytemtp_version": __version__, "step": step, "model": model.cfg.to_dict(), "train": train_config}
+            (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+            if train_state is not None:
+                torch.save(train_state, tmp / TRAIN_STATE)
+        _point_latest(root, final)
+    except OSError as e:
+        previous = latest_checkpoint(run_dir)
+        kept = f"{previous} is intact" if previous is not None else "there is no earlier checkpoint"
+        raise BytemtpError(f"{final}: checkpoint not written ({e.strerror or e}); {kept}") from None
     if keep is not None and keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points at (or the newest complete one), None if there is none."""
+    latest = checkpoints_dir(run_dir) / LATEST
+    if latest.exists():
+        return latest.resolve()
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def remove_stale(run_dir: str | os.PathLike) -> None:
+    """Delete what an interrupted write left behind: temp dirs and the ``latest`` temp link.
+
+    Only names that ``atomic_dir`` and ``_point_latest`` create (dot-prefixed) are
+    touched; complete checkpoints never match.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name == f".{LATEST}.tmp":
+            p.unlink()
+        elif p.name.startswith(".step-") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -85,11 +123,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / CONFIG).is_file() and (path / WEIGHTS).is_file():
         return path
-    latest = checkpoints_dir(path) / LATEST
-    if latest.exists():
-        return latest.resolve()
-    if path.is_dir() and list_checkpoints(path):
-        return list_checkpoints(path)[-1]
+    found = latest_checkpoint(path)
+    if found is not None:
+        return found
     raise BytemtpError(f"{path}: not a checkpoint or a run directory with checkpoints")
 
 
@@ -100,19 +136,25 @@ def read_config(ckpt: Path) -> dict[str, Any]:
         raise BytemtpError(f"{ckpt / CONFIG}: unreadable checkpoint config ({e})") from None
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ByteMTP, dict[str, Any]]:
-    """The model of checkpoint (or run) ``path`` in eval mode, and its config.json."""
-    ckpt = resolve_checkpoint(path)
-    meta = read_config(ckpt)
-    model = ByteMTP(ModelConfig.from_dict(meta["model"]))
+def load_weights(model: ByteMTP, ckpt: Path) -> None:
+    """Copy checkpoint ``ckpt``'s weights into ``model`` (same config), naming any mismatch."""
     try:
-        weights = load_file(str(ckpt / WEIGHTS), device=str(device))
+        weights = load_file(str(ckpt / WEIGHTS), device="cpu")
     except (OSError, SafetensorError) as e:
         raise BytemtpError(f"{ckpt / WEIGHTS}: unreadable weights ({e})") from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         name = (missing or unexpected)[0]
-        raise BytemtpError(f"{ckpt / WEIGHTS}: weights do not match the config ({'missing' if missing else 'unexpected'} {name})")
+        what = "missing" if missing else "unexpected"
+        raise BytemtpError(f"{ckpt / WEIGHTS}: weights do not match the config ({what} {name})")
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ByteMTP, dict[str, Any]]:
+    """The model of checkpoint (or run) ``path`` in eval mode, and its config.json."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_config(ckpt)
+    model = ByteMTP(ModelConfig.from_dict(meta["model"]))
+    load_weights(model, ckpt)
     return model.to(device).eval(), meta
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,11 @@ def make_dataset(tmp_path):
         return write_dataset(tmp_path / f"ds{next(counter)}", splits)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> Path:
+    """json/{decoder,encoder,scanner,tool}.py for training (~34 kB), json/__init__.py (~14 kB) for validation."""
+    package = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    init, *rest = [p.read_bytes() for p in sorted(package.glob("*.py"))]
+    return write_dataset(tmp_path_factory.mktemp("data") / "micro", {"train": [rest], "val": [[init]]})

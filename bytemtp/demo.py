@@ -1,0 +1,102 @@
+"""``bytemtp demo``: the whole pipeline on the embedded corpus, sized to a time budget.
+
+Prepare ``builtin:python-stdlib`` (reused when the cached copy is current), train
+the ``tiny`` preset for ``minutes`` of wall time, sample a completion, and measure
+the self-speculative speedup. The step count is calibrated from a few timed steps
+so that the cosine schedule actually ends inside the budget (a run cut off by a
+time budget mid-schedule would be worse than a shorter run that finished).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bytemtp.config import preset
+from bytemtp.errors import BytemtpError
+from bytemtp.loss import multihead_loss
+from bytemtp.model import ByteMTP
+from bytemtp.train_config import TrainConfig
+
+CORPUS = "builtin:python-stdlib"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bytemtp" / "python-stdlib"
+
+
+@dataclass
+class DemoConfig:
+    minutes: float
+    data_dir: Path
+    out: Path
+    device: torch.device
+    prompt: bytes = b"import os\n\n\ndef "
+    sample_bytes: int = 200
+    bench_prompts: int = 6
+    bench_bytes: int = 192
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise BytemtpError(f"--minutes: must be positive, got {self.minutes}")
+
+
+def ensure_dataset(data_dir: Path) -> bool:
+    """Prepare the built-in corpus into ``data_dir`` unless it is already there; True if reused."""
+    from bytemtp.prepare import is_up_to_date, prepare
+
+    if is_up_to_date(data_dir, [CORPUS]):
+        return True
+    prepare([CORPUS], data_dir, overwrite=True)
+    return False
+
+
+def fresh_run_dir(out: Path) -> None:
+    """Clear a previous demo run at ``out``; refuse to touch a directory that is not a run."""
+    if not out.exists():
+        return
+    if not ((out / "checkpoints").is_dir() or (out / "metrics.jsonl").is_file() or not any(out.iterdir())):
+        raise BytemtpError(f"--out: {out} exists and is not a bytemtp run directory; pick another --out")
+    shutil.rmtree(out)
+
+
+def seconds_per_step(model_cfg, train_cfg: TrainConfig, device: torch.device, trials: int = 3) -> float:
+    """Median wall time of a training step of this shape (forward, backward, AdamW), random data."""
+    model = ByteMTP(model_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (train_cfg.batch_size, train_cfg.seq_len + model_cfg.n_future), device=device)
+    times = []
+    for _ in range(trials + 1):
+        start = time.perf_counter()
+        multihead_loss(model, ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[trials // 2]
+
+
+def plan_steps(cfg: DemoConfig) -> tuple[object, TrainConfig]:
+    """The tiny preset and a TrainConfig whose schedule fits ``cfg.minutes`` (eval/ckpt overhead included)."""
+    model_cfg = preset("tiny")
+    base = TrainConfig(device=str(cfg.device)).resolved(model_cfg)
+    per_step = seconds_per_step(model_cfg, base, cfg.device)
+    steps = max(50, int(0.85 * cfg.minutes * 60 / per_step))
+    every = max(10, steps // 5)
+    train_cfg = TrainConfig(
+        steps=steps,
+        warmup_steps=min(100, steps // 10),
+        eval_every=every,
+        ckpt_every=every,
+        keep=1,
+        time_budget=cfg.minutes,
+        device=str(cfg.device),
+    )
+    return model_cfg, train_cfg

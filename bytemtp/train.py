@@ -1,0 +1,431 @@
+"""The training loop behind ``bytemtp train`` (and ``bytemtp demo``, through ``train()``).
+
+One optimizer step takes ``grad_accum`` micro-batches from the loader; each goes
+forward through the (DDP- or FSDP2-wrapped) objective and backward, with gradient
+synchronisation only on the last; then clipping, AdamW and the lr schedule. After
+every step the ranks agree on whether to stop (a signal arrived, the time budget
+is spent, the loss or gradient went non-finite) with one tiny all-reduce, so all
+ranks always take the same branch and no collective is left waiting.
+
+Exact resume: a checkpoint holds everything the next step depends on (weights,
+optimizer moments, the schedule, the loader's stream position, every rank's RNGs),
+so continuing from step k replays steps k+1, k+2, ... as an uninterrupted run
+would, bitwise in fp32 on the CPU, and ``metrics.jsonl`` is cut back to step k so
+the log reads as one run. SIGINT and SIGTERM finish the current step, save a
+checkpoint and end the run with status 128 + signal; SIGKILL loses at most the
+steps since the last periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bytemtp.atomic import atomic_write_bytes
+from bytemtp.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_train_state,
+    load_weights,
+    read_config,
+    remove_stale,
+    save_checkpoint,
+)
+from bytemtp.compile import compile_model
+from bytemtp.config import ModelConfig
+from bytemtp.distributed import (
+    DistEnv,
+    all_reduce,
+    as_local,
+    autocast,
+    broadcast_from_main,
+    full_model_state,
+    full_optimizer_state,
+    gather_to_main,
+    gradient_sync,
+    init_distributed,
+    load_optimizer_state,
+    shutdown,
+    unwrap,
+    wrap,
+)
+from bytemtp.errors import BytemtpError
+from bytemtp.evaluate import EvalResult, evaluate, require_split
+from bytemtp.loader import BatchLoader, LoaderConfig
+from bytemtp.loss import MTPObjective
+from bytemtp.model import ByteMTP
+from bytemtp.optim import build_optimizer, build_scheduler
+from bytemtp.train_config import TrainConfig, merge_for_resume, saved_configs
+
+METRICS = "metrics.jsonl"
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps completed by the run so far
+    stop_reason: str  # "done", "time budget", "SIGINT", "SIGTERM" or "already done"
+    checkpoint: Path | None  # the newest checkpoint of the run
+    val_bpb_heads: list[float] | None = None  # the last eval of this invocation, head 1 first
+    signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + signal number for a run stopped by SIGINT (130) / SIGTERM (143)."""
+        return 128 + self.signal if self.signal else 0
+
+
+def train(
+    train_cfg: TrainConfig,
+    model_cfg: ModelConfig | None,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or with ``resume``, continue) the run in ``out_dir`` on the dataset ``data_dir``.
+
+    ``model_cfg=None`` means the default ``ModelConfig`` for a new run and the
+    checkpoint's for a resumed one. A resumed run keeps the checkpoint's configs;
+    only the fields in ``train_config.RESUMABLE_CHANGES`` are taken from
+    ``train_cfg``, anything else that differs is an error naming the field. Under
+    torchrun every rank calls this.
+    """
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    require_split(data_dir, "train")
+    if train_cfg.eval_every:
+        require_split(data_dir, "val", " (needed for eval; pass --eval-every 0 to train without it)")
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise BytemtpError(f"--resume: {out_dir} has no checkpoint to resume from")
+        model_cfg, train_cfg = merge_for_resume(saved_configs(read_config(ckpt), ckpt), model_cfg, train_cfg, ckpt)
+    else:
+        if list_checkpoints(out_dir):
+            raise BytemtpError(
+                f"--out: {out_dir} already holds checkpoints; pass --resume to continue, or pick another --out"
+            )
+        ckpt, model_cfg = None, model_cfg or ModelConfig()
+        train_cfg = train_cfg.resolved(model_cfg)
+    env = init_distributed(train_cfg.device)
+    try:
+        return _Run(env, train_cfg, model_cfg, data_dir, out_dir, ckpt, progress).run()
+    finally:
+        shutdown(env)
+
+
+class _Run:
+    """The state of one training invocation on one rank."""
+
+    def __init__(
+        self,
+        env: DistEnv,
+        cfg: TrainConfig,
+        model_cfg: ModelConfig,
+        data_dir: Path,
+        out_dir: Path,
+        ckpt: Path | None,
+        progress: bool,
+    ):
+        self.env, self.cfg, self.data_dir, self.out_dir, self.progress = env, cfg, data_dir, out_dir, progress
+        if env.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = ByteMTP(model_cfg)
+        if ckpt is not None:
+            load_weights(self.model, ckpt)
+        self.model.to(env.device)
+        compile_model(self.model, cfg.compile)
+        self.wrapped = wrap(MTPObjective(self.model, cfg.loss_mode), env, cfg.fsdp)
+        self.objective = unwrap(self.wrapped)
+        self.optimizer = build_optimizer(self.model, cfg, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
+        self.loader = BatchLoader(
+            data_dir, loader_cfg, split="train", rank=env.rank, world_size=env.world_size, device=env.device
+        )
+        self.bytes_per_step = env.world_size * cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.step = 0
+        self.last_ckpt = ckpt
+        self.metrics: MetricsLog | None = None
+        self.start = 0.0  # when this invocation's loop began (the time budget counts from here)
+        self.last: tuple[torch.Tensor, torch.Tensor, float] | None = None  # head losses, grad norm, lr
+        self._mark = (0.0, 0)  # (time, step) that bytes/s is measured from
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    # -- resume ------------------------------------------------------------------
+    def _restore(self, ckpt: Path) -> None:
+        state = load_train_state(ckpt)
+        if state["world_size"] != self.env.world_size:
+            raise BytemtpError(
+                f"--resume: {ckpt} was written by {state['world_size']} processes, this run has "
+                f"{self.env.world_size}; that would change the global batch (processes x batch size x grad accum)"
+            )
+        load_optimizer_state(self.objective, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"][self.env.rank], self.env.device)
+        self.step = state["step"]
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        if self.step >= cfg.steps:
+            self._say(f"{self.out_dir} is already at step {self.step} of {cfg.steps}; nothing to do")
+            return TrainResult(self.step, "already done", self.last_ckpt)
+        if env.is_main:
+            remove_stale(self.out_dir)
+            self.metrics = MetricsLog(self.out_dir / METRICS, keep_upto=self.step if self.last_ckpt else None)
+        if self.last_ckpt is not None:
+            self._say(f"resuming from {self.last_ckpt}")
+        self.start = time.monotonic()
+        self._reset_throughput()
+        val: EvalResult | None = None
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
+                   disable=not (self.progress and env.is_main))
+        try:
+            with StopSignals() as signals:
+                reason = None
+                while reason is None:
+                    signum, over_budget = self._step(signals)
+                    bar.update(1)
+                    reason = _stop_reason(signum, self.step >= cfg.steps, over_budget)
+                    val = self._report(reason, bar) or val
+                    if reason is not None or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
+                        self._save()
+                        self._reset_throughput()
+        finally:
+            bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+        if signum:
+            self._say(f"{reason}: saved {self.last_ckpt}; continue with --resume")
+        return TrainResult(self.step, reason, self.last_ckpt, val.bpb_heads if val else None, signum or None)
+
+    def _step(self, signals: StopSignals) -> tuple[int, bool]:
+        """One optimizer step; -> (signal number or 0, time budget spent), agreed by all ranks."""
+        head_losses, grad_norm = self._accumulate()
+        signum, over_budget, bad = self._agree(signals.received, head_losses, grad_norm)
+        if bad:
+            raise self._nonfinite(head_losses)
+        self.last = (head_losses, grad_norm, self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return signum, over_budget
+
+    def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward ``grad_accum`` micro-batches, clip; -> (mean head losses [n], grad norm)."""
+        accum = self.cfg.grad_accum
+        total = None
+        for i in range(accum):
+            ids = next(self.loader)
+            with gradient_sync(self.wrapped, i == accum - 1):
+                with autocast(self.env.device):
+                    loss, head_losses = self.wrapped(ids)
+                (loss / accum).backward()
+            total = head_losses if total is None else total + head_losses
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        return total / accum, as_local(grad_norm)
+
+    def _agree(self, signum: int | None, head_losses: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, bool, bool]:
+        """(signal number or 0, time budget spent, non-finite loss/grad), the max over ranks."""
+        dev = self.env.device
+        over = bool(self.cfg.time_budget) and time.monotonic() - self.start > self.cfg.time_budget * 60
+        bad = ~(torch.isfinite(head_losses).all() & torch.isfinite(grad_norm))
+        flags = torch.stack(
+            [torch.tensor(float(signum or 0), device=dev), torch.tensor(float(over), device=dev), bad.float()]
+        )
+        sig, over_f, bad_f = all_reduce(flags, self.env, "max").tolist()
+        return int(sig), bool(over_f), bool(bad_f)
+
+    def _nonfinite(self, head_losses: torch.Tensor) -> BytemtpError:
+        kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        loss = head_losses.mean().item() / LN2
+        step = self.step + 1
+        return BytemtpError(f"loss or gradient became non-finite (loss {loss}) at step {step}: stopped; {kept}")
+
+    # -- metrics -----------------------------------------------------------------
+    def _report(self, reason: str | None, bar: tqdm) -> EvalResult | None:
+        """Log the step just taken if it is due (and evaluate if that is due); -> the eval, if any.
+
+        Which steps are logged and evaluated depends only on the step number and the
+        config (plus a clean end of the run), so a resumed run logs what an
+        uninterrupted one would; every rank takes part in the reductions.
+        """
+        cfg = self.cfg
+        clean_end = reason in ("done", "time budget")
+        evaluating = bool(cfg.eval_every) and (self.step % cfg.eval_every == 0 or clean_end)
+        if not (evaluating or clean_end or self.step == 1 or self.step % cfg.log_every == 0):
+            return None
+        head_losses, grad_norm, lr = self.last
+        seconds = max(time.monotonic() - self._mark[0], 1e-9)
+        bpb_heads = [x / LN2 for x in all_reduce(head_losses, self.env).tolist()]
+        record = {
+            "step": self.step,
+            "loss": sum(bpb_heads) / len(bpb_heads),
+            "bpb_heads": bpb_heads,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "bytes": self.step * self.bytes_per_step,
+            "bytes_per_s": (self.step - self._mark[1]) * self.bytes_per_step / seconds,
+        }
+        val = self._evaluate() if evaluating else None
+        if val is not None:
+            record.update(val_bpb=val.bpb, val_bpb_heads=val.bpb_heads)
+        self._log(record, bar)
+        self._reset_throughput()
+        return val
+
+    def _reset_throughput(self) -> None:
+        """Measure bytes/s from now on, so eval and checkpoint time do not count as training."""
+        self._mark = (time.monotonic(), self.step)
+
+    def _evaluate(self) -> EvalResult:
+        return evaluate(
+            self.objective,
+            self.data_dir,
+            n_future=self.model.cfg.n_future,
+            batch_size=self.cfg.batch_size,
+            seq_len=self.cfg.seq_len,
+            device=self.env.device,
+        )
+
+    def _log(self, record: dict[str, Any], bar: tqdm) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write(record)
+        text = f"loss {record['loss']:.3f} bpb, {record['bytes_per_s'] / 1e3:.1f} kB/s"
+        if "val_bpb" in record:
+            text += f", val {record['val_bpb']:.3f}"
+        bar.set_postfix_str(text, refresh=False)
+
+    def _say(self, text: str) -> None:
+        if self.env.is_main and self.progress:
+            tqdm.write(text)
+
+    # -- checkpoints -------------------------------------------------------------
+    def _save(self) -> None:
+        """Gather the full state onto rank 0, which writes it; every rank learns the outcome."""
+        env = self.env
+        weights = full_model_state(self.objective)
+        optimizer = full_optimizer_state(self.objective, self.optimizer)
+        rngs = gather_to_main(_rng_state(env.device), env)
+        outcome: tuple[Path | None, str | None] = (None, None)
+        if env.is_main:
+            state = {
+                "step": self.step,
+                "world_size": env.world_size,
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(),  # a stream position, the same on every rank
+                "rng": rngs,
+            }
+            try:
+                path = save_checkpoint(
+                    self.out_dir, self.step, self.model, train_config=self.cfg.to_dict(),
+                    train_state=state, keep=self.cfg.keep, weights=weights,
+                )
+                outcome = (path, None)
+            except BytemtpError as e:
+                outcome = (None, str(e))
+        path, error = broadcast_from_main(outcome, env)
+        if error is not None:
+            raise BytemtpError(error)
+        self.last_ckpt = path
+
+
+def _stop_reason(signum: int, finished: bool, over_budget: bool) -> str | None:
+    if signum:
+        return signal.Signals(signum).name
+    if finished:
+        return "done"
+    if over_budget:
+        return "time budget"
+    return None
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current step and save.
+
+    A second SIGINT interrupts at once (for a save that hangs). Handlers can only
+    be installed from the main thread; elsewhere signals keep their defaults.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``: one JSON object per logged step, flushed as it is written.
+
+    A new run starts it empty. A resumed run first cuts it back to the resumed
+    step (dropping a line half-written by a killed process), so the file reads like
+    one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, keep_upto: int | None):
+        kept = []
+        if keep_upto is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("step", 0) <= keep_upto:
+                    kept.append(line + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, "".join(kept).encode())
+        self._file: TextIO = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

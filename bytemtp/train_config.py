@@ -1,0 +1,205 @@
+"""Training configuration: ``TrainConfig``, per-preset defaults, and how flags, a JSON
+config file and a checkpoint's saved configs combine.
+
+Precedence is preset < ``--config`` file < flags. On ``--resume`` the checkpoint's
+saved configs take the place of the preset, so a bare ``--resume`` continues exactly
+the run that was started (except ``PER_INVOCATION`` fields: a time budget or a device
+belongs to one invocation, not to the run); anything given explicitly is checked
+against the checkpoint, and a contradiction names the field. Only the fields in
+``RESUMABLE_CHANGES`` (how long and where to run, how often to log and save) may
+differ on resume: every other field decides which bytes are seen in which order
+or how the parameters move, so changing it would silently make a different run.
+
+This module does not import torch: the CLI reads configs before paying for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bytemtp.config import PRESETS, ModelConfig, from_dict
+from bytemtp.errors import BytemtpError
+
+LOADER_MODES = ("concat", "best-fit")
+LOSS_MODES = ("sequential", "naive")
+
+# Fields a resumed run may set differently from the run it continues.
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "eval_every", "log_every", "ckpt_every", "keep", "time_budget", "device", "compile", "fsdp"}
+)
+# Fields a resumed run does not inherit from the checkpoint (they start from the defaults).
+PER_INVOCATION = frozenset({"time_budget", "device", "compile"})
+# Fields whose 0 means "derive it": seq_len from the model, decay_steps from steps.
+AUTO_ZERO = frozenset({"seq_len", "decay_steps"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the architecture.
+
+    ``steps`` is the total number of optimizer steps of the run (not of one
+    invocation). The learning rate warms up linearly over ``warmup_steps``, then
+    follows a cosine down to ``min_lr_ratio * lr`` at ``decay_steps`` (0: the
+    run's ``steps`` when it starts) and stays there, so extending a finished run
+    with ``--resume --steps`` continues at the floor unless ``decay_steps`` was set
+    for the longer run from the start. One optimizer step sees
+    ``world_size * grad_accum * batch_size`` rows of ``seq_len`` bytes.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 0  # 0: the model's max_seq_len
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    decay_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    loader_mode: str = "concat"
+    loss_mode: str = "sequential"
+    eval_every: int = 50  # 0: no periodic eval (nor the final one)
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep: int = 3  # newest checkpoints kept; 0 keeps all
+    time_budget: float = 0.0  # minutes; 0: no budget
+    device: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off for CPU
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise BytemtpError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "decay_steps", "eval_every", "ckpt_every", "keep", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise BytemtpError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise BytemtpError(f"lr: must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise BytemtpError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.grad_clip > 0:
+            raise BytemtpError(f"grad_clip: must be positive, got {self.grad_clip}")
+        if self.time_budget < 0:
+            raise BytemtpError(f"time_budget: must not be negative, got {self.time_budget}")
+        if self.loader_mode not in LOADER_MODES:
+            raise BytemtpError(f"loader_mode: {self.loader_mode!r} is not one of {', '.join(LOADER_MODES)}")
+        if self.loss_mode not in LOSS_MODES:
+            raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
+        return from_dict(cls, d, where)
+
+    def resolved(self, model: ModelConfig) -> "TrainConfig":
+        """This config with its derived fields filled in, checked against ``model``."""
+        seq_len = self.seq_len or model.max_seq_len
+        if seq_len > model.max_seq_len:
+            raise BytemtpError(f"--seq-len: {seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        return dataclasses.replace(self, seq_len=seq_len, decay_steps=self.decay_steps or self.steps)
+
+
+# Training defaults per model preset: larger models want a lower peak lr and a longer
+# warmup. ``tiny`` uses the dataclass defaults, chosen so 200 CPU steps clearly learn.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "small": {"batch_size": 16, "lr": 1e-3, "warmup_steps": 200, "steps": 5000, "eval_every": 500, "ckpt_every": 500},
+    "base": {"batch_size": 16, "lr": 6e-4, "warmup_steps": 500, "steps": 20000, "eval_every": 1000, "ckpt_every": 1000},
+}
+
+_MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+_TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A flat JSON object of ModelConfig and TrainConfig fields; any other key is an error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BytemtpError(f"--config {path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise BytemtpError(f"--config {path}: expected a JSON object of config fields")
+    unknown = sorted(set(data) - _MODEL_FIELDS - _TRAIN_FIELDS)
+    if unknown:
+        raise BytemtpError(f"--config {path}: unknown field {unknown[0]!r} (not a ModelConfig or TrainConfig field)")
+    return data
+
+
+def build_configs(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    saved: tuple[ModelConfig, TrainConfig] | None = None,
+) -> tuple[ModelConfig, TrainConfig]:
+    """Combine the sources of a run's configs (see the module docstring for precedence).
+
+    ``saved`` is the checkpoint's (model, train) configs when resuming; ``preset``
+    defaults to ``tiny`` for a new run and to nothing (the saved model) on resume.
+    """
+    if saved is None:
+        name = preset or "tiny"
+        if name not in PRESETS:
+            raise BytemtpError(f"--preset: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        model_fields, train_fields = PRESETS[name].to_dict(), TRAIN_PRESETS[name].copy()
+    else:
+        model_fields, train_fields = saved[0].to_dict(), saved[1].to_dict()
+        defaults = TrainConfig().to_dict()
+        train_fields.update({k: defaults[k] for k in PER_INVOCATION})
+        if preset is not None:
+            if preset not in PRESETS:
+                raise BytemtpError(f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+            model_fields = PRESETS[preset].to_dict()
+    given = read_config_file(config_file) if config_file is not None else {}
+    given.update(overrides or {})
+    for key, value in given.items():
+        if key in _MODEL_FIELDS:
+            model_fields[key] = value
+        elif key in _TRAIN_FIELDS:
+            train_fields[key] = value
+        else:
+            raise BytemtpError(f"unknown config field {key!r}")
+    return ModelConfig.from_dict(model_fields), TrainConfig.from_dict(train_fields)
+
+
+def saved_configs(meta: dict[str, Any], ckpt: Path) -> tuple[ModelConfig, TrainConfig]:
+    """The (model, train) configs a training checkpoint's config.json recorded."""
+    if not meta.get("train"):
+        raise BytemtpError(f"{ckpt}: not a training checkpoint (no train config); cannot resume from it")
+    where = f"{ckpt}/config.json"
+    return from_dict(ModelConfig, meta["model"], where), TrainConfig.from_dict(meta["train"], where)
+
+
+def merge_for_resume(
+    saved: tuple[ModelConfig, TrainConfig], model: ModelConfig | None, train: TrainConfig, ckpt: Path
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configs a resumed run uses: the saved ones, with only resumable changes taken
+    from ``train``. ``model=None`` means "whatever the checkpoint has"."""
+    saved_model, saved_train = saved
+    if model is not None:
+        _check_same(saved_model.to_dict(), model.to_dict(), ckpt, skip=frozenset())
+    _check_same(saved_train.to_dict(), train.to_dict(), ckpt, skip=RESUMABLE_CHANGES)
+    changes = {k: getattr(train, k) for k in RESUMABLE_CHANGES}
+    return saved_model, dataclasses.replace(saved_train, **changes)
+
+
+def _check_same(saved: dict[str, Any], given: dict[str, Any], ckpt: Path, skip: frozenset[str]) -> None:
+    for key, value in given.items():
+        if key in skip or (key in AUTO_ZERO and value == 0):
+            continue
+        if saved.get(key) != value:
+            raise BytemtpError(
+                f"--resume: {key}={value!r} contradicts the checkpoint's {key}={saved.get(key)!r} ({ckpt}); "
+                "drop the flag or start a new run"
+            )

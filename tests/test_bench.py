@@ -1,0 +1,100 @@
+"""``bytemtp bench`` and ``bytemtp demo``: structure of the report, identical greedy outputs."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_dataset
+from fixtures_train import trained_model
+
+from bytemtp.bench import draft_rows, sample_prompts
+from bytemtp.checkpoint import save_checkpoint
+from bytemtp.cli import main
+from bytemtp.errors import BytemtpError
+
+VAL_FILES = ("heapq.py", "calendar.py", "difflib.py")
+
+
+@pytest.fixture(scope="module")
+def val_docs() -> list[bytes]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [(root / name).read_bytes() for name in VAL_FILES]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, val_docs) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("bench") / "data", {"train": [[b"x" * 100]], "val": [val_docs]})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "run"
+    save_checkpoint(out, 1, trained_model())
+    return out
+
+
+def test_bench_json_reports_identical_greedy_outputs(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "3", "--max-bytes", "48", "--sweep", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in ("ar_bytes_per_s", "spec_bytes_per_s", "speedup", "bytes_per_forward", "identical",
+                "head_acceptance", "device"):
+        assert key in report
+    assert report["identical"] is True
+    assert report["speedup"] == pytest.approx(report["spec_bytes_per_s"] / report["ar_bytes_per_s"])
+    assert [r["draft_heads"] for r in report["rows"]] == [0, 1, 3, 7]
+    assert all(r["identical"] for r in report["rows"][1:])
+    assert report["rows"][0]["bytes_per_forward"] == pytest.approx(1.0, abs=0.05)  # prompt forward aside
+    assert report["bytes_per_forward"] > 1.0  # a trained model's drafts do get accepted
+    assert len(report["head_acceptance"]) == 7 and all(0 <= a <= 1 for a in report["head_acceptance"])
+
+
+def test_bench_sampling_has_no_identity_claim(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16", "--temperature", "0.8",
+               "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["identical"] is None
+
+
+def test_bench_table_names_the_modes(run, data):
+    result = CliRunner().invoke(main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16"])
+    assert result.exit_code == 0, result.output
+    assert "autoregressive" in result.stdout and "speculative (7 drafts)" in result.stdout
+    assert "yes" in result.stdout
+
+
+def test_prompts_are_seeded_slices_of_val_documents(data, val_docs):
+    prompts = sample_prompts(data, 5, 40, seed=3)
+    assert prompts == sample_prompts(data, 5, 40, seed=3)
+    assert prompts != sample_prompts(data, 5, 40, seed=4)
+    assert all(len(p) == 40 and any(p in d for d in val_docs) for p in prompts)
+
+
+def test_prompts_need_long_enough_documents(data):
+    with pytest.raises(BytemtpError, match="too few val documents"):
+        sample_prompts(data, 2, 10**7, seed=0)
+
+
+def test_draft_rows():
+    assert draft_rows(8, sweep=False) == [7]
+    assert draft_rows(8, sweep=True) == [1, 3, 7]
+    assert draft_rows(4, sweep=True) == [1, 3]
+    with pytest.raises(BytemtpError, match="no draft heads"):
+        draft_rows(1, sweep=False)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = CliRunner().invoke(
+        main, ["demo", "--minutes", "0.1", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "self-speculative decoding:" in result.stdout and "outputs identical: True" in result.stdout

@@ -1,0 +1,85 @@
+"""Bits per byte on the val split: exact per-byte averaging, and agreement with training's log."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from bytemtp import BOS
+from bytemtp.cli import main
+from bytemtp.evaluate import evaluate
+from bytemtp.loss import MTPObjective
+from bytemtp.model import ByteMTP
+from bytemtp.shards import Dataset
+from bytemtp.train import train
+from train_support import MICRO, metrics, micro_train
+
+
+def micro_objective(seed: int = 0) -> MTPObjective:
+    torch.manual_seed(seed)
+    return MTPObjective(ByteMTP(MICRO))
+
+
+def test_matches_a_direct_computation_on_one_row(make_dataset):
+    docs = [b"def f(x):\n", b"return x\n"]
+    data = make_dataset({"train": [docs], "val": [docs]})
+    stream = torch.tensor([i for d in docs for i in (BOS, *d)])  # 21 ids: fits one 32-byte row
+    objective = micro_objective()
+    got = evaluate(objective, data, n_future=2, batch_size=4, seq_len=32, device=torch.device("cpu"))
+
+    with torch.no_grad():
+        logits = objective.model(stream[None])[0]  # [L, n, vocab]
+    L = len(stream)
+    for k in range(2):  # head k+1 predicts stream[t + k + 1] from position t
+        nll = F.cross_entropy(logits[: L - k - 1, k], stream[k + 1 :])
+        assert got.bpb_heads[k] == pytest.approx(nll.item() / math.log(2), rel=1e-5)
+    assert got.n_bytes == L - 1 and got.bpb == got.bpb_heads[0]
+
+
+def test_independent_of_batch_size(micro_data):
+    objective = micro_objective()
+    results = [
+        evaluate(objective, micro_data, n_future=2, batch_size=b, seq_len=32, device=torch.device("cpu"))
+        for b in (1, 7)
+    ]
+    ds = Dataset(micro_data)
+    assert results[0].n_bytes == results[1].n_bytes == ds.n_bytes("val") + ds.n_docs("val") - 1
+    assert results[0].bpb_heads == pytest.approx(results[1].bpb_heads, rel=1e-6)
+    assert 7.0 < results[0].bpb < 9.0  # an untrained model is near uniform (log2 257 = 8.006)
+
+
+def test_eval_command_agrees_with_the_runs_last_logged_val(micro_data, tmp_path):
+    run = tmp_path / "run"
+    train(micro_train(steps=6, eval_every=3), MICRO, micro_data, run, progress=False)
+    logged = metrics(run)[-1]
+
+    result = CliRunner().invoke(main, ["eval", str(run), "--data", str(micro_data), "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["step"] == 6 and report["seq_len"] == 32 and report["batch_size"] == 4
+    assert report["val_bpb_heads"] == pytest.approx(logged["val_bpb_heads"], rel=1e-9)
+    assert report["val_bpb"] == report["val_bpb_heads"][0]
+
+    table = CliRunner().invoke(main, ["eval", str(run / "checkpoints" / "step-0000006"), "--data", str(micro_data),
+                                      "--batch-size", "5", "--no-progress"])
+    assert table.exit_code == 0, table.output
+    heads = [line for line in table.stdout.splitlines() if line.startswith("head")]
+    assert len(heads) == 2 and heads[0].startswith("head  1") and "next byte" in heads[0]
+    assert float(heads[0].split()[2]) == pytest.approx(logged["val_bpb"], abs=1e-4)
+
+
+def test_eval_errors(make_dataset, micro_data, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing"), "--data", str(micro_data)])
+    assert result.exit_code == 1 and "not a checkpoint" in result.stderr
+    run = tmp_path / "run"
+    train(micro_train(steps=1), MICRO, micro_data, run, progress=False)
+    no_val = make_dataset({"train": [[b"x = 1\n"]]})
+    result = CliRunner().invoke(main, ["eval", str(run), "--data", str(no_val)])
+    assert result.exit_code == 1 and "no val split" in result.stderr
+    result = CliRunner().invoke(main, ["eval", str(run), "--data", str(micro_data), "--seq-len", "64"])
+    assert result.exit_code == 1 and "--seq-len" in result.stderr and "max_seq_len=32" in result.stderr
