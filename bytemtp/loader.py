@@ -5,10 +5,12 @@ The row stream
 Epoch ``e`` visits the split's shards in ``permutation(n_shards, seed, e)`` order.
 Shard ``i`` (its index among the split's shards in the manifest) has its documents
 in ``permutation(n_docs, seed, e, i, DOC_ORDER)`` order, packed into rows of
-``T + n`` ids by ``bytemtp_native.plan_rows``; best-fit rows, which come out
-longest-documents-first, are then taken in ``permutation(n_rows, seed, e, i,
-ROW_ORDER)`` order. Every shard's rows of every epoch, one after the other, make
-one infinite row stream.
+``T + n`` ids by ``bytemtp_native.plan_rows``, and the rows are then taken in
+``permutation(n_rows, seed, e, i, ROW_ORDER)`` order. Shuffling rows matters in
+both modes: best-fit rows come out longest-documents-first, and consecutive
+concat rows are consecutive pieces of one document (a 4 KiB batch of 256-byte rows
+would be a single file, and the loss would swing from batch to batch). Every
+shard's rows of every epoch, one after the other, make one infinite row stream.
 
 Rows never straddle two shards: a shard's concat stream ends in one row padded
 with -1. That costs one partial row per shard (1 in 30,000 rows at 64 MiB shards
@@ -58,7 +60,7 @@ from bytemtp.shards import SPLITS, Dataset, Shard, ShardInfo
 from bytemtp_native import MODES, PackPlan, concat_stream, fill_rows, permutation, plan_rows
 
 DOC_ORDER, ROW_ORDER = 0, 1  # last key part of the per-shard permutations
-STATE_VERSION = 1
+STATE_VERSION = 2
 _STATE_FIELDS = ("version", "dataset", "split", "mode", "seq_len", "n_future", "seed", "epoch", "shard", "row")
 
 
@@ -139,13 +141,10 @@ class _PackedShard:
 
     shard: Shard
     plan: PackPlan
-    row_order: np.ndarray | None  # None: rows in plan order
+    row_order: np.ndarray
 
     def fill(self, start: int, count: int, out: np.ndarray) -> None:
-        if self.row_order is not None:
-            rows = self.row_order[start : start + count]
-        else:
-            rows = np.arange(start, start + count)
+        rows = self.row_order[start : start + count]
         fill_rows(self.shard.data, self.shard.offsets, self.plan, rows, out)
 
 
@@ -233,10 +232,7 @@ class BatchLoader:
         shard = self._ds.read(self._shards[index])
         doc_order = permutation(shard.n_docs, self.cfg.seed, epoch, index, DOC_ORDER)
         plan = plan_rows(shard.offsets, doc_order, self.cfg.seq_len, self.cfg.n_future, self.cfg.mode)
-        row_order = None
-        if self.cfg.mode == "best-fit":
-            row_order = permutation(plan.n_rows, self.cfg.seed, epoch, index, ROW_ORDER)
-        return _PackedShard(shard, plan, row_order)
+        return _PackedShard(shard, plan, permutation(plan.n_rows, self.cfg.seed, epoch, index, ROW_ORDER))
 
     def _next_key(self, epoch: int, place: int) -> tuple[int, int]:
         return (epoch, place + 1) if place + 1 < len(self._shards) else (epoch + 1, 0)

@@ -42,8 +42,7 @@ def expected_rows(shards: list[list[bytes]], cfg: LoaderConfig, epochs: int) -> 
             data, offsets = shard_arrays(shards[i])
             order = permutation(len(shards[i]), cfg.seed, epoch, i, DOC_ORDER)
             packed, _, truncated = reference_pack(data, offsets, order, cfg.seq_len, cfg.n_future, cfg.mode)
-            if cfg.mode == "best-fit":
-                packed = packed[permutation(len(packed), cfg.seed, epoch, i, ROW_ORDER)]
+            packed = packed[permutation(len(packed), cfg.seed, epoch, i, ROW_ORDER)]
             rows.append(packed)
             n_rows += len(packed)
             n_truncated += truncated
