@@ -24,12 +24,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -170,6 +172,31 @@ def main() -> None:
             f"{case.head_kind:<12}{case.n_future:>3} {case.mode:<11}{t * 1e3:>10.1f}{ratio:>7.3f}x"
             f"{tokens / t:>11,.0f}{flops / 1e12:>9.3f}{mfu}{case.peak_bytes / 2**20:>10.1f}"
         )
+
+
+# -- the same comparison as a pytest-benchmark suite ---------------------------------------
+# .venv/bin/python -m pytest bench/bench_step.py --benchmark-enable -p no:cacheprovider -s
+
+_medians: dict[int, float] = {}
+
+
+@pytest.mark.parametrize("n_future", [1, 8])
+def test_step(benchmark, n_future: int) -> None:
+    """One training step of the ``small`` width with linear heads; the trunk is the same for every n."""
+    torch.manual_seed(0)
+    model = ByteMTP(preset("small", n_future=n_future, max_seq_len=256))
+    ids = torch.randint(0, VOCAB, (4, 256 + 8), generator=torch.Generator().manual_seed(0))
+    step = step_fn(Case("linear", n_future, "sequential", model), ids, 256, torch.device("cpu"))
+    benchmark.group = "training step: small width, linear heads, batch 4 x 256"
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    _medians[n_future] = benchmark.stats.stats.median
+
+
+def test_step_ratio() -> None:
+    if set(_medians) != {1, 8}:
+        pytest.skip("needs both step benchmarks")
+    ratio = _medians[8] / _medians[1]
+    sys.__stdout__.write(f"\n    n = 8 step time / n = 1 step time: {ratio:.3f}x (median of 5)\n")
 
 
 if __name__ == "__main__":

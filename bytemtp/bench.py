@@ -34,7 +34,6 @@ class BenchConfig:
     seed: int = 0
     sweep: bool = False  # one row per number of draft heads (1, 3, 7 for n = 8: heads used 2, 4, 8)
     warmup: int = 1
-    split: str = "val"
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_bytes", "max_bytes"):

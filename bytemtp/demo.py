@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bytemtp.config import preset
+from bytemtp.config import ModelConfig, preset
 from bytemtp.errors import BytemtpError
 from bytemtp.loss import multihead_loss
 from bytemtp.model import ByteMTP
@@ -38,7 +38,8 @@ class DemoConfig:
     out: Path
     device: torch.device
     prompt: bytes = b"import os\n\n\ndef "
-    sample_bytes: int = 200
+    sample_bytes: int = 300
+    temperature: float = 0.7  # greedy text from a model this small soon repeats itself
     bench_prompts: int = 6
     bench_bytes: int = 192
 
@@ -66,7 +67,7 @@ def fresh_run_dir(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def seconds_per_step(model_cfg, train_cfg: TrainConfig, device: torch.device, trials: int = 3) -> float:
+def seconds_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, trials: int = 3) -> float:
     """Median wall time of a training step of this shape (forward, backward, AdamW), random data."""
     model = ByteMTP(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -83,7 +84,7 @@ def seconds_per_step(model_cfg, train_cfg: TrainConfig, device: torch.device, tr
     return sorted(times[1:])[trials // 2]
 
 
-def plan_steps(cfg: DemoConfig) -> tuple[object, TrainConfig]:
+def plan_steps(cfg: DemoConfig) -> tuple[ModelConfig, TrainConfig]:
     """The tiny preset and a TrainConfig whose schedule fits ``cfg.minutes`` (eval/ckpt overhead included)."""
     model_cfg = preset("tiny")
     base = TrainConfig(device=str(cfg.device)).resolved(model_cfg)
@@ -98,5 +99,5 @@ def plan_steps(cfg: DemoConfig) -> tuple[object, TrainConfig]:
         keep=1,
         time_budget=cfg.minutes,
         device=str(cfg.device),
-    )
+    ).resolved(model_cfg)
     return model_cfg, train_cfg

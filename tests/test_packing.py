@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,3 +222,27 @@ def test_bad_arguments():
         native.fill_rows(data, offsets, plan, np.arange(1), np.empty((1, 5), np.int32))
     with pytest.raises(ValueError, match="out of range"):
         native.fill_rows(data, offsets, plan, np.array([1]), np.empty((1, 6), np.int32))
+
+
+class _PackedShards(torch.utils.data.Dataset):
+    """Each item packs one random shard: the kernels running inside DataLoader worker processes."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng(i)
+        docs = [rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes() for _ in range(20)]
+        data, offsets = shard_arrays(docs)
+        return native.pack(data, offsets, native.permutation(len(docs), i), 32, 4, native.MODES[i % 2])[0]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_kernels_run_in_dataloader_workers(context):
+    """No Numba threading-layer trouble in worker processes, forked or spawned."""
+    dataset = _PackedShards()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=2, multiprocessing_context=context
+    )
+    for got, want in zip(loader, (dataset[i] for i in range(len(dataset))), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)

@@ -11,7 +11,7 @@ from bytemtp.cli.options import device_option
 
 @click.command("demo")
 @click.option("--minutes", type=float, default=None,
-              help="Training wall time. Default: 5 on a CPU (the whole demo then fits in 10), 10 on a GPU.")
+              help="Training wall time. Default: 7 on a CPU (the whole demo then fits in 10), 10 on a GPU.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the prepared corpus is cached. Default: ~/.cache/bytemtp/python-stdlib.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
@@ -29,7 +29,7 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     from bytemtp.generate import GenerationConfig, generate
     from bytemtp.train import train
 
-    minutes = minutes if minutes is not None else (10.0 if device.type == "cuda" else 5.0)
+    minutes = minutes if minutes is not None else (10.0 if device.type == "cuda" else 7.0)
     cfg = DemoConfig(minutes, data_dir or default_cache_dir(), out, device)
 
     click.secho(f"1/4 prepare {CORPUS} -> {cfg.data_dir}", bold=True, err=True)
@@ -48,8 +48,10 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
 
     torch.set_num_threads(1)  # decoding one sequence: more threads only add synchronisation
     model, _ = load_model(cfg.out, device)
-    click.secho(f"3/4 sample (greedy, self-speculative) from {cfg.prompt!r}", bold=True, err=True)
-    gen = generate(model, GenerationConfig(prompt=cfg.prompt, max_new_bytes=cfg.sample_bytes))
+    click.secho(f"3/4 sample (temperature {cfg.temperature}, self-speculative) from {cfg.prompt!r}", bold=True, err=True)
+    gen = generate(
+        model, GenerationConfig(prompt=cfg.prompt, max_new_bytes=cfg.sample_bytes, temperature=cfg.temperature, seed=0)
+    )
     text = gen.read()
     click.echo(cfg.prompt.decode() + text.decode("utf-8", errors="replace"))
     click.echo(f"    {gen.stats.summary().splitlines()[0]}", err=True)
