@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from bytemtp.bench import sample_prompts
+from bytemtp.bench import ModeResult, sample_prompts
 from bytemtp.checkpoint import load_model
 from bytemtp.generate import GenerationConfig, generate
 
@@ -59,40 +59,34 @@ def prompts() -> list[bytes]:
     return [p.read_bytes()[i * 500 : i * 500 + PROMPT_BYTES] for p in sources for i in (1, 3)][:N_PROMPTS]
 
 
-results: dict[str, dict] = {}
+results: dict[str, ModeResult] = {}
 
 
 def _decode(model, prompts, speculative: bool):
-    """A benchmark target that cycles through the prompts and keeps every output."""
-    state = {"i": 0, "outputs": {}, "bytes_per_s": [], "bytes_per_forward": []}
+    """A benchmark target that cycles through the prompts, recording every run in a ``ModeResult``."""
+    mode = ModeResult(model.cfg.n_future - 1 if speculative else 0)
 
     def once():
-        i = state["i"] % len(prompts)
-        gen = generate(model, GenerationConfig(prompt=prompts[i], max_new_bytes=MAX_BYTES, speculative=speculative))
-        state["outputs"][i] = gen.read()
-        state["bytes_per_s"].append(gen.stats.bytes_per_s)
-        state["bytes_per_forward"].append(gen.stats.bytes_per_forward)
-        state["i"] += 1
+        prompt = prompts[len(mode.outputs) % len(prompts)]
+        gen = generate(model, GenerationConfig(prompt=prompt, max_new_bytes=MAX_BYTES, speculative=speculative))
+        mode.add(gen.read(), gen.stats)
 
-    return once, state
+    return once, mode
 
 
 @pytest.mark.parametrize("mode", ["autoregressive", "speculative"])
 def test_decode(benchmark, model, prompts, mode):
-    once, state = _decode(model, prompts, speculative=mode == "speculative")
+    once, result = _decode(model, prompts, speculative=mode == "speculative")
     benchmark.group = "generation"
     benchmark.pedantic(once, rounds=2 * len(prompts), warmup_rounds=1, iterations=1)
-    results[mode] = state
-    per_fwd = sum(state["bytes_per_forward"]) / len(state["bytes_per_forward"])
-    report(f"{mode}: median {sorted(state['bytes_per_s'])[len(state['bytes_per_s']) // 2]:.1f} bytes/s, "
-           f"{per_fwd:.2f} bytes/forward")
+    results[mode] = result
+    report(f"{mode}: median {result.median_bytes_per_s:.1f} bytes/s, {result.bytes_per_forward:.2f} bytes/forward")
 
 
 def test_speedup(model, prompts):
     if set(results) != {"autoregressive", "speculative"}:
         pytest.skip("needs both decode benchmarks")
-    med = {m: sorted(s["bytes_per_s"])[len(s["bytes_per_s"]) // 2] for m, s in results.items()}
-    speedup = med["speculative"] / med["autoregressive"]
-    identical = results["speculative"]["outputs"] == results["autoregressive"]["outputs"]
+    speedup = results["speculative"].median_bytes_per_s / results["autoregressive"].median_bytes_per_s
+    identical = results["speculative"].outputs == results["autoregressive"].outputs
     report(f"speedup {speedup:.2f}x (ratio of median bytes/s), outputs identical: {identical}")
     assert identical

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig, StepForward, generate
+from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate
 from bytemtp.shards import Dataset
 
 
@@ -73,10 +73,10 @@ class ModeResult:
     draft_heads: int
     bytes_per_s: list[float] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
-    bytes: int = 0
-    forwards: int = 0
-    accepted: list[int] = field(default_factory=list)
-    attempted: list[int] = field(default_factory=list)
+    total: GenerationStats = field(init=False)  # counts summed over the runs
+
+    def __post_init__(self) -> None:
+        self.total = GenerationStats(self.draft_heads)
 
     @property
     def label(self) -> str:
@@ -88,21 +88,16 @@ class ModeResult:
 
     @property
     def bytes_per_forward(self) -> float:
-        return self.bytes / self.forwards if self.forwards else 0.0
+        return self.total.bytes_per_forward
 
     @property
     def acceptance(self) -> list[float]:
-        return [a / t if t else 0.0 for a, t in zip(self.accepted, self.attempted)]
+        return self.total.acceptance
 
-    def add(self, output: bytes, stats) -> None:
+    def add(self, output: bytes, stats: GenerationStats) -> None:
         self.outputs.append(output)
         self.bytes_per_s.append(stats.bytes_per_s)
-        self.bytes += stats.bytes
-        self.forwards += stats.forwards
-        if not self.accepted:
-            self.accepted, self.attempted = [0] * stats.draft_heads, [0] * stats.draft_heads
-        self.accepted = [a + b for a, b in zip(self.accepted, stats.accepted)]
-        self.attempted = [a + b for a, b in zip(self.attempted, stats.attempted)]
+        self.total.absorb(stats)
 
 
 @dataclass
@@ -171,9 +166,14 @@ def draft_rows(n_future: int, sweep: bool) -> list[int]:
     return sorted({d for d in (1, 3, 7) if d < most} | {most}) if sweep else [most]
 
 
-def compiled_step(model: torch.nn.Module) -> StepForward:
-    """The per-step forward compiled with static shapes; CUDA graphs on a GPU."""
+def compiled_step(model: torch.nn.Module, enabled: bool | None = None) -> StepForward | None:
+    """The per-step forward compiled with static shapes (CUDA graphs on a GPU), or None for eager.
+
+    ``enabled=None`` decides as ``compile_model`` does: compile on CUDA, stay eager on the CPU.
+    """
     cuda = next(model.parameters()).is_cuda
+    if not (cuda if enabled is None else enabled):
+        return None
     return torch.compile(model.decode, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 

@@ -135,6 +135,13 @@ class GenerationStats:
     def acceptance(self) -> list[float]:
         return [a / t if t else 0.0 for a, t in zip(self.accepted, self.attempted)]
 
+    def absorb(self, other: "GenerationStats") -> None:
+        """Add another generation's counts (bytes, forwards, acceptance) to these: a total over runs."""
+        self.bytes += other.bytes
+        self.forwards += other.forwards
+        self.accepted = [a + b for a, b in zip(self.accepted, other.accepted, strict=True)]
+        self.attempted = [a + b for a, b in zip(self.attempted, other.attempted, strict=True)]
+
     def record_step(self, n_drafts: int, n_accepted: int) -> None:
         self.forwards += 1
         for j in range(min(n_drafts, n_accepted + 1)):

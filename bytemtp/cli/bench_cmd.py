@@ -45,7 +45,7 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
 
     cfg = BenchConfig(prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup)
     model, _ = load_model(ckpt, device)
-    step = compiled_step(model) if (compile_ if compile_ is not None else device.type == "cuda") else None
+    step = compiled_step(model, compile_)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)
     with tqdm(total=prompts, desc="bench", unit="prompt", disable=as_json, leave=False) as bar:
         report = run_bench(model, chosen, cfg, step_forward=step, progress=bar)
