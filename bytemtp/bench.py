@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from bytemtp.drafting import measure_step_costs
 from bytemtp.errors import BytemtpError
 from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate
 from bytemtp.shards import Dataset
@@ -34,6 +35,7 @@ class BenchConfig:
     seed: int = 0
     sweep: bool = False  # one row per number of draft heads (1, 3, 7 for n = 8: heads used 2, 4, 8)
     warmup: int = 1
+    adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.drafting)
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_bytes", "max_bytes"):
@@ -71,6 +73,7 @@ class ModeResult:
     """All runs of one decoding mode; ``draft_heads == 0`` is autoregressive."""
 
     draft_heads: int
+    adaptive: bool = False
     bytes_per_s: list[float] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
     total: GenerationStats = field(init=False)  # counts summed over the runs
@@ -80,7 +83,9 @@ class ModeResult:
 
     @property
     def label(self) -> str:
-        return f"speculative ({self.draft_heads} drafts)" if self.draft_heads else "autoregressive"
+        if not self.draft_heads:
+            return "autoregressive"
+        return f"speculative ({self.draft_heads} drafts{', adaptive' if self.adaptive else ''})"
 
     @property
     def median_bytes_per_s(self) -> float:
@@ -106,7 +111,8 @@ class BenchReport:
     device: str
     model: dict[str, Any]
     ar: ModeResult
-    spec: list[ModeResult]  # the last one uses every draft head
+    spec: list[ModeResult]  # the last one uses every draft head (adaptively, when asked)
+    draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
 
     def identical(self, mode: ModeResult) -> bool | None:
         """Greedy outputs equal to autoregressive for every prompt (None when sampling)."""
@@ -119,6 +125,7 @@ class BenchReport:
         main = self.spec[-1]
         row = lambda m: {  # noqa: E731
             "draft_heads": m.draft_heads,
+            "adaptive": m.adaptive,
             "bytes_per_s": m.median_bytes_per_s,
             "speedup": self.speedup(m),
             "bytes_per_forward": m.bytes_per_forward,
@@ -138,6 +145,7 @@ class BenchReport:
             "bytes_per_forward": main.bytes_per_forward,
             "identical": self.identical(main),
             "head_acceptance": main.acceptance,
+            "draft_costs": self.draft_costs,
             "rows": [row(self.ar)] + [row(m) for m in self.spec],
         }
 
@@ -147,14 +155,16 @@ class BenchReport:
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, {self.model['params']:,} params",
-            f"{'mode':<26}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}  acceptance (h2, h3, ...)",
+            f"{'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}  acceptance (h2, h3, ...)",
         ]
         for m in [self.ar, *self.spec]:
             same = self.identical(m) if m.draft_heads else None
             lines.append(
-                f"{m.label:<26}{m.median_bytes_per_s:>10.1f}{self.speedup(m):>8.2f}x{m.bytes_per_forward:>11.2f}"
+                f"{m.label:<34}{m.median_bytes_per_s:>10.1f}{self.speedup(m):>8.2f}x{m.bytes_per_forward:>11.2f}"
                 f"{'-' if same is None else ('yes' if same else 'NO'):>11}  " + " ".join(f"{a:.2f}" for a in m.acceptance)
             )
+        if self.draft_costs:
+            lines.append("adaptive: forward cost by positions " + " ".join(f"{c:.2f}" for c in self.draft_costs))
         return "\n".join(lines)
 
 
@@ -174,6 +184,10 @@ def compiled_step(model: torch.nn.Module, enabled: bool | None = None) -> StepFo
     cuda = next(model.parameters()).is_cuda
     if not (cuda if enabled is None else enabled):
         return None
+    # One graph per shape met: (positions, heads) per draft row, times the cache lengths.
+    # Dynamo's default of 8 would silently send the rest to eager once a sweep or the
+    # adaptive row (1..n positions) exceeds it.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(model.decode, dynamic=False, mode="reduce-overhead" if cuda else None)
 
 
@@ -188,6 +202,9 @@ def run_bench(
     """Decode every prompt in every mode, interleaved, and collect the numbers."""
     cfg = model.cfg
     modes = [ModeResult(0)] + [ModeResult(d) for d in draft_rows(cfg.n_future, config.sweep)]
+    costs = measure_step_costs(model, cfg.n_future, step_forward) if config.adaptive else None
+    if costs:
+        modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
 
     def run(mode: ModeResult, prompt: bytes, seed: int):
         gen = generate(
@@ -201,6 +218,7 @@ def run_bench(
                 seed=seed,
                 speculative=mode.draft_heads > 0,
                 draft_heads=mode.draft_heads or None,
+                draft_costs=costs if mode.adaptive else None,
             ),
             step_forward=step_forward,
         )
@@ -221,7 +239,8 @@ def run_bench(
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
     }
-    return BenchReport(config, describe_device(next(model.parameters()).device), info, modes[0], modes[1:])
+    device = describe_device(next(model.parameters()).device)
+    return BenchReport(config, device, info, modes[0], modes[1:], costs)
 
 
 def describe_device(device: torch.device) -> str:

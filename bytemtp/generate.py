@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bytemtp import BOS
+from bytemtp.drafting import verified_drafts
 from bytemtp.errors import BytemtpError
 from bytemtp.sampling import SamplingConfig
 from bytemtp.speculative import GreedyVerifier, SamplingVerifier
@@ -50,7 +51,10 @@ class GenerationConfig:
     output. ``speculative=None`` means on when the model has draft heads
     (``n_future > 1``); ``draft_heads=None`` uses all ``n_future - 1`` of them,
     a smaller number the first ones (heads 2..draft_heads+1). ``draft_heads`` is
-    ignored when not speculative. ``seed=None`` draws a fresh seed.
+    ignored when not speculative. ``draft_costs``: the relative cost of a decoding
+    forward of 1, 2, ... positions (``bytemtp.drafting.measure_step_costs``); given,
+    each step verifies only the drafts expected to pay for their cost, otherwise all.
+    ``seed=None`` draws a fresh seed.
     """
 
     prompt: bytes = b""
@@ -62,6 +66,7 @@ class GenerationConfig:
     stop: tuple[bytes, ...] = ()
     speculative: bool | None = None
     draft_heads: int | None = None
+    draft_costs: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)
@@ -72,6 +77,10 @@ class GenerationConfig:
             raise BytemtpError("--stop: stop strings must not be empty")
         if self.draft_heads is not None and self.draft_heads < 1:
             raise BytemtpError(f"--draft-heads: must be at least 1, got {self.draft_heads}")
+        if self.draft_costs is not None:
+            self.draft_costs = tuple(float(c) for c in self.draft_costs)
+            if not self.draft_costs or not all(c > 0 for c in self.draft_costs):
+                raise BytemtpError(f"draft_costs: need positive relative costs, got {self.draft_costs}")
         self.sampling  # validates temperature, top-k, top-p
 
     @property
@@ -92,6 +101,16 @@ class GenerationConfig:
                 f"--draft-heads: the model has {available} draft heads (n_future={n_future}), got {self.draft_heads}"
             )
         return self.draft_heads
+
+    def cost_curve(self, n_drafts: int, device: torch.device) -> torch.Tensor | None:
+        """``draft_costs`` for forwards of 1..n_drafts+1 positions, on ``device`` (None: verify every draft)."""
+        if self.draft_costs is None or n_drafts == 0:
+            return None
+        if len(self.draft_costs) < n_drafts + 1:
+            raise BytemtpError(
+                f"draft_costs: {len(self.draft_costs)} costs cannot price forwards of up to {n_drafts + 1} positions"
+            )
+        return torch.tensor(self.draft_costs[: n_drafts + 1], device=device)
 
 
 @dataclass
@@ -179,6 +198,19 @@ def window_keep(window: int) -> int:
     return max(1, window // 2)
 
 
+def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -> int:
+    """KV-cache positions a generation can use: at most ``window``, and no more than
+    the context, every new byte and one step's drafts need, rounded up to 64.
+
+    Attention reads the whole cache, so a cache sized to the generation rather
+    than to ``max_seq_len`` makes every step cheaper; a short cache never fills
+    (generation ends first), so it never changes what is generated. Rounding keeps
+    the shapes of most generations equal (one compiled graph).
+    """
+    need = context + max_new_bytes + n_drafts + 1
+    return min(window, -(-need // 64) * 64)
+
+
 def prompt_context(prompt: bytes, window: int) -> list[int]:
     """The ids the model is first fed: ``BOS + prompt``, cut to fit ``window`` positions."""
     ids = [BOS, *prompt]
@@ -212,13 +244,14 @@ class Generation:
         self.device = next(model.parameters()).device
         self.stats = GenerationStats(draft_heads=self.n_drafts)
         drafter = (lambda features: model.draft_logits(features, self.n_drafts)) if self.n_drafts else None
+        costs = config.cost_curve(self.n_drafts, self.device)
         if config.sampling.greedy:
-            self.verify = GreedyVerifier(drafter)
+            self.verify = GreedyVerifier(drafter, costs)
         else:
             generator = torch.Generator(device=self.device)
             self.stats.seed = generator.seed() if config.seed is None else config.seed
             generator.manual_seed(self.stats.seed)
-            self.verify = SamplingVerifier(config.sampling, generator, drafter)
+            self.verify = SamplingVerifier(config.sampling, generator, drafter, costs)
         self._stream = self._run()
 
     def __iter__(self) -> Iterator[bytes]:
@@ -245,7 +278,8 @@ class Generation:
         window = prompt_context(cfg.prompt, window_len)  # the ids in the KV cache, in order
         stats.prompt_bytes_dropped = max(0, len(cfg.prompt) - len(window))
         stops = StopMatcher(cfg.stop)
-        self.model.setup_cache(1, window_len)
+        cache_len = cache_length(len(window), cfg.max_new_bytes, self.n_drafts, window_len)
+        self.model.setup_cache(1, cache_len)
         try:
             decision = self._encode(window)
             feed: list[int] = []  # what the latest forward appended to the window, if it was a step
@@ -258,12 +292,12 @@ class Generation:
                 if stats.stop_reason:
                     return
                 window.extend(feed[: accepted + 1])
-                if len(window) == window_len:  # no room for the pending byte: cut the context
-                    window = (window + [pending])[-window_keep(window_len) :]
+                if len(window) == cache_len:  # no room for the pending byte: cut the context (a cache this full is the whole window)
+                    window = (window + [pending])[-window_keep(cache_len) :]
                     stats.window_cuts += 1
                     decision, feed = self._encode(window), []
                     continue
-                feed = [pending, *drafts[: window_len - 1 - len(window)]]
+                feed = [pending, *verified_drafts(drafts)[: cache_len - 1 - len(window)]]
                 decision = self._step(decision[1 : 1 + len(feed)], len(window))
         finally:
             self.model.clear_cache()

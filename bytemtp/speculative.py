@@ -12,6 +12,8 @@ decoding is the case k = 0 with no drafter.
 Everything is computed on the device and packed into one small ``decision``
 tensor ``[a, next_byte, new_draft_1 .. new_draft_m]``, so the caller needs a
 single host transfer per step, and the next forward's input is a slice of it.
+Given a cost curve (``costs``, see ``bytemtp.drafting``), a verifier also marks
+the new drafts that are not worth verifying with ``NO_DRAFT``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 
+from bytemtp.drafting import keep_worthwhile
 from bytemtp.sampling import SamplingConfig, draw, probabilities
 
 # features of the position verification stopped at [F, d] -> draft logits [m, V]
@@ -34,8 +37,9 @@ def accepted_run(agree: torch.Tensor) -> torch.Tensor:
 class GreedyVerifier:
     """Drafts are accepted while they equal head 1's argmax: output is exactly greedy decoding."""
 
-    def __init__(self, drafter: Drafter | None):
+    def __init__(self, drafter: Drafter | None, costs: torch.Tensor | None = None):
         self.drafter = drafter
+        self.costs = costs
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         choice = logits.argmax(dim=-1)  # [P]
@@ -43,7 +47,10 @@ class GreedyVerifier:
         decided = torch.cat((accepted, choice.index_select(0, accepted)))
         if self.drafter is None:
             return decided
-        new_drafts = self.drafter(features.index_select(0, accepted)[0]).argmax(dim=-1)
+        draft_logits = self.drafter(features.index_select(0, accepted)[0])
+        new_drafts = draft_logits.argmax(dim=-1)
+        if self.costs is not None:
+            new_drafts = keep_worthwhile(new_drafts, draft_logits.softmax(dim=-1).amax(dim=-1), self.costs)
         return torch.cat((decided, new_drafts))
 
 
@@ -59,10 +66,17 @@ class SamplingVerifier:
     q of the drafts it proposed, because the next call judges them.
     """
 
-    def __init__(self, sampling: SamplingConfig, generator: torch.Generator, drafter: Drafter | None):
+    def __init__(
+        self,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        drafter: Drafter | None,
+        costs: torch.Tensor | None = None,
+    ):
         self.sampling = sampling
         self.generator = generator
         self.drafter = drafter
+        self.costs = costs
         self.draft_probs: torch.Tensor | None = None  # [m, V] q of the latest drafts
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -86,4 +100,9 @@ class SamplingVerifier:
         if self.drafter is None:
             return decided
         self.draft_probs = probabilities(self.drafter(features.index_select(0, accepted)[0]), self.sampling)
-        return torch.cat((decided, draw(self.draft_probs, self.generator)))
+        new_drafts = draw(self.draft_probs, self.generator)
+        if self.costs is not None:
+            # From q alone, never from the drafts drawn: choosing which drafts to verify
+            # by their own values would skew each verified draft away from q.
+            new_drafts = keep_worthwhile(new_drafts, self.draft_probs.amax(dim=-1), self.costs)
+        return torch.cat((decided, new_drafts))

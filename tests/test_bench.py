@@ -55,6 +55,19 @@ def test_bench_json_reports_identical_greedy_outputs(run, data):
     assert len(report["head_acceptance"]) == 7 and all(0 <= a <= 1 for a in report["head_acceptance"])
 
 
+def test_bench_adaptive_row_is_last_and_identical(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "32", "--adaptive", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["draft_heads"], r["adaptive"]) for r in report["rows"]] == [(0, False), (7, False), (7, True)]
+    assert report["identical"] is True and report["rows"][-1]["identical"] is True
+    assert report["speedup"] == pytest.approx(report["rows"][-1]["speedup"])  # the headline is the adaptive row
+    costs = report["draft_costs"]
+    assert len(costs) == 8 and costs[0] == 1.0 and all(c > 0 for c in costs)
+
+
 def test_bench_sampling_has_no_identity_claim(run, data):
     result = CliRunner().invoke(
         main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16", "--temperature", "0.8",
@@ -69,6 +82,15 @@ def test_bench_table_names_the_modes(run, data):
     assert result.exit_code == 0, result.output
     assert "autoregressive" in result.stdout and "speculative (7 drafts)" in result.stdout
     assert "yes" in result.stdout
+
+
+def test_sample_adaptive_greedy_equals_autoregressive(run):
+    args = ["sample", str(run), "--prompt", "def ", "--max-bytes", "60", "--temperature", "0"]
+    plain = CliRunner().invoke(main, [*args, "--no-speculative"])
+    adaptive = CliRunner().invoke(main, [*args, "--adaptive", "--stats"])
+    assert plain.exit_code == adaptive.exit_code == 0, adaptive.output
+    assert adaptive.stdout_bytes == plain.stdout_bytes and len(plain.stdout_bytes) == 60
+    assert "speculative" in adaptive.stderr
 
 
 def test_prompts_are_seeded_slices_of_val_documents(data, val_docs):

@@ -22,6 +22,7 @@ from bytemtp.generate import (
     STOP_REASONS,
     GenerationConfig,
     GenerationStats,
+    cache_length,
     generate,
     prompt_context,
     window_keep,
@@ -157,6 +158,13 @@ def test_speculative_greedy_matches_autoregressive_trained(head_kind):
         accepted += sum(sp.stats.accepted)
         rejected += sum(sp.stats.attempted) - sum(sp.stats.accepted)
     assert accepted > 80 and rejected > 40  # the drafts were right often, and wrong often enough
+
+
+def test_cache_is_sized_to_the_generation():
+    """Attention reads the whole cache: a short generation must not pay for the full window."""
+    assert cache_length(10, 20, 3, 1024) == 64
+    assert cache_length(65, 256, 7, 1024) == 384
+    assert cache_length(900, 256, 7, 1024) == 1024  # longer than the window: the window, cut as usual
 
 
 def test_window_cut_keeps_speculative_identical():
@@ -476,9 +484,8 @@ def chi_squared_bound(dof: int) -> float:
     return dof * (1 - 2 / (9 * dof) + 4.3 * math.sqrt(2 / (9 * dof))) ** 3
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}])
-def test_speculative_sampling_is_exactly_head_one(sampling):
-    stub = random_logits_stub()
+def sampling_matches_head_one(stub: StubLM, sampling: dict, **kw) -> None:
+    """Speculative sampling of 3 bytes with 3 drafts, against the exact distribution by enumeration."""
     cfg = SamplingConfig(**sampling)
     prompt = b"ab"
     ctx = (BOS, *prompt)
@@ -492,7 +499,7 @@ def test_speculative_sampling_is_exactly_head_one(sampling):
     counts = Counter()
     accepted = attempted = 0
     for seed in range(n):
-        gen = run(stub, prompt=prompt, max_new_bytes=3, seed=seed, draft_heads=3, **sampling)
+        gen = run(stub, prompt=prompt, max_new_bytes=3, seed=seed, draft_heads=3, **sampling, **kw)
         counts[gen.output] += 1
         accepted, attempted = accepted + sum(gen.stats.accepted), attempted + sum(gen.stats.attempted)
     stat, dof = chi_squared(counts, exact, n)
@@ -501,6 +508,11 @@ def test_speculative_sampling_is_exactly_head_one(sampling):
     # The test can tell: the draft heads' own distribution is far off.
     naive_stat = sum((n * naive[s] - n * p) ** 2 / (n * p) for s, p in exact.items() if p * n >= 5)
     assert naive_stat > 10 * chi_squared_bound(dof)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}])
+def test_speculative_sampling_is_exactly_head_one(sampling):
+    sampling_matches_head_one(random_logits_stub(), sampling)
 
 
 def test_speculative_sampling_matches_autoregressive_on_a_model():

@@ -77,6 +77,8 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--speculative/--no-speculative", default=None,
               help="Self-speculative decoding with the draft heads [default: on if the model has them].")
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
+@click.option("--adaptive", is_flag=True,
+              help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
 @device_option
 @decode_threads_option
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
@@ -93,11 +95,13 @@ def command(
     stop: tuple[bytes, ...],
     speculative: bool | None,
     draft_heads: int | None,
+    adaptive: bool,
     device,
     stats: bool,
     echo: bool,
 ) -> None:
     from bytemtp.checkpoint import load_model
+    from bytemtp.drafting import measure_step_costs
     from bytemtp.generate import GenerationConfig, generate, prompt_context
 
     if prompt is not None and prompt_file is not None:
@@ -115,6 +119,8 @@ def command(
         draft_heads=draft_heads,
     )
     model, _ = load_model(ckpt, device)
+    if adaptive and config.n_drafts(model.cfg.n_future):
+        config.draft_costs = measure_step_costs(model, model.cfg.n_future)
     window = model.cfg.max_seq_len
     kept = len(prompt_context(prompt_bytes, window))
     if kept <= len(prompt_bytes):

@@ -1,0 +1,78 @@
+"""Cost-aware draft counts: the choice itself, and that it never changes what is generated."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
+from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
+
+from bytemtp.drafting import NO_DRAFT, draft_count, keep_worthwhile, measure_step_costs, verified_drafts
+from bytemtp.errors import BytemtpError
+from bytemtp.generate import GenerationConfig
+
+STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
+
+
+def count(confidence: list[float], costs: list[float]) -> int:
+    return int(draft_count(torch.tensor(confidence), torch.tensor(costs)))
+
+
+def test_draft_count_maximises_expected_bytes_per_cost():
+    assert count([0.9, 0.9, 0.9], [1, 1, 1, 1]) == 3  # free forwards: verify everything
+    assert count([0.1, 0.9, 0.9], [1, 2, 3, 4]) == 0  # unlikely first draft, costly forwards
+    # Expected bytes 1, 1.5, 1.75 for 0, 1, 2 drafts; per cost 1, 1.25, 0.875.
+    assert count([0.5, 0.5], [1, 1.2, 2]) == 1
+    # Sure later drafts only count after an unlikely first one: 1.4 bytes at cost 1.5 < 1.
+    assert count([0.2, 1.0, 1.0], [1, 1.5, 1.5, 2.0]) == 0
+    assert count([0.2, 1.0, 1.0], [1, 1.5, 1.5, 1.5]) == 3  # unless all three come at once: 1.6 > 1.5
+
+
+def test_unverified_drafts_are_marked_and_dropped():
+    drafts = torch.tensor([7, 8, 9])
+    kept = keep_worthwhile(drafts, torch.tensor([0.9, 0.3, 0.9]), torch.tensor([1.0, 1.1, 2.0, 2.1]))
+    assert kept.tolist() == [7, NO_DRAFT, NO_DRAFT]
+    assert verified_drafts(kept.tolist()) == [7]
+    assert verified_drafts([1, 2]) == [1, 2] and verified_drafts([NO_DRAFT, 3]) == []
+
+
+def test_measured_costs_are_relative_to_one_position():
+    costs = measure_step_costs(random_model(n_future=4, max_seq_len=48), 4, rounds=2)
+    assert len(costs) == 4 and costs[0] == 1.0 and all(c > 0 for c in costs)
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "transformer"])
+def test_adaptive_greedy_matches_autoregressive_and_varies_the_drafts(head_kind):
+    model = trained_model() if head_kind == "linear" else trained_transformer_heads()
+    n_drafts = model.cfg.n_future - 1
+    corpus = stdlib_corpus()
+    prompts = [b"", b"def ", bytes(corpus[3000:3040].tolist())]
+    short = full = 0
+    for prompt, costs in itertools.product(prompts, (STEEP, (1.0,) * 8)):
+        ar = run(model, prompt=prompt, max_new_bytes=80, speculative=False)
+        sp = run(model, prompt=prompt, max_new_bytes=80, draft_costs=costs)
+        assert sp.output == ar.output, (prompt, costs)
+        steps = sp.stats.forwards - 1  # the prompt's forward verifies nothing
+        short += costs == STEEP and sp.stats.attempted[0] < steps  # some steps verified no draft
+        full += sp.stats.attempted[-1] > 0  # and some went all the way to the last head
+        if costs != STEEP:  # flat costs: every step verifies every draft, as without costs
+            plain = run(model, prompt=prompt, max_new_bytes=80).stats
+            assert (sp.stats.forwards, sp.stats.attempted) == (plain.forwards, plain.attempted)
+    assert short and full, (short, full, n_drafts)
+
+
+def test_adaptive_sampling_is_exactly_head_one():
+    sampling_matches_head_one(random_logits_stub(), {"temperature": 1.0}, draft_costs=STEEP[:4])
+
+
+@pytest.mark.parametrize("costs, message", [((), "positive"), ((1.0, -1.0), "positive"), ((1.0, 1.1), "cannot price")])
+def test_bad_draft_costs_are_named(costs, message):
+    with pytest.raises(BytemtpError, match=f"draft_costs: .*{message}"):
+        run(random_model(n_future=4), max_new_bytes=4, draft_costs=costs)
+
+
+def test_autoregressive_ignores_draft_costs():
+    assert GenerationConfig(speculative=False, draft_costs=(1.0,)).cost_curve(0, torch.device("cpu")) is None
