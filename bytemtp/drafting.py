@@ -4,9 +4,9 @@ A decoding forward over P positions costs more than one over a single position,
 by an amount that depends on the machine: next to nothing on a GPU at batch 1,
 but up to ~1.6x for P = 8 on a CPU, where small matrix products are
 compute-bound. A draft is worth verifying only when the bytes it is expected to
-add outweigh what it adds to the forward. ``draft_count`` makes that choice on
-the device from the draft heads' own confidence and a cost curve measured once
-per model and machine by ``measure_step_costs``.
+add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
+the device from the draft heads' calibrated confidence and a cost curve measured
+once per model and machine by ``measure_step_costs``.
 
 Which drafts are verified is decided from the drafts alone, before head 1 judges
 them, so greedy output stays identical to autoregressive decoding and sampled
@@ -34,10 +34,37 @@ def draft_count(confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     return (expected / costs).argmax().view(1)
 
 
-def keep_worthwhile(drafts: torch.Tensor, confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """``drafts`` [m] with those past ``draft_count`` replaced by ``NO_DRAFT``."""
-    keep = torch.arange(drafts.numel(), device=drafts.device) < draft_count(confidence, costs)
-    return torch.where(keep, drafts, NO_DRAFT)
+class DraftPolicy:
+    """Chooses which of each step's new drafts to verify, from a cost curve [m+1] and the
+    draft heads' confidence (their top probabilities) [m].
+
+    A head's top probability ranks its drafts well but misjudges how often they are
+    accepted, so each head's confidence is scaled by its hits over its summed
+    confidence on the drafts verification reached so far in this generation (one
+    pseudo-observation each to start). The acceptances it learns from are of past
+    steps only, so the choice still never depends on the drafts being judged. All of
+    it stays on the device: no host sync beyond the step's own.
+    """
+
+    def __init__(self, costs: torch.Tensor):
+        self.costs = costs
+        m = costs.numel() - 1
+        self.hits = costs.new_ones(m)
+        self.predicted = costs.new_ones(m)
+        self.confidence = costs.new_zeros(m)  # of the latest drafts
+
+    def observe(self, n_verified: int, accepted: torch.Tensor) -> None:
+        """Verification of the latest ``n_verified`` drafts accepted the first ``accepted`` [1]."""
+        j = torch.arange(n_verified, device=self.costs.device)
+        self.predicted[:n_verified] += (j <= accepted) * self.confidence[:n_verified]
+        self.hits[:n_verified] += j < accepted
+
+    def choose(self, drafts: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """``drafts`` [m] with those past ``draft_count`` replaced by ``NO_DRAFT``."""
+        self.confidence = confidence
+        calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
+        keep = torch.arange(drafts.numel(), device=drafts.device) < draft_count(calibrated, self.costs)
+        return torch.where(keep, drafts, NO_DRAFT)
 
 
 def verified_drafts(drafts: list[int]) -> list[int]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bytemtp import BOS
-from bytemtp.drafting import verified_drafts
+from bytemtp.drafting import DraftPolicy, verified_drafts
 from bytemtp.errors import BytemtpError
 from bytemtp.sampling import SamplingConfig
 from bytemtp.speculative import GreedyVerifier, SamplingVerifier
@@ -102,15 +102,15 @@ class GenerationConfig:
             )
         return self.draft_heads
 
-    def cost_curve(self, n_drafts: int, device: torch.device) -> torch.Tensor | None:
-        """``draft_costs`` for forwards of 1..n_drafts+1 positions, on ``device`` (None: verify every draft)."""
+    def draft_policy(self, n_drafts: int, device: torch.device) -> DraftPolicy | None:
+        """A policy pricing forwards of 1..n_drafts+1 positions by ``draft_costs`` (None: verify every draft)."""
         if self.draft_costs is None or n_drafts == 0:
             return None
         if len(self.draft_costs) < n_drafts + 1:
             raise BytemtpError(
                 f"draft_costs: {len(self.draft_costs)} costs cannot price forwards of up to {n_drafts + 1} positions"
             )
-        return torch.tensor(self.draft_costs[: n_drafts + 1], device=device)
+        return DraftPolicy(torch.tensor(self.draft_costs[: n_drafts + 1], device=device))
 
 
 @dataclass
@@ -244,14 +244,14 @@ class Generation:
         self.device = next(model.parameters()).device
         self.stats = GenerationStats(draft_heads=self.n_drafts)
         drafter = (lambda features: model.draft_logits(features, self.n_drafts)) if self.n_drafts else None
-        costs = config.cost_curve(self.n_drafts, self.device)
+        policy = config.draft_policy(self.n_drafts, self.device)
         if config.sampling.greedy:
-            self.verify = GreedyVerifier(drafter, costs)
+            self.verify = GreedyVerifier(drafter, policy)
         else:
             generator = torch.Generator(device=self.device)
             self.stats.seed = generator.seed() if config.seed is None else config.seed
             generator.manual_seed(self.stats.seed)
-            self.verify = SamplingVerifier(config.sampling, generator, drafter, costs)
+            self.verify = SamplingVerifier(config.sampling, generator, drafter, policy)
         self._stream = self._run()
 
     def __iter__(self) -> Iterator[bytes]:

@@ -12,8 +12,8 @@ decoding is the case k = 0 with no drafter.
 Everything is computed on the device and packed into one small ``decision``
 tensor ``[a, next_byte, new_draft_1 .. new_draft_m]``, so the caller needs a
 single host transfer per step, and the next forward's input is a slice of it.
-Given a cost curve (``costs``, see ``bytemtp.drafting``), a verifier also marks
-the new drafts that are not worth verifying with ``NO_DRAFT``.
+Given a ``DraftPolicy`` (see ``bytemtp.drafting``), a verifier also marks the
+new drafts that are not worth verifying with ``NO_DRAFT``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from bytemtp.drafting import keep_worthwhile
+from bytemtp.drafting import DraftPolicy
 from bytemtp.sampling import SamplingConfig, draw, probabilities
 
 # features of the position verification stopped at [F, d] -> draft logits [m, V]
@@ -37,9 +37,9 @@ def accepted_run(agree: torch.Tensor) -> torch.Tensor:
 class GreedyVerifier:
     """Drafts are accepted while they equal head 1's argmax: output is exactly greedy decoding."""
 
-    def __init__(self, drafter: Drafter | None, costs: torch.Tensor | None = None):
+    def __init__(self, drafter: Drafter | None, policy: DraftPolicy | None = None):
         self.drafter = drafter
-        self.costs = costs
+        self.policy = policy
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         choice = logits.argmax(dim=-1)  # [P]
@@ -49,8 +49,10 @@ class GreedyVerifier:
             return decided
         draft_logits = self.drafter(features.index_select(0, accepted)[0])
         new_drafts = draft_logits.argmax(dim=-1)
-        if self.costs is not None:
-            new_drafts = keep_worthwhile(new_drafts, draft_logits.softmax(dim=-1).amax(dim=-1), self.costs)
+        if self.policy is not None:
+            if drafts.numel():
+                self.policy.observe(drafts.numel(), accepted)
+            new_drafts = self.policy.choose(new_drafts, draft_logits.softmax(dim=-1).amax(dim=-1))
         return torch.cat((decided, new_drafts))
 
 
@@ -71,12 +73,12 @@ class SamplingVerifier:
         sampling: SamplingConfig,
         generator: torch.Generator,
         drafter: Drafter | None,
-        costs: torch.Tensor | None = None,
+        policy: DraftPolicy | None = None,
     ):
         self.sampling = sampling
         self.generator = generator
         self.drafter = drafter
-        self.costs = costs
+        self.policy = policy
         self.draft_probs: torch.Tensor | None = None  # [m, V] q of the latest drafts
 
     def __call__(self, logits: torch.Tensor, features: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -101,8 +103,10 @@ class SamplingVerifier:
             return decided
         self.draft_probs = probabilities(self.drafter(features.index_select(0, accepted)[0]), self.sampling)
         new_drafts = draw(self.draft_probs, self.generator)
-        if self.costs is not None:
+        if self.policy is not None:
+            if k:
+                self.policy.observe(k, accepted)
             # From q alone, never from the drafts drawn: choosing which drafts to verify
             # by their own values would skew each verified draft away from q.
-            new_drafts = keep_worthwhile(new_drafts, self.draft_probs.amax(dim=-1), self.costs)
+            new_drafts = self.policy.choose(new_drafts, self.draft_probs.amax(dim=-1))
         return torch.cat((decided, new_drafts))

@@ -10,7 +10,7 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
 
-from bytemtp.drafting import NO_DRAFT, draft_count, keep_worthwhile, measure_step_costs, verified_drafts
+from bytemtp.drafting import NO_DRAFT, DraftPolicy, draft_count, measure_step_costs, verified_drafts
 from bytemtp.errors import BytemtpError
 from bytemtp.generate import GenerationConfig
 
@@ -32,11 +32,25 @@ def test_draft_count_maximises_expected_bytes_per_cost():
 
 
 def test_unverified_drafts_are_marked_and_dropped():
-    drafts = torch.tensor([7, 8, 9])
-    kept = keep_worthwhile(drafts, torch.tensor([0.9, 0.3, 0.9]), torch.tensor([1.0, 1.1, 2.0, 2.1]))
+    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]))
+    kept = policy.choose(torch.tensor([7, 8, 9]), torch.tensor([0.9, 0.3, 0.9]))
     assert kept.tolist() == [7, NO_DRAFT, NO_DRAFT]
     assert verified_drafts(kept.tolist()) == [7]
     assert verified_drafts([1, 2]) == [1, 2] and verified_drafts([NO_DRAFT, 3]) == []
+
+
+def test_policy_calibrates_each_head_on_what_verification_reached():
+    policy = DraftPolicy(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    policy.choose(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.4, 0.3]))
+    policy.observe(3, torch.tensor([1]))  # draft 1 accepted, draft 2 rejected, draft 3 never judged
+    assert policy.hits.tolist() == [2.0, 1.0, 1.0]
+    assert policy.predicted.tolist() == pytest.approx([1.5, 1.4, 1.0])
+    # Head 3 hit less often than it claimed: its 0.5 is worth 0.36, and a second draft no
+    # longer pays (2.36 bytes / 1.8 < 2 / 1.5), which it would at face value (2.5 / 1.8).
+    policy.costs = torch.tensor([1.0, 1.5, 1.8, 9.0])
+    assert policy.choose(torch.tensor([1, 2, 3]), torch.tensor([1.0, 0.5, 0.5])).tolist() == [1, NO_DRAFT, NO_DRAFT]
+    assert DraftPolicy(policy.costs).choose(torch.tensor([1, 2, 3]), torch.tensor([1.0, 0.5, 0.5])).tolist() == [
+        1, 2, NO_DRAFT]
 
 
 def test_measured_costs_are_relative_to_one_position():
@@ -75,4 +89,4 @@ def test_bad_draft_costs_are_named(costs, message):
 
 
 def test_autoregressive_ignores_draft_costs():
-    assert GenerationConfig(speculative=False, draft_costs=(1.0,)).cost_curve(0, torch.device("cpu")) is None
+    assert GenerationConfig(speculative=False, draft_costs=(1.0,)).draft_policy(0, torch.device("cpu")) is None
