@@ -34,6 +34,7 @@ decode_threads_option = click.option(
     show_default=True,
     expose_value=False,
     callback=_threads,
-    help="CPU threads for torch. Decoding one sequence gains nothing from more: its matmuls are "
-    "tiny, and extra threads only add synchronisation (and stall badly on a busy machine).",
+    help="CPU threads for torch. A tiny model's one-sequence matmuls gain nothing from more (extra "
+    "threads only add synchronisation, and stall badly on a busy machine); a small model's do "
+    "(2 threads: 1.9x the bytes/s of 1 on a 2-core CPU).",
 )
