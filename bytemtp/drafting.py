@@ -2,8 +2,8 @@
 
 A decoding forward over P positions costs more than one over a single position,
 by an amount that depends on the machine: next to nothing on a GPU at batch 1,
-but up to ~1.6x for P = 8 on a CPU, where small matrix products are
-compute-bound. A draft is worth verifying only when the bytes it is expected to
+but 1.25x (``tiny``) to 1.7-2.4x (``small``) for P = 8 on a 2-core CPU, where
+8-row matrix products are compute-bound. A draft is worth verifying only when the bytes it is expected to
 add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
 the device from the draft heads' calibrated confidence and a cost curve measured
 once per model and machine by ``measure_step_costs``.
@@ -53,14 +53,18 @@ class DraftPolicy:
         self.predicted = costs.new_ones(m)
         self.confidence = costs.new_zeros(m)  # of the latest drafts
 
-    def observe(self, n_verified: int, accepted: torch.Tensor) -> None:
-        """Verification of the latest ``n_verified`` drafts accepted the first ``accepted`` [1]."""
-        j = torch.arange(n_verified, device=self.costs.device)
-        self.predicted[:n_verified] += (j <= accepted) * self.confidence[:n_verified]
-        self.hits[:n_verified] += j < accepted
+    def choose(
+        self, drafts: torch.Tensor, confidence: torch.Tensor, n_judged: int = 0, accepted: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``drafts`` [m] with those past ``draft_count`` replaced by ``NO_DRAFT``.
 
-    def choose(self, drafts: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        """``drafts`` [m] with those past ``draft_count`` replaced by ``NO_DRAFT``."""
+        ``n_judged`` drafts of the previous choice were just verified, the first
+        ``accepted`` [1] of them accepted: that is learnt first.
+        """
+        if n_judged:
+            j = torch.arange(n_judged, device=self.costs.device)
+            self.predicted[:n_judged] += (j <= accepted) * self.confidence[:n_judged]
+            self.hits[:n_judged] += j < accepted
         self.confidence = confidence
         calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
         keep = torch.arange(drafts.numel(), device=drafts.device) < draft_count(calibrated, self.costs)

@@ -50,9 +50,8 @@ class GreedyVerifier:
         draft_logits = self.drafter(features.index_select(0, accepted)[0])
         new_drafts = draft_logits.argmax(dim=-1)
         if self.policy is not None:
-            if drafts.numel():
-                self.policy.observe(drafts.numel(), accepted)
-            new_drafts = self.policy.choose(new_drafts, draft_logits.softmax(dim=-1).amax(dim=-1))
+            confidence = draft_logits.softmax(dim=-1).amax(dim=-1)
+            new_drafts = self.policy.choose(new_drafts, confidence, drafts.numel(), accepted)
         return torch.cat((decided, new_drafts))
 
 
@@ -104,9 +103,7 @@ class SamplingVerifier:
         self.draft_probs = probabilities(self.drafter(features.index_select(0, accepted)[0]), self.sampling)
         new_drafts = draw(self.draft_probs, self.generator)
         if self.policy is not None:
-            if k:
-                self.policy.observe(k, accepted)
             # From q alone, never from the drafts drawn: choosing which drafts to verify
             # by their own values would skew each verified draft away from q.
-            new_drafts = self.policy.choose(new_drafts, self.draft_probs.amax(dim=-1))
+            new_drafts = self.policy.choose(new_drafts, self.draft_probs.amax(dim=-1), k, accepted)
         return torch.cat((decided, new_drafts))

@@ -42,7 +42,8 @@ def test_unverified_drafts_are_marked_and_dropped():
 def test_policy_calibrates_each_head_on_what_verification_reached():
     policy = DraftPolicy(torch.tensor([1.0, 1.0, 1.0, 1.0]))
     policy.choose(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.4, 0.3]))
-    policy.observe(3, torch.tensor([1]))  # draft 1 accepted, draft 2 rejected, draft 3 never judged
+    # Draft 1 accepted, draft 2 rejected, draft 3 never judged; learnt before the next choice.
+    policy.choose(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.4, 0.3]), 3, torch.tensor([1]))
     assert policy.hits.tolist() == [2.0, 1.0, 1.0]
     assert policy.predicted.tolist() == pytest.approx([1.5, 1.4, 1.0])
     # Head 3 hit less often than it claimed: its 0.5 is worth 0.36, and a second draft no

@@ -11,6 +11,7 @@ never crash the display. Everything else (notes, ``--stats``) goes to stderr.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -120,7 +121,7 @@ def command(
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):
-        config.draft_costs = measure_step_costs(model, model.cfg.n_future)
+        config = dataclasses.replace(config, draft_costs=measure_step_costs(model, model.cfg.n_future))
     window = model.cfg.max_seq_len
     kept = len(prompt_context(prompt_bytes, window))
     if kept <= len(prompt_bytes):
