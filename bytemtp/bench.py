@@ -20,7 +20,7 @@ import torch
 
 from bytemtp.drafting import measure_step_costs
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate
+from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
 from bytemtp.shards import Dataset
 
 
@@ -202,7 +202,10 @@ def run_bench(
     """Decode every prompt in every mode, interleaved, and collect the numbers."""
     cfg = model.cfg
     modes = [ModeResult(0)] + [ModeResult(d) for d in draft_rows(cfg.n_future, config.sweep)]
-    costs = measure_step_costs(model, cfg.n_future, step_forward) if config.adaptive else None
+    costs = None
+    if config.adaptive:  # at the prompts' cache length: the compiled step's graphs then serve the generations too
+        cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
+        costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
     if costs:
         modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
 

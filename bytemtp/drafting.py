@@ -77,20 +77,23 @@ def verified_drafts(drafts: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def measure_step_costs(model: torch.nn.Module, n_positions: int, step_forward=None, rounds: int = 7) -> tuple[float, ...]:
+def measure_step_costs(
+    model: torch.nn.Module, n_positions: int, cache_len: int, step_forward=None, rounds: int = 7
+) -> tuple[float, ...]:
     """Time of a decoding forward of 1..``n_positions`` positions, relative to one position.
 
     Forwards of every size are interleaved within each round (so drift hits all
     alike) and the first round is discarded (it absorbs compilation); each cost is
     a median. The forward includes the host transfer every real step ends with.
+    ``cache_len`` should be the generations' (``generation_cache_length``): attention
+    reads the whole cache, and a compiled step then serves both with the same graphs.
     """
     step = step_forward or model.decode
     device = next(model.parameters()).device
-    length = min(model.cfg.max_seq_len, 256 + n_positions)  # a typical context: costs barely depend on it
-    start = length - n_positions
+    start = cache_len - n_positions
     ids = torch.zeros(1, n_positions, dtype=torch.long, device=device)
     times: list[list[float]] = [[] for _ in range(n_positions)]
-    model.setup_cache(1, length)
+    model.setup_cache(1, cache_len)
     try:
         for r in range(rounds + 1):
             for p in range(1, n_positions + 1):

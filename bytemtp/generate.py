@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bytemtp import BOS
+from bytemtp.config import ModelConfig
 from bytemtp.drafting import DraftPolicy, verified_drafts
 from bytemtp.errors import BytemtpError
 from bytemtp.sampling import SamplingConfig
@@ -211,6 +212,17 @@ def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -
     return min(window, -(-need // 64) * 64)
 
 
+def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes: int) -> int:
+    """The KV-cache length a generation of ``prompt`` uses.
+
+    It has room for the most drafts the model has, whatever a decoder uses, so the
+    autoregressive and every speculative decoder of a prompt (and the step-cost
+    measurement, ``measure_step_costs``) share one cache shape, hence one compiled step.
+    """
+    window = model_cfg.max_seq_len
+    return cache_length(len(prompt_context(prompt, window)), max_new_bytes, model_cfg.n_future - 1, window)
+
+
 def prompt_context(prompt: bytes, window: int) -> list[int]:
     """The ids the model is first fed: ``BOS + prompt``, cut to fit ``window`` positions."""
     ids = [BOS, *prompt]
@@ -278,7 +290,7 @@ class Generation:
         window = prompt_context(cfg.prompt, window_len)  # the ids in the KV cache, in order
         stats.prompt_bytes_dropped = max(0, len(cfg.prompt) - len(window))
         stops = StopMatcher(cfg.stop)
-        cache_len = cache_length(len(window), cfg.max_new_bytes, self.n_drafts, window_len)
+        cache_len = generation_cache_length(self.model.cfg, cfg.prompt, cfg.max_new_bytes)
         self.model.setup_cache(1, cache_len)
         try:
             decision = self._encode(window)

@@ -152,6 +152,10 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("causal_mask", None, persistent=False)
         self.register_buffer("draft_weight", None, persistent=False)
+        # The KV cache kept between generations (see ``setup_cache``); not submodules.
+        self._caches: list[KVCache] = []
+        self._mask: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
@@ -261,15 +265,30 @@ class ByteMTP(nn.Module):
         return [m for m in self.modules() if isinstance(m, Attention)]
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache of ``max_len`` positions for every attention layer."""
+        """Attach a static KV cache of ``max_len`` positions to every attention layer.
+
+        The cache of the previous call is reused when its shape, dtype and device
+        match: compiled decode steps bind to the cache tensors themselves (frozen
+        graphs guard on their identity, CUDA graphs on their addresses), so a fresh
+        cache per generation would recompile or re-record the step every time.
+        Stale entries are harmless: a position is always written before the causal
+        mask lets anything read it.
+        """
         if max_len > self.cfg.max_seq_len:
             raise BytemtpError(f"KV cache of {max_len} positions exceeds max_seq_len={self.cfg.max_seq_len}")
         device = self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        for attn in self.attention_layers():
-            attn.kv_cache = KVCache(batch_size, attn.n_heads, max_len, attn.head_dim, dtype, device)
-        self.causal_mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
-        # The draft heads' unembeddings stacked for ``draft_logits``, built once per generation.
+        layers = self.attention_layers()
+        key = (batch_size, max_len, dtype, device)
+        if self._cache_key != key:
+            self._caches = [KVCache(batch_size, a.n_heads, max_len, a.head_dim, dtype, device) for a in layers]
+            self._mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+            self._cache_key = key
+        for attn, cache in zip(layers, self._caches):
+            attn.kv_cache = cache
+        self.causal_mask = self._mask
+        # The draft heads' unembeddings stacked for ``draft_logits``, rebuilt every time
+        # (the weights may have changed since, e.g. between training and sampling).
         drafts = range(1, self.cfg.n_future)
         if not drafts:
             self.draft_weight = None
@@ -279,6 +298,9 @@ class ByteMTP(nn.Module):
             self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype).expand(len(drafts), -1, -1)
 
     def clear_cache(self) -> None:
+        """Detach the KV cache: decoding needs ``setup_cache`` again. Its memory is
+        kept for the next ``setup_cache`` of the same shape (one cache, at most
+        ``max_seq_len`` positions)."""
         for attn in self.attention_layers():
             attn.kv_cache = None
         self.causal_mask = None

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import write_dataset
-from fixtures_train import trained_model
+from fixtures_train import stdlib_corpus, trained_model
+from torch._dynamo.utils import counters
 
-from bytemtp.bench import draft_rows, sample_prompts
+from bytemtp.bench import compiled_step, draft_rows, sample_prompts
 from bytemtp.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
+from bytemtp.generate import GenerationConfig, generate
 
 VAL_FILES = ("heapq.py", "calendar.py", "difflib.py")
 
@@ -120,3 +124,28 @@ def test_demo_runs_end_to_end(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "self-speculative decoding:" in result.stdout and "outputs identical: True" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.slow),  # inductor builds C++ kernels for the two step shapes
+        pytest.param("cuda", marks=pytest.mark.gpu),  # CUDA graphs: recorded once, replayed for every prompt
+    ],
+)
+def test_compiled_step_matches_eager_and_compiles_once(device):
+    """The compiled step decodes exactly as the eager model, and both decoders of every
+    prompt share the graphs of the first (one cache shape, kept between generations)."""
+    model = copy.deepcopy(trained_model()).to(device)
+    text = bytes(stdlib_corpus()[1:].tolist())
+    prompts = [text[i : i + 40] for i in (1000, 9000, 30000)]
+    torch.compiler.reset()
+    counters.clear()
+    step = compiled_step(model, enabled=True)
+    graphs = []
+    for prompt in prompts:
+        for speculative in (False, True):
+            config = GenerationConfig(prompt=prompt, max_new_bytes=48, speculative=speculative)
+            assert generate(model, config, step_forward=step).read() == generate(model, config).read()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == 2 and graphs[-1] == graphs[0], graphs

@@ -211,3 +211,18 @@ def test_cache_needs_setup_and_clears():
     model.clear_cache()
     with pytest.raises(RuntimeError, match="setup_cache"):
         model(ids, input_pos=torch.arange(4))
+
+
+def test_cache_is_reused_for_the_same_shape():
+    """Compiled decode steps bind to the cache tensors: a second generation of the
+    same shape must get the same ones, a different shape fresh ones."""
+    model = small_model("transformer")
+    model.setup_cache(1, 8)
+    first = [(a.kv_cache.k, a.kv_cache.v) for a in model.attention_layers()]
+    mask = model.causal_mask
+    model.clear_cache()
+    model.setup_cache(1, 8)
+    again = [(a.kv_cache.k, a.kv_cache.v) for a in model.attention_layers()]
+    assert all(k is k2 and v is v2 for (k, v), (k2, v2) in zip(first, again)) and model.causal_mask is mask
+    model.setup_cache(1, 16)
+    assert model.attention_layers()[0].kv_cache.k.shape[2] == 16 and model.causal_mask.shape == (16, 16)

@@ -103,7 +103,7 @@ def command(
 ) -> None:
     from bytemtp.checkpoint import load_model
     from bytemtp.drafting import measure_step_costs
-    from bytemtp.generate import GenerationConfig, generate, prompt_context
+    from bytemtp.generate import GenerationConfig, generate, generation_cache_length, prompt_context
 
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")
@@ -121,7 +121,8 @@ def command(
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):
-        config = dataclasses.replace(config, draft_costs=measure_step_costs(model, model.cfg.n_future))
+        cache_len = generation_cache_length(model.cfg, prompt_bytes, max_bytes)
+        config = dataclasses.replace(config, draft_costs=measure_step_costs(model, model.cfg.n_future, cache_len))
     window = model.cfg.max_seq_len
     kept = len(prompt_context(prompt_bytes, window))
     if kept <= len(prompt_bytes):
