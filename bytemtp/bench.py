@@ -206,7 +206,6 @@ def run_bench(
     if config.adaptive:  # at the prompts' cache length: the compiled step's graphs then serve the generations too
         cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
         costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
-    if costs:
         modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
 
     def run(mode: ModeResult, prompt: bytes, seed: int):
