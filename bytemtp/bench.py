@@ -21,6 +21,7 @@ import torch
 from bytemtp.drafting import measure_step_costs
 from bytemtp.errors import BytemtpError
 from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
+from bytemtp.panel_linear import panels_enabled
 from bytemtp.shards import Dataset
 
 
@@ -36,6 +37,7 @@ class BenchConfig:
     sweep: bool = False  # one row per number of draft heads (1, 3, 7 for n = 8: heads used 2, 4, 8)
     warmup: int = 1
     adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.drafting)
+    panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.panel_linear)
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_bytes", "max_bytes"):
@@ -203,10 +205,6 @@ def run_bench(
     cfg = model.cfg
     modes = [ModeResult(0)] + [ModeResult(d) for d in draft_rows(cfg.n_future, config.sweep)]
     costs = None
-    if config.adaptive:  # at the prompts' cache length: the compiled step's graphs then serve the generations too
-        cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
-        costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
-        modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
 
     def run(mode: ModeResult, prompt: bytes, seed: int):
         gen = generate(
@@ -226,14 +224,19 @@ def run_bench(
         )
         return gen.read(), gen.stats
 
-    for _ in range(config.warmup):
-        for mode in modes:
-            run(mode, prompts[0], config.seed)
-    for i, prompt in enumerate(prompts):
-        for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
-            mode.add(*run(mode, prompt, config.seed + i))
-        if progress is not None:
-            progress.update(1)
+    with panels_enabled(config.panels):
+        if config.adaptive:  # at the prompts' cache length: the compiled step's graphs then serve the generations too
+            cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
+            costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
+            modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
+        for _ in range(config.warmup):
+            for mode in modes:
+                run(mode, prompts[0], config.seed)
+        for i, prompt in enumerate(prompts):
+            for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+                mode.add(*run(mode, prompt, config.seed + i))
+            if progress is not None:
+                progress.update(1)
     info = {
         "n_future": cfg.n_future,
         "head_kind": cfg.head_kind,
@@ -241,11 +244,11 @@ def run_bench(
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
     }
-    device = describe_device(next(model.parameters()).device)
+    device = describe_device(next(model.parameters()).device, config.panels)
     return BenchReport(config, device, info, modes[0], modes[1:], costs)
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device: torch.device, panels: bool) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({torch.get_num_threads()} threads, {'panel' if panels else 'BLAS'} matmuls)"

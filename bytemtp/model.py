@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from bytemtp.config import ModelConfig
 from bytemtp.errors import BytemtpError
+from bytemtp.panel_linear import Linear
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +64,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.wqkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
@@ -83,8 +84,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.ffn == "swiglu"
-        self.w_in = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ffn_dim, bias=False)
-        self.w_out = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.w_in = Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ffn_dim, bias=False)
+        self.w_out = Linear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
@@ -141,12 +142,12 @@ class ByteMTP(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.head_kind == "linear":
             self.heads = nn.ModuleList(
-                nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False) for _ in range(cfg.n_future)
+                Linear(cfg.d_model, cfg.vocab_padded, bias=False) for _ in range(cfg.n_future)
             )
             self.unembed = None
         else:
             self.heads = nn.ModuleList(TransformerHead(cfg) for _ in range(cfg.n_future))
-            self.unembed = nn.Linear(cfg.d_model, cfg.vocab_padded, bias=False)
+            self.unembed = Linear(cfg.d_model, cfg.vocab_padded, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -206,16 +207,20 @@ class ByteMTP(nn.Module):
         """True when every head reads the same features (linear heads): only the unembedding differs."""
         return self.unembed is None
 
+    def unembedding_layer(self, k: int) -> Linear:
+        """Head ``k``'s unembedding (shared by all transformer heads)."""
+        return self.heads[k] if self.unembed is None else self.unembed
+
     def unembedding(self, k: int) -> torch.Tensor:
-        """Head ``k``'s unembedding weight [vocab_padded, d] (shared by all transformer heads)."""
-        return self.heads[k].weight if self.unembed is None else self.unembed.weight
+        """Head ``k``'s unembedding weight [vocab_padded, d]."""
+        return self.unembedding_layer(k).weight
 
     def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z."""
         return self._logits(self.head_features(z, k, pos), k)
 
     def _logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
-        return F.linear(features, self.unembedding(k))[..., : self.cfg.vocab]
+        return self.unembedding_layer(k)(features)[..., : self.cfg.vocab]
 
     def forward(
         self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None

@@ -29,11 +29,13 @@ from bytemtp.cli.options import decode_threads_option, device_option
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed warm-up rounds.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Compile the per-step forward (CUDA graphs on a GPU). Default: on for CUDA, off for CPU.")
+@click.option("--panels/--no-panels", default=True, show_default=True,
+              help="CPU decoding steps multiply on bytemtp's panel kernel (--no-panels: on BLAS, as torch does).")
 @device_option
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive,
-            warmup, compile_, device, as_json) -> None:
+            warmup, compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
     Prompts are drawn (seeded) from the val split of --data. Prints bytes/s of each
@@ -45,7 +47,7 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
     from bytemtp.bench import BenchConfig, compiled_step, run_bench, sample_prompts
     from bytemtp.checkpoint import load_model
 
-    cfg = BenchConfig(prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive)
+    cfg = BenchConfig(prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels)
     model, _ = load_model(ckpt, device)
     step = compiled_step(model, compile_)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)

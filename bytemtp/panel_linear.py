@@ -1,0 +1,81 @@
+"""``Linear``: ``nn.Linear`` whose decoding-sized CPU products run on ``bytemtp_native.panels``.
+
+A CPU decoding step multiplies 1..8 rows by every weight of the model, where BLAS
+makes 8 rows cost about twice one (see ``bytemtp_native.panels``). This layer sends
+such products to the panel kernel, which reads the weights once whatever the number
+of rows and gives every row the same result it would get alone; everything else
+(training, evaluation, prompts, GPUs, compiled graphs, other dtypes) stays on
+``F.linear``. The state dict is ``nn.Linear``'s, so checkpoints do not care.
+
+The packed copy of the weight is made on the first eligible call and again whenever
+the weight changed since (an optimizer step or ``load_state_dict`` bumps the
+tensor's version), so a model can alternate training and sampling. It costs one
+more copy of the weights in memory for a model that decodes on a CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
+
+MAX_ROWS = 16  # beyond this BLAS's general kernel is at home: prompts, batches, training
+
+_enabled = True
+
+
+@contextmanager
+def panels_enabled(enabled: bool) -> Iterator[None]:
+    """Within the block, eligible products use the panel kernel (True) or ``F.linear`` (False)."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (without bias) with the panel kernel for few-row CPU float32 inference."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
+        if bias:
+            raise ValueError("bytemtp.panel_linear.Linear has no bias")
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self._panels = None
+        self._packed_from: tuple[int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eligible(x):
+            return self._panel_forward(x)
+        return F.linear(x, self.weight)
+
+    def _eligible(self, x: torch.Tensor) -> bool:
+        return (
+            _enabled
+            and not torch.compiler.is_compiling()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.numel() <= MAX_ROWS * self.in_features
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        )
+
+    def _panel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = (self.weight.data_ptr(), self.weight._version)
+        if self._packed_from != source:
+            self._panels = pack_panels(self.weight.detach().numpy())
+            self._packed_from = source
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(threads)
+        rows = x.reshape(-1, self.in_features).contiguous()
+        out = torch.empty(rows.shape[0], self._panels.shape[0] * PANEL)
+        panel_matmul(rows.numpy(), self._panels, out.numpy())
+        return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)

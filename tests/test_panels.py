@@ -1,0 +1,96 @@
+"""The panel kernel for few-row CPU products, and the ``Linear`` layer that routes to it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bytemtp.panel_linear import MAX_ROWS, Linear, panels_enabled
+from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
+
+
+def matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    panels = pack_panels(weight)
+    out = np.full((x.shape[0], panels.shape[0] * PANEL), np.nan, dtype=np.float32)
+    panel_matmul(x, panels, out)
+    return out[:, : weight.shape[0]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, MAX_ROWS),
+    n=st.integers(1, 3 * PANEL + 5),
+    k=st.integers(1, 67),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_panel_matmul_matches_a_float64_product(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(matmul(x, w), ref, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(2, MAX_ROWS), seed=st.integers(0, 2**31 - 1))
+def test_a_row_gets_the_same_bits_alone_or_among_others(m, seed):
+    """Why decoding uses it: verifying 8 positions computes what 8 single steps would."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, 203), dtype=np.float32)
+    w = rng.standard_normal((130, 203), dtype=np.float32)
+    together = matmul(x, w)
+    for i in range(m):
+        np.testing.assert_array_equal(together[i], matmul(x[i : i + 1].copy(), w)[0])
+
+
+def test_pack_panels_pads_columns_with_zeros():
+    w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
+    panels = pack_panels(w)
+    assert panels.shape == (1, 5, PANEL)
+    np.testing.assert_array_equal(panels[0, :, :3], w.T)
+    assert not panels[0, :, 3:].any()
+
+
+def test_linear_uses_the_kernel_for_small_inference_products_only():
+    torch.manual_seed(0)
+    layer = Linear(96, 200)
+    small, large = torch.randn(1, 3, 96), torch.randn(2, MAX_ROWS, 96)
+    with torch.inference_mode():
+        y = layer(small)
+        assert layer._panels is not None  # packed on the first eligible call
+        torch.testing.assert_close(y, F.linear(small, layer.weight), rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(large), F.linear(large, layer.weight))
+        with panels_enabled(False):
+            assert torch.equal(layer(small), F.linear(small, layer.weight))
+    # With autograd the product stays on F.linear, so gradients flow to the weight.
+    layer(small).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, small.reshape(3, 96).sum(0).expand(200, -1))
+
+
+def test_linear_repacks_after_the_weight_changes():
+    """A model can alternate training and sampling: an optimizer step must not leave stale panels."""
+    torch.manual_seed(0)
+    layer = Linear(64, 64)
+    x = torch.randn(1, 64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    with torch.inference_mode():
+        before = layer(x)
+    layer(torch.randn(4, 64)).square().sum().backward()
+    opt.step()
+    with torch.inference_mode():
+        after = layer(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    layer.load_state_dict({"weight": torch.zeros(64, 64)})
+    with torch.inference_mode():
+        assert not layer(x).any()
+
+
+def test_linear_state_dict_is_nn_linears():
+    layer = Linear(8, 4)
+    plain = torch.nn.Linear(8, 4, bias=False)
+    plain.load_state_dict(layer.state_dict())
+    assert list(layer.state_dict()) == ["weight"]
