@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numba
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ import torch.nn.functional as F
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
 MAX_ROWS = 16  # beyond this BLAS's general kernel is at home: prompts, batches, training
+# Smaller weights stay in cache, where BLAS's repacking is cheap and the kernel's fixed
+# cost per call (about 10 us more than BLAS's) would dominate.
+MIN_WEIGHT = 512 * 512
 
 _enabled = True
 
@@ -42,7 +46,7 @@ def panels_enabled(enabled: bool) -> Iterator[None]:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (without bias) with the panel kernel for few-row CPU float32 inference."""
+    """``nn.Linear`` (without bias) with the panel kernel for few-row CPU float32 inference on big weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         if bias:
@@ -50,6 +54,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, **kwargs)
         self._panels = None
         self._packed_from: tuple[int, int] | None = None
+        self._big = in_features * out_features >= MIN_WEIGHT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._eligible(x):
@@ -59,12 +64,14 @@ class Linear(nn.Linear):
     def _eligible(self, x: torch.Tensor) -> bool:
         return (
             _enabled
-            and not torch.compiler.is_compiling()
+            and self._big
+            and x.numel() <= MAX_ROWS * self.in_features
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
-            and x.numel() <= MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not torch.compiler.is_compiling()
+            and not self.weight.is_inference()  # no version counter to notice a change by
         )
 
     def _panel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,10 +79,14 @@ class Linear(nn.Linear):
         if self._packed_from != source:
             self._panels = pack_panels(self.weight.detach().numpy())
             self._packed_from = source
-        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(threads)
-        rows = x.reshape(-1, self.in_features).contiguous()
-        out = torch.empty(rows.shape[0], self._panels.shape[0] * PANEL)
-        panel_matmul(rows.numpy(), self._panels, out.numpy())
-        return out[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        threads = torch.get_num_threads()
+        if numba.get_num_threads() != min(threads, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        rows = x.reshape(-1, self.in_features).contiguous().numpy()
+        out = np.empty((rows.shape[0], self._panels.shape[0] * PANEL), dtype=np.float32)
+        panel_matmul(rows, self._panels, out)
+        if torch.get_num_threads() != threads:
+            # Numba's OpenMP layer can share torch's libgomp, and starting it up resizes
+            # that pool: give torch back the thread count it was asked for.
+            torch.set_num_threads(threads)
+        return torch.from_numpy(out[:, : self.out_features]).reshape(*x.shape[:-1], self.out_features)
