@@ -28,7 +28,7 @@ from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
 MAX_ROWS = 16  # beyond this BLAS's general kernel is at home: prompts, batches, training
 # Smaller weights stay in cache, where BLAS's repacking is cheap and the kernel's fixed
-# cost per call (about 10 us more than BLAS's) would dominate.
+# cost per call (a parallel launch and Numba's argument checks) would dominate.
 MIN_WEIGHT = 512 * 512
 
 _enabled = True
@@ -80,8 +80,9 @@ class Linear(nn.Linear):
             self._panels = pack_panels(self.weight.detach().numpy())
             self._packed_from = source
         threads = torch.get_num_threads()
-        if numba.get_num_threads() != min(threads, numba.config.NUMBA_NUM_THREADS):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+        if numba.get_num_threads() != numba_threads:
+            numba.set_num_threads(numba_threads)
         rows = x.reshape(-1, self.in_features).contiguous().numpy()
         out = np.empty((rows.shape[0], self._panels.shape[0] * PANEL), dtype=np.float32)
         panel_matmul(rows, self._panels, out)
