@@ -145,6 +145,15 @@ def test_speculative_greedy_matches_autoregressive_random_weights(head_kind):
         assert_same_greedy(model, prompt, n, draft_heads)
 
 
+def test_speculative_greedy_matches_autoregressive_on_the_panel_kernel():
+    """At d = 512 the CPU decode matmuls run on ``bytemtp_native.panels`` (tiny models stay on BLAS)."""
+    torch.manual_seed(0)
+    model = ByteMTP(ModelConfig(d_model=512, n_layers=1, n_attn_heads=8, n_future=8, max_seq_len=96)).eval()
+    for prompt, draft_heads in itertools.product([b"", b"def main():\n    return"], (3, 7)):
+        assert_same_greedy(model, prompt, 60, draft_heads)
+    assert model.blocks[0].mlp.w_in._panels is not None
+
+
 @pytest.mark.parametrize("head_kind", ["linear", "transformer"])
 def test_speculative_greedy_matches_autoregressive_trained(head_kind):
     model = trained_model() if head_kind == "linear" else trained_transformer_heads()
