@@ -38,11 +38,16 @@ class BenchConfig:
     warmup: int = 1
     adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.drafting)
     panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.panel_linear)
+    tree: int = 0  # add a row verifying a draft tree of this many nodes (bytemtp.tree); greedy only
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_bytes", "max_bytes"):
             if getattr(self, name) < 1:
                 raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.tree < 0:
+            raise BytemtpError(f"--tree: must be at least 0, got {self.tree}")
+        if self.tree and self.temperature != 0:
+            raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
 
 
 def sample_prompts(data_dir: str | Path, n: int, prompt_bytes: int, seed: int, split: str = "val") -> list[bytes]:
@@ -76,6 +81,7 @@ class ModeResult:
 
     draft_heads: int
     adaptive: bool = False
+    tree: int = 0  # nodes of the draft tree verified per step (0: a chain)
     bytes_per_s: list[float] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
     total: GenerationStats = field(init=False)  # counts summed over the runs
@@ -87,7 +93,8 @@ class ModeResult:
     def label(self) -> str:
         if not self.draft_heads:
             return "autoregressive"
-        return f"speculative ({self.draft_heads} drafts{', adaptive' if self.adaptive else ''})"
+        how = ", adaptive" if self.adaptive else f", tree of {self.tree}" if self.tree else ""
+        return f"speculative ({self.draft_heads} drafts{how})"
 
     @property
     def median_bytes_per_s(self) -> float:
@@ -113,7 +120,7 @@ class BenchReport:
     device: str
     model: dict[str, Any]
     ar: ModeResult
-    spec: list[ModeResult]  # the last one uses every draft head (adaptively, when asked)
+    spec: list[ModeResult]  # the last one uses every draft head (adaptively or as a tree, when asked)
     draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
 
     def identical(self, mode: ModeResult) -> bool | None:
@@ -128,6 +135,7 @@ class BenchReport:
         row = lambda m: {  # noqa: E731
             "draft_heads": m.draft_heads,
             "adaptive": m.adaptive,
+            "tree": m.tree,
             "bytes_per_s": m.median_bytes_per_s,
             "speedup": self.speedup(m),
             "bytes_per_forward": m.bytes_per_forward,
@@ -219,6 +227,7 @@ def run_bench(
                 speculative=mode.draft_heads > 0,
                 draft_heads=mode.draft_heads or None,
                 draft_costs=costs if mode.adaptive else None,
+                tree_nodes=mode.tree,
             ),
             step_forward=step_forward,
         )
@@ -229,6 +238,8 @@ def run_bench(
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
             costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
             modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
+        if config.tree:
+            modes.append(ModeResult(cfg.n_future - 1, tree=config.tree))
         for _ in range(config.warmup):
             for mode in modes:
                 run(mode, prompts[0], config.seed)

@@ -36,6 +36,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.sampling import SamplingConfig
 from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
+from bytemtp.tree import TreeVerifier, check_tree_size, tree_mask
 
 # (ids [1, P], input_pos [P], n_heads) -> (head-1 logits [1, P, V], draft features [1, P, F, d]): ByteMTP.decode
 StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -55,6 +56,8 @@ class GenerationConfig:
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
     forward of 1, 2, ... positions (``bytemtp.drafting.measure_step_costs``); given,
     each step verifies only the drafts expected to pay for their cost, otherwise all.
+    ``tree_nodes``: greedy speculative decoding verifies a tree of that many
+    candidate bytes per step instead of one chain (``bytemtp.tree``); 0: the chain.
     ``seed=None`` draws a fresh seed.
     """
 
@@ -68,6 +71,7 @@ class GenerationConfig:
     speculative: bool | None = None
     draft_heads: int | None = None
     draft_costs: tuple[float, ...] | None = None
+    tree_nodes: int = 0
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)
@@ -82,6 +86,11 @@ class GenerationConfig:
             self.draft_costs = tuple(float(c) for c in self.draft_costs)
             if not self.draft_costs or not all(c > 0 for c in self.draft_costs):
                 raise BytemtpError(f"draft_costs: need positive relative costs, got {self.draft_costs}")
+        if self.tree_nodes:
+            if self.temperature != 0:
+                raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
+            if self.draft_costs is not None:
+                raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
         self.sampling  # validates temperature, top-k, top-p
 
     @property
@@ -212,15 +221,17 @@ def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -
     return min(window, -(-need // 64) * 64)
 
 
-def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes: int) -> int:
+def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes: int, tree_nodes: int = 0) -> int:
     """The KV-cache length a generation of ``prompt`` uses.
 
     It has room for the most drafts the model has, whatever a decoder uses, so the
     autoregressive and every speculative decoder of a prompt (and the step-cost
-    measurement, ``measure_step_costs``) share one cache shape, hence one compiled step.
+    measurement, ``measure_step_costs``) share one cache shape, hence one compiled step;
+    a draft tree of more nodes than that needs room for all of them.
     """
     window = model_cfg.max_seq_len
-    return cache_length(len(prompt_context(prompt, window)), max_new_bytes, model_cfg.n_future - 1, window)
+    room = max(model_cfg.n_future - 1, tree_nodes)
+    return cache_length(len(prompt_context(prompt, window)), max_new_bytes, room, window)
 
 
 def prompt_context(prompt: bytes, window: int) -> list[int]:
@@ -257,7 +268,11 @@ class Generation:
         self.stats = GenerationStats(draft_heads=self.n_drafts)
         drafter = (lambda features: model.draft_logits(features, self.n_drafts)) if self.n_drafts else None
         policy = config.draft_policy(self.n_drafts, self.device)
-        if config.sampling.greedy:
+        self.tree_nodes = config.tree_nodes if self.n_drafts else 0
+        if self.tree_nodes:
+            check_tree_size(self.tree_nodes, self.n_drafts)
+            self.verify = TreeVerifier(drafter, self.tree_nodes, self.n_drafts, self.device)
+        elif config.sampling.greedy:
             self.verify = GreedyVerifier(drafter, policy)
         else:
             generator = torch.Generator(device=self.device)
@@ -290,27 +305,37 @@ class Generation:
         window = prompt_context(cfg.prompt, window_len)  # the ids in the KV cache, in order
         stats.prompt_bytes_dropped = max(0, len(cfg.prompt) - len(window))
         stops = StopMatcher(cfg.stop)
-        cache_len = generation_cache_length(self.model.cfg, cfg.prompt, cfg.max_new_bytes)
+        self.cache_len = cache_len = generation_cache_length(self.model.cfg, cfg.prompt, cfg.max_new_bytes, self.tree_nodes)
         self.model.setup_cache(1, cache_len)
         try:
             decision = self._encode(window)
-            feed: list[int] = []  # what the latest forward appended to the window, if it was a step
+            fed: list[int] = []  # the pending byte the latest forward appended, if it was a step
+            judged: list[int] = []  # the chain drafts it verified
+            n_judged = 0  # how deep the verified drafts went (a tree's depth)
             while True:
-                accepted, pending, *drafts = decision.tolist()  # the step's one host sync
-                stats.record_step(max(len(feed) - 1, 0), accepted)
-                out = self._emit(feed[1 : 1 + accepted] + [pending], stops)
+                accepted, pending, *rest = decision.tolist()  # the step's one host sync
+                decided = rest[1 : 1 + accepted] if self.tree_nodes else judged[:accepted]
+                stats.record_step(n_judged, accepted)
+                out = self._emit(decided + [pending], stops)
                 if out:
                     yield out
                 if stats.stop_reason:
                     return
-                window.extend(feed[: accepted + 1])
+                window.extend(fed + decided)
                 if len(window) == cache_len:  # no room for the pending byte: cut the context (a cache this full is the whole window)
                     window = (window + [pending])[-window_keep(cache_len) :]
                     stats.window_cuts += 1
-                    decision, feed = self._encode(window), []
+                    decision, fed, judged, n_judged = self._encode(window), [], [], 0
                     continue
-                feed = [pending, *verified_drafts(drafts)[: cache_len - 1 - len(window)]]
-                decision = self._step(decision[1 : 1 + len(feed)], len(window))
+                room = cache_len - 1 - len(window)
+                fed = [pending]
+                if self.tree_nodes:
+                    n_judged = rest[0] if room >= self.tree_nodes else min(rest[0], room)
+                    decision = self._tree_step(decision[1:2], len(window), room)
+                else:
+                    judged = verified_drafts(rest)[:room]
+                    n_judged = len(judged)
+                    decision = self._step(decision[1 : 2 + len(judged)], len(window))
         finally:
             self.model.clear_cache()
             stats.wall_s = time.perf_counter() - start
@@ -340,6 +365,8 @@ class Generation:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)
         logits, features = self.model.decode(x, pos, self.n_drafts + 1)
+        if self.tree_nodes:
+            return self.verify(logits[0, -1:], features[0, -1:], None)[0]
         return self.verify(logits[0, -1:], features[0, -1:], x.new_empty(0))
 
     @torch.inference_mode()
@@ -348,3 +375,19 @@ class Generation:
         pos = torch.arange(start, start + feed.numel(), device=self.device)
         logits, features = self.step_forward(feed.view(1, -1), pos, self.n_drafts + 1)
         return self.verify(logits[0], features[0], feed[1:])
+
+    @torch.inference_mode()
+    def _tree_step(self, pending: torch.Tensor, start: int, room: int) -> torch.Tensor:
+        """Forward ``[pending, tree nodes]`` (as many nodes as the cache has ``room`` for), verify
+        the tree, and move its accepted path's cache entries down."""
+        tree = self.verify.tree if room >= self.tree_nodes else self.verify.tree.prefix(room)
+        size = tree.size + 1
+        slots = torch.arange(start, start + size, device=self.device)
+        rope = start + torch.cat((tree.depth.new_zeros(1), tree.depth))
+        mask = tree_mask(tree, start, self.cache_len)
+        ids = torch.cat((pending, tree.tokens)).view(1, -1)
+        logits, features = self.step_forward(ids, slots, self.n_drafts + 1, rope, mask)
+        decision, path = self.verify(logits[0], features[0], tree)
+        path = path[: tree.size]  # a tree cut to the room left has fewer depths
+        self.model.move_cache(start + path, slots[1 : 1 + path.numel()])
+        return decision

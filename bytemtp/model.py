@@ -172,16 +172,25 @@ class ByteMTP(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std)
 
     # -- positions -------------------------------------------------------------
-    def pos_context(self, T: int, input_pos: torch.Tensor | None = None) -> PosContext:
+    def pos_context(
+        self,
+        T: int,
+        input_pos: torch.Tensor | None = None,
+        rope_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> PosContext:
+        """Positions of a forward. With a KV cache, ``input_pos`` are the cache slots written;
+        a draft tree (``bytemtp.tree``) also gives each id its RoPE position (its depth,
+        not its slot) and the mask of what it attends to (its ancestors, not every slot before)."""
         if input_pos is None:
             if T > self.cfg.max_seq_len:
                 raise BytemtpError(f"sequence of {T} bytes exceeds max_seq_len={self.cfg.max_seq_len}")
             return PosContext(self.rope_cos[:T], self.rope_sin[:T])
         if self.causal_mask is None:
             raise RuntimeError("forward with input_pos needs setup_cache() first")
-        return PosContext(
-            self.rope_cos[input_pos], self.rope_sin[input_pos], input_pos, self.causal_mask[input_pos]
-        )
+        rope_pos = input_pos if rope_pos is None else rope_pos
+        mask = self.causal_mask[input_pos] if mask is None else mask
+        return PosContext(self.rope_cos[rope_pos], self.rope_sin[rope_pos], input_pos, mask)
 
     # -- pieces ----------------------------------------------------------------
     def trunk(self, ids: torch.Tensor, pos: PosContext | None = None) -> torch.Tensor:
@@ -239,9 +248,17 @@ class ByteMTP(nn.Module):
         return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
 
     # -- decoding --------------------------------------------------------------
-    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        ids: torch.Tensor,
+        input_pos: torch.Tensor,
+        n_heads: int,
+        rope_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One cached decoding forward: head 1's logits [B, P, vocab] at every position,
         and the features the next ``n_heads - 1`` draft heads read, [B, P, F, d].
+        ``rope_pos`` and ``mask``: a draft tree's (see ``pos_context``).
 
         Decoding needs head 1 everywhere (to verify drafts) but the draft heads only at
         the one position verification stops at, which is known only after this forward.
@@ -251,7 +268,7 @@ class ByteMTP(nn.Module):
         ``n_heads - 1`` unembeddings over every position. Transformer heads must run at
         every position anyway (to fill their KV caches), so F = n_heads - 1.
         """
-        pos = self.pos_context(ids.shape[1], input_pos)
+        pos = self.pos_context(ids.shape[1], input_pos, rope_pos, mask)
         z = self.trunk(ids, pos)
         if self.shared_features:
             features = self.head_features(z, 0)
@@ -301,6 +318,13 @@ class ByteMTP(nn.Module):
             self.draft_weight = torch.stack([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
         else:
             self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype).expand(len(drafts), -1, -1)
+
+    def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's cached keys/values from slots ``src`` to slots ``dst`` (both [k]):
+        an accepted draft-tree path moves down to follow the context."""
+        for cache in self._caches:
+            for buf in (cache.k, cache.v):
+                buf.index_copy_(2, dst, buf.index_select(2, src))
 
     def clear_cache(self) -> None:
         """Detach the KV cache: decoding needs ``setup_cache`` again. Its memory is

@@ -80,6 +80,8 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--adaptive", is_flag=True,
               help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
+@click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Verify a tree of this many draft bytes per step instead of a chain (greedy only; 0 = chain).")
 @device_option
 @decode_threads_option
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
@@ -97,6 +99,7 @@ def command(
     speculative: bool | None,
     draft_heads: int | None,
     adaptive: bool,
+    tree: int,
     device,
     stats: bool,
     echo: bool,
@@ -118,6 +121,7 @@ def command(
         stop=stop,
         speculative=speculative,
         draft_heads=draft_heads,
+        tree_nodes=tree,
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):

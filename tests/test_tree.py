@@ -1,0 +1,205 @@
+"""Draft trees: the tree is the best paths, the tree forward equals chain forwards, greedy output is unchanged."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
+from test_generate import random_model, run
+
+from bytemtp import BOS
+from bytemtp.bench import compiled_step
+from bytemtp.errors import BytemtpError
+from bytemtp.generate import GenerationConfig, generate
+from bytemtp.tree import RANKS, DraftTree, RankStats, TreeVerifier, accepted_path, build_tree, tree_mask
+
+
+def paths_of(tree: DraftTree) -> list[tuple[int, ...]]:
+    """Each node's path from the root, as the tuple of its ancestors' tokens and its own."""
+    parent, tokens = tree.parent.tolist(), tree.tokens.tolist()
+    out: list[tuple[int, ...]] = []
+    for i in range(tree.size):
+        p = parent[i]
+        out.append((out[p - 1] if p else ()) + (tokens[i],))
+    return out
+
+
+def path_score(scores: torch.Tensor, path: tuple[int, ...]) -> float:
+    return sum(scores[d, int(d > 0 and path[d - 1] != 0), r].item() for d, r in enumerate(path))
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 4), k=st.integers(1, 4), n=st.integers(1, 20), seed=st.integers(0, 2**16))
+def test_build_tree_keeps_exactly_the_best_paths(m, k, n, seed):
+    scores = -torch.rand(m, 2, k, generator=torch.Generator().manual_seed(seed)) * 3
+    everything = [p for d in range(1, m + 1) for p in itertools.product(range(k), repeat=d)]
+    n = min(n, len(everything))
+    tree = build_tree(scores, n)
+    best = sorted(everything, key=lambda p: -path_score(scores, p))[:n]
+    got = paths_of(tree)
+    assert sorted(got) == sorted(best)
+    assert all(p < i + 1 for i, p in enumerate(tree.parent.tolist()))  # parents come first
+    assert tree.depth.tolist() == [len(p) for p in got]
+    anc = tree.ancestors.tolist()
+    for i, path in enumerate([(), *got]):
+        marked = {j for j in range(tree.size + 1) if anc[i][j]}
+        expected = {0} | {j + 1 for j, q in enumerate(got) if path[: len(q)] == q}
+        assert marked == expected
+
+
+def test_build_tree_keeps_parents_of_sure_children():
+    """A byte of probability 1 scores 0, as much as its parent: the parent must still come first."""
+    scores = torch.tensor([[-0.1, -2.0], [0.0, -9.0], [0.0, -9.0]])[:, None].expand(3, 2, 2)
+    tree = build_tree(scores, 3)
+    assert paths_of(tree) == [(0,), (0, 0), (0, 0, 0)]
+
+
+def small_tree() -> DraftTree:
+    # root -> a(1) -> c(3); root -> b(2) -> d(4) -> e(5)
+    parent = torch.tensor([0, 0, 1, 2, 4])
+    depth = torch.tensor([1, 1, 2, 2, 3])
+    eye = torch.eye(6, dtype=torch.bool)
+    anc = eye
+    for _ in range(3):
+        anc = eye | anc[torch.cat((torch.zeros(1, dtype=torch.long), parent))]
+    return DraftTree(torch.tensor([10, 11, 12, 13, 14]), parent, depth, anc)
+
+
+def test_tree_mask_sees_the_context_and_the_ancestors():
+    tree, start, cache_len = small_tree(), 5, 16
+    mask = tree_mask(tree, start, cache_len)
+    ancestors = {0: {0}, 1: {0, 1}, 2: {0, 2}, 3: {0, 1, 3}, 4: {0, 2, 4}, 5: {0, 2, 4, 5}}
+    for row, anc in ancestors.items():
+        assert set(torch.nonzero(mask[row]).flatten().tolist()) == set(range(start)) | {start + a for a in anc}
+
+
+@pytest.mark.parametrize(
+    "choice, path, length",  # head 1's choice at [root, a, b, c, d, e]
+    [
+        ([11, 0, 13, 0, 14, 0], [2, 4, 5], 3),  # b, d, e all match
+        ([11, 0, 13, 0, 99, 0], [2, 4, 0], 2),  # e rejected
+        ([10, 12, 13, 0, 14, 0], [1, 3, 0], 2),  # a, c; d would match but b was rejected
+        ([99, 12, 13, 0, 14, 0], [0, 0, 0], 0),  # nothing at depth 1
+    ],
+)
+def test_accepted_path_follows_head_one(choice, path, length):
+    got_path, got_len = accepted_path(small_tree(), torch.tensor(choice), 3)
+    assert got_path.tolist() == path and got_len.item() == length
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "transformer"])
+def test_tree_forward_equals_the_chain_forward_of_every_path(head_kind):
+    """Every node's head-1 logits are those of a plain cached forward of its path after the context."""
+    model = random_model(head_kind, n_future=4, max_seq_len=64)
+    context = [BOS, *b"def tree(x):\n"]
+    start = len(context)
+    tree = build_tree(-torch.rand(3, 2, 5, generator=torch.Generator().manual_seed(0)), 12)
+    tree.tokens = torch.randint(0, 256, (tree.size,), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat((torch.tensor([ord("y")]), tree.tokens))
+    with torch.inference_mode():
+        model.setup_cache(1, 64)
+        model.decode(torch.tensor([context]), torch.arange(start), 4)
+        rope = start + torch.cat((torch.zeros(1, dtype=torch.long), tree.depth))
+        logits, feats = model.decode(ids[None], torch.arange(start, start + ids.numel()), 4, rope,
+                                     tree_mask(tree, start, 64))
+        for i, path in enumerate(paths_of(tree)):
+            chain = torch.tensor([[*context, ord("y"), *path]])
+            ref_logits, ref_feats = model.decode(chain, torch.arange(chain.shape[1]), 4)
+            torch.testing.assert_close(logits[0, i + 1], ref_logits[0, -1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(feats[0, i + 1], ref_feats[0, -1], rtol=1e-5, atol=1e-5)
+        model.clear_cache()
+
+
+def assert_tree_greedy(model, prompt: bytes, n: int, nodes: int, draft_heads: int | None = None):
+    ar = run(model, prompt=prompt, max_new_bytes=n, speculative=False)
+    tr = run(model, prompt=prompt, max_new_bytes=n, tree_nodes=nodes, draft_heads=draft_heads)
+    assert tr.output == ar.output, (prompt, nodes, draft_heads)
+    assert tr.stats.stop_reason == ar.stats.stop_reason and tr.stats.window_cuts == ar.stats.window_cuts
+    return ar, tr
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "transformer"])
+def test_tree_greedy_matches_autoregressive_random_weights(head_kind):
+    model = random_model(head_kind, n_future=4, max_seq_len=24)  # small window: cuts, and trees that do not fit
+    for prompt, nodes, heads in itertools.product([b"", bytes(range(200, 230)), b"x" * 23], (1, 5, 17), (1, 3)):
+        if nodes <= RANKS * heads:
+            assert_tree_greedy(model, prompt, 60, nodes, heads)
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "transformer"])
+def test_tree_greedy_matches_autoregressive_trained_and_accepts_more(head_kind):
+    model = trained_model() if head_kind == "linear" else trained_transformer_heads()
+    corpus = stdlib_corpus()
+    prompts = [b"    '", bytes(corpus[3000:3040].tolist()), bytes(corpus[20000:20064].tolist())]
+    chain_forwards = tree_forwards = 0
+    for prompt in prompts:
+        _, tr = assert_tree_greedy(model, prompt, 120, 16)
+        tree_forwards += tr.stats.forwards
+        chain_forwards += run(model, prompt=prompt, max_new_bytes=120, temperature=0).stats.forwards
+    assert tree_forwards < chain_forwards  # 16 nodes cover more than one chain of at most 7
+
+
+def test_rank_stats_count_head_ones_bytes_at_every_depth_reached():
+    """After a step accepting 1 draft, depths 1 and 2 are learnt (the byte at depth 2 being
+    head 1's correction, whether or not the tree held it), depth 3 is not."""
+    drafts = torch.zeros(3, 300)
+    drafts[:, 40:48] = torch.arange(8, 0, -1).float()  # every head ranks bytes 40, 41, ..., 47
+    verifier = TreeVerifier(lambda features: drafts, n_nodes=4, n_drafts=3, device=torch.device("cpu"))
+    features = torch.zeros(1, 1, 8)
+    verifier(torch.zeros(1, 300), features, None)
+    tree = verifier.tree
+    before = verifier.stats.counts.clone()
+    # Head 1 agrees with the first node (byte 40, depth 1), then picks 42 below it.
+    choice = torch.full((tree.size + 1,), 7)
+    choice[0] = tree.tokens[0]
+    first_child_of_root = 1
+    choice[first_child_of_root] = 42
+    logits = torch.nn.functional.one_hot(choice, 300).float()
+    decision, _ = verifier(logits, features.expand(tree.size + 1, 1, 8), tree)
+    assert decision[0].item() >= 1
+    learnt = verifier.stats.counts - before
+    assert learnt[0, 0, 0] == 1 and learnt[1, 0, 2] == 1 and learnt.sum() == 2
+
+
+def test_rank_stats_prior_is_a_distribution_over_ranks():
+    stats = RankStats(3, torch.device("cpu"))
+    rates = stats.log_rates().exp()
+    assert rates.shape == (3, 2, RANKS) and (rates.sum(dim=-1) < 1).all() and (rates[..., 0] > rates[..., 1]).all()
+    stats.observe(torch.tensor([RANKS, 1, 0]), torch.tensor([True, True, False]))
+    prior = RankStats(3, torch.device("cpu")).counts
+    # depth 1 (below the root) missed; depth 2, below a miss, was the runner-up; depth 3 not reached
+    assert (stats.counts - prior).nonzero().tolist() == [[0, 0, RANKS], [1, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        ({"tree_nodes": 4, "temperature": 0.8}, "--tree"),
+        ({"tree_nodes": 4, "draft_costs": (1.0, 1.1)}, "--tree"),
+    ],
+)
+def test_bad_tree_config_names_the_flag(kw, flag):
+    with pytest.raises(BytemtpError, match=flag):
+        GenerationConfig(**kw)
+
+
+def test_tree_larger_than_the_heads_can_fill_is_an_error():
+    with pytest.raises(BytemtpError, match="--tree: 1 draft heads cannot fill a tree of 9 nodes"):
+        run(random_model(n_future=2), max_new_bytes=4, tree_nodes=9)
+
+
+@pytest.mark.slow  # inductor builds C++ kernels for the step shapes
+def test_compiled_tree_step_matches_eager():
+    model = copy.deepcopy(trained_model())
+    step = compiled_step(model, enabled=True)
+    for prompt in (b"    '", bytes(stdlib_corpus()[5000:5040].tolist())):
+        config = GenerationConfig(prompt=prompt, max_new_bytes=64, tree_nodes=12)
+        eager = generate(model, config).read()
+        assert generate(model, config, step_forward=step).read() == eager
+        assert eager == run(model, prompt=prompt, max_new_bytes=64, speculative=False).output
