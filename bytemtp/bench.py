@@ -38,15 +38,16 @@ class BenchConfig:
     warmup: int = 1
     adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.drafting)
     panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.panel_linear)
-    tree: int = 0  # add a row verifying a draft tree of this many nodes (bytemtp.tree); greedy only
+    trees: tuple[int, ...] = ()  # add a row per draft tree size (nodes verified per step, bytemtp.tree); greedy only
 
     def __post_init__(self) -> None:
         for name in ("prompts", "prompt_bytes", "max_bytes"):
             if getattr(self, name) < 1:
                 raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        if self.tree < 0:
-            raise BytemtpError(f"--tree: must be at least 0, got {self.tree}")
-        if self.tree and self.temperature != 0:
+        self.trees = tuple(self.trees)
+        if any(n < 1 for n in self.trees):
+            raise BytemtpError(f"--tree: a draft tree needs at least 1 node, got {min(self.trees)}")
+        if self.trees and self.temperature != 0:
             raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
 
 
@@ -238,8 +239,7 @@ def run_bench(
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
             costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
             modes.append(ModeResult(cfg.n_future - 1, adaptive=True))
-        if config.tree:
-            modes.append(ModeResult(cfg.n_future - 1, tree=config.tree))
+        modes += [ModeResult(cfg.n_future - 1, tree=n) for n in config.trees]
         for _ in range(config.warmup):
             for mode in modes:
                 run(mode, prompts[0], config.seed)

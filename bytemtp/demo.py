@@ -42,6 +42,7 @@ class DemoConfig:
     temperature: float = 0.7  # greedy text from a model this small soon repeats itself
     bench_prompts: int = 6
     bench_bytes: int = 192
+    bench_tree: int = 15  # the bench's last row verifies a draft tree of this many bytes (bytemtp.tree)
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:

@@ -61,6 +61,9 @@ class DraftTree:
 
 
 RANKS = 8  # runner-ups considered per head: a head's 9th choice is right too rarely to pay for a node
+# Steps between rebuilds of the tree's shape from the rank statistics: they move slowly, and
+# a rebuild is ~100 small device ops, a large share of a small model's step on a CPU.
+REBUILD_EVERY = 4
 
 
 def tree_candidates(n_nodes: int, n_drafts: int, n_ranks: int) -> int:
@@ -184,6 +187,8 @@ class TreeVerifier:
         self.n_drafts = n_drafts
         self.max_path = min(n_nodes, n_drafts)
         self.stats = RankStats(n_drafts, device)
+        self.shape: DraftTree | None = None  # the tree of choices (tokens are ranks), rebuilt now and then
+        self.steps = 0
         self.tree: DraftTree | None = None
         self.choices: torch.Tensor | None = None  # [m, RANKS] bytes each head ranked first, second, ...
 
@@ -201,8 +206,11 @@ class TreeVerifier:
             self._learn(choice, path, accepted)
         last = path.gather(0, (accepted - 1).clamp(min=0)) * (accepted > 0)  # [1] position of the last accepted byte
         self.choices = self.drafter(features.index_select(0, last)[0]).topk(RANKS, dim=-1).indices
-        self.tree = build_tree(self.stats.log_rates(), self.n_nodes)
-        self.tree.tokens = self.choices[self.tree.depth - 1, self.tree.tokens]
+        if self.steps % REBUILD_EVERY == 0:
+            self.shape = build_tree(self.stats.log_rates(), self.n_nodes)
+        self.steps += 1
+        shape = self.shape
+        self.tree = DraftTree(self.choices[shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors)
         decision = torch.cat((accepted, choice.index_select(0, last), self.tree.depth.amax().view(1), path_bytes))
         return decision, path
 

@@ -72,6 +72,25 @@ def test_bench_adaptive_row_is_last_and_identical(run, data):
     assert len(costs) == 8 and costs[0] == 1.0 and all(c > 0 for c in costs)
 
 
+def test_bench_tree_rows_come_last_and_are_identical(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "40", "--tree", "4",
+               "--tree", "12", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["draft_heads"], r["tree"]) for r in report["rows"]] == [(0, 0), (7, 0), (7, 4), (7, 12)]
+    assert all(r["identical"] for r in report["rows"][1:])
+    assert report["bytes_per_forward"] == report["rows"][-1]["bytes_per_forward"] > 1.0
+
+
+def test_bench_tree_refuses_sampling(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--tree", "4", "--temperature", "0.5"]
+    )
+    assert result.exit_code != 0 and "--tree: draft trees verify greedy decoding only" in result.output
+
+
 def test_bench_sampling_has_no_identity_claim(run, data):
     result = CliRunner().invoke(
         main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16", "--temperature", "0.8",
@@ -95,6 +114,15 @@ def test_sample_adaptive_greedy_equals_autoregressive(run):
     assert plain.exit_code == adaptive.exit_code == 0, adaptive.output
     assert adaptive.stdout_bytes == plain.stdout_bytes and len(plain.stdout_bytes) == 60
     assert "speculative" in adaptive.stderr
+
+
+def test_sample_tree_greedy_equals_autoregressive(run):
+    args = ["sample", str(run), "--prompt", "    '", "--max-bytes", "60", "--temperature", "0"]
+    plain = CliRunner().invoke(main, [*args, "--no-speculative"])
+    tree = CliRunner().invoke(main, [*args, "--tree", "10", "--stats"])
+    assert plain.exit_code == tree.exit_code == 0, tree.output
+    assert tree.stdout_bytes == plain.stdout_bytes and len(plain.stdout_bytes) == 60
+    assert "speculative: 60 bytes" in tree.stderr
 
 
 def test_prompts_are_seeded_slices_of_val_documents(data, val_docs):
@@ -123,7 +151,7 @@ def test_demo_runs_end_to_end(tmp_path):
         main, ["demo", "--minutes", "0.1", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     )
     assert result.exit_code == 0, result.output
-    assert "self-speculative decoding:" in result.stdout and "outputs identical: True" in result.stdout
+    assert "speculative (7 drafts, tree of 15): " in result.stdout and "outputs identical: True" in result.stdout
 
 
 @pytest.mark.parametrize(

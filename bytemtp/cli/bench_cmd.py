@@ -26,8 +26,9 @@ from bytemtp.cli.options import decode_threads_option, device_option
 @click.option("--sweep", is_flag=True, help="One row per number of draft heads (1, 3, 7 for n = 8).")
 @click.option("--adaptive", is_flag=True,
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
-@click.option("--tree", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Add a row verifying a tree of this many draft bytes per step instead of a chain (greedy only).")
+@click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
+              help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
+                   "(greedy only; repeatable).")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed warm-up rounds.")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Compile the per-step forward (CUDA graphs on a GPU). Default: on for CUDA, off for CPU.")
@@ -36,7 +37,7 @@ from bytemtp.cli.options import decode_threads_option, device_option
 @device_option
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive, tree,
+def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive, trees,
             warmup, compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
@@ -50,7 +51,7 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
     from bytemtp.checkpoint import load_model
 
     cfg = BenchConfig(
-        prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, tree
+        prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees
     )
     model, _ = load_model(ckpt, device)
     step = compiled_step(model, compile_)

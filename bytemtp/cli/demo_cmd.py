@@ -57,13 +57,13 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     click.echo(f"    {gen.stats.summary().splitlines()[0]}", err=True)
 
     click.secho(f"4/4 bench: {cfg.bench_prompts} held-out prompts, autoregressive vs self-speculative", bold=True, err=True)
-    bench = BenchConfig(prompts=cfg.bench_prompts, max_bytes=cfg.bench_bytes, sweep=True)
+    bench = BenchConfig(prompts=cfg.bench_prompts, max_bytes=cfg.bench_bytes, sweep=True, trees=(cfg.bench_tree,))
     prompts = sample_prompts(cfg.data_dir, bench.prompts, bench.prompt_bytes, bench.seed)
     report = run_bench(model, prompts, bench)
     click.echo(report.table())
     main = report.spec[-1]
     click.secho(
-        f"self-speculative decoding: {report.speedup(main):.2f}x the bytes/s of autoregressive decoding "
+        f"{main.label}: {report.speedup(main):.2f}x the bytes/s of autoregressive decoding "
         f"({main.bytes_per_forward:.2f} bytes per forward), outputs identical: {report.identical(main)}",
         bold=True,
     )
