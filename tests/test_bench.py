@@ -151,7 +151,8 @@ def test_demo_runs_end_to_end(tmp_path):
         main, ["demo", "--minutes", "0.1", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
     )
     assert result.exit_code == 0, result.output
-    assert "speculative (7 drafts, tree of 15): " in result.stdout and "outputs identical: True" in result.stdout
+    assert "speculative (7 drafts, tree of 15)" in result.stdout  # a row of the table
+    assert "speculative (7 drafts): " in result.stdout and "outputs identical: True" in result.stdout
 
 
 @pytest.mark.parametrize(
