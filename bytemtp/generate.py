@@ -38,7 +38,8 @@ from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
 from bytemtp.tree import TreeVerifier, check_tree_size, tree_mask
 
-# (ids [1, P], input_pos [P], n_heads) -> (head-1 logits [1, P, V], draft features [1, P, F, d]): ByteMTP.decode
+# (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
+# ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask)
 StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 STOP_REASONS = ("max_bytes", "stop_string", "end_of_document")
@@ -305,7 +306,8 @@ class Generation:
         window = prompt_context(cfg.prompt, window_len)  # the ids in the KV cache, in order
         stats.prompt_bytes_dropped = max(0, len(cfg.prompt) - len(window))
         stops = StopMatcher(cfg.stop)
-        self.cache_len = cache_len = generation_cache_length(self.model.cfg, cfg.prompt, cfg.max_new_bytes, self.tree_nodes)
+        cache_len = generation_cache_length(self.model.cfg, cfg.prompt, cfg.max_new_bytes, self.tree_nodes)
+        self.cache_len = cache_len
         self.model.setup_cache(1, cache_len)
         try:
             decision = self._encode(window)
@@ -330,7 +332,7 @@ class Generation:
                 room = cache_len - 1 - len(window)
                 fed = [pending]
                 if self.tree_nodes:
-                    n_judged = rest[0] if room >= self.tree_nodes else min(rest[0], room)
+                    n_judged = min(rest[0], room)  # the tree's depth, or less when cut to the room
                     decision = self._tree_step(decision[1:2], len(window), room)
                 else:
                     judged = verified_drafts(rest)[:room]
@@ -380,7 +382,7 @@ class Generation:
     def _tree_step(self, pending: torch.Tensor, start: int, room: int) -> torch.Tensor:
         """Forward ``[pending, tree nodes]`` (as many nodes as the cache has ``room`` for), verify
         the tree, and move its accepted path's cache entries down."""
-        tree = self.verify.tree if room >= self.tree_nodes else self.verify.tree.prefix(room)
+        tree = self.verify.tree.prefix(room)
         size = tree.size + 1
         slots = torch.arange(start, start + size, device=self.device)
         rope = start + torch.cat((tree.depth.new_zeros(1), tree.depth))

@@ -140,7 +140,8 @@ def accepted_path(tree: DraftTree, choice: torch.Tensor, max_depth: int) -> tupl
     [max_depth], one per depth, 0 past its end; and its length [1])."""
     matched = torch.cat((choice.new_ones(1, dtype=torch.bool), tree.tokens == choice[tree.parent]))
     accepted = (tree.ancestors <= matched[None, :]).all(dim=-1)[1:]  # [n]: every node of its path matched
-    at_depth = accepted[None, :] & (tree.depth[None, :] == torch.arange(1, max_depth + 1, device=choice.device)[:, None])
+    depths = torch.arange(1, max_depth + 1, device=choice.device)
+    at_depth = accepted[None, :] & (tree.depth[None, :] == depths[:, None])
     path = (at_depth * torch.arange(1, tree.size + 1, device=choice.device)).sum(dim=-1)  # one node per depth
     return path, at_depth.any(dim=-1).sum().view(1)
 
