@@ -23,6 +23,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
 from bytemtp.panel_linear import panels_enabled
 from bytemtp.shards import Dataset
+from bytemtp.tree import check_tree_request
 
 
 @dataclass
@@ -45,10 +46,8 @@ class BenchConfig:
             if getattr(self, name) < 1:
                 raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         self.trees = tuple(self.trees)
-        if any(n < 1 for n in self.trees):
-            raise BytemtpError(f"--tree: a draft tree needs at least 1 node, got {min(self.trees)}")
-        if self.trees and self.temperature != 0:
-            raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
+        for n in self.trees:
+            check_tree_request(n, self.temperature)
 
 
 def sample_prompts(data_dir: str | Path, n: int, prompt_bytes: int, seed: int, split: str = "val") -> list[bytes]:

@@ -36,7 +36,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.sampling import SamplingConfig
 from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
-from bytemtp.tree import TreeVerifier, check_tree_size, tree_mask
+from bytemtp.tree import TreeVerifier, check_tree_request, check_tree_size, tree_mask
 
 # (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
 # ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask)
@@ -88,8 +88,7 @@ class GenerationConfig:
             if not self.draft_costs or not all(c > 0 for c in self.draft_costs):
                 raise BytemtpError(f"draft_costs: need positive relative costs, got {self.draft_costs}")
         if self.tree_nodes:
-            if self.temperature != 0:
-                raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
+            check_tree_request(self.tree_nodes, self.temperature)
             if self.draft_costs is not None:
                 raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
         self.sampling  # validates temperature, top-k, top-p

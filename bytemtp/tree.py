@@ -75,9 +75,16 @@ def tree_candidates(n_nodes: int, n_drafts: int, n_ranks: int) -> int:
     return total
 
 
-def check_tree_size(n_nodes: int, n_drafts: int) -> None:
+def check_tree_request(n_nodes: int, temperature: float) -> None:
+    """A tree of ``n_nodes`` asked for decoding at ``temperature``: checked before anything runs."""
     if n_nodes < 1:
         raise BytemtpError(f"--tree: a draft tree needs at least 1 node, got {n_nodes}")
+    if temperature != 0:
+        raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
+
+
+def check_tree_size(n_nodes: int, n_drafts: int) -> None:
+    """Whether ``n_drafts`` draft heads offer enough candidate paths for ``n_nodes``."""
     if n_nodes > tree_candidates(n_nodes, n_drafts, RANKS):
         raise BytemtpError(f"--tree: {n_drafts} draft heads cannot fill a tree of {n_nodes} nodes")
 
