@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from bytemtp import BOS
@@ -38,7 +39,7 @@ from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
 from bytemtp.tree import TreeVerifier, check_tree_request, check_tree_size, tree_mask
 
-# (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
+# (ids [1, P], input_pos [P], n_heads[, rope_pos, mask], attend=) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
 # ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask)
 StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -263,7 +264,7 @@ class Generation:
         self.model = model
         self.config = config
         self.n_drafts = config.n_drafts(model.cfg.n_future)
-        self.step_forward = step_forward or model.decode
+        self.step_forward = step_forward
         self.device = next(model.parameters()).device
         self.stats = GenerationStats(draft_heads=self.n_drafts)
         drafter = (lambda features: model.draft_logits(features, self.n_drafts)) if self.n_drafts else None
@@ -314,7 +315,8 @@ class Generation:
             judged: list[int] = []  # the chain drafts it verified
             n_judged = 0  # how deep the verified drafts went (a tree's depth)
             while True:
-                accepted, pending, *rest = decision.tolist()  # the step's one host sync
+                # the step's one host sync (a tree's decision is made on the host)
+                accepted, pending, *rest = decision if self.tree_nodes else decision.tolist()
                 decided = rest[1 : 1 + accepted] if self.tree_nodes else judged[:accepted]
                 stats.record_step(n_judged, accepted)
                 out = self._emit(decided + [pending], stops)
@@ -332,7 +334,7 @@ class Generation:
                 fed = [pending]
                 if self.tree_nodes:
                     n_judged = min(rest[0], room)  # the tree's depth, or less when cut to the room
-                    decision = self._tree_step(decision[1:2], len(window), room)
+                    decision = self._tree_step(pending, len(window), room)
                 else:
                     judged = verified_drafts(rest)[:room]
                     n_judged = len(judged)
@@ -360,12 +362,27 @@ class Generation:
             out += stops.flush()
         return bytes(out)
 
+    def _forward(
+        self, ids: torch.Tensor, slots: torch.Tensor, end: int, *tree: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's forward writing cache ``slots`` (all before slot ``end``; a draft tree adds its
+        RoPE positions and mask). Eager, attention reads only the slots in use; a compiled step
+        keeps its fixed shapes."""
+        if self.step_forward is None:
+            return self.model.decode(ids, slots, self.n_drafts + 1, *tree, attend=self._live(end))
+        return self.step_forward(ids, slots, self.n_drafts + 1, *tree)
+
+    def _live(self, end: int) -> int:
+        """Cache slots a forward writing up to slot ``end`` attends to: ``end`` rounded up to 64
+        (few distinct shapes), at most the cache."""
+        return min(self.cache_len, -(-end // 64) * 64)
+
     @torch.inference_mode()
     def _encode(self, ids: list[int]) -> torch.Tensor:
         """Forward a whole context from position 0 and decide from its last position."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)
-        logits, features = self.model.decode(x, pos, self.n_drafts + 1)
+        logits, features = self.model.decode(x, pos, self.n_drafts + 1, attend=self._live(len(ids)))
         if self.tree_nodes:
             return self.verify(logits[0, -1:], features[0, -1:], None)[0]
         return self.verify(logits[0, -1:], features[0, -1:], x.new_empty(0))
@@ -374,21 +391,21 @@ class Generation:
     def _step(self, feed: torch.Tensor, start: int) -> torch.Tensor:
         """Forward ``[pending, drafts...]`` at positions ``start..`` and verify the drafts."""
         pos = torch.arange(start, start + feed.numel(), device=self.device)
-        logits, features = self.step_forward(feed.view(1, -1), pos, self.n_drafts + 1)
+        logits, features = self._forward(feed.view(1, -1), pos, start + feed.numel())
         return self.verify(logits[0], features[0], feed[1:])
 
     @torch.inference_mode()
-    def _tree_step(self, pending: torch.Tensor, start: int, room: int) -> torch.Tensor:
+    def _tree_step(self, pending: int, start: int, room: int) -> list[int]:
         """Forward ``[pending, tree nodes]`` (as many nodes as the cache has ``room`` for), verify
-        the tree, and move its accepted path's cache entries down."""
+        the tree, and move its accepted path's cache entries down (unless already in place)."""
         tree = self.verify.tree.prefix(room)
         size = tree.size + 1
         slots = torch.arange(start, start + size, device=self.device)
-        rope = start + torch.cat((tree.depth.new_zeros(1), tree.depth))
-        mask = tree_mask(tree, start, self.cache_len)
-        ids = torch.cat((pending, tree.tokens)).view(1, -1)
-        logits, features = self.step_forward(ids, slots, self.n_drafts + 1, rope, mask)
+        rope = torch.from_numpy(start + np.concatenate(([0], tree.depth))).to(self.device)
+        mask = tree_mask(tree, start, self._live(start + size) if self.step_forward is None else self.cache_len)
+        ids = torch.tensor([[pending, *tree.tokens.tolist()]], device=self.device)
+        logits, features = self._forward(ids, slots, start + size, rope, torch.from_numpy(mask).to(self.device))
         decision, path = self.verify(logits[0], features[0], tree)
-        path = path[: tree.size]  # a tree cut to the room left has fewer depths
-        self.model.move_cache(start + path, slots[1 : 1 + path.numel()])
+        if path.size and path[-1] != path.size:  # node numbers grow with depth: in place iff they are 1..a
+            self.model.move_cache(torch.from_numpy(start + path).to(self.device), slots[1 : 1 + path.size])
         return decision

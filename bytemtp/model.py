@@ -30,7 +30,7 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves of ``x`` [B, H, T, hd] by the angles of its positions (cos/sin: [T, hd/2])."""
+    """Rotate halves of ``x`` [..., T, hd] by the angles of its positions (cos/sin: [T, hd/2])."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
@@ -46,17 +46,18 @@ class PosContext:
 
 
 class KVCache(nn.Module):
-    """Pre-allocated keys/values of one attention layer: [B, H, max_len, hd]."""
+    """Keys/values of one attention layer, [B, H, max_len, hd] each: views into the model's
+    one cache buffer (``ByteMTP.setup_cache``), so moving entries in every layer is one copy.
+    It is an inference cache: it stores values, never autograd history."""
 
-    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
         super().__init__()
-        shape = (batch, n_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        self.k.index_copy_(2, input_pos, k.detach().to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.detach().to(self.v.dtype))
         return self.k, self.v
 
 
@@ -70,11 +71,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
         B, T, D = x.shape
-        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, pos.cos, pos.sin), apply_rope(k, pos.cos, pos.sin)
+        qkv = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        (q, k), v = apply_rope(qkv[:2], pos.cos, pos.sin), qkv[2]  # q and k rotated in one go: half the small ops
         if pos.input_pos is not None:
             k, v = self.kv_cache.update(pos.input_pos, k, v)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=pos.mask)
+            live = pos.mask.shape[-1]  # the mask may cover only the cache's first slots (``attend``)
+            k, v = k[:, :, :live].to(q.dtype), v[:, :, :live].to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
@@ -155,6 +158,7 @@ class ByteMTP(nn.Module):
         self.register_buffer("draft_weight", None, persistent=False)
         # The KV cache kept between generations (see ``setup_cache``); not submodules.
         self._caches: list[KVCache] = []
+        self._kv: torch.Tensor | None = None  # the buffer they view
         self._mask: torch.Tensor | None = None
         self._cache_key: tuple | None = None
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
@@ -178,10 +182,12 @@ class ByteMTP(nn.Module):
         input_pos: torch.Tensor | None = None,
         rope_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        attend: int | None = None,
     ) -> PosContext:
         """Positions of a forward. With a KV cache, ``input_pos`` are the cache slots written;
         a draft tree (``bytemtp.tree``) also gives each id its RoPE position (its depth,
-        not its slot) and the mask of what it attends to (its ancestors, not every slot before)."""
+        not its slot) and the mask of what it attends to (its ancestors, not every slot before).
+        ``attend``: attention reads only the cache's first ``attend`` slots (see ``decode``)."""
         if input_pos is None:
             if T > self.cfg.max_seq_len:
                 raise BytemtpError(f"sequence of {T} bytes exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -190,6 +196,8 @@ class ByteMTP(nn.Module):
             raise RuntimeError("forward with input_pos needs setup_cache() first")
         rope_pos = input_pos if rope_pos is None else rope_pos
         mask = self.causal_mask[input_pos] if mask is None else mask
+        if attend is not None:
+            mask = mask[:, :attend]
         return PosContext(self.rope_cos[rope_pos], self.rope_sin[rope_pos], input_pos, mask)
 
     # -- pieces ----------------------------------------------------------------
@@ -255,10 +263,14 @@ class ByteMTP(nn.Module):
         n_heads: int,
         rope_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        attend: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One cached decoding forward: head 1's logits [B, P, vocab] at every position,
         and the features the next ``n_heads - 1`` draft heads read, [B, P, F, d].
-        ``rope_pos`` and ``mask``: a draft tree's (see ``pos_context``).
+        ``rope_pos`` and ``mask``: a draft tree's (see ``pos_context``). ``attend``: no
+        position attends past the cache's first ``attend`` slots, so attention reads only
+        those. Eager decoding passes it (attention then costs what the context holds, not
+        the whole cache); a compiled step does not, as every value would be a new graph.
 
         Decoding needs head 1 everywhere (to verify drafts) but the draft heads only at
         the one position verification stops at, which is known only after this forward.
@@ -268,7 +280,7 @@ class ByteMTP(nn.Module):
         ``n_heads - 1`` unembeddings over every position. Transformer heads must run at
         every position anyway (to fill their KV caches), so F = n_heads - 1.
         """
-        pos = self.pos_context(ids.shape[1], input_pos, rope_pos, mask)
+        pos = self.pos_context(ids.shape[1], input_pos, rope_pos, mask, attend)
         z = self.trunk(ids, pos)
         if self.shared_features:
             features = self.head_features(z, 0)
@@ -278,9 +290,17 @@ class ByteMTP(nn.Module):
         return self.head_logits(z, 0, pos), feats
 
     def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
-        """Logits [n_drafts, vocab] of heads 2..n_drafts+1 from one position's ``decode`` features [F, d]."""
-        weight = self.draft_weight[:n_drafts]  # [n_drafts, vocab, d]
-        return torch.bmm(weight, features.expand(n_drafts, -1).unsqueeze(-1)).squeeze(-1)
+        """Logits [.., n_drafts, vocab] of heads 2..n_drafts+1 from ``decode`` features [.., F, d]
+        (one position's, or several).
+
+        One matrix product either way: linear heads stack their unembeddings (one feature
+        row against n_drafts * vocab columns), transformer heads share one (F rows).
+        """
+        if self.shared_features:
+            vocab = self.cfg.vocab
+            logits = F.linear(features, self.draft_weight[: n_drafts * vocab])
+            return logits.view(*features.shape[:-2], n_drafts, vocab)
+        return F.linear(features[..., :n_drafts, :], self.draft_weight)
 
     # -- inference cache -------------------------------------------------------
     def attention_layers(self) -> list[Attention]:
@@ -303,7 +323,11 @@ class ByteMTP(nn.Module):
         layers = self.attention_layers()
         key = (batch_size, max_len, dtype, device)
         if self._cache_key != key:
-            self._caches = [KVCache(batch_size, a.n_heads, max_len, a.head_dim, dtype, device) for a in layers]
+            # Every layer's keys and values in one buffer [layers, 2, B, H, max_len, hd]
+            # (all attention layers have the same shape), so ``move_cache`` is one copy.
+            a = layers[0]
+            self._kv = torch.zeros(len(layers), 2, batch_size, a.n_heads, max_len, a.head_dim, dtype=dtype, device=device)
+            self._caches = [KVCache(self._kv[i, 0], self._kv[i, 1]) for i in range(len(layers))]
             self._mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
             self._cache_key = key
         for attn, cache in zip(layers, self._caches):
@@ -314,17 +338,15 @@ class ByteMTP(nn.Module):
         drafts = range(1, self.cfg.n_future)
         if not drafts:
             self.draft_weight = None
-        elif self.shared_features:
-            self.draft_weight = torch.stack([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
-        else:
-            self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype).expand(len(drafts), -1, -1)
+        elif self.shared_features:  # [n_drafts * vocab, d]
+            self.draft_weight = torch.cat([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
+        else:  # [vocab, d]
+            self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
 
     def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's cached keys/values from slots ``src`` to slots ``dst`` (both [k]):
         an accepted draft-tree path moves down to follow the context."""
-        for cache in self._caches:
-            for buf in (cache.k, cache.v):
-                buf.index_copy_(2, dst, buf.index_select(2, src))
+        self._kv.index_copy_(4, dst, self._kv.index_select(4, src))
 
     def clear_cache(self) -> None:
         """Detach the KV cache: decoding needs ``setup_cache`` again. Its memory is

@@ -23,6 +23,10 @@ distinct bytes), the accepted one. Its keys and values then move down to slots
 ``start + 1 ..`` so the cache again holds the context in order, and the output
 is exactly greedy decoding's, whatever the tree was.
 
+The bookkeeping (verification, statistics, the beam) runs on the host in
+``bytemtp_native.tree``: a step hands it head 1's choices and the draft heads'
+rankings in one transfer and gets back plain arrays.
+
 Sampling keeps the chain (``bytemtp.speculative.SamplingVerifier``): verifying a
 tree of samples without changing head 1's distribution needs a multi-draft
 acceptance rule that this module does not implement.
@@ -32,28 +36,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bytemtp.errors import BytemtpError
+from bytemtp_native.tree import accept, ancestors, best_paths, observe_ranks
 
 
 @dataclass
 class DraftTree:
     """``n`` draft nodes in topological order (a parent before its children); index 0 is the root.
 
-    ``tokens``/``parent``/``depth`` are [n] (``parent`` indexes ``[root, nodes]``,
+    Host arrays: ``tokens``/``parent``/``depth`` are [n] (``parent`` indexes ``[root, nodes]``,
     depth counts from 1 below the root); ``ancestors`` is [n+1, n+1] bool, row i
     marking i and every node above it.
     """
 
-    tokens: torch.Tensor
-    parent: torch.Tensor
-    depth: torch.Tensor
-    ancestors: torch.Tensor
+    tokens: np.ndarray
+    parent: np.ndarray
+    depth: np.ndarray
+    ancestors: np.ndarray
 
     @property
     def size(self) -> int:
-        return self.tokens.numel()
+        return self.tokens.size
 
     def prefix(self, n: int) -> "DraftTree":
         """Its first ``n`` nodes: a tree too (parents come first), for when the cache has room for no more."""
@@ -61,8 +67,7 @@ class DraftTree:
 
 
 RANKS = 8  # runner-ups considered per head: a head's 9th choice is right too rarely to pay for a node
-# Steps between rebuilds of the tree's shape from the rank statistics: they move slowly, and
-# a rebuild is ~100 small device ops, a large share of a small model's step on a CPU.
+# Steps between rebuilds of the tree's shape from the rank statistics: they move slowly.
 REBUILD_EVERY = 4
 
 
@@ -89,68 +94,32 @@ def check_tree_size(n_nodes: int, n_drafts: int) -> None:
         raise BytemtpError(f"--tree: {n_drafts} draft heads cannot fill a tree of {n_nodes} nodes")
 
 
-def build_tree(log_scores: torch.Tensor, n_nodes: int) -> DraftTree:
+def build_tree(log_scores: np.ndarray, n_nodes: int) -> DraftTree:
     """The ``n_nodes`` best paths of choices under log-scores [m, 2, K] (all <= 0): choice r at
     depth d scores ``log_scores[d, 0, r]`` below a first choice (or the root), else
     ``log_scores[d, 1, r]``; a path scores the sum over its depths. ``tokens`` are the
     choices, indices into K (the caller maps them to bytes).
 
-    Shapes depend on ``n_nodes``, m and K only, never on the values, so a compiled
-    or CUDA-graphed step sees the same tree shape every time.
+    Its size depends on ``n_nodes``, m and K only, never on the values, so a compiled
+    step sees the same forward shape every time.
     """
-    m, _, k = log_scores.shape
-    device = log_scores.device
-    scores, parents, tokens, depths = [], [], [], []
-    beam = log_scores.new_zeros(1)  # scores of the previous depth's kept paths (the root alone at first)
-    below = torch.zeros(1, dtype=torch.long, device=device)  # 0: their last choice was a first choice
-    # Paths are numbered root = 0, then depth by depth: ``first`` numbers this depth's
-    # first path, ``prev_first`` the previous depth's.
-    prev_first, first = 0, 1
-    for d in range(m):
-        paths = (beam[:, None] + log_scores[d, below]).flatten()
-        beam, idx = paths.topk(min(n_nodes, paths.numel()))
-        below = (idx % k != 0).long()
-        scores.append(beam)
-        parents.append(prev_first + idx // k)
-        tokens.append(idx % k)
-        depths.append(torch.full_like(idx, d + 1))
-        prev_first, first = first, first + idx.numel()
-    score = torch.cat(scores)
-    # A child ties its parent only when its own score is 0 (a sure thing); the depth
-    # term then ranks the parent first, so the kept set is always closed under parents.
-    depth = torch.cat(depths)
-    keep = (score - 1e-6 * depth).topk(n_nodes).indices.sort().values  # paths are ordered by depth: topological
-    remap = torch.full((score.numel() + 1,), -1, dtype=torch.long, device=device)
-    remap[0] = 0
-    remap[keep + 1] = torch.arange(1, n_nodes + 1, device=device)
-    parent = remap[torch.cat(parents)[keep]]
-    full_parent = torch.cat((parent.new_zeros(1), parent))
-    eye = torch.eye(n_nodes + 1, dtype=torch.bool, device=device)
-    ancestors = eye
-    for _ in range(m):
-        ancestors = eye | ancestors[full_parent]
-    return DraftTree(torch.cat(tokens)[keep], parent, depth[keep], ancestors)
+    parent, choice, depth = best_paths(np.asarray(log_scores, dtype=np.float64), n_nodes)
+    return DraftTree(choice, parent, depth, ancestors(parent))
 
 
-def tree_mask(tree: DraftTree, start: int, cache_len: int) -> torch.Tensor:
+def tree_mask(tree: DraftTree, start: int, cache_len: int) -> np.ndarray:
     """Attention mask [n+1, cache_len] of a forward feeding ``[pending, nodes]`` at slots ``start ..``:
     the context before ``start``, then each position's own ancestors."""
-    size = tree.size + 1
-    cols = torch.arange(cache_len, device=tree.tokens.device)
-    rel = cols - start
-    in_tree = (rel >= 0) & (rel < size)
-    return (cols < start)[None, :] | (tree.ancestors[:, rel.clamp(0, size - 1)] & in_tree[None, :])
+    mask = np.zeros((tree.size + 1, cache_len), dtype=np.bool_)
+    mask[:, :start] = True
+    mask[:, start : start + tree.size + 1] = tree.ancestors
+    return mask
 
 
-def accepted_path(tree: DraftTree, choice: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+def accepted_path(tree: DraftTree, choice: np.ndarray, max_depth: int) -> tuple[np.ndarray, int]:
     """Head 1's choices [n+1] at ``[pending, nodes]`` -> (the accepted path's node indices
-    [max_depth], one per depth, 0 past its end; and its length [1])."""
-    matched = torch.cat((choice.new_ones(1, dtype=torch.bool), tree.tokens == choice[tree.parent]))
-    accepted = (tree.ancestors <= matched[None, :]).all(dim=-1)[1:]  # [n]: every node of its path matched
-    depths = torch.arange(1, max_depth + 1, device=choice.device)
-    at_depth = accepted[None, :] & (tree.depth[None, :] == depths[:, None])
-    path = (at_depth * torch.arange(1, tree.size + 1, device=choice.device)).sum(dim=-1)  # one node per depth
-    return path, at_depth.any(dim=-1).sum().view(1)
+    [max_depth], one per depth, 0 past its end; and its length)."""
+    return accept(tree.parent, tree.tokens, tree.depth, choice, max_depth)
 
 
 class RankStats:
@@ -161,32 +130,36 @@ class RankStats:
 
     Starts from a few pseudo-counts that trust every depth's top choice alike, so the
     first trees of a generation reach deep and the statistics learn what the heads
-    are worth. All on the device.
+    are worth.
     """
 
     PRIOR = (4.0, 0.5, 0.25) + (0.1,) * (RANKS - 3) + (0.5,)  # ranks 0..RANKS-1, then "not among them"
 
-    def __init__(self, n_drafts: int, device: torch.device):
-        self.counts = torch.tensor(self.PRIOR, device=device).repeat(n_drafts, 2, 1)
+    def __init__(self, n_drafts: int):
+        self.counts = np.tile(np.array(self.PRIOR), (n_drafts, 2, 1))
 
-    def log_rates(self) -> torch.Tensor:
+    def log_rates(self) -> np.ndarray:
         """[m, 2, RANKS] log of each rank's share at each depth, below a first choice or not."""
-        return (self.counts[..., :RANKS] / self.counts.sum(dim=-1, keepdim=True)).log()
+        return np.log(self.counts[..., :RANKS] / self.counts.sum(axis=-1, keepdims=True))
 
-    def observe(self, ranks: torch.Tensor, reached: torch.Tensor) -> None:
-        """``ranks`` [m] of head 1's bytes, depth by depth (``RANKS``: not among the choices);
-        ``reached`` [m] bool."""
-        below = torch.cat((ranks.new_zeros(1), (ranks[:-1] != 0).long()))
-        self.counts[torch.arange(ranks.numel(), device=ranks.device), below, ranks] += reached.to(self.counts.dtype)
+    def observe(self, ranked: np.ndarray, choice: np.ndarray, path: np.ndarray, length: int) -> None:
+        """Learn from a verification that accepted ``path[:length]``: ``ranked`` [m, RANKS] are
+        the bytes each draft head ranked first, second, ..; ``choice`` head 1's bytes at
+        ``[root, nodes]``."""
+        observe_ranks(self.counts, ranked, choice, path, length)
 
 
 class TreeVerifier:
     """Greedy verification of the latest draft tree, then a new tree from the draft heads
-    at the accepted byte, all on the device.
+    at the accepted byte.
 
     Returns ``decision`` = ``[a, next_byte, depth of the new tree, path bytes ...]``
-    (the one host transfer of the step; the first ``a`` path bytes are accepted) and the
-    accepted path's node indices (for ``ByteMTP.move_cache``). The new tree is ``self.tree``.
+    (the first ``a`` path bytes are accepted) and the accepted path's node indices (for
+    ``ByteMTP.move_cache``). The new tree is ``self.tree``.
+
+    On a CPU the draft heads run at the accepted position only, once it is known. On
+    an accelerator they run at every position in the same launch as head 1's choices,
+    so the step still waits on the device once.
     """
 
     def __init__(self, drafter, n_nodes: int, n_drafts: int, device: torch.device):
@@ -194,40 +167,35 @@ class TreeVerifier:
         self.n_nodes = n_nodes
         self.n_drafts = n_drafts
         self.max_path = min(n_nodes, n_drafts)
-        self.stats = RankStats(n_drafts, device)
+        self.draft_everywhere = device.type != "cpu"
+        self.stats = RankStats(n_drafts)
         self.shape: DraftTree | None = None  # the tree of choices (tokens are ranks), rebuilt now and then
         self.steps = 0
         self.tree: DraftTree | None = None
-        self.choices: torch.Tensor | None = None  # [m, RANKS] bytes each head ranked first, second, ...
+        self.ranked: np.ndarray | None = None  # [m, RANKS] bytes each head ranked first, second, ...
 
-    def __call__(
-        self, logits: torch.Tensor, features: torch.Tensor, tree: DraftTree | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        choice = logits.argmax(dim=-1)  # [P]
-        if tree is None or tree.size == 0:
-            path = choice.new_zeros(self.max_path)
-            accepted = choice.new_zeros(1)
-            path_bytes = path
+    def _ranked(self, features: torch.Tensor) -> torch.Tensor:
+        """Each draft head's top ``RANKS`` bytes from ``decode`` features [.., F, d] -> [.., m, RANKS]."""
+        return self.drafter(features).topk(RANKS, dim=-1).indices
+
+    def __call__(self, logits: torch.Tensor, features: torch.Tensor, tree: DraftTree | None) -> tuple[list[int], np.ndarray]:
+        n_pos = logits.shape[0]
+        if self.draft_everywhere:
+            host = torch.cat((logits.argmax(dim=-1), self._ranked(features).flatten())).cpu().numpy()
+            choice, ranked = host[:n_pos], host[n_pos:].reshape(n_pos, self.n_drafts, RANKS)
         else:
-            path, accepted = accepted_path(tree, choice, self.max_path)
-            path_bytes = tree.tokens[(path - 1).clamp(min=0)]
-            self._learn(choice, path, accepted)
-        last = path.gather(0, (accepted - 1).clamp(min=0)) * (accepted > 0)  # [1] position of the last accepted byte
-        self.choices = self.drafter(features.index_select(0, last)[0]).topk(RANKS, dim=-1).indices
+            choice = logits.argmax(dim=-1).numpy()
+        if tree is None or tree.size == 0:
+            path, length = np.zeros(self.max_path, np.int64), 0
+        else:
+            path, length = accepted_path(tree, choice, self.max_path)
+            self.stats.observe(self.ranked, choice, path, length)
+        last = path[length - 1] if length else 0
+        self.ranked = ranked[last] if self.draft_everywhere else self._ranked(features[last]).numpy()
         if self.steps % REBUILD_EVERY == 0:
             self.shape = build_tree(self.stats.log_rates(), self.n_nodes)
         self.steps += 1
         shape = self.shape
-        self.tree = DraftTree(self.choices[shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors)
-        decision = torch.cat((accepted, choice.index_select(0, last), self.tree.depth.amax().view(1), path_bytes))
-        return decision, path
-
-    def _learn(self, choice: torch.Tensor, path: torch.Tensor, accepted: torch.Tensor) -> None:
-        """Head 1's byte at each depth verification reached, ranked by the head that drafted it."""
-        m = self.n_drafts
-        at = torch.cat((path.new_zeros(1), path, path.new_zeros(max(0, m - 1 - path.numel()))))[:m]
-        truth = choice[at]  # [m]: head 1's byte below the accepted node of depth d-1
-        hit = self.choices == truth[:, None]  # [m, RANKS]
-        ranks = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), RANKS)
-        reached = torch.arange(m, device=choice.device) <= accepted
-        self.stats.observe(ranks, reached)
+        self.tree = DraftTree(self.ranked[shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors)
+        path_bytes = tree.tokens[path[:length] - 1].tolist() if length else []
+        return [length, int(choice[last]), int(shape.depth.max()), *path_bytes], path[:length]
