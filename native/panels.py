@@ -1,4 +1,4 @@
-"""Matrix products with few rows, for decoding steps on a CPU: ``x [M, K] @ W.T`` with M of 1..16.
+"""Matrix products with few rows, for decoding steps on a CPU: ``x [M, K] @ W.T`` with M of 1..32.
 
 A decoding step multiplies a handful of rows (one position, or the few a speculative
 step verifies) by every weight matrix of the model. BLAS libraries serve one row
