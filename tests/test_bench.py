@@ -153,6 +153,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "speculative (7 drafts, tree of 15)" in result.stdout  # a row of the table
     assert "speculative (7 drafts): " in result.stdout and "outputs identical: True" in result.stdout
+    assert "speculative (7 drafts, tree of 15): " in result.stdout  # the second headline
 
 
 @pytest.mark.parametrize(
