@@ -39,8 +39,9 @@ from bytemtp.speculative import GreedyVerifier, SamplingVerifier
 from bytemtp.stops import StopMatcher
 from bytemtp.tree import TreeVerifier, check_tree_request, check_tree_size, tree_mask
 
-# (ids [1, P], input_pos [P], n_heads[, rope_pos, mask], attend=) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
-# ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask)
+# (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
+# ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask; eager steps also
+# pass ``attend``, a compiled one never does)
 StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 STOP_REASONS = ("max_bytes", "stop_string", "end_of_document")
@@ -325,7 +326,8 @@ class Generation:
                 if stats.stop_reason:
                     return
                 window.extend(fed + decided)
-                if len(window) == cache_len:  # no room for the pending byte: cut the context (a cache this full is the whole window)
+                # No room for the pending byte: cut the context (a cache this full is the whole window).
+                if len(window) == cache_len:
                     window = (window + [pending])[-window_keep(cache_len) :]
                     stats.window_cuts += 1
                     decision, fed, judged, n_judged = self._encode(window), [], [], 0

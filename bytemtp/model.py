@@ -326,7 +326,8 @@ class ByteMTP(nn.Module):
             # Every layer's keys and values in one buffer [layers, 2, B, H, max_len, hd]
             # (all attention layers have the same shape), so ``move_cache`` is one copy.
             a = layers[0]
-            self._kv = torch.zeros(len(layers), 2, batch_size, a.n_heads, max_len, a.head_dim, dtype=dtype, device=device)
+            shape = (len(layers), 2, batch_size, a.n_heads, max_len, a.head_dim)
+            self._kv = torch.zeros(shape, dtype=dtype, device=device)
             self._caches = [KVCache(self._kv[i, 0], self._kv[i, 1]) for i in range(len(layers))]
             self._mask = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
             self._cache_key = key

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
-MAX_ROWS = 32  # up to here the panels beat BLAS on a 2-core CPU (about 1.35x at 32 rows); beyond, BLAS: prompts, batches, training
+# Up to here the panels beat BLAS on a 2-core CPU (about 1.35x at 32 rows); beyond it, BLAS's
+# general kernel is at home: prompts, batches, training.
+MAX_ROWS = 32
 # Smaller weights stay in cache, where BLAS's repacking is cheap and the kernel's fixed
 # cost per call (a parallel launch and Numba's argument checks) would dominate.
 MIN_WEIGHT = 512 * 512

@@ -178,7 +178,9 @@ class TreeVerifier:
         """Each draft head's top ``RANKS`` bytes from ``decode`` features [.., F, d] -> [.., m, RANKS]."""
         return self.drafter(features).topk(RANKS, dim=-1).indices
 
-    def __call__(self, logits: torch.Tensor, features: torch.Tensor, tree: DraftTree | None) -> tuple[list[int], np.ndarray]:
+    def __call__(
+        self, logits: torch.Tensor, features: torch.Tensor, tree: DraftTree | None
+    ) -> tuple[list[int], np.ndarray]:
         n_pos = logits.shape[0]
         if self.draft_everywhere:
             host = torch.cat((logits.argmax(dim=-1), self._ranked(features).flatten())).cpu().numpy()
