@@ -96,10 +96,13 @@ def accept(parent: np.ndarray, tokens: np.ndarray, depth: np.ndarray, choice: np
 
 
 @njit(cache=True)
-def observe_ranks(counts: np.ndarray, ranked: np.ndarray, choice: np.ndarray, path: np.ndarray, length: int) -> None:
+def observe_ranks(
+    counts: np.ndarray, ranked: np.ndarray, choice: np.ndarray, path: np.ndarray, length: int, decay: float
+) -> None:
     """Count, at each depth d the verification reached (d <= ``length``), which of head d+1's
     ``ranked`` bytes [m, R] head 1 chose there (R: none of them) into ``counts`` [m, 2, R+1],
-    apart for when the byte above was its head's first choice (or d = 0) and when not."""
+    apart for when the byte above was its head's first choice (or d = 0) and when not.
+    Each row counted is first scaled by ``decay``: a moving average over its observations."""
     m, n_ranks = ranked.shape
     below = 0
     for d in range(min(m, length + 1)):
@@ -109,5 +112,6 @@ def observe_ranks(counts: np.ndarray, ranked: np.ndarray, choice: np.ndarray, pa
             if ranked[d, r] == truth:
                 rank = r
                 break
+        counts[d, below] *= decay
         counts[d, below, rank] += 1
         below = 1 if rank else 0
