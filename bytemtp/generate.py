@@ -210,6 +210,11 @@ def window_keep(window: int) -> int:
     return max(1, window // 2)
 
 
+def round_slots(n: int) -> int:
+    """``n`` cache slots rounded up to a multiple of 64: few distinct shapes to compile or tune for."""
+    return -(-n // 64) * 64
+
+
 def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -> int:
     """KV-cache positions a generation can use: at most ``window``, and no more than
     the context, every new byte and one step's drafts need, rounded up to 64.
@@ -220,7 +225,7 @@ def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -
     the shapes of most generations equal (one compiled graph).
     """
     need = context + max_new_bytes + n_drafts + 1
-    return min(window, -(-need // 64) * 64)
+    return min(window, round_slots(need))
 
 
 def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes: int, tree_nodes: int = 0) -> int:
@@ -371,20 +376,23 @@ class Generation:
         RoPE positions and mask). Eager, attention reads only the slots in use; a compiled step
         keeps its fixed shapes."""
         if self.step_forward is None:
-            return self.model.decode(ids, slots, self.n_drafts + 1, *tree, attend=self._live(end))
+            return self.model.decode(ids, slots, self.n_drafts + 1, *tree, attend=self._attended(end))
         return self.step_forward(ids, slots, self.n_drafts + 1, *tree)
 
-    def _live(self, end: int) -> int:
-        """Cache slots a forward writing up to slot ``end`` attends to: ``end`` rounded up to 64
-        (few distinct shapes), at most the cache."""
-        return min(self.cache_len, -(-end // 64) * 64)
+    def _attended(self, end: int) -> int:
+        """Cache slots a step writing up to slot ``end`` attends to: eager, ``end`` rounded up
+        (``round_slots``); compiled, the whole cache (one shape)."""
+        if self.step_forward is not None:
+            return self.cache_len
+        return min(self.cache_len, round_slots(end))
 
     @torch.inference_mode()
     def _encode(self, ids: list[int]) -> torch.Tensor:
         """Forward a whole context from position 0 and decide from its last position."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)
-        logits, features = self.model.decode(x, pos, self.n_drafts + 1, attend=self._live(len(ids)))
+        attend = min(self.cache_len, round_slots(len(ids)))  # always eager: trimmed even when steps are compiled
+        logits, features = self.model.decode(x, pos, self.n_drafts + 1, attend=attend)
         if self.tree_nodes:
             return self.verify(logits[0, -1:], features[0, -1:], None)[0]
         return self.verify(logits[0, -1:], features[0, -1:], x.new_empty(0))
@@ -404,7 +412,7 @@ class Generation:
         size = tree.size + 1
         slots = torch.arange(start, start + size, device=self.device)
         rope = torch.from_numpy(start + np.concatenate(([0], tree.depth))).to(self.device)
-        mask = tree_mask(tree, start, self._live(start + size) if self.step_forward is None else self.cache_len)
+        mask = tree_mask(tree, start, self._attended(start + size))
         ids = torch.tensor([[pending, *tree.tokens.tolist()]], device=self.device)
         logits, features = self._forward(ids, slots, start + size, rope, torch.from_numpy(mask).to(self.device))
         decision, path = self.verify(logits[0], features[0], tree)
