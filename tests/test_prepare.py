@@ -447,14 +447,14 @@ def _interrupt_midway(tmp_path: Path, out: Path, sig: int, *extra: str) -> subpr
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
         time.sleep(0.05)
     proc.send_signal(sig)
-    proc.communicate(timeout=30)
+    proc.stderr_text = proc.communicate(timeout=30)[1].decode(errors="replace")
     return proc
 
 
 def test_ctrl_c_leaves_nothing_behind(tmp_path):
     out = tmp_path / "ds"
     proc = _interrupt_midway(tmp_path, out, signal.SIGINT)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, proc.stderr_text
     assert leftovers(tmp_path, "ds") == []
 
 
