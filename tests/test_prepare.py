@@ -433,12 +433,17 @@ def test_overwrite_replaces_a_dataset(tmp_path, small_dataset):
 
 
 def _interrupt_midway(tmp_path: Path, out: Path, sig: int, *extra: str) -> subprocess.Popen:
-    """Start ``prepare -`` on an open pipe, wait until it has written a shard, then send ``sig``."""
+    """Start ``prepare -`` on an open pipe, wait until it has written a shard, then send ``sig``.
+
+    The child gets SIGINT's default disposition: a test run started in the background by a
+    shell without job control inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt (the child would read on to the end of its input and succeed)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bytemtp", "prepare", "-", "--out", str(out), "--shard-bytes", "64KiB", *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     proc.stdin.write(mixed_bytes(1 << 20, 11))
     proc.stdin.flush()
