@@ -64,11 +64,13 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     keep: int | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    distill: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` of ``run_dir``, point ``latest`` at it, keep the newest ``keep``.
 
     ``weights`` replaces ``model.state_dict()`` where the model's own parameters are
-    shards (FSDP2) and the full weights were gathered elsewhere.
+    shards (FSDP2) and the full weights were gathered elsewhere. ``distill``: how the draft
+    heads were refitted (``bytemtp.distill``), recorded in config.json.
     """
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step:07d}"
@@ -79,6 +81,8 @@ def save_checkpoint(
         with atomic_dir(final, replace=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
             meta = {"bytemtp_version": __version__, "step": step, "model": model.cfg.to_dict(), "train": train_config}
+            if distill is not None:
+                meta["distill"] = distill
             (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
             if train_state is not None:
                 torch.save(train_state, tmp / TRAIN_STATE)

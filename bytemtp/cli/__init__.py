@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "Train a model with multi-byte prediction.",
     "eval": "Bits per byte of every head on the validation split.",
     "sample": "Generate bytes (self-speculative by default).",
+    "distill": "Fit the draft heads to head 1's greedy continuations.",
     "bench": "Autoregressive vs self-speculative decoding, side by side.",
     "demo": "Prepare, train, sample and bench on the built-in corpus.",
 }

@@ -1,0 +1,184 @@
+"""Draft-head self-distillation: fit heads 2..n to head 1's own greedy continuations.
+
+Self-speculative decoding keeps a draft only when it is the byte head 1 would choose
+there. Heads trained on the corpus learn what the *text* does next, and greedy
+decoding follows what *head 1* does: the two part ways exactly where speculation
+runs, in head 1's own continuations. An undertrained model's greedy text falls into
+runs (``self.________``, ``the the the``) that real text soon leaves, so heads that
+learnt the text bet on the run ending, and lose on every step it does not.
+
+Distillation generates greedy continuations of training prompts and fits each draft
+head k to head 1's choice k - 1 positions later along them. Only the draft heads'
+own parameters train: the trunk, the shared final norm and head 1 (and, for
+transformer heads, the shared unembedding) stay frozen, so head 1's every output,
+and therefore everything decoding outputs, is unchanged bit for bit; drafts are
+simply right more often. The trunk being frozen, its output is computed once per
+sequence and the fit runs on those features alone (for linear heads, a logistic
+regression: minutes on a CPU). The price is the draft heads' fit to the corpus
+(their validation bits per byte rise): they now predict the model, not the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bytemtp import BOS
+from bytemtp.bench import sample_prompts
+from bytemtp.errors import BytemtpError
+from bytemtp.generate import round_slots
+from bytemtp.model import ByteMTP
+
+
+@dataclass
+class DistillConfig:
+    """What to generate and how to fit. ``batch_size`` sequences are generated and encoded
+    together, ``fit_rows`` make one optimizer step; ``holdout`` sequences are kept out of
+    the fit to measure the heads' agreement with head 1 before and after."""
+
+    prompts: int = 1024
+    prompt_bytes: int = 64
+    new_bytes: int = 192
+    batch_size: int = 64
+    epochs: int = 3
+    lr: float = 1e-3
+    holdout: int = 64
+    seed: int = 0
+    fit_rows: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "prompt_bytes", "new_bytes", "batch_size", "epochs", "fit_rows"):
+            if getattr(self, name) < 1:
+                raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise BytemtpError(f"--lr: must be in (0, 1), got {self.lr}")
+        if not 0 <= self.holdout < self.prompts:
+            raise BytemtpError(f"--holdout: must be in [0, --prompts), got {self.holdout}")
+
+
+@torch.inference_mode()
+def greedy_continuations(
+    model: ByteMTP, prompts: list[bytes], new_bytes: int, batch_size: int, progress: bool = False
+) -> torch.Tensor:
+    """``BOS + prompt`` and its ``new_bytes`` greedy bytes under head 1, [N, 1 + P + new_bytes]:
+    batches of equally long prompts share one KV cache and one forward per byte."""
+    device = model.embed.weight.device
+    lengths = {len(p) for p in prompts}
+    if len(lengths) != 1:
+        raise BytemtpError(f"greedy_continuations: prompts must have one length, got {sorted(lengths)}")
+    total = 1 + lengths.pop() + new_bytes
+    if total > model.cfg.max_seq_len:
+        raise BytemtpError(f"--prompt-bytes + --new-bytes: {total - 1} exceeds max_seq_len={model.cfg.max_seq_len}")
+    out = []
+    bar = tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress)
+    for i in range(0, len(prompts), batch_size):
+        ids = torch.tensor([[BOS, *p] for p in prompts[i : i + batch_size]], device=device)
+        model.setup_cache(ids.shape[0], round_slots(total))
+        try:
+            logits, _ = model.decode(ids, torch.arange(ids.shape[1], device=device), 1)
+            columns = [ids]
+            for t in range(ids.shape[1], total):
+                columns.append(logits[:, -1].argmax(-1, keepdim=True))
+                logits, _ = model.decode(columns[-1], torch.tensor([t], device=device), 1)
+                bar.update(ids.shape[0])
+        finally:
+            model.clear_cache()
+        out.append(torch.cat(columns, dim=1))
+    bar.close()
+    return torch.cat(out)
+
+
+@torch.no_grad()  # not inference_mode: the fit's autograd must be able to save these
+def trunk_and_choices(model: ByteMTP, seqs: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen part, computed once: trunk output [N, T, d] and head 1's choice at every position [N, T]."""
+    z, choice = [], []
+    for i in range(0, len(seqs), batch_size):
+        zi = model.trunk(seqs[i : i + batch_size])
+        z.append(zi)
+        choice.append(model.head_logits(zi, 0).argmax(-1))
+    return torch.cat(z), torch.cat(choice)
+
+
+def draft_parameters(model: ByteMTP) -> list[torch.nn.Parameter]:
+    """The parameters only draft heads use: heads 2..n (a transformer head's blocks; a linear head's unembedding)."""
+    return [p for head in model.heads[1:] for p in head.parameters()]
+
+
+def draft_loss(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Mean over draft heads k of the cross-entropy of head k+1 at t against head 1's choice at
+    t + k (which is the byte head 1 puts at t + k + 1, the one head k+1 drafts)."""
+    T = z.shape[1]
+    losses = []
+    for k in range(1, model.cfg.n_future):
+        logits = model.head_logits(z[:, : T - k], k)
+        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), choice[:, k:].flatten()))
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def agreement(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, batch_size: int) -> list[float]:
+    """Per draft head, how often its top byte is head 1's choice it drafts for (see ``draft_loss``)."""
+    T = z.shape[1]
+    hits = torch.zeros(model.cfg.n_future - 1)
+    for i in range(0, len(z), batch_size):
+        zi, ci = z[i : i + batch_size], choice[i : i + batch_size]
+        for k in range(1, model.cfg.n_future):
+            top = model.head_logits(zi[:, : T - k], k).argmax(-1)
+            hits[k - 1] += (top == ci[:, k:]).sum().item()
+    return [h / (len(z) * (T - k)) for k, h in enumerate(hits.tolist(), start=1)]
+
+
+def fit_draft_heads(
+    model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, cfg: DistillConfig, progress: bool = False
+) -> None:
+    """Adam on ``draft_loss`` over the cached trunk outputs, draft heads' parameters only."""
+    params = draft_parameters(model)
+    frozen = [p for p in model.parameters() if all(p is not q for q in params)]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows = cfg.fit_rows
+    steps = cfg.epochs * -(-len(z) // rows)
+    try:
+        with tqdm(total=steps, desc="fit draft heads", disable=not progress) as bar:
+            for _ in range(cfg.epochs):
+                order = torch.randperm(len(z), generator=gen)
+                for i in range(0, len(z), rows):
+                    batch = order[i : i + rows]
+                    loss = draft_loss(model, z[batch], choice[batch])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    bar.update()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def distill(model: ByteMTP, prompts: list[bytes], cfg: DistillConfig, progress: bool = False) -> dict:
+    """Distil ``model``'s draft heads in place on greedy continuations of ``prompts``.
+
+    Returns the draft heads' agreement with head 1 on the held-out continuations, before
+    and after, and how many bytes the fit saw.
+    """
+    if model.cfg.n_future < 2:
+        raise BytemtpError("distill: the model has no draft heads (n_future=1)")
+    model.eval()
+    seqs = greedy_continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)
+    z, choice = trunk_and_choices(model, seqs, cfg.batch_size)
+    fit, held = slice(cfg.holdout, None), slice(0, cfg.holdout)
+    before = agreement(model, z[held], choice[held], cfg.batch_size) if cfg.holdout else []
+    fit_draft_heads(model, z[fit], choice[fit], cfg, progress)
+    after = agreement(model, z[held], choice[held], cfg.batch_size) if cfg.holdout else []
+    return {"agreement_before": before, "agreement_after": after, "fit_bytes": int(choice[fit].numel())}
+
+
+def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> list[bytes]:
+    """``cfg.prompts`` seeded prompts from the train split (never the val split the bench draws from)."""
+    return sample_prompts(data_dir, cfg.prompts, cfg.prompt_bytes, cfg.seed, "train")

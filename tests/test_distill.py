@@ -1,0 +1,128 @@
+"""Draft-head self-distillation: only the draft heads change, they agree with head 1 more
+often, and decoding outputs stay what they were."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import write_dataset
+from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
+
+from bytemtp.checkpoint import load_model, save_checkpoint
+from bytemtp.cli import main
+from bytemtp.config import ModelConfig
+from bytemtp.distill import DistillConfig, distill, draft_loss, greedy_continuations, trunk_and_choices
+from bytemtp.errors import BytemtpError
+from bytemtp.generate import GenerationConfig, generate
+from bytemtp.model import ByteMTP
+
+
+def corpus_prompts(n: int, length: int, seed: int = 0) -> list[bytes]:
+    corpus = stdlib_corpus()
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(1, len(corpus) - length, (n,), generator=gen).tolist()
+    return [bytes(corpus[s : s + length].tolist()) for s in starts]
+
+
+def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
+    copy_ = copy.deepcopy(model)
+    cfg = DistillConfig(**{"prompts": 48, "prompt_bytes": 24, "new_bytes": 64, "batch_size": 16, "epochs": 4,
+                           "lr": 3e-3, "holdout": 8, "fit_rows": 8, **kw})
+    return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg)
+
+
+@pytest.fixture(scope="module", params=["linear", "transformer"])
+def pair(request) -> tuple[ByteMTP, ByteMTP, dict]:
+    model = trained_model() if request.param == "linear" else trained_transformer_heads()
+    return (model, *distilled(model))
+
+
+def test_only_draft_heads_change(pair):
+    before, after, _ = pair
+    drafts = {name for name, _ in after.named_parameters() if name.startswith("heads.") and not name.startswith("heads.0.")}
+    assert drafts
+    for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters()):
+        if name in drafts:
+            continue
+        assert torch.equal(p, q), name  # trunk, final norm, head 1 (and a shared unembedding): bit for bit
+    assert any(not torch.equal(p, q) for (n, p), (_, q) in zip(before.named_parameters(), after.named_parameters())
+               if n in drafts)
+    assert all(p.requires_grad for p in after.parameters())  # the fit's freezing is undone
+
+
+def test_held_out_agreement_with_head_one_rises(pair):
+    _, _, result = pair
+    before, after = result["agreement_before"], result["agreement_after"]
+    assert len(before) == len(after) == len(pair[0].heads) - 1
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)
+
+
+def test_decoding_output_is_unchanged_and_speculation_stays_exact(pair):
+    before, after, _ = pair
+    for prompt in [b"", *corpus_prompts(2, 30, seed=5)]:
+        outputs = []
+        for model, speculative in ((before, False), (after, False), (after, True)):
+            g = generate(model, GenerationConfig(prompt=prompt, max_new_bytes=80, speculative=speculative))
+            outputs.append(g.read())
+        assert outputs[0] == outputs[1] == outputs[2], prompt
+
+
+def test_greedy_continuations_are_autoregressive_decoding():
+    model = trained_model()
+    prompts = corpus_prompts(5, 20, seed=3)
+    seqs = greedy_continuations(model, prompts, 40, batch_size=2)
+    assert seqs.shape == (5, 1 + 20 + 40)
+    for prompt, seq in zip(prompts, seqs.tolist()):
+        assert bytes(seq[1:21]) == prompt
+        g = generate(model, GenerationConfig(prompt=prompt, max_new_bytes=40, speculative=False))
+        out = g.read()
+        assert bytes(seq[21 : 21 + len(out)]) == out  # up to a generated BOS, where decoding stops
+
+
+def test_draft_loss_matches_a_per_position_reference():
+    model = trained_model()
+    seqs = greedy_continuations(model, corpus_prompts(2, 10), 14, batch_size=2)
+    z, choice = trunk_and_choices(model, seqs, batch_size=2)
+    T, terms = z.shape[1], []
+    for k in range(1, model.cfg.n_future):
+        logits = model.head_logits(z, k)
+        ce = [F.cross_entropy(logits[b, t], choice[b, t + k]) for b in range(2) for t in range(T - k)]
+        terms.append(torch.stack(ce).mean())
+    torch.testing.assert_close(draft_loss(model, z, choice), torch.stack(terms).mean())
+
+
+def test_distill_rejects_bad_settings():
+    with pytest.raises(BytemtpError, match="--lr"):
+        DistillConfig(lr=0)
+    with pytest.raises(BytemtpError, match="--holdout"):
+        DistillConfig(prompts=4, holdout=4)
+    with pytest.raises(BytemtpError, match="n_future=1"):
+        distilled(ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=1, max_seq_len=64)))
+    with pytest.raises(BytemtpError, match="exceeds max_seq_len"):
+        distilled(trained_model(), prompt_bytes=100, new_bytes=100)
+
+
+def test_cli_writes_a_distilled_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    save_checkpoint(run, 200, trained_model())
+    data = write_dataset(tmp_path / "data", {"train": [corpus_prompts(8, 200)], "val": [[b"x" * 64]]})
+    result = CliRunner().invoke(main, [
+        "distill", str(run), "--data", str(data), "--out", str(tmp_path / "out"), "--prompts", "12",
+        "--prompt-bytes", "16", "--new-bytes", "24", "--batch-size", "6", "--epochs", "1", "--holdout", "4",
+        "--json", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fit_bytes"] == 8 * (1 + 16 + 24) and len(report["agreement_after"]) == 7
+    model, meta = load_model(tmp_path / "out")
+    assert meta["step"] == 200 and meta["distill"]["prompts"] == 12 and meta["distill"]["from"] == str(run)
+    assert torch.equal(model.heads[0].weight, trained_model().heads[0].weight)
+    bad = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(tmp_path / "o2"),
+                                    "--lr", "2"])
+    assert bad.exit_code == 1 and "--lr: must be in (0, 1)" in bad.output
