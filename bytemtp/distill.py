@@ -14,8 +14,11 @@ transformer heads, the shared unembedding) stay frozen, so head 1's every output
 and therefore everything decoding outputs, is unchanged bit for bit; drafts are
 simply right more often. The trunk being frozen, its output is computed once per
 sequence and the fit runs on those features alone (for linear heads, a logistic
-regression: minutes on a CPU). The price is the draft heads' fit to the corpus
-(their validation bits per byte rise): they now predict the model, not the text.
+regression: minutes on a CPU). Windows of real text are fitted alongside, with head
+1's choices on them as targets too: fitted on the continuations alone, the heads learn
+the runs and lose some of their agreement with head 1 on ordinary text. The price is
+the draft heads' fit to the corpus (their validation bits per byte rise): they now
+predict the model, not the text.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from bytemtp.model import ByteMTP
 
 @dataclass
 class DistillConfig:
-    """What to generate and how to fit. ``batch_size`` sequences are generated and encoded
-    together, ``fit_rows`` make one optimizer step; ``holdout`` sequences are kept out of
-    the fit to measure the heads' agreement with head 1 before and after."""
+    """What to generate and how to fit. ``text`` windows of real text are fitted alongside the
+    ``prompts`` continuations (see ``distill``). ``batch_size`` sequences are generated and
+    encoded together, ``fit_rows`` make one optimizer step; ``holdout`` continuations (and
+    as many text windows) are kept out of the fit to measure the heads' agreement with head 1
+    before and after."""
 
     prompts: int = 1024
+    text: int = 1024
     prompt_bytes: int = 64
     new_bytes: int = 192
     batch_size: int = 64
@@ -56,8 +62,10 @@ class DistillConfig:
                 raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise BytemtpError(f"--lr: must be in (0, 1), got {self.lr}")
-        if not 0 <= self.holdout < self.prompts:
-            raise BytemtpError(f"--holdout: must be in [0, --prompts), got {self.holdout}")
+        if self.text < 0:
+            raise BytemtpError(f"--text: must be >= 0, got {self.text}")
+        if not 0 <= self.holdout < min(self.prompts, self.text or self.prompts):
+            raise BytemtpError(f"--holdout: must be at least 0 and below --prompts and --text, got {self.holdout}")
 
 
 @torch.inference_mode()
@@ -161,24 +169,40 @@ def fit_draft_heads(
             p.requires_grad_(True)
 
 
-def distill(model: ByteMTP, prompts: list[bytes], cfg: DistillConfig, progress: bool = False) -> dict:
-    """Distil ``model``'s draft heads in place on greedy continuations of ``prompts``.
+def distill(
+    model: ByteMTP, prompts: list[bytes], cfg: DistillConfig, text: list[bytes] = (), progress: bool = False
+) -> dict:
+    """Distil ``model``'s draft heads in place on greedy continuations of ``prompts``, and on
+    ``text``: windows of real text as long as a prompt and its continuation. There head 1's
+    choices follow the corpus's contexts; fitting them too keeps the heads' agreement on
+    real text from dropping while they learn the greedy runs.
 
-    Returns the draft heads' agreement with head 1 on the held-out continuations, before
-    and after, and how many bytes the fit saw.
+    Returns the draft heads' agreement with head 1 before and after, on the held-out
+    continuations (``"greedy"``) and text windows (``"text"``), and how many bytes the fit saw.
     """
     if model.cfg.n_future < 2:
         raise BytemtpError("distill: the model has no draft heads (n_future=1)")
     model.eval()
-    seqs = greedy_continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)
-    z, choice = trunk_and_choices(model, seqs, cfg.batch_size)
-    fit, held = slice(cfg.holdout, None), slice(0, cfg.holdout)
-    before = agreement(model, z[held], choice[held], cfg.batch_size) if cfg.holdout else []
-    fit_draft_heads(model, z[fit], choice[fit], cfg, progress)
-    after = agreement(model, z[held], choice[held], cfg.batch_size) if cfg.holdout else []
-    return {"agreement_before": before, "agreement_after": after, "fit_bytes": int(choice[fit].numel())}
+    parts = {"greedy": greedy_continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)}
+    if text:
+        parts["text"] = torch.tensor([[BOS, *window] for window in text], device=model.embed.weight.device)
+    held, fit_z, fit_choice = {}, [], []
+    for name, seqs in parts.items():
+        z, choice = trunk_and_choices(model, seqs, cfg.batch_size)
+        held[name] = (z[: cfg.holdout], choice[: cfg.holdout])
+        fit_z.append(z[cfg.holdout :])
+        fit_choice.append(choice[cfg.holdout :])
+    def measure() -> dict[str, list[float]]:
+        return {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()} if cfg.holdout else {}
+
+    before = measure()
+    fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
+    return {"agreement_before": before, "agreement_after": measure(), "fit_bytes": sum(c.numel() for c in fit_choice)}
 
 
-def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> list[bytes]:
-    """``cfg.prompts`` seeded prompts from the train split (never the val split the bench draws from)."""
-    return sample_prompts(data_dir, cfg.prompts, cfg.prompt_bytes, cfg.seed, "train")
+def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> tuple[list[bytes], list[bytes]]:
+    """``cfg.prompts`` seeded prompts and ``cfg.text`` text windows (``prompt_bytes + new_bytes``
+    long) from the train split, never the val split the bench draws its prompts from."""
+    prompts = sample_prompts(data_dir, cfg.prompts, cfg.prompt_bytes, cfg.seed, "train")
+    text = sample_prompts(data_dir, cfg.text, cfg.prompt_bytes + cfg.new_bytes, cfg.seed + 1, "train") if cfg.text else []
+    return prompts, text

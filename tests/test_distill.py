@@ -31,9 +31,10 @@ def corpus_prompts(n: int, length: int, seed: int = 0) -> list[bytes]:
 
 def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
     copy_ = copy.deepcopy(model)
-    cfg = DistillConfig(**{"prompts": 48, "prompt_bytes": 24, "new_bytes": 64, "batch_size": 16, "epochs": 4,
-                           "lr": 3e-3, "holdout": 8, "fit_rows": 8, **kw})
-    return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg)
+    cfg = DistillConfig(**{"prompts": 48, "text": 24, "prompt_bytes": 24, "new_bytes": 64, "batch_size": 16,
+                           "epochs": 4, "lr": 3e-3, "holdout": 8, "fit_rows": 8, **kw})
+    text = corpus_prompts(cfg.text, cfg.prompt_bytes + cfg.new_bytes, seed=9)
+    return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg, text)
 
 
 @pytest.fixture(scope="module", params=["linear", "transformer"])
@@ -57,7 +58,8 @@ def test_only_draft_heads_change(pair):
 
 def test_held_out_agreement_with_head_one_rises(pair):
     _, _, result = pair
-    before, after = result["agreement_before"], result["agreement_after"]
+    assert set(result["agreement_before"]) == set(result["agreement_after"]) == {"greedy", "text"}
+    before, after = result["agreement_before"]["greedy"], result["agreement_after"]["greedy"]
     assert len(before) == len(after) == len(pair[0].heads) - 1
     assert all(a > b for a, b in zip(after, before)), (before, after)
     assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)
@@ -102,6 +104,8 @@ def test_distill_rejects_bad_settings():
         DistillConfig(lr=0)
     with pytest.raises(BytemtpError, match="--holdout"):
         DistillConfig(prompts=4, holdout=4)
+    with pytest.raises(BytemtpError, match="--holdout"):
+        DistillConfig(text=2, holdout=2)
     with pytest.raises(BytemtpError, match="n_future=1"):
         distilled(ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=1, max_seq_len=64)))
     with pytest.raises(BytemtpError, match="exceeds max_seq_len"):
@@ -114,15 +118,21 @@ def test_cli_writes_a_distilled_checkpoint(tmp_path):
     data = write_dataset(tmp_path / "data", {"train": [corpus_prompts(8, 200)], "val": [[b"x" * 64]]})
     result = CliRunner().invoke(main, [
         "distill", str(run), "--data", str(data), "--out", str(tmp_path / "out"), "--prompts", "12",
-        "--prompt-bytes", "16", "--new-bytes", "24", "--batch-size", "6", "--epochs", "1", "--holdout", "4",
+        "--text", "6", "--prompt-bytes", "16", "--new-bytes", "24", "--batch-size", "6", "--epochs", "1",
+        "--holdout", "4",
         "--json", "--no-progress",
     ])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["fit_bytes"] == 8 * (1 + 16 + 24) and len(report["agreement_after"]) == 7
+    assert report["fit_bytes"] == (8 + 2) * (1 + 16 + 24)  # held-out continuations and windows aside
+    assert [len(a) for a in report["agreement_after"].values()] == [7, 7]
     model, meta = load_model(tmp_path / "out")
     assert meta["step"] == 200 and meta["distill"]["prompts"] == 12 and meta["distill"]["from"] == str(run)
     assert torch.equal(model.heads[0].weight, trained_model().heads[0].weight)
     bad = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(tmp_path / "o2"),
                                     "--lr", "2"])
     assert bad.exit_code == 1 and "--lr: must be in (0, 1)" in bad.output
+    before = (run / "checkpoints" / "step-0000200" / "model.safetensors").read_bytes()
+    onto_itself = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(run)])
+    assert onto_itself.exit_code == 1 and "already holds checkpoints" in onto_itself.output
+    assert (run / "checkpoints" / "step-0000200" / "model.safetensors").read_bytes() == before

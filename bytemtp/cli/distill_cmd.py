@@ -18,6 +18,9 @@ from bytemtp.cli.options import device_option
               help="Run directory for the distilled checkpoint (same step as CKPT).")
 @click.option("--prompts", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Greedy continuations to fit on.")
+@click.option("--text", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="Train-split text windows (--prompt-bytes + --new-bytes long) fitted alongside the "
+                   "continuations, so the heads keep agreeing with head 1 on ordinary text (0: none).")
 @click.option("--prompt-bytes", default=64, show_default=True, type=click.IntRange(min=1), help="Bytes per prompt.")
 @click.option("--new-bytes", default=192, show_default=True, type=click.IntRange(min=1),
               help="Greedy bytes generated per prompt.")
@@ -26,34 +29,40 @@ from bytemtp.cli.options import device_option
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1), help="Passes of the fit.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the fit.")
 @click.option("--holdout", default=64, show_default=True, type=click.IntRange(min=0),
-              help="Continuations kept out of the fit to report the draft heads' agreement with head 1.")
+              help="Continuations (and text windows) kept out of the fit to report the draft heads' "
+                   "agreement with head 1.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the prompts and the fit's order.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's).")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bars.")
-def command(ckpt, data_dir, out_dir, prompts, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed, threads,
+def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed, threads,
             device, as_json, progress) -> None:
     """Fit the draft heads (2..n) of CKPT to head 1's own greedy continuations of --data's
     train prompts, trunk and head 1 frozen: decoding outputs stay identical, drafts are
     accepted more often. Writes a new checkpoint under --out."""
     import torch
 
-    from bytemtp.checkpoint import load_model, save_checkpoint
+    from bytemtp.checkpoint import list_checkpoints, load_model, save_checkpoint
     from bytemtp.distill import DistillConfig, distill, training_prompts
+    from bytemtp.errors import BytemtpError
+
+    if list_checkpoints(out_dir):  # never overwrite a checkpoint, least of all the one being distilled
+        raise BytemtpError(f"--out: {out_dir} already holds checkpoints; give a new run directory")
 
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = DistillConfig(prompts, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed)
+    cfg = DistillConfig(prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed)
     model, meta = load_model(ckpt, device)
-    result = distill(model, training_prompts(data_dir, cfg), cfg, progress=progress and not as_json)
+    prompt_list, windows = training_prompts(data_dir, cfg)
+    result = distill(model, prompt_list, cfg, windows, progress=progress and not as_json)
     info = {"from": str(ckpt), **vars(cfg), **result}
     path = save_checkpoint(out_dir, meta.get("step") or 0, model, train_config=meta.get("train"), distill=info)
     if as_json:
         click.echo(json.dumps({"checkpoint": str(path), **result}))
         return
-    click.echo(f"{path}: draft heads fitted on {result['fit_bytes']:,} greedy bytes")
-    if holdout:
-        fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
-        click.echo(f"agreement with head 1 (heads 2..{model.cfg.n_future}, held out): "
-                   f"{fmt(result['agreement_before'])} -> {fmt(result['agreement_after'])}")
+    click.echo(f"{path}: draft heads fitted on {result['fit_bytes']:,} bytes")
+    for part, before in result["agreement_before"].items():
+        after = result["agreement_after"][part]
+        click.echo(f"agreement with head 1, heads 2..{model.cfg.n_future}, held-out {part}: "
+                   f"{' '.join(f'{x:.2f}' for x in before)} -> {' '.join(f'{x:.2f}' for x in after)}")
