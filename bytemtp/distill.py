@@ -192,6 +192,7 @@ def distill(
         held[name] = (z[: cfg.holdout], choice[: cfg.holdout])
         fit_z.append(z[cfg.holdout :])
         fit_choice.append(choice[cfg.holdout :])
+
     def measure() -> dict[str, list[float]]:
         return {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()} if cfg.holdout else {}
 
@@ -204,5 +205,6 @@ def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> tuple[list[byt
     """``cfg.prompts`` seeded prompts and ``cfg.text`` text windows (``prompt_bytes + new_bytes``
     long) from the train split, never the val split the bench draws its prompts from."""
     prompts = sample_prompts(data_dir, cfg.prompts, cfg.prompt_bytes, cfg.seed, "train")
-    text = sample_prompts(data_dir, cfg.text, cfg.prompt_bytes + cfg.new_bytes, cfg.seed + 1, "train") if cfg.text else []
-    return prompts, text
+    if not cfg.text:
+        return prompts, []
+    return prompts, sample_prompts(data_dir, cfg.text, cfg.prompt_bytes + cfg.new_bytes, cfg.seed + 1, "train")

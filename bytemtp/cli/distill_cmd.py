@@ -36,8 +36,8 @@ from bytemtp.cli.options import device_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bars.")
-def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed, threads,
-            device, as_json, progress) -> None:
+def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed,
+            threads, device, as_json, progress) -> None:
     """Fit the draft heads (2..n) of CKPT to head 1's own greedy continuations of --data's
     train prompts, trunk and head 1 frozen: decoding outputs stay identical, drafts are
     accepted more often. Writes a new checkpoint under --out."""
