@@ -23,6 +23,7 @@ predict the model, not the text.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,27 +117,29 @@ def draft_parameters(model: ByteMTP) -> list[torch.nn.Parameter]:
     return [p for head in model.heads[1:] for p in head.parameters()]
 
 
-def draft_loss(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """Mean over draft heads k of the cross-entropy of head k+1 at t against head 1's choice at
-    t + k (which is the byte head 1 puts at t + k + 1, the one head k+1 drafts)."""
+def draft_pairs(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per draft head k+1 (k = 1..n-1): its logits at every t that has a target, [B, T-k, vocab],
+    and the target, head 1's choice at t + k (the byte head 1 puts at t + k + 1, the one head
+    k+1 drafts), [B, T-k]."""
     T = z.shape[1]
-    losses = []
     for k in range(1, model.cfg.n_future):
-        logits = model.head_logits(z[:, : T - k], k)
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), choice[:, k:].flatten()))
+        yield model.head_logits(z[:, : T - k], k), choice[:, k:]
+
+
+def draft_loss(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Mean over draft heads of the cross-entropy against head 1's choices (``draft_pairs``)."""
+    losses = [F.cross_entropy(lg.flatten(0, 1).float(), t.flatten()) for lg, t in draft_pairs(model, z, choice)]
     return torch.stack(losses).mean()
 
 
 @torch.no_grad()
 def agreement(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, batch_size: int) -> list[float]:
-    """Per draft head, how often its top byte is head 1's choice it drafts for (see ``draft_loss``)."""
-    T = z.shape[1]
+    """Per draft head, how often its top byte is the choice of head 1 it drafts for (``draft_pairs``)."""
     hits = torch.zeros(model.cfg.n_future - 1)
     for i in range(0, len(z), batch_size):
-        zi, ci = z[i : i + batch_size], choice[i : i + batch_size]
-        for k in range(1, model.cfg.n_future):
-            top = model.head_logits(zi[:, : T - k], k).argmax(-1)
-            hits[k - 1] += (top == ci[:, k:]).sum().item()
+        for k, (logits, target) in enumerate(draft_pairs(model, z[i : i + batch_size], choice[i : i + batch_size])):
+            hits[k] += (logits.argmax(-1) == target).sum().item()
+    T = z.shape[1]
     return [h / (len(z) * (T - k)) for k, h in enumerate(hits.tolist(), start=1)]
 
 
@@ -145,7 +148,8 @@ def fit_draft_heads(
 ) -> None:
     """Adam on ``draft_loss`` over the cached trunk outputs, draft heads' parameters only."""
     params = draft_parameters(model)
-    frozen = [p for p in model.parameters() if all(p is not q for q in params)]
+    trained = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trained]
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.Adam(params, lr=cfg.lr)
