@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bytemtp.drafting import measure_step_costs
-from bytemtp.errors import BytemtpError
+from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
 from bytemtp.panel_linear import panels_enabled
 from bytemtp.shards import Dataset
@@ -42,9 +42,7 @@ class BenchConfig:
     trees: tuple[int, ...] = ()  # add a row per draft tree size (nodes verified per step, bytemtp.tree); greedy only
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "prompt_bytes", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
         self.trees = tuple(self.trees)
         for n in self.trees:
             check_tree_request(n, self.temperature)

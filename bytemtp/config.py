@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bytemtp import VOCAB
-from bytemtp.errors import BytemtpError
+from bytemtp.errors import BytemtpError, require_at_least_one
 
 HEAD_KINDS = ("linear", "transformer")
 FFN_KINDS = ("swiglu", "gelu")
@@ -46,9 +46,7 @@ class ModelConfig:
             raise BytemtpError(f"head_kind: {self.head_kind!r} is not one of {', '.join(HEAD_KINDS)}")
         if self.ffn not in FFN_KINDS:
             raise BytemtpError(f"ffn: {self.ffn!r} is not one of {', '.join(FFN_KINDS)}")
-        for name in ("d_model", "n_layers", "n_attn_heads", "n_future", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise BytemtpError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("d_model", "n_layers", "n_attn_heads", "n_future", "max_seq_len"))
         if self.head_kind == "transformer" and self.head_layers < 1:
             raise BytemtpError(f"head_layers: must be at least 1 for transformer heads, got {self.head_layers}")
         if self.d_model % self.n_attn_heads or (self.d_model // self.n_attn_heads) % 2:

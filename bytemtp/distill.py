@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from bytemtp import BOS
 from bytemtp.bench import sample_prompts
-from bytemtp.errors import BytemtpError
+from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.generate import round_slots
 from bytemtp.model import ByteMTP
 
@@ -58,9 +58,8 @@ class DistillConfig:
     fit_rows: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("prompts", "prompt_bytes", "new_bytes", "batch_size", "epochs", "fit_rows"):
-            if getattr(self, name) < 1:
-                raise BytemtpError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        positive = ("prompts", "prompt_bytes", "new_bytes", "batch_size", "epochs", "fit_rows")
+        require_at_least_one(self, positive, flags=True)
         if not 0 < self.lr < 1:
             raise BytemtpError(f"--lr: must be in (0, 1), got {self.lr}")
         if self.text < 0:

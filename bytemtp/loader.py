@@ -55,7 +55,7 @@ from typing import Any, Callable, Hashable, Iterator
 import numpy as np
 import torch
 
-from bytemtp.errors import BytemtpError
+from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.shards import SPLITS, Dataset, Shard, ShardInfo
 from bytemtp_native import MODES, PackPlan, concat_stream, fill_rows, permutation, plan_rows
 
@@ -75,9 +75,7 @@ class LoaderConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "n_future"):
-            if getattr(self, name) < 1:
-                raise BytemtpError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("batch_size", "seq_len", "n_future"))
         if self.mode not in MODES:
             raise BytemtpError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
 

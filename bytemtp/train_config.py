@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bytemtp.config import PRESETS, ModelConfig, from_dict
-from bytemtp.errors import BytemtpError
+from bytemtp.errors import BytemtpError, require_at_least_one
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "naive")
@@ -75,9 +75,7 @@ class TrainConfig:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise BytemtpError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        require_at_least_one(self, ("steps", "batch_size", "grad_accum", "log_every"))
         for name in ("seq_len", "warmup_steps", "decay_steps", "eval_every", "ckpt_every", "keep", "weight_decay"):
             if getattr(self, name) < 0:
                 raise BytemtpError(f"{name}: must not be negative, got {getattr(self, name)}")
