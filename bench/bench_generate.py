@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from bytemtp.bench import ModeResult, sample_prompts
-from bytemtp.checkpoint import load_model
-from bytemtp.generate import GenerationConfig, generate
+from bytemtp.decode.bench import ModeResult, sample_prompts
+from bytemtp.train.checkpoint import load_model
+from bytemtp.decode.generate import GenerationConfig, generate
 
 MAX_BYTES = 256
 PROMPT_BYTES = 64

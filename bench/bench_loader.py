@@ -28,8 +28,8 @@ import pytest
 import torch
 
 import bytemtp_native as native
-from bytemtp.loader import BatchLoader, LoaderConfig
-from bytemtp.shards import Dataset
+from bytemtp.data.loader import BatchLoader, LoaderConfig
+from bytemtp.data.shards import Dataset
 from tests.conftest import write_dataset
 from tests.test_packing import reference_pack, shard_arrays
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bytemtp.config import preset
-from bytemtp.model import ByteMTP
-from bytemtp.panel_linear import Linear, panels_enabled
+from bytemtp.model.config import preset
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.model.panels import Linear, panels_enabled
 
 ROWS = (1, 2, 4, 8, 16, 32)
 ROUNDS = 15

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bytemtp.prepare import PrepareConfig, prepare
+from bytemtp.data.prepare import PrepareConfig, prepare
 
 
 def main() -> None:

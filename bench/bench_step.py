@@ -37,9 +37,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from bytemtp import VOCAB
 from bytemtp.compile import compile_model
-from bytemtp.config import HEAD_KINDS, preset
-from bytemtp.loss import multihead_loss
-from bytemtp.model import ByteMTP
+from bytemtp.model.config import HEAD_KINDS, preset
+from bytemtp.train.objective import multihead_loss
+from bytemtp.model.transformer import ByteMTP
 
 H100_BF16_DENSE = 989e12
 

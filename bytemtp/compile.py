@@ -13,7 +13,7 @@ kernels; ``ByteMTP.compiled`` tells the objective to use the compiled version.
 
 from __future__ import annotations
 
-from bytemtp.model import Block, ByteMTP
+from bytemtp.model.transformer import Block, ByteMTP
 
 
 def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:

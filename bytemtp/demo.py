@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from bytemtp.config import ModelConfig, preset
+from bytemtp.model.config import ModelConfig, preset
 from bytemtp.errors import BytemtpError
-from bytemtp.loss import multihead_loss
-from bytemtp.model import ByteMTP
-from bytemtp.train_config import TrainConfig
+from bytemtp.train.objective import multihead_loss
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.config import TrainConfig
 
 CORPUS = "builtin:python-stdlib"
 
@@ -42,7 +42,7 @@ class DemoConfig:
     temperature: float = 0.7  # greedy text from a model this small soon repeats itself
     bench_prompts: int = 12  # a median over fewer moves by 0.3x from run to run
     bench_bytes: int = 192
-    bench_tree: int = 15  # the bench's last row verifies a draft tree of this many bytes (bytemtp.tree)
+    bench_tree: int = 15  # the bench's last row verifies a draft tree of this many bytes (bytemtp.decode.tree)
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -51,7 +51,7 @@ class DemoConfig:
 
 def ensure_dataset(data_dir: Path) -> bool:
     """Prepare the built-in corpus into ``data_dir`` unless it is already there; True if reused."""
-    from bytemtp.prepare import is_up_to_date, prepare
+    from bytemtp.data.prepare import is_up_to_date, prepare
 
     if is_up_to_date(data_dir, [CORPUS]):
         return True

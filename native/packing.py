@@ -1,7 +1,7 @@
 """Packing a shard's documents into training rows of ``T + n`` ids, BOS before every document.
 
 A shard is ``data`` (uint8, the documents back to back) and ``offsets`` (n_docs + 1),
-as ``bytemtp.shards.read_shard`` returns them. Packing runs in two steps so that a
+as ``bytemtp.data.shards.read_shard`` returns them. Packing runs in two steps so that a
 loader never holds a whole shard's worth of rows:
 
 * ``plan_rows`` lists, for every row, the pieces of documents it holds

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bytemtp.shards import ShardInfo, shard_name, write_manifest, write_shard
+from bytemtp.data.shards import ShardInfo, shard_name, write_manifest, write_shard
 
 
 def pytest_configure(config):

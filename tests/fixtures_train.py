@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from bytemtp import BOS
-from bytemtp.config import ModelConfig
-from bytemtp.loss import multihead_loss
-from bytemtp.model import ByteMTP
+from bytemtp.model.config import ModelConfig
+from bytemtp.train.objective import multihead_loss
+from bytemtp.model.transformer import ByteMTP
 
 STDLIB_FILE = "html/entities.py"
 

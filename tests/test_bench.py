@@ -14,11 +14,11 @@ from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model
 from torch._dynamo.utils import counters
 
-from bytemtp.bench import compiled_step, draft_rows, sample_prompts
-from bytemtp.checkpoint import save_checkpoint
+from bytemtp.decode.bench import compiled_step, draft_rows, sample_prompts
+from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig, generate
+from bytemtp.decode.generate import GenerationConfig, generate
 
 VAL_FILES = ("heapq.py", "calendar.py", "difflib.py")
 

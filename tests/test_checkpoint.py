@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import bytemtp.checkpoint as ckpt
-from bytemtp.checkpoint import (
+import bytemtp.train.checkpoint as ckpt
+from bytemtp.train.checkpoint import (
     LATEST,
     checkpoints_dir,
     latest_checkpoint,
@@ -21,7 +21,7 @@ from bytemtp.checkpoint import (
     save_checkpoint,
 )
 from bytemtp.errors import BytemtpError
-from bytemtp.model import ByteMTP
+from bytemtp.model.transformer import ByteMTP
 from train_support import MICRO
 
 

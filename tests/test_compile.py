@@ -8,9 +8,9 @@ from torch._dynamo.utils import counters
 
 from bytemtp import VOCAB
 from bytemtp.compile import compile_model
-from bytemtp.config import HEAD_KINDS, preset
-from bytemtp.loss import multihead_loss
-from bytemtp.model import ByteMTP
+from bytemtp.model.config import HEAD_KINDS, preset
+from bytemtp.train.objective import multihead_loss
+from bytemtp.model.transformer import ByteMTP
 
 
 def train_step(model: ByteMTP, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

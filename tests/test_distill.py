@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 
-from bytemtp.checkpoint import load_model, save_checkpoint
+from bytemtp.train.checkpoint import load_model, save_checkpoint
 from bytemtp.cli import main
-from bytemtp.config import ModelConfig
-from bytemtp.distill import DistillConfig, distill, draft_loss, greedy_continuations, trunk_and_choices
+from bytemtp.model.config import ModelConfig
+from bytemtp.train.distill import DistillConfig, distill, draft_loss, greedy_continuations, trunk_and_choices
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig, generate
-from bytemtp.model import ByteMTP
+from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.model.transformer import ByteMTP
 
 
 def corpus_prompts(n: int, length: int, seed: int = 0) -> list[bytes]:

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from bytemtp.checkpoint import load_train_state
-from bytemtp.train import train
+from bytemtp.train.checkpoint import load_train_state
+from bytemtp.train.loop import train
 from train_support import MICRO, config_file, metrics, micro_train, run_ok, weights
 
 STEPS = 4

@@ -10,9 +10,9 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
 
-from bytemtp.drafting import NO_DRAFT, DraftPolicy, draft_count, measure_step_costs, verified_drafts
+from bytemtp.decode.drafting import NO_DRAFT, DraftPolicy, draft_count, measure_step_costs, verified_drafts
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig
+from bytemtp.decode.generate import GenerationConfig
 
 STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
 

@@ -16,9 +16,9 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 
 from bytemtp import BOS, VOCAB
-from bytemtp.config import ModelConfig
+from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import (
+from bytemtp.decode.generate import (
     STOP_REASONS,
     GenerationConfig,
     GenerationStats,
@@ -27,9 +27,9 @@ from bytemtp.generate import (
     prompt_context,
     window_keep,
 )
-from bytemtp.model import ByteMTP
-from bytemtp.sampling import SamplingConfig, draw, probabilities
-from bytemtp.stops import StopMatcher
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
+from bytemtp.decode.stops import StopMatcher
 
 
 class Result(NamedTuple):

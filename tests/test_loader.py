@@ -17,7 +17,7 @@ from test_packing import reference_pack, shard_arrays
 
 from bytemtp import BOS
 from bytemtp.errors import BytemtpError
-from bytemtp.loader import DOC_ORDER, ROW_ORDER, BatchLoader, LoaderConfig, iter_eval_batches
+from bytemtp.data.loader import DOC_ORDER, ROW_ORDER, BatchLoader, LoaderConfig, iter_eval_batches
 from bytemtp_native import MODES, permutation
 
 # Shards of different sizes: documents longer than a row, empty documents, a shard

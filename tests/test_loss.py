@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from bytemtp import VOCAB
-from bytemtp.config import HEAD_KINDS, ModelConfig
-from bytemtp.loss import LN2, MTPObjective, head_parameters, multihead_loss, split_batch
-from bytemtp.model import ByteMTP
+from bytemtp.model.config import HEAD_KINDS, ModelConfig
+from bytemtp.train.objective import LN2, MTPObjective, head_parameters, multihead_loss, split_batch
+from bytemtp.model.transformer import ByteMTP
 
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from bytemtp import VOCAB
-from bytemtp.config import HEAD_KINDS, ModelConfig, preset
+from bytemtp.model.config import HEAD_KINDS, ModelConfig, preset
 from bytemtp.errors import BytemtpError
-from bytemtp.loss import multihead_loss
-from bytemtp.model import ByteMTP
+from bytemtp.train.objective import multihead_loss
+from bytemtp.model.transformer import ByteMTP
 
 
 

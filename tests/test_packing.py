@@ -17,7 +17,7 @@ from bytemtp import BOS
 
 
 def shard_arrays(docs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """``data``/``offsets`` as ``bytemtp.shards.read_shard`` returns them."""
+    """``data``/``offsets`` as ``bytemtp.data.shards.read_shard`` returns them."""
     offsets = np.zeros(len(docs) + 1, np.uint64)
     np.cumsum([len(d) for d in docs], out=offsets[1:])
     return np.frombuffer(b"".join(docs), np.uint8), offsets

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bytemtp.panel_linear import MAX_ROWS, MIN_WEIGHT, Linear, panels_enabled
+from bytemtp.model.panels import MAX_ROWS, MIN_WEIGHT, Linear, panels_enabled
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
 
@@ -110,7 +110,7 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
     a fresh one here) resized torch's: decoding with 1 thread then ran with all cores."""
     script = (
         "import torch; torch.set_num_threads(1)\n"
-        "from bytemtp.panel_linear import Linear\n"
+        "from bytemtp.model.panels import Linear\n"
         "layer = Linear(512, 512)\n"
         "with torch.inference_mode(): layer(torch.randn(2, 512))\n"
         "assert layer._panels is not None\n"

@@ -21,9 +21,9 @@ import zstandard
 from click.testing import CliRunner
 
 from bytemtp.cli import main
-from bytemtp.prepare import PrepareConfig, is_up_to_date, prepare
-from bytemtp.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, read_shard, write_shard
-from bytemtp.sources import BuiltinSource, ReadOptions
+from bytemtp.data.prepare import PrepareConfig, is_up_to_date, prepare
+from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, read_shard, write_shard
+from bytemtp.data.sources import BuiltinSource, ReadOptions
 from bytemtp_corpora import CORPORA
 from conftest import random_docs
 from test_sources import mixed_bytes, write_jsonl

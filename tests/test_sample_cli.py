@@ -10,12 +10,12 @@ from click.testing import CliRunner
 
 from fixtures_train import trained_model
 
-from bytemtp.checkpoint import save_checkpoint
+from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.cli.sample_cmd import ByteSink
-from bytemtp.config import ModelConfig
-from bytemtp.generate import GenerationConfig, generate
-from bytemtp.model import ByteMTP
+from bytemtp.model.config import ModelConfig
+from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.model.transformer import ByteMTP
 
 
 @pytest.fixture(scope="module")

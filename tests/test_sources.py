@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from bytemtp.errors import BytemtpError
-from bytemtp.sources import (
+from bytemtp.data.sources import (
     BuiltinSource,
     ReadOptions,
     ReadStats,

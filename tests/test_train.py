@@ -10,10 +10,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from bytemtp.checkpoint import LATEST, checkpoints_dir, list_checkpoints, read_config
+from bytemtp.train.checkpoint import LATEST, checkpoints_dir, list_checkpoints, read_config
 from bytemtp.cli import main
-from bytemtp.loader import BatchLoader
-from bytemtp.train import train
+from bytemtp.data.loader import BatchLoader
+from bytemtp.train.loop import train
 from train_support import (
     MICRO,
     assert_same_weights,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import bytemtp.checkpoint
-from bytemtp.checkpoint import latest_checkpoint, list_checkpoints, load_model
+import bytemtp.train.checkpoint
+from bytemtp.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
-from bytemtp.loss import MTPObjective
-from bytemtp.train import train
+from bytemtp.train.objective import MTPObjective
+from bytemtp.train.loop import train
 from train_support import MICRO, config_file, metrics, micro_train
 
 
@@ -104,7 +104,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro_data, tmp_pa
 
 def test_disk_full_while_checkpointing_keeps_previous_checkpoint(micro_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    real_save = bytemtp.checkpoint.save_file
+    real_save = bytemtp.train.checkpoint.save_file
     calls = {"n": 0}
 
     def save_file(tensors, path):
@@ -113,7 +113,7 @@ def test_disk_full_while_checkpointing_keeps_previous_checkpoint(micro_data, tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path)
 
-    monkeypatch.setattr(bytemtp.checkpoint, "save_file", save_file)
+    monkeypatch.setattr(bytemtp.train.checkpoint, "save_file", save_file)
     expected = r"step-0000006: checkpoint not written \(No space left on device\); .*step-0000003 is intact"
     with pytest.raises(BytemtpError, match=expected):
         train(micro_train(steps=9, ckpt_every=3), MICRO, micro_data, run, progress=False)

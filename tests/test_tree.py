@@ -15,10 +15,10 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from test_generate import random_model, run
 
 from bytemtp import BOS
-from bytemtp.bench import compiled_step
+from bytemtp.decode.bench import compiled_step
 from bytemtp.errors import BytemtpError
-from bytemtp.generate import GenerationConfig, generate
-from bytemtp.tree import RANKS, DraftTree, RankStats, TreeVerifier, accepted_path, build_tree, tree_mask
+from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeVerifier, accepted_path, build_tree, tree_mask
 
 
 def paths_of(tree: DraftTree) -> list[tuple[int, ...]]:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bytemtp.checkpoint import WEIGHTS, resolve_checkpoint
-from bytemtp.config import ModelConfig
-from bytemtp.train_config import TrainConfig
+from bytemtp.train.checkpoint import WEIGHTS, resolve_checkpoint
+from bytemtp.model.config import ModelConfig
+from bytemtp.train.config import TrainConfig
 
 MICRO = ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=2, max_seq_len=32)
 

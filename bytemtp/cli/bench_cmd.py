@@ -47,8 +47,8 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
     """
     from tqdm import tqdm
 
-    from bytemtp.bench import BenchConfig, compiled_step, run_bench, sample_prompts
-    from bytemtp.checkpoint import load_model
+    from bytemtp.decode.bench import BenchConfig, compiled_step, run_bench, sample_prompts
+    from bytemtp.train.checkpoint import load_model
 
     cfg = BenchConfig(
         prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees

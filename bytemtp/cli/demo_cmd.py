@@ -23,11 +23,11 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     speedup over autoregressive decoding."""
     import torch
 
-    from bytemtp.bench import BenchConfig, run_bench, sample_prompts
-    from bytemtp.checkpoint import load_model
+    from bytemtp.decode.bench import BenchConfig, run_bench, sample_prompts
+    from bytemtp.train.checkpoint import load_model
     from bytemtp.demo import CORPUS, DemoConfig, default_cache_dir, ensure_dataset, fresh_run_dir, plan_steps
-    from bytemtp.generate import GenerationConfig, generate
-    from bytemtp.train import train
+    from bytemtp.decode.generate import GenerationConfig, generate
+    from bytemtp.train.loop import train
 
     minutes = minutes if minutes is not None else (10.0 if device.type == "cuda" else 7.0)
     cfg = DemoConfig(minutes, data_dir or default_cache_dir(), out, device)

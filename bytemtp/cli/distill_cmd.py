@@ -43,8 +43,8 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
     accepted more often. Writes a new checkpoint under --out."""
     import torch
 
-    from bytemtp.checkpoint import list_checkpoints, load_model, save_checkpoint
-    from bytemtp.distill import DistillConfig, distill, training_prompts
+    from bytemtp.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+    from bytemtp.train.distill import DistillConfig, distill, training_prompts
     from bytemtp.errors import BytemtpError
 
     if list_checkpoints(out_dir):  # never overwrite a checkpoint, least of all the one being distilled

@@ -26,7 +26,7 @@ from bytemtp.cli.options import device_option
 def command(ckpt: Path, data_dir: Path, batch_size: int | None, seq_len: int | None, device,
             as_json: bool, progress: bool) -> None:
     from bytemtp.errors import BytemtpError
-    from bytemtp.evaluate import evaluate_checkpoint
+    from bytemtp.train.evaluate import evaluate_checkpoint
 
     for flag, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
         if value is not None and value < 1:

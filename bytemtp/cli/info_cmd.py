@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from bytemtp.errors import BytemtpError
-from bytemtp.shards import SPLITS, Dataset, ShardInfo
+from bytemtp.data.shards import SPLITS, Dataset, ShardInfo
 
 
 def format_dataset(ds: Dataset) -> str:

@@ -6,7 +6,7 @@ import click
 
 
 def _device(ctx: click.Context, param: click.Parameter, value: str):
-    from bytemtp.distributed import resolve_device
+    from bytemtp.train.distributed import resolve_device
 
     return resolve_device(value)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from bytemtp.cli.info_cmd import format_dataset
-from bytemtp.prepare import PrepareConfig, prepare
-from bytemtp.shards import Dataset
-from bytemtp.sources import FORMATS, ReadOptions
+from bytemtp.data.prepare import PrepareConfig, prepare
+from bytemtp.data.shards import Dataset
+from bytemtp.data.sources import FORMATS, ReadOptions
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

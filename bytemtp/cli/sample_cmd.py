@@ -104,9 +104,9 @@ def command(
     stats: bool,
     echo: bool,
 ) -> None:
-    from bytemtp.checkpoint import load_model
-    from bytemtp.drafting import measure_step_costs
-    from bytemtp.generate import GenerationConfig, generate, generation_cache_length, prompt_context
+    from bytemtp.train.checkpoint import load_model
+    from bytemtp.decode.drafting import measure_step_costs
+    from bytemtp.decode.generate import GenerationConfig, generate, generation_cache_length, prompt_context
 
     if prompt is not None and prompt_file is not None:
         raise click.UsageError("give --prompt or --prompt-file, not both")

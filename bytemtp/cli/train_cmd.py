@@ -2,7 +2,7 @@
 
 Every flag defaults to "not given", so only what the user typed overrides the
 preset (new run) or the checkpoint's saved configs (``--resume``); see
-``bytemtp.train_config`` for the precedence and what a resume may change.
+``bytemtp.train.config`` for the precedence and what a resume may change.
 Under ``torchrun --nproc-per-node N -m bytemtp train ...`` every rank runs this
 command; rank 0 alone prints, logs and writes checkpoints.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from bytemtp.config import HEAD_KINDS, PRESETS
-from bytemtp.train_config import LOADER_MODES
+from bytemtp.model.config import HEAD_KINDS, PRESETS
+from bytemtp.train.config import LOADER_MODES
 
 @click.command(help="Train a model with multi-byte prediction (n future-byte heads).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="A prepared dataset.")
@@ -51,10 +51,10 @@ from bytemtp.train_config import LOADER_MODES
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def command(data_dir: Path, out_dir: Path, preset: str | None, config_file: Path | None, resume: bool,
             progress: bool, **flags) -> None:
-    from bytemtp.checkpoint import latest_checkpoint, read_config
+    from bytemtp.train.checkpoint import latest_checkpoint, read_config
     from bytemtp.errors import BytemtpError
-    from bytemtp.train import train
-    from bytemtp.train_config import build_configs, saved_configs
+    from bytemtp.train.loop import train
+    from bytemtp.train.config import build_configs, saved_configs
 
     overrides = {k.rstrip("_"): v for k, v in flags.items() if v is not None}  # compile_ -> compile
     saved = None

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from bytemtp.drafting import measure_step_costs
+from bytemtp.decode.drafting import measure_step_costs
 from bytemtp.errors import BytemtpError, require_at_least_one
-from bytemtp.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
-from bytemtp.panel_linear import panels_enabled
-from bytemtp.shards import Dataset
-from bytemtp.tree import check_tree_request
+from bytemtp.decode.generate import GenerationConfig, GenerationStats, StepForward, generate, generation_cache_length
+from bytemtp.model.panels import panels_enabled
+from bytemtp.data.shards import Dataset
+from bytemtp.decode.tree import check_tree_request
 
 
 @dataclass
@@ -37,9 +37,9 @@ class BenchConfig:
     seed: int = 0
     sweep: bool = False  # one row per number of draft heads (1, 3, 7 for n = 8: heads used 2, 4, 8)
     warmup: int = 1
-    adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.drafting)
-    panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.panel_linear)
-    trees: tuple[int, ...] = ()  # add a row per draft tree size (nodes verified per step, bytemtp.tree); greedy only
+    adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.decode.drafting)
+    panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.model.panels)
+    trees: tuple[int, ...] = ()  # add a row per draft tree size (nodes verified per step, bytemtp.decode.tree); greedy only
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bytemtp.errors import BytemtpError
-from bytemtp.loss import MTPObjective
+from bytemtp.train.objective import MTPObjective
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bytemtp.config import PRESETS, ModelConfig, from_dict
+from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 from bytemtp.errors import BytemtpError, require_at_least_one
 
 LOADER_MODES = ("concat", "best-fit")

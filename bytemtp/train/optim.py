@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from bytemtp.train_config import TrainConfig
+from bytemtp.train.config import TrainConfig
 
 _NO_DECAY_MODULES = (nn.Embedding, nn.RMSNorm, nn.LayerNorm)
 

@@ -24,10 +24,10 @@ distinct bytes), the accepted one. Its keys and values then move down to slots
 is exactly greedy decoding's, whatever the tree was.
 
 The bookkeeping (verification, statistics, the beam) runs on the host in
-``bytemtp_native.tree``: a step hands it head 1's choices and the draft heads'
+``bytemtp_native.tree_ops``: a step hands it head 1's choices and the draft heads'
 rankings in one transfer and gets back plain arrays.
 
-Sampling keeps the chain (``bytemtp.speculative.SamplingVerifier``): verifying a
+Sampling keeps the chain (``bytemtp.decode.verify.SamplingVerifier``): verifying a
 tree of samples without changing head 1's distribution needs a multi-draft
 acceptance rule that this module does not implement.
 """
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from bytemtp.errors import BytemtpError
-from bytemtp_native.tree import accept, ancestors, best_paths, observe_ranks
+from bytemtp_native.tree_ops import accept, ancestors, best_paths, observe_ranks
 
 
 @dataclass

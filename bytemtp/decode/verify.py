@@ -12,7 +12,7 @@ decoding is the case k = 0 with no drafter.
 Everything is computed on the device and packed into one small ``decision``
 tensor ``[a, next_byte, new_draft_1 .. new_draft_m]``, so the caller needs a
 single host transfer per step, and the next forward's input is a slice of it.
-Given a ``DraftPolicy`` (see ``bytemtp.drafting``), a verifier also marks the
+Given a ``DraftPolicy`` (see ``bytemtp.decode.drafting``), a verifier also marks the
 new drafts that are not worth verifying with ``NO_DRAFT``.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from bytemtp.drafting import DraftPolicy
-from bytemtp.sampling import SamplingConfig, draw, probabilities
+from bytemtp.decode.drafting import DraftPolicy
+from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 
 # features of the position verification stopped at [F, d] -> draft logits [m, V]
 Drafter = Callable[[torch.Tensor], torch.Tensor]

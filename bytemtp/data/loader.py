@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from bytemtp.errors import BytemtpError, require_at_least_one
-from bytemtp.shards import SPLITS, Dataset, Shard, ShardInfo
+from bytemtp.data.shards import SPLITS, Dataset, Shard, ShardInfo
 from bytemtp_native import MODES, PackPlan, concat_stream, fill_rows, permutation, plan_rows
 
 DOC_ORDER, ROW_ORDER = 0, 1  # last key part of the per-shard permutations

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
-from bytemtp.atomic import atomic_open, atomic_write_bytes
+from bytemtp.data.atomic import atomic_open, atomic_write_bytes
 from bytemtp.errors import BytemtpError
 
 MAGIC = b"BMTPSHRD"

@@ -1,4 +1,4 @@
-"""``prepare``: stream raw corpora into a sharded dataset (see ``bytemtp.shards``).
+"""``prepare``: stream raw corpora into a sharded dataset (see ``bytemtp.data.shards``).
 
 Three properties matter more than speed:
 
@@ -25,10 +25,10 @@ from typing import BinaryIO, Sequence
 import zstandard
 from tqdm import tqdm
 
-from bytemtp.atomic import atomic_dir
+from bytemtp.data.atomic import atomic_dir
 from bytemtp.errors import BytemtpError
-from bytemtp.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, ShardInfo, shard_name, write_manifest
-from bytemtp.sources import BUILTIN_PREFIX, ReadOptions, ReadStats, read_documents, resolve_sources
+from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, ShardInfo, shard_name, write_manifest
+from bytemtp.data.sources import BUILTIN_PREFIX, ReadOptions, ReadStats, read_documents, resolve_sources
 
 SPLIT_RULE = "val iff blake2b-64(identity) < val_fraction * 2**64"
 

@@ -8,7 +8,7 @@ generated BOS ends the document and so ends generation. Autoregressive decoding
 runs head 1 alone, one position per forward. Self-speculative decoding lets
 heads 2..(1 + draft_heads) draft the bytes after head 1's choice; the next
 forward verifies the drafts with head 1 and drafts the next block (see
-``bytemtp.speculative``), so there is one forward per step either way, and the
+``bytemtp.decode.verify``), so there is one forward per step either way, and the
 output is the same as autoregressive decoding's: byte for byte when greedy, in
 distribution when sampling.
 
@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from bytemtp import BOS
-from bytemtp.config import ModelConfig
-from bytemtp.drafting import DraftPolicy, verified_drafts
+from bytemtp.model.config import ModelConfig
+from bytemtp.decode.drafting import DraftPolicy, verified_drafts
 from bytemtp.errors import BytemtpError
-from bytemtp.sampling import SamplingConfig
-from bytemtp.speculative import GreedyVerifier, SamplingVerifier
-from bytemtp.stops import StopMatcher
-from bytemtp.tree import TreeVerifier, check_tree_request, check_tree_size, tree_mask
+from bytemtp.decode.sampling import SamplingConfig
+from bytemtp.decode.verify import GreedyVerifier, SamplingVerifier
+from bytemtp.decode.stops import StopMatcher
+from bytemtp.decode.tree import TreeVerifier, check_tree_request, check_tree_size, tree_mask
 
 # (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
 # ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask; eager steps also
@@ -57,10 +57,10 @@ class GenerationConfig:
     (``n_future > 1``); ``draft_heads=None`` uses all ``n_future - 1`` of them,
     a smaller number the first ones (heads 2..draft_heads+1). ``draft_heads`` is
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
-    forward of 1, 2, ... positions (``bytemtp.drafting.measure_step_costs``); given,
+    forward of 1, 2, ... positions (``bytemtp.decode.drafting.measure_step_costs``); given,
     each step verifies only the drafts expected to pay for their cost, otherwise all.
     ``tree_nodes``: greedy speculative decoding verifies a tree of that many
-    candidate bytes per step instead of one chain (``bytemtp.tree``); 0: the chain.
+    candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.
     ``seed=None`` draws a fresh seed.
     """
 

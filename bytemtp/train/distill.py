@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bytemtp import BOS
-from bytemtp.bench import sample_prompts
+from bytemtp.decode.bench import sample_prompts
 from bytemtp.errors import BytemtpError, require_at_least_one
-from bytemtp.generate import round_slots
-from bytemtp.model import ByteMTP
+from bytemtp.decode.generate import round_slots
+from bytemtp.model.transformer import ByteMTP
 
 
 @dataclass

@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bytemtp import __version__
-from bytemtp.atomic import atomic_dir, fsync_dir
-from bytemtp.config import ModelConfig
+from bytemtp.data.atomic import atomic_dir, fsync_dir
+from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
-from bytemtp.model import ByteMTP
+from bytemtp.model.transformer import ByteMTP
 
 WEIGHTS, CONFIG, TRAIN_STATE, LATEST = "model.safetensors", "config.json", "train_state.pt", "latest"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -70,7 +70,7 @@ def save_checkpoint(
 
     ``weights`` replaces ``model.state_dict()`` where the model's own parameters are
     shards (FSDP2) and the full weights were gathered elsewhere. ``distill``: how the draft
-    heads were refitted (``bytemtp.distill``), recorded in config.json.
+    heads were refitted (``bytemtp.train.distill``), recorded in config.json.
     """
     root = checkpoints_dir(run_dir)
     final = root / f"step-{step:07d}"

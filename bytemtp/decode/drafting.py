@@ -3,7 +3,7 @@
 A decoding forward over P positions costs more than one over a single position,
 by an amount that depends on the machine: next to nothing on a GPU at batch 1,
 but 1.25x (``tiny``) to 1.7-2.4x (``small`` on BLAS; 1.3-1.4x on the panel kernel,
-``bytemtp.panel_linear``) for P = 8 on a 2-core CPU, where 8-row matrix products are
+``bytemtp.model.panels``) for P = 8 on a 2-core CPU, where 8-row matrix products are
 compute-bound. A draft is worth verifying only when the bytes it is expected to
 add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
 the device from the draft heads' calibrated confidence and a cost curve measured

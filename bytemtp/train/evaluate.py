@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bytemtp.checkpoint import load_model, resolve_checkpoint
-from bytemtp.distributed import autocast, resolve_device
+from bytemtp.train.checkpoint import load_model, resolve_checkpoint
+from bytemtp.train.distributed import autocast, resolve_device
 from bytemtp.errors import BytemtpError
-from bytemtp.loader import iter_eval_batches
-from bytemtp.loss import MTPObjective, split_batch
-from bytemtp.shards import Dataset
+from bytemtp.data.loader import iter_eval_batches
+from bytemtp.train.objective import MTPObjective, split_batch
+from bytemtp.data.shards import Dataset
 
 
 @dataclass

@@ -52,7 +52,7 @@ class Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         if bias:
-            raise ValueError("bytemtp.panel_linear.Linear has no bias")
+            raise ValueError("bytemtp.model.panels.Linear has no bias")
         super().__init__(in_features, out_features, bias=False, **kwargs)
         self._panels = None
         self._packed_from: tuple[int, int] | None = None

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytemtp.model import ByteMTP, PosContext
+from bytemtp.model.transformer import ByteMTP, PosContext
 
 LN2 = math.log(2.0)
 MODES = ("sequential", "naive")

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bytemtp.atomic import atomic_write_bytes
-from bytemtp.checkpoint import (
+from bytemtp.data.atomic import atomic_write_bytes
+from bytemtp.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_train_state,
@@ -43,8 +43,8 @@ from bytemtp.checkpoint import (
     save_checkpoint,
 )
 from bytemtp.compile import compile_model
-from bytemtp.config import ModelConfig
-from bytemtp.distributed import (
+from bytemtp.model.config import ModelConfig
+from bytemtp.train.distributed import (
     DistEnv,
     all_reduce,
     as_local,
@@ -61,12 +61,12 @@ from bytemtp.distributed import (
     wrap,
 )
 from bytemtp.errors import BytemtpError
-from bytemtp.evaluate import EvalResult, evaluate, require_split
-from bytemtp.loader import BatchLoader, LoaderConfig
-from bytemtp.loss import MTPObjective
-from bytemtp.model import ByteMTP
-from bytemtp.optim import build_optimizer, build_scheduler
-from bytemtp.train_config import TrainConfig, merge_for_resume, saved_configs
+from bytemtp.train.evaluate import EvalResult, evaluate, require_split
+from bytemtp.data.loader import BatchLoader, LoaderConfig
+from bytemtp.train.objective import MTPObjective
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.optim import build_optimizer, build_scheduler
+from bytemtp.train.config import TrainConfig, merge_for_resume, saved_configs
 
 METRICS = "metrics.jsonl"
 LN2 = math.log(2.0)

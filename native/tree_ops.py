@@ -1,4 +1,4 @@
-"""Draft-tree bookkeeping for greedy self-speculative decoding (see ``bytemtp.tree``).
+"""Draft-tree bookkeeping for greedy self-speculative decoding (see ``bytemtp.decode.tree``).
 
 Every decoding step verifies a tree, learns from head 1's bytes and, now and then,
 rebuilds the tree's shape. Done with tensor ops that is some 60 small operations a

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytemtp.config import ModelConfig
+from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
-from bytemtp.panel_linear import Linear
+from bytemtp.model.panels import Linear
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +185,7 @@ class ByteMTP(nn.Module):
         attend: int | None = None,
     ) -> PosContext:
         """Positions of a forward. With a KV cache, ``input_pos`` are the cache slots written;
-        a draft tree (``bytemtp.tree``) also gives each id its RoPE position (its depth,
+        a draft tree (``bytemtp.decode.tree``) also gives each id its RoPE position (its depth,
         not its slot) and the mask of what it attends to (its ancestors, not every slot before).
         ``attend``: attention reads only the cache's first ``attend`` slots (see ``decode``)."""
         if input_pos is None:
