@@ -101,7 +101,7 @@ def test_long_prompt_note_on_stderr(run_dir):
 )
 def test_bad_options_are_click_errors(run_dir, args, message):
     res = sample(run_dir, *args)
-    assert res.exit_code == 2 and message in res.stderr
+    assert res.exit_code == 1 and message in res.stderr
     assert "Traceback" not in res.output
 
 

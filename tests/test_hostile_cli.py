@@ -1,0 +1,100 @@
+"""Hostile use of the command line itself: bad values of click-typed flags, NaN, huge seeds,
+and standard output closed, full or cut short. Every case ends in one ``Error:`` line and
+exit status 1 (or quietly, where the user asked for no output), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bytemtp.cli import main
+from bytemtp.data.shards import Dataset
+
+
+def bytemtp(*args: str, stdout=subprocess.PIPE, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real entry point in a child process: stdout here is a real file descriptor."""
+    cmd = [sys.executable, "-m", "bytemtp", *map(str, args)]
+    return subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, cwd=cwd, timeout=120)
+
+
+def verify_dataset(root: Path) -> None:
+    ds = Dataset(root)
+    assert ds.shards()
+    for info in ds.shards():
+        ds.verify(info)
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], stderr
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["sample", "RUN", "--top-p", "0"], "--top-p"),
+        (["sample", "RUN", "--temperature", "-1"], "--temperature"),
+        (["sample", "RUN", "--prompt-file", "/nope"], "--prompt-file"),
+        (["bench", "RUN", "--data", "RUN", "--prompts", "0"], "--prompts"),
+        (["prepare", "-", "--out", "OUT", "--shard-bytes", "-5"], "--shard-bytes"),
+        (["train", "--data", "RUN", "--out", "OUT", "--bogus"], "--bogus"),
+        (["info"], "DIR"),
+    ],
+)
+def test_flag_errors_are_one_line_with_status_1(tmp_path, args, flag):
+    args = [str(tmp_path) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in args]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    assert_one_error_line(res.stderr, flag)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plain_bytemtp_prints_the_help():
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0 and "Commands:" in res.stdout
+
+
+def test_full_stdout_is_one_error_line():
+    with open("/dev/full", "w") as full:
+        res = bytemtp("--help", stdout=full)
+    assert res.returncode == 1
+    assert_one_error_line(res.stderr.decode(), "standard output", "No space left on device")
+
+
+def test_prepare_into_full_stdout_keeps_a_complete_dataset(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"hello world\n" * 100)
+    out = tmp_path / "ds"
+    with open("/dev/full", "w") as full:
+        res = bytemtp("prepare", tmp_path / "src", "--out", out, "--no-progress", stdout=full)
+    assert res.returncode == 1
+    assert_one_error_line(res.stderr.decode(), "standard output")
+    verify_dataset(out)  # the report was lost; the dataset is whole
+
+
+def test_sample_with_stdout_closed_runs_quietly(tmp_path):
+    """``sample ... >&-``: Python starts with ``sys.stdout = None``, which the byte sink could
+    not write to; the CLI puts /dev/null on descriptor 1 first (which also keeps the next
+    ``open`` from being handed descriptor 1)."""
+    import torch
+
+    from bytemtp.model.config import ModelConfig
+    from bytemtp.model.transformer import ByteMTP
+    from bytemtp.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path, 1, ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=2,
+                                                     max_seq_len=32)))
+    cmd = [sys.executable, "-m", "bytemtp", "sample", str(tmp_path), "--prompt", "a", "--max-bytes", "8", "--stats"]
+    res = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 0, res.stderr.decode()
+    assert "Traceback" not in res.stderr.decode() and "8 bytes" in res.stderr.decode()
