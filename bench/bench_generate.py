@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from bytemtp.decode.bench import ModeResult, sample_prompts
+from bytemtp.decode.prompts import sample_prompts
+from bytemtp.decode.report import DecoderResult
 from bytemtp.train.checkpoint import load_model
 from bytemtp.decode.generate import GenerationConfig, generate
 
@@ -59,12 +60,12 @@ def prompts() -> list[bytes]:
     return [p.read_bytes()[i * 500 : i * 500 + PROMPT_BYTES] for p in sources for i in (1, 3)][:N_PROMPTS]
 
 
-results: dict[str, ModeResult] = {}
+results: dict[str, DecoderResult] = {}
 
 
 def _decode(model, prompts, speculative: bool):
-    """A benchmark target that cycles through the prompts, recording every run in a ``ModeResult``."""
-    mode = ModeResult(model.cfg.n_future - 1 if speculative else 0)
+    """A benchmark target that cycles through the prompts, recording every run in a ``DecoderResult``."""
+    mode = DecoderResult(model.cfg.n_future - 1 if speculative else 0)
 
     def once():
         prompt = prompts[len(mode.outputs) % len(prompts)]

@@ -1,30 +1,52 @@
-"""``torch.compile`` for training: every transformer block, and the per-head cross-entropy.
+"""The compile policy: what ``torch.compile`` is applied to, with which mode, on which device.
 
-Blocks are compiled one by one and in place (``nn.Module.compile``), not the model as
-a whole: the sequential head schedule runs the trunk and then each head separately,
-with an ``autograd.grad`` between heads that no single graph could span; all blocks
-share one structure, so a single compiled graph serves every block of the trunk and
-of the heads and compile time does not grow with depth; and in-place compilation
-keeps the eager model's state-dict keys, so checkpoints do not care whether a run
-was compiled. The per-head cross-entropy of the sequential schedule is a chain of
-memory-bound passes over [B*T, vocab] that compilation fuses into a couple of
-kernels; ``ByteMTP.compiled`` tells the objective to use the compiled version.
+Two things are compiled, and both default to on for CUDA and off for the CPU
+(``compile_by_default``), where inductor's warm-up costs more than a short run gains:
+
+- **Training** (``compile_model``): every transformer block, and the per-head
+  cross-entropy. Blocks are compiled one by one and in place (``nn.Module.compile``),
+  not the model as a whole: the sequential head schedule runs the trunk and then each
+  head separately, with an ``autograd.grad`` between heads that no single graph could
+  span; all blocks share one structure, so a single compiled graph serves every block
+  of the trunk and of the heads and compile time does not grow with depth; and in-place
+  compilation keeps the eager model's state-dict keys, so checkpoints do not care
+  whether a run was compiled. The per-head cross-entropy of the sequential schedule is
+  a chain of memory-bound passes over [B*T, vocab] that compilation fuses into a couple
+  of kernels; ``ByteMTP.compiled`` tells the objective to use the compiled version.
+- **Decoding** (``compile_decode_step``): the decode step, with static shapes, in
+  ``reduce-overhead`` mode on CUDA (CUDA graphs: one launch per step) and inductor's
+  default mode on the CPU (``--compile``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
 from bytemtp.model.transformer import Block, ByteMTP
+
+F = TypeVar("F", bound=Callable)
+
+# One graph per step shape met: (rows, positions) per decoder, times the cache lengths. Dynamo's
+# default of 8 would silently send the rest to eager once a bench sweep exceeds it.
+DECODE_RECOMPILE_LIMIT = 64
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether ``--compile`` left unset means on: on CUDA yes, on the CPU no."""
+    return device.type == "cuda"
 
 
 def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:
     """Compile ``model`` for training, in place; returns whether it did.
 
-    ``enabled=None`` decides by device: compile on CUDA, stay eager on the CPU, where
-    inductor's warm-up costs more than a short run gains. Call it after moving the
+    ``enabled=None`` decides by device (``compile_by_default``). Call it after moving the
     model to its device.
     """
     if enabled is None:
-        enabled = model.embed.weight.is_cuda
+        enabled = compile_by_default(model.embed.weight.device)
     if not enabled:
         return False
     for module in model.modules():
@@ -32,3 +54,14 @@ def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:
             module.compile()
     model.compiled = True
     return True
+
+
+def compile_decode_step(step: F, device: torch.device, enabled: bool | None = None) -> F | None:
+    """``step`` compiled with static shapes (CUDA graphs on a GPU), or None to run it eager.
+
+    ``enabled=None`` decides by device (``compile_by_default``).
+    """
+    if not (compile_by_default(device) if enabled is None else enabled):
+        return None
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
+    return torch.compile(step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)

@@ -14,7 +14,9 @@ from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model
 from torch._dynamo.utils import counters
 
-from bytemtp.decode.bench import compiled_step, draft_rows, sample_prompts
+from bytemtp.compile import compile_decode_step
+from bytemtp.decode.bench import draft_rows
+from bytemtp.decode.prompts import sample_prompts
 from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
@@ -171,7 +173,7 @@ def test_compiled_step_matches_eager_and_compiles_once(device):
     prompts = [text[i : i + 40] for i in (1000, 9000, 30000)]
     torch.compiler.reset()
     counters.clear()
-    step = compiled_step(model, enabled=True)
+    step = compile_decode_step(model.decode, torch.device(device), enabled=True)
     graphs = []
     for prompt in prompts:
         for speculative in (False, True):

@@ -15,7 +15,7 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from test_generate import random_model, run
 
 from bytemtp import BOS
-from bytemtp.decode.bench import compiled_step
+from bytemtp.compile import compile_decode_step
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.generate import GenerationConfig, generate
 from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeVerifier, accepted_path, build_tree, tree_mask
@@ -207,7 +207,7 @@ def test_tree_larger_than_the_heads_can_fill_is_an_error():
 @pytest.mark.slow  # inductor builds C++ kernels for the step shapes
 def test_compiled_tree_step_matches_eager():
     model = copy.deepcopy(trained_model())
-    step = compiled_step(model, enabled=True)
+    step = compile_decode_step(model.decode, torch.device("cpu"), enabled=True)
     for prompt in (b"    '", bytes(stdlib_corpus()[5000:5040].tolist())):
         config = GenerationConfig(prompt=prompt, max_new_bytes=64, tree_nodes=12)
         eager = generate(model, config).read()

@@ -47,14 +47,16 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
     """
     from tqdm import tqdm
 
-    from bytemtp.decode.bench import BenchConfig, compiled_step, run_bench, sample_prompts
+    from bytemtp.compile import compile_decode_step
+    from bytemtp.decode.bench import BenchConfig, run_bench
+    from bytemtp.decode.prompts import sample_prompts
     from bytemtp.train.checkpoint import load_model
 
     cfg = BenchConfig(
         prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees
     )
     model, _ = load_model(ckpt, device)
-    step = compiled_step(model, compile_)
+    step = compile_decode_step(model.decode, device, compile_)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)
     with tqdm(total=prompts, desc="bench", unit="prompt", disable=as_json, leave=False) as bar:
         report = run_bench(model, chosen, cfg, step_forward=step, progress=bar)

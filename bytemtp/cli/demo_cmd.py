@@ -23,7 +23,8 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     speedup over autoregressive decoding."""
     import torch
 
-    from bytemtp.decode.bench import BenchConfig, run_bench, sample_prompts
+    from bytemtp.decode.bench import BenchConfig, run_bench
+    from bytemtp.decode.prompts import sample_prompts
     from bytemtp.train.checkpoint import load_model
     from bytemtp.demo import CORPUS, DemoConfig, default_cache_dir, ensure_dataset, fresh_run_dir, plan_steps
     from bytemtp.decode.generate import GenerationConfig, generate

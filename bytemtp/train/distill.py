@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bytemtp import BOS
-from bytemtp.decode.bench import sample_prompts
+from bytemtp.decode.prompts import sample_prompts
 from bytemtp.errors import BytemtpError, require_at_least_one
-from bytemtp.decode.generate import round_slots
+from bytemtp.model.config import round_up_64
 from bytemtp.model.transformer import ByteMTP
 
 
@@ -85,7 +85,7 @@ def greedy_continuations(
     bar = tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress)
     for i in range(0, len(prompts), batch_size):
         ids = torch.tensor([[BOS, *p] for p in prompts[i : i + batch_size]], device=device)
-        model.setup_cache(ids.shape[0], round_slots(total))
+        model.setup_cache(ids.shape[0], round_up_64(total))
         try:
             logits, _ = model.decode(ids, torch.arange(ids.shape[1], device=device), 1)
             columns = [ids]

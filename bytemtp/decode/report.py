@@ -1,0 +1,127 @@
+"""What a decode benchmark measured: each decoder's runs, and the report that sets them side by side.
+
+The speedup is the ratio of median bytes/s. With greedy decoding the outputs of all
+decoders must be byte-identical, and the report says whether they were.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bytemtp.decode.generate import GenerationStats
+
+if TYPE_CHECKING:
+    from bytemtp.decode.bench import BenchConfig
+
+
+@dataclass
+class DecoderResult:
+    """All runs of one decoder; ``draft_heads == 0`` is autoregressive."""
+
+    draft_heads: int
+    adaptive: bool = False
+    tree: int = 0  # nodes of the draft tree verified per step (0: a chain)
+    bytes_per_s: list[float] = field(default_factory=list)
+    outputs: list[bytes] = field(default_factory=list)
+    total: GenerationStats = field(init=False)  # counts summed over the runs
+
+    def __post_init__(self) -> None:
+        self.total = GenerationStats(self.draft_heads)
+
+    @property
+    def label(self) -> str:
+        if not self.draft_heads:
+            return "autoregressive"
+        how = ", adaptive" if self.adaptive else f", tree of {self.tree}" if self.tree else ""
+        return f"speculative ({self.draft_heads} drafts{how})"
+
+    @property
+    def median_bytes_per_s(self) -> float:
+        return statistics.median(self.bytes_per_s)
+
+    @property
+    def bytes_per_forward(self) -> float:
+        return self.total.bytes_per_forward
+
+    @property
+    def acceptance(self) -> list[float]:
+        return self.total.acceptance
+
+    def add(self, output: bytes, stats: GenerationStats) -> None:
+        self.outputs.append(output)
+        self.bytes_per_s.append(stats.bytes_per_s)
+        self.total.absorb(stats)
+
+
+@dataclass
+class BenchReport:
+    config: BenchConfig
+    device: str
+    model: dict[str, Any]
+    ar: DecoderResult
+    spec: list[DecoderResult]  # the last one uses every draft head (adaptively or as a tree, when asked)
+    draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
+
+    def identical(self, mode: DecoderResult) -> bool | None:
+        """Greedy outputs equal to autoregressive for every prompt (None when sampling)."""
+        return mode.outputs == self.ar.outputs if self.config.temperature == 0 else None
+
+    def speedup(self, mode: DecoderResult) -> float:
+        return mode.median_bytes_per_s / self.ar.median_bytes_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        main = self.spec[-1]
+        row = lambda m: {  # noqa: E731
+            "draft_heads": m.draft_heads,
+            "adaptive": m.adaptive,
+            "tree": m.tree,
+            "bytes_per_s": m.median_bytes_per_s,
+            "speedup": self.speedup(m),
+            "bytes_per_forward": m.bytes_per_forward,
+            "head_acceptance": m.acceptance,
+            "identical": self.identical(m),
+        }
+        return {
+            "device": self.device,
+            "model": self.model,
+            "prompts": self.config.prompts,
+            "prompt_bytes": self.config.prompt_bytes,
+            "max_bytes": self.config.max_bytes,
+            "temperature": self.config.temperature,
+            "ar_bytes_per_s": self.ar.median_bytes_per_s,
+            "spec_bytes_per_s": main.median_bytes_per_s,
+            "speedup": self.speedup(main),
+            "bytes_per_forward": main.bytes_per_forward,
+            "identical": self.identical(main),
+            "head_acceptance": main.acceptance,
+            "draft_costs": self.draft_costs,
+            "rows": [row(self.ar)] + [row(m) for m in self.spec],
+        }
+
+    def table(self) -> str:
+        c = self.config
+        how = "greedy" if c.temperature == 0 else f"temperature {c.temperature}"
+        lines = [
+            f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
+            f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, {self.model['params']:,} params",
+            f"{'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}  acceptance (h2, h3, ...)",
+        ]
+        for m in [self.ar, *self.spec]:
+            same = self.identical(m) if m.draft_heads else None
+            lines.append(
+                f"{m.label:<34}{m.median_bytes_per_s:>10.1f}{self.speedup(m):>8.2f}x{m.bytes_per_forward:>11.2f}"
+                f"{'-' if same is None else ('yes' if same else 'NO'):>11}  " + " ".join(f"{a:.2f}" for a in m.acceptance)
+            )
+        if self.draft_costs:
+            lines.append("adaptive: forward cost by positions " + " ".join(f"{c:.2f}" for c in self.draft_costs))
+        return "\n".join(lines)
+
+
+def describe_device(device: torch.device, panels: bool) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads, {'panel' if panels else 'BLAS'} matmuls)"
