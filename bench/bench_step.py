@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,8 @@ from torch.profiler import ProfilerActivity, profile
 from bytemtp import VOCAB
 from bytemtp.compile import compile_model
 from bytemtp.model.config import HEAD_KINDS, preset
-from bytemtp.train.objective import multihead_loss
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.step_timing import synchronize, timed, training_step
 
 H100_BF16_DENSE = 989e12
 
@@ -72,23 +71,9 @@ class Case:
     peak_bytes: int = 0
 
 
-def step_fn(case: Case, ids: torch.Tensor, seq: int, device: torch.device) -> Callable[[], None]:
-    """One training step of ``case`` on the first T + n columns of the shared batch."""
-    batch = ids[:, : seq + case.n_future]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    def step() -> None:
-        case.model.zero_grad(set_to_none=True)
-        with autocast:
-            loss = multihead_loss(case.model, batch, case.mode).loss
-        loss.backward()
-
-    return step
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def step_fn(case: Case, ids: torch.Tensor, seq: int) -> Callable[[], None]:
+    """One training step of ``case`` (no optimizer) on the first T + n columns of the shared batch."""
+    return training_step(case.model, ids[:, : seq + case.n_future], case.mode)
 
 
 def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -98,11 +83,11 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     caching, so on the CPU they come from the profiler's allocation log.
     """
     if device.type == "cuda":
-        sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         step()
-        sync(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -135,7 +120,7 @@ def main() -> None:
             compile_model(model, args.compile)
             cases.append(Case(kind, n, mode, model))
     ids = torch.randint(0, VOCAB, (args.batch, args.seq + args.n_future), device=device)
-    steps = [step_fn(c, ids, args.seq, device) for c in cases]
+    steps = [step_fn(c, ids, args.seq) for c in cases]
 
     for step in steps:
         for _ in range(args.warmup):
@@ -143,11 +128,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.steps):
         for case, step in zip(cases, steps):
-            sync(device)
-            t0 = clock()
-            step()
-            sync(device)
-            case.times.append(clock() - t0)
+            case.times.append(timed(step, device, clock))
     for case, step in zip(cases, steps):
         case.model.zero_grad(set_to_none=True)  # the step frees nothing allocated before it
         case.peak_bytes = peak_step_bytes(step, device)
@@ -186,7 +167,7 @@ def test_step(benchmark, n_future: int) -> None:
     torch.manual_seed(0)
     model = ByteMTP(preset("small", n_future=n_future, max_seq_len=256))
     ids = torch.randint(0, VOCAB, (4, 256 + 8), generator=torch.Generator().manual_seed(0))
-    step = step_fn(Case("linear", n_future, "sequential", model), ids, 256, torch.device("cpu"))
+    step = step_fn(Case("linear", n_future, "sequential", model), ids, 256)
     benchmark.group = "training step: small width, linear heads, batch 4 x 256"
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
     _medians[n_future] = benchmark.stats.stats.median

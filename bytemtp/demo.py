@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bytemtp.model.config import ModelConfig, preset
 from bytemtp.errors import BytemtpError
-from bytemtp.train.objective import multihead_loss
+from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.config import TrainConfig
+from bytemtp.train.step_timing import timed, training_step
 
 CORPUS = "builtin:python-stdlib"
 
@@ -73,15 +72,8 @@ def seconds_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig, device: tor
     model = ByteMTP(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, 256, (train_cfg.batch_size, train_cfg.seq_len + model_cfg.n_future), device=device)
-    times = []
-    for _ in range(trials + 1):
-        start = time.perf_counter()
-        multihead_loss(model, ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    step = training_step(model, ids, optimizer=opt)
+    times = [timed(step, device) for _ in range(trials + 1)]
     return sorted(times[1:])[trials // 2]
 
 

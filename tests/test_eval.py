@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from bytemtp import BOS
 from bytemtp.cli import main
-from bytemtp.train.evaluate import evaluate
-from bytemtp.train.objective import MTPObjective
-from bytemtp.model.transformer import ByteMTP
 from bytemtp.data.shards import Dataset
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.evaluate import evaluate
 from bytemtp.train.loop import train
+from bytemtp.train.parallel import MTPObjective
 from train_support import MICRO, metrics, micro_train
 
 

@@ -10,9 +10,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from bytemtp.train.checkpoint import LATEST, checkpoints_dir, list_checkpoints, read_config
 from bytemtp.cli import main
 from bytemtp.data.loader import BatchLoader
+from bytemtp.train.checkpoint import LATEST, checkpoints_dir, list_checkpoints, read_config
 from bytemtp.train.loop import train
 from train_support import (
     MICRO,

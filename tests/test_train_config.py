@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bytemtp.model.config import PRESETS, ModelConfig
 from bytemtp.errors import BytemtpError
+from bytemtp.model.config import PRESETS, ModelConfig
 from bytemtp.model.transformer import ByteMTP
-from bytemtp.train.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 from bytemtp.train.config import TRAIN_PRESETS, TrainConfig, build_configs, merge_for_resume
+from bytemtp.train.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups
 
 CKPT = Path("run/checkpoints/step-0000010")
 

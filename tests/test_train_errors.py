@@ -10,11 +10,11 @@ import torch
 from click.testing import CliRunner
 
 import bytemtp.train.checkpoint
-from bytemtp.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
-from bytemtp.train.objective import MTPObjective
+from bytemtp.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from bytemtp.train.loop import train
+from bytemtp.train.parallel import MTPObjective
 from train_support import MICRO, config_file, metrics, micro_train
 
 

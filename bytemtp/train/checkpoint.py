@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from bytemtp import __version__
 from bytemtp.data.atomic import atomic_dir, fsync_dir
-from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
+from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
 
 WEIGHTS, CONFIG, TRAIN_STATE, LATEST = "model.safetensors", "config.json", "train_state.pt", "latest"

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 from bytemtp.errors import BytemtpError, require_at_least_one
+from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "naive")

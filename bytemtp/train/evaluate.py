@@ -12,7 +12,6 @@ size.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +19,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bytemtp.train.checkpoint import load_model, resolve_checkpoint
-from bytemtp.train.distributed import autocast, resolve_device
-from bytemtp.errors import BytemtpError
 from bytemtp.data.loader import iter_eval_batches
-from bytemtp.train.objective import MTPObjective, split_batch
 from bytemtp.data.shards import Dataset
+from bytemtp.errors import BytemtpError
+from bytemtp.train.checkpoint import load_model, resolve_checkpoint
+from bytemtp.train.distributed import resolve_device
+from bytemtp.train.objective import LN2, split_batch
+from bytemtp.train.parallel import MTPObjective
+from bytemtp.train.precision import autocast
 
 
 @dataclass
@@ -73,7 +74,7 @@ def evaluate(
     counts = count.tolist()
     if counts[0] == 0:
         raise BytemtpError(f"{data_dir}: the val split has no bytes to evaluate")
-    bpb = [s / max(c, 1) / math.log(2) for s, c in zip(nll.tolist(), counts)]
+    bpb = [s / max(c, 1) / LN2 for s, c in zip(nll.tolist(), counts)]
     return EvalResult(bpb, counts[0])
 
 

@@ -18,21 +18,19 @@ steps since the last periodic checkpoint.
 
 from __future__ import annotations
 
-import json
-import math
-import random
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from bytemtp.data.atomic import atomic_write_bytes
+from bytemtp.compile import compile_model
+from bytemtp.data.loader import BatchLoader, LoaderConfig
+from bytemtp.errors import BytemtpError
+from bytemtp.model.config import ModelConfig
+from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -42,34 +40,24 @@ from bytemtp.train.checkpoint import (
     remove_stale,
     save_checkpoint,
 )
-from bytemtp.compile import compile_model
-from bytemtp.model.config import ModelConfig
+from bytemtp.train.config import TrainConfig, merge_for_resume, saved_configs
 from bytemtp.train.distributed import (
     DistEnv,
     all_reduce,
-    as_local,
-    autocast,
     broadcast_from_main,
-    full_model_state,
-    full_optimizer_state,
     gather_to_main,
-    gradient_sync,
     init_distributed,
-    load_optimizer_state,
     shutdown,
-    unwrap,
-    wrap,
 )
-from bytemtp.errors import BytemtpError
 from bytemtp.train.evaluate import EvalResult, evaluate, require_split
-from bytemtp.data.loader import BatchLoader, LoaderConfig
-from bytemtp.train.objective import MTPObjective
-from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
+from bytemtp.train.metrics import METRICS, MetricsLog
+from bytemtp.train.objective import LN2
 from bytemtp.train.optim import build_optimizer, build_scheduler
-from bytemtp.train.config import TrainConfig, merge_for_resume, saved_configs
-
-METRICS = "metrics.jsonl"
-LN2 = math.log(2.0)
+from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
+from bytemtp.train.precision import autocast
+from bytemtp.train.rng import rng_state, set_rng_state
+from bytemtp.train.signals import StopSignals, stop_reason
 
 
 @dataclass
@@ -177,7 +165,7 @@ class _Run:
         load_optimizer_state(self.objective, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"][self.env.rank], self.env.device)
+        set_rng_state(state["rng"][self.env.rank], self.env.device)
         self.step = state["step"]
 
     # -- the loop ----------------------------------------------------------------
@@ -202,7 +190,7 @@ class _Run:
                 while reason is None:
                     signum, over_budget = self._step(signals)
                     bar.update(1)
-                    reason = _stop_reason(signum, self.step >= cfg.steps, over_budget)
+                    reason = stop_reason(signum, self.step >= cfg.steps, over_budget)
                     val = self._report(reason, bar) or val
                     if reason is not None or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
                         self._save()
@@ -324,7 +312,7 @@ class _Run:
         env = self.env
         weights = full_model_state(self.objective)
         optimizer = full_optimizer_state(self.objective, self.optimizer)
-        rngs = gather_to_main(_rng_state(env.device), env)
+        rngs = gather_to_main(rng_state(env.device), env)
         outcome: tuple[Path | None, str | None] = (None, None)
         if env.is_main:
             state = {
@@ -347,85 +335,3 @@ class _Run:
         if error is not None:
             raise BytemtpError(error)
         self.last_ckpt = path
-
-
-def _stop_reason(signum: int, finished: bool, over_budget: bool) -> str | None:
-    if signum:
-        return signal.Signals(signum).name
-    if finished:
-        return "done"
-    if over_budget:
-        return "time budget"
-    return None
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step and save.
-
-    A second SIGINT interrupts at once (for a save that hangs). Handlers can only
-    be installed from the main thread; elsewhere signals keep their defaults.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class MetricsLog:
-    """``RUN/metrics.jsonl``: one JSON object per logged step, flushed as it is written.
-
-    A new run starts it empty. A resumed run first cuts it back to the resumed
-    step (dropping a line half-written by a killed process), so the file reads like
-    one uninterrupted run.
-    """
-
-    def __init__(self, path: Path, keep_upto: int | None):
-        kept = []
-        if keep_upto is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("step", 0) <= keep_upto:
-                    kept.append(line + "\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, "".join(kept).encode())
-        self._file: TextIO = open(path, "a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()

@@ -11,7 +11,7 @@ tell, DDP/FSDP hooks, gradient accumulation and ``no_sync`` work unchanged.
 Two things keep the extra heads cheap. Linear heads all read the same normed
 trunk output, so the shared norm runs once, outside the Function, and the
 per-head work is just the unembedding matmul, the cross-entropy and their
-gradients, written out by hand (``unembed_cross_entropy``): no per-head autograd
+gradients, written out by hand (``bytemtp.train.cross_entropy``): no per-head autograd
 graph, no padded-logit copies, the matmul-dtype cast of the features done once.
 Transformer heads differentiate only their own block, the shared norm and z;
 the unembedding and cross-entropy use the same hand-written step.
@@ -26,33 +26,29 @@ Losses are reported in bits per byte.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from bytemtp.model.transformer import ByteMTP, PosContext
+from bytemtp.model.layers import PosContext
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.config import LOSS_MODES
+from bytemtp.train.cross_entropy import cross_entropy_fn, matmul_dtype, no_autocast
 
-LN2 = math.log(2.0)
-MODES = ("sequential", "naive")
+LN2 = math.log(2.0)  # nats per bit: losses are computed in nats and reported in bits per byte
 
 # compute(x) -> (objective, per-head losses, gradients of the objective w.r.t. (x, *params))
-GradsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+LossAndGradients = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar objective (nats), attached to the graph
     head_losses: torch.Tensor  # [n_future] detached, nats
-
-    @property
-    def bpb_heads(self) -> list[float]:
-        return (self.head_losses / LN2).tolist()
 
 
 def split_batch(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,56 +62,6 @@ def split_batch(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.T
     return inputs, targets
 
 
-def unembed_cross_entropy(
-    features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of ``targets`` under ``features @ weight.T`` and the gradients of
-    ``scale * sum`` w.r.t. features and weight, without autograd.
-
-    features [N, d] and weight [vocab_padded, d] come in the matmul dtype; only the first
-    ``vocab`` logit columns are real (padding ids get no probability mass and no gradient).
-    The softmax runs in fp32 whatever the matmul dtype. Targets of -1 are ignored.
-    Returns (nll_sum fp32 scalar, grad_features [N, d], grad_weight [vocab_padded, d]).
-
-    The logits buffer is reused for dlogits, padding columns zeroed, so the backward
-    matmuls stay on the aligned padded width and nothing the size of the logits is
-    allocated twice.
-    """
-    logits = features @ weight.T
-    real = logits[:, :vocab]
-    lf = real.float()  # the very same tensor when the matmul ran in fp32
-    lse = torch.logsumexp(lf, dim=1, keepdim=True)
-    valid = targets >= 0
-    t = targets.clamp_min(0).unsqueeze(1)
-    nll_sum = ((lse - lf.gather(1, t)).squeeze(1) * valid).sum()
-    row_scale = (valid * scale).unsqueeze(1)
-    dlogits = lf.sub_(lse).exp_().mul_(row_scale).scatter_add_(1, t, -row_scale)
-    if dlogits is not real:
-        real.copy_(dlogits)
-    logits[:, vocab:].zero_()
-    return nll_sum, logits @ weight, logits.T @ features
-
-
-@functools.cache
-def _compiled_unembed_cross_entropy() -> Callable:
-    return torch.compile(unembed_cross_entropy)
-
-
-def _cross_entropy_fn(model: ByteMTP) -> Callable:
-    return _compiled_unembed_cross_entropy() if model.compiled else unembed_cross_entropy
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would run a matmul on ``x`` in (``x``'s own without autocast)."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Hand-written steps cast explicitly; backward passes must not be re-autocast either."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
 def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like: list[torch.Tensor]):
     """Running sum of per-head gradients, kept in the dtypes of ``like`` (fp32 under autocast)."""
     if total is None:
@@ -126,12 +72,12 @@ def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like:
 
 
 def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Tensor, h: torch.Tensor):
-    """GradsFn over (h = norm(z), *head weights): the features are shared, only weights differ."""
-    n, dt = targets.shape[-1], _matmul_dtype(h)
-    ce, scales = _cross_entropy_fn(model), 1.0 / (n * counts)
+    """LossAndGradients over (h = norm(z), *head weights): the features are shared, only weights differ."""
+    n, dt = targets.shape[-1], matmul_dtype(h)
+    ce, scales = cross_entropy_fn(model), 1.0 / (n * counts)
     feats = h.detach().flatten(0, 1).to(dt)
     nll, grad_h, grad_ws = [], None, []
-    with _no_autocast(h):
+    with no_autocast(h):
         for k in range(n):
             w = model.unembedding(k)
             nll_k, g_f, g_w = ce(feats, w.to(dt), targets[..., k].flatten(), model.cfg.vocab, scales[k])
@@ -149,8 +95,8 @@ def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosCo
     params = list(model.heads[k].parameters())
     with torch.enable_grad():
         f = model.head_features(zd, k, pos)
-    with _no_autocast(zd):
-        nll, g_f, g_u = _cross_entropy_fn(model)(
+    with no_autocast(zd):
+        nll, g_f, g_u = cross_entropy_fn(model)(
             f.detach().flatten(0, 1).to(unembed.dtype), unembed, targets_k.flatten(), model.cfg.vocab, scale
         )
         g_z, g_norm, *g_params = torch.autograd.grad(f, [zd, model.norm.weight, *params], g_f.view_as(f).to(f.dtype))
@@ -158,12 +104,12 @@ def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosCo
 
 
 def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Tensor, z: torch.Tensor):
-    """GradsFn over (z, norm weight, unembedding, *head params): one head's graph alive at a time."""
+    """LossAndGradients over (z, norm weight, unembedding, *head params): one head's graph alive at a time."""
     n, scales = targets.shape[-1], 1.0 / (targets.shape[-1] * counts)
     pos = model.pos_context(z.shape[1])
     zd = z.detach().requires_grad_()
     norm_w, unembed_w = model.norm.weight, model.unembedding(0)
-    unembed = unembed_w.to(_matmul_dtype(z))
+    unembed = unembed_w.to(matmul_dtype(z))
     nll, shared, head_grads = [], None, []
     for k in range(n):
         nll_k, g_shared, g_params = _transformer_head_grads(model, k, zd, pos, unembed, targets[..., k], scales[k])
@@ -174,7 +120,7 @@ def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torc
     return losses.mean(), losses, [*shared, *head_grads]
 
 
-class _EagerGrads(torch.autograd.Function):
+class _GradientsFromForward(torch.autograd.Function):
     """An objective whose gradients w.r.t. (x, *params) are computed during its forward.
 
     ``backward`` only scales them by the incoming gradient, so the heads' work happens
@@ -183,7 +129,7 @@ class _EagerGrads(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, compute: GradsFn, x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, compute: LossAndGradients, x: torch.Tensor, *params: torch.Tensor):
         objective, head_losses, grads = compute(x)
         # Neither inputs nor outputs, so kept as plain attributes and released in backward.
         ctx.grads = grads
@@ -198,20 +144,14 @@ class _EagerGrads(torch.autograd.Function):
         return (None, *(g.mul_(grad_objective) for g in grads))
 
 
-def head_parameters(model: ByteMTP) -> list[nn.Parameter]:
-    """Everything ``head_logits`` touches: the heads, the shared norm and unembedding."""
-    mods = [model.heads, model.norm] + ([model.unembed] if model.unembed is not None else [])
-    return [p for m in mods for p in m.parameters() if p.requires_grad]
-
-
 def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor):
-    if model.shared_features:
+    if model.linear_heads:
         weights = [model.unembedding(k) for k in range(model.cfg.n_future)]
         compute = functools.partial(_linear_heads_grads, model, targets, counts)
-        return _EagerGrads.apply(compute, model.head_features(z, 0), *weights)
+        return _GradientsFromForward.apply(compute, model.head_features(z, 0), *weights)
     params = [model.norm.weight, model.unembedding(0), *model.heads.parameters()]
     compute = functools.partial(_transformer_heads_grads, model, targets, counts)
-    return _EagerGrads.apply(compute, z, *params)
+    return _GradientsFromForward.apply(compute, z, *params)
 
 
 def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor):
@@ -230,22 +170,10 @@ def multihead_loss(model: ByteMTP, ids: torch.Tensor, mode: str = "sequential") 
 
     Without grad mode (evaluation) both modes compute the same losses head by head.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in LOSS_MODES:
+        raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
     inputs, targets = split_batch(ids, model.cfg.n_future)
     counts = (targets >= 0).sum((0, 1)).clamp_min(1)
     z = model.trunk(inputs)
     step = _sequential if mode == "sequential" and torch.is_grad_enabled() else _naive
     return LossOutput(*step(model, z, targets, counts))
-
-
-class MTPObjective(nn.Module):
-    """Model + objective as one module, so DDP/FSDP wrap a forward that returns the loss."""
-
-    def __init__(self, model: ByteMTP, mode: str = "sequential"):
-        super().__init__()
-        self.model, self.mode = model, mode
-
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = multihead_loss(self.model, ids, self.mode)
-        return out.loss, out.head_losses

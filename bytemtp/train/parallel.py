@@ -1,0 +1,90 @@
+"""The module the training step calls, and PyTorch's data-parallel engines around it.
+
+DDP and FSDP2 wrap a module whose forward returns the loss (``MTPObjective``), so
+their hooks see one ordinary forward and backward whatever head schedule runs
+inside. Without a process group the wrapping is the identity and the helpers are
+no-ops, so the training loop has one code path from a laptop to a cluster. The
+engines are imported where they are used: they take seconds to import, which
+``bytemtp eval`` need not pay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.distributed import DistEnv
+from bytemtp.train.objective import multihead_loss
+
+
+class MTPObjective(nn.Module):
+    """Model + objective as one module, so DDP/FSDP wrap a forward that returns the loss."""
+
+    def __init__(self, model: ByteMTP, mode: str = "sequential"):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = multihead_loss(self.model, ids, self.mode)
+        return out.loss, out.head_losses
+
+
+def wrap(objective: MTPObjective, env: DistEnv, fsdp: bool) -> nn.Module:
+    """The module the training step calls: DDP, FSDP2, or (single process) ``objective`` itself.
+
+    FSDP2 shards every trunk block as its own unit (all-gathered just before it
+    runs, freed after) and leaves the embedding, heads and shared norm to the root
+    unit: the sequential head schedule runs all heads inside one autograd Function,
+    so they are needed together anyway. ``fully_shard`` changes ``objective`` in
+    place; DDP wraps it. Buffers (RoPE tables) are deterministic, so DDP need not
+    broadcast them every step.
+    """
+    if not env.distributed:
+        return objective
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if fsdp:
+        for block in objective.model.blocks:
+            fully_shard(block)
+        fully_shard(objective)
+        return objective
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(objective, device_ids=device_ids, broadcast_buffers=False)
+
+
+def unwrap(module: nn.Module) -> MTPObjective:
+    """The objective inside a DDP wrapper (FSDP2 modules are their own objective)."""
+    return module if isinstance(module, MTPObjective) else module.module
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for micro-steps that are not the last.
+
+    Gradients then accumulate locally and are synchronised once, together with the
+    last micro-step's, which is what makes gradient accumulation cost one
+    communication per optimizer step.
+    """
+    if enabled:
+        yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    else:  # a single process: nothing to synchronise
+        yield
+
+
+def as_local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a replicated DTensor (e.g. FSDP2's clipped grad norm)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
