@@ -27,7 +27,7 @@ import torch
 
 from bytemtp.model.config import preset
 from bytemtp.model.transformer import ByteMTP
-from bytemtp.model.panels import Linear, panels_enabled
+from bytemtp.model.panels import PanelLinear, panels_enabled
 
 ROWS = (1, 2, 4, 8, 16, 32)
 ROUNDS = 15
@@ -70,7 +70,7 @@ def table(name: str, medians: dict[tuple[bool, int], float]) -> None:
 
 @torch.inference_mode()
 def test_trunk_matmuls(benchmark, model):
-    layers = [m for m in model.modules() if isinstance(m, Linear)][: 4 * model.cfg.n_layers] + [model.heads[0]]
+    layers = [m for m in model.modules() if isinstance(m, PanelLinear)][: 4 * model.cfg.n_layers] + [model.heads[0]]
     inputs = {rows: {d: torch.randn(rows, d) for d in {m.in_features for m in layers}} for rows in ROWS}
 
     def target(rows):

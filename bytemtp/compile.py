@@ -25,7 +25,8 @@ from typing import TypeVar
 
 import torch
 
-from bytemtp.model.transformer import Block, ByteMTP
+from bytemtp.model.layers import Block
+from bytemtp.model.transformer import ByteMTP
 
 F = TypeVar("F", bound=Callable)
 

@@ -58,7 +58,7 @@ def test_measured_costs_are_relative_to_one_position():
     model = random_model(n_future=4, max_seq_len=48)
     costs = measure_step_costs(model, 4, cache_len=48, rounds=2)
     assert len(costs) == 4 and costs[0] == 1.0 and all(c > 0 for c in costs)
-    assert model.causal_mask is None  # the cache is detached again
+    assert model.kv_cache is None  # the cache is detached again
 
 
 @pytest.mark.parametrize("head_kind", ["linear", "transformer"])

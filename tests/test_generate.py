@@ -83,9 +83,9 @@ class StubLM(torch.nn.Module):
         rows = [torch.stack([self.logits_fn(tuple(self.cache[: p + 1]), k) for k in range(n_heads)]) for p in pos_l]
         return torch.stack(rows)[None]
 
-    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, attend: int | None = None):
+    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, kv_len: int | None = None):
         """``ByteMTP.decode``'s contract; the stub's draft features are its draft logits."""
-        assert attend is None or int(input_pos.max()) < attend <= len(self.cache)  # every position sees itself
+        assert kv_len is None or int(input_pos.max()) < kv_len <= len(self.cache)  # every position sees itself
         logits = self(ids, input_pos=input_pos, n_heads=n_heads)
         return logits[:, :, 0], logits[:, :, 1:]
 

@@ -204,9 +204,9 @@ def test_cache_needs_setup_and_clears():
     ids = torch.randint(0, VOCAB, (1, 4))
     with pytest.raises(RuntimeError, match="setup_cache"):
         model(ids, input_pos=torch.arange(4))
-    model.setup_cache(1, 8)
-    assert all(a.kv_cache is not None for a in model.attention_layers())
-    assert len(model.attention_layers()) == 2 + 3  # trunk layers + one per transformer head
+    cache = model.setup_cache(1, 8)
+    assert model.kv_cache is cache
+    assert len(model.attention_layers()) == len(cache.k) == len(cache.v) == 2 + 3  # trunk layers + one per head
     model(ids, input_pos=torch.arange(4))
     model.clear_cache()
     with pytest.raises(RuntimeError, match="setup_cache"):
@@ -217,12 +217,10 @@ def test_cache_is_reused_for_the_same_shape():
     """Compiled decode steps bind to the cache tensors: a second generation of the
     same shape must get the same ones, a different shape fresh ones."""
     model = small_model("transformer")
-    model.setup_cache(1, 8)
-    first = [(a.kv_cache.k, a.kv_cache.v) for a in model.attention_layers()]
-    mask = model.causal_mask
+    first = model.setup_cache(1, 8)
+    buffers, mask = [*first.k, *first.v], first.causal
     model.clear_cache()
-    model.setup_cache(1, 8)
-    again = [(a.kv_cache.k, a.kv_cache.v) for a in model.attention_layers()]
-    assert all(k is k2 and v is v2 for (k, v), (k2, v2) in zip(first, again)) and model.causal_mask is mask
-    model.setup_cache(1, 16)
-    assert model.attention_layers()[0].kv_cache.k.shape[2] == 16 and model.causal_mask.shape == (16, 16)
+    again = model.setup_cache(1, 8)
+    assert all(a is b for a, b in zip(buffers, [*again.k, *again.v], strict=True)) and again.causal is mask
+    bigger = model.setup_cache(1, 16)
+    assert bigger.k[0].shape[2] == 16 and bigger.causal.shape == (16, 16)

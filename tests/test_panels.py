@@ -1,4 +1,4 @@
-"""The panel kernel for few-row CPU products, and the ``Linear`` layer that routes to it."""
+"""The panel kernel for few-row CPU products, and the ``PanelLinear`` layer that routes to it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bytemtp.model.panels import MAX_ROWS, MIN_WEIGHT, Linear, panels_enabled
+from bytemtp.model.panels import MAX_ROWS, MIN_WEIGHT, PanelLinear, panels_enabled
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
 
@@ -69,7 +69,7 @@ def test_pack_panels_pads_columns_with_zeros():
 def test_linear_uses_the_kernel_for_small_inference_products_on_big_weights_only():
     torch.manual_seed(0)
     n_out = MIN_WEIGHT // 96 + 1
-    layer, tiny = Linear(96, n_out), Linear(96, 64)
+    layer, tiny = PanelLinear(96, n_out), PanelLinear(96, 64)
     small, large = torch.randn(1, 3, 96), torch.randn(2, MAX_ROWS, 96)
     with torch.inference_mode():
         y = layer(small)
@@ -88,7 +88,7 @@ def test_linear_uses_the_kernel_for_small_inference_products_on_big_weights_only
 def test_linear_repacks_after_the_weight_changes():
     """A model can alternate training and sampling: an optimizer step must not leave stale panels."""
     torch.manual_seed(0)
-    layer = Linear(512, 512)
+    layer = PanelLinear(512, 512)
     x = torch.randn(1, 512)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     with torch.inference_mode():
@@ -110,8 +110,8 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
     a fresh one here) resized torch's: decoding with 1 thread then ran with all cores."""
     script = (
         "import torch; torch.set_num_threads(1)\n"
-        "from bytemtp.model.panels import Linear\n"
-        "layer = Linear(512, 512)\n"
+        "from bytemtp.model.panels import PanelLinear\n"
+        "layer = PanelLinear(512, 512)\n"
         "with torch.inference_mode(): layer(torch.randn(2, 512))\n"
         "assert layer._panels is not None\n"
         "print(torch.get_num_threads())\n"
@@ -120,8 +120,8 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
     assert out.stdout.split() == ["1"]
 
 
-def test_linear_state_dict_is_nn_linears():
-    layer = Linear(8, 4)
+def test_panel_linear_state_dict_is_nn_linears():
+    layer = PanelLinear(8, 4)
     plain = torch.nn.Linear(8, 4, bias=False)
     plain.load_state_dict(layer.state_dict())
     assert list(layer.state_dict()) == ["weight"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bytemtp import BOS
-from bytemtp.model.config import ModelConfig
+from bytemtp.model.config import ModelConfig, round_up_64
 from bytemtp.decode.drafting import DraftPolicy, verified_drafts
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.sampling import SamplingConfig
@@ -41,7 +41,7 @@ from bytemtp.decode.tree import TreeVerifier, check_tree_request, check_tree_siz
 
 # (ids [1, P], input_pos [P], n_heads[, rope_pos, mask]) -> (head-1 logits [1, P, V], draft features [1, P, F, d]):
 # ByteMTP.decode (a draft tree passes its own RoPE positions and attention mask; eager steps also
-# pass ``attend``, a compiled one never does)
+# pass ``kv_len``, a compiled one never does)
 StepForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 STOP_REASONS = ("max_bytes", "stop_string", "end_of_document")
@@ -210,11 +210,6 @@ def window_keep(window: int) -> int:
     return max(1, window // 2)
 
 
-def round_slots(n: int) -> int:
-    """``n`` cache slots rounded up to a multiple of 64: few distinct shapes to compile or tune for."""
-    return -(-n // 64) * 64
-
-
 def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -> int:
     """KV-cache positions a generation can use: at most ``window``, and no more than
     the context, every new byte and one step's drafts need, rounded up to 64.
@@ -225,7 +220,7 @@ def cache_length(context: int, max_new_bytes: int, n_drafts: int, window: int) -
     the shapes of most generations equal (one compiled graph).
     """
     need = context + max_new_bytes + n_drafts + 1
-    return min(window, round_slots(need))
+    return min(window, round_up_64(need))
 
 
 def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes: int, tree_nodes: int = 0) -> int:
@@ -376,23 +371,23 @@ class Generation:
         RoPE positions and mask). Eager, attention reads only the slots in use; a compiled step
         keeps its fixed shapes."""
         if self.step_forward is None:
-            return self.model.decode(ids, slots, self.n_drafts + 1, *tree, attend=self._attended(end))
+            return self.model.decode(ids, slots, self.n_drafts + 1, *tree, kv_len=self._attended(end))
         return self.step_forward(ids, slots, self.n_drafts + 1, *tree)
 
     def _attended(self, end: int) -> int:
         """Cache slots a step writing up to slot ``end`` attends to: eager, ``end`` rounded up
-        (``round_slots``); compiled, the whole cache (one shape)."""
+        (``round_up_64``); compiled, the whole cache (one shape)."""
         if self.step_forward is not None:
             return self.cache_len
-        return min(self.cache_len, round_slots(end))
+        return min(self.cache_len, round_up_64(end))
 
     @torch.inference_mode()
     def _encode(self, ids: list[int]) -> torch.Tensor:
         """Forward a whole context from position 0 and decide from its last position."""
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)
-        attend = min(self.cache_len, round_slots(len(ids)))  # always eager: trimmed even when steps are compiled
-        logits, features = self.model.decode(x, pos, self.n_drafts + 1, attend=attend)
+        kv_len = min(self.cache_len, round_up_64(len(ids)))  # always eager: trimmed even when steps are compiled
+        logits, features = self.model.decode(x, pos, self.n_drafts + 1, kv_len=kv_len)
         if self.tree_nodes:
             return self.verify(logits[0, -1:], features[0, -1:], None)[0]
         return self.verify(logits[0, -1:], features[0, -1:], x.new_empty(0))

@@ -18,6 +18,12 @@ HEAD_KINDS = ("linear", "transformer")
 FFN_KINDS = ("swiglu", "gelu")
 
 
+def round_up_64(n: int) -> int:
+    """``n`` rounded up to a multiple of 64: matmul widths that fill whole vector tiles, and cache
+    lengths that take few distinct values (few shapes to compile or tune for)."""
+    return -(-n // 64) * 64
+
+
 @dataclass
 class ModelConfig:
     """Byte trunk + ``n_future`` prediction heads (head k predicts byte t+k).
@@ -59,7 +65,7 @@ class ModelConfig:
     @property
     def vocab_padded(self) -> int:
         """Embedding rows: vocab rounded up to a multiple of 64 for aligned matmuls."""
-        return -(-self.vocab // 64) * 64
+        return round_up_64(self.vocab)
 
     @property
     def head_dim(self) -> int:
@@ -70,7 +76,7 @@ class ModelConfig:
         if self.d_ff:
             return self.d_ff
         hidden = 8 * self.d_model // 3 if self.ffn == "swiglu" else 4 * self.d_model
-        return -(-hidden // 64) * 64
+        return round_up_64(hidden)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

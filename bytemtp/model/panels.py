@@ -1,4 +1,4 @@
-"""``Linear``: ``nn.Linear`` whose decoding-sized CPU products run on ``bytemtp_native.panels``.
+"""``PanelLinear``: ``nn.Linear`` whose decoding-sized CPU products run on ``bytemtp_native.panels``.
 
 A CPU decoding step multiplies 1..8 rows by every weight of the model, where BLAS
 makes 8 rows cost about twice one (see ``bytemtp_native.panels``). This layer sends
@@ -47,12 +47,12 @@ def panels_enabled(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
-class Linear(nn.Linear):
+class PanelLinear(nn.Linear):
     """``nn.Linear`` (without bias) with the panel kernel for few-row CPU float32 inference on big weights."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         if bias:
-            raise ValueError("bytemtp.model.panels.Linear has no bias")
+            raise ValueError("bytemtp.model.panels.PanelLinear has no bias")
         super().__init__(in_features, out_features, bias=False, **kwargs)
         self._panels = None
         self._packed_from: tuple[int, int] | None = None

@@ -1,0 +1,75 @@
+"""The KV cache of decoding: every attention layer's keys and values, written in place.
+
+Each layer has its own key buffer and its own value buffer, [B, H, S, hd] each (B rows,
+H attention heads, S slots), allocated once and never reallocated or reshaped: a compiled
+or CUDA-graph-captured decode step binds to these very tensors and mutates them in place.
+They are separate tensors, not views of one shared tensor, because a captured graph that
+mutates views of a common base may be refused (and silently run uncaptured).
+
+Rows are independent. A forward writes each row's keys and values at that row's own slots
+(``input_pos`` [B, P]) and each row attends through its own mask, so the rows of a batch
+may hold contexts of different lengths and accept different numbers of drafts. Rolling a
+row back after a rejected draft costs nothing: the next forward writes the same slots
+again, and the mask hides whatever stale entries lie beyond. The cache stores values,
+never autograd history.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys ``k[layer]`` and values ``v[layer]``, [B, H, S, hd] each, and the causal mask table
+    ``causal`` [S, S] (row s: the slots a position at slot s attends to in a plain chain)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def fits(self, n_layers: int, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this cache already has the asked-for shape, dtype and device (and can be reused)."""
+        k = self.k[0]
+        return (len(self.k), k.shape[0], k.shape[2], k.dtype, k.device) == (
+            n_layers, batch_size, max_len, dtype, torch.device(device)
+        )
+
+    def write(
+        self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k`` and ``v`` [B, H, P, hd] of ``layer`` at slots ``input_pos`` ([B, P] per row,
+        or [P] for every row) and return the layer's whole buffers."""
+        index = torch.broadcast_to(input_pos, (k.shape[0], k.shape[2]))[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k.detach().to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, index, v.detach().to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's keys and values of row b from slots ``src[b]`` to slots ``dst[b]``
+        ([B, n], or [n] for every row): an accepted draft-tree path moves down to follow the
+        context. All entries are read before any is written, so the two may overlap."""
+        B, H, _, hd = self.k[0].shape
+        rows, shape = (B, src.shape[-1]), (B, H, src.shape[-1], hd)
+        src = torch.broadcast_to(src, rows)[:, None, :, None].expand(shape)
+        dst = torch.broadcast_to(dst, rows)[:, None, :, None].expand(shape)
+        for buf in (*self.k, *self.v):
+            buf.scatter_(2, dst, buf.gather(2, src))
