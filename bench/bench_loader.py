@@ -79,7 +79,7 @@ def dataset(docs, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("seq_len", [256, 2048])
-@pytest.mark.parametrize("mode", native.MODES)
+@pytest.mark.parametrize("mode", native.PACKING_MODES)
 def test_pack_kernel(benchmark, report, shard, mode, seq_len):
     data, offsets, order = shard
     native.pack(data[:1000], offsets[:2], order[:1], seq_len, N_FUTURE, mode, with_doc_ids=True)  # compiled/cached
@@ -96,7 +96,7 @@ def test_pack_kernel(benchmark, report, shard, mode, seq_len):
 
 
 @pytest.mark.parametrize("seq_len", [256, 2048])
-@pytest.mark.parametrize("mode", native.MODES)
+@pytest.mark.parametrize("mode", native.PACKING_MODES)
 def test_pack_reference(benchmark, report, shard, mode, seq_len):
     data, offsets, order = shard
     benchmark.group = f"pack {mode} T={seq_len}"
@@ -115,7 +115,7 @@ def one_core():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("mode", native.MODES)
+@pytest.mark.parametrize("mode", native.PACKING_MODES)
 def test_loader_one_epoch(benchmark, report, dataset, one_core, mode):
     cfg = LoaderConfig(batch_size=16, seq_len=2048, n_future=N_FUTURE, mode=mode)
 
@@ -145,7 +145,7 @@ FIRST_CALLS = textwrap.dedent(
     t1 = time.perf_counter()
     data, offsets = np.frombuffer(b"abcdefgh", np.uint8), np.array([0, 3, 8], np.uint64)
     def calls():
-        for mode in native.MODES:
+        for mode in native.PACKING_MODES:
             plan = native.plan_rows(offsets, native.permutation(2, 1), 4, 2, mode)
             native.fill_rows(data, offsets, plan, np.arange(plan.n_rows), np.empty((plan.n_rows, 6), np.int16))
         native.concat_stream(data, offsets)

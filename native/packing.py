@@ -44,7 +44,7 @@ from numba import njit
 from bytemtp import BOS
 
 PAD = -1
-MODES = ("concat", "best-fit")
+PACKING_MODES = ("concat", "best-fit")
 _BLOCK = 64  # rooms per block in best-fit's index of open rows
 
 
@@ -262,8 +262,8 @@ def _as_i64(offsets: np.ndarray) -> np.ndarray:
 
 def plan_rows(offsets: np.ndarray, order: np.ndarray, seq_len: int, n_future: int, mode: str = "concat") -> PackPlan:
     """Plan rows of ``seq_len + n_future`` ids from the documents ``order`` (indices into ``offsets``)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in PACKING_MODES:
+        raise ValueError(f"mode must be one of {PACKING_MODES}, got {mode!r}")
     if seq_len < 1 or n_future < 1:
         raise ValueError(f"seq_len and n_future must be at least 1, got {seq_len} and {n_future}")
     kernel = _plan_concat if mode == "concat" else _plan_best_fit

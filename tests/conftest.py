@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bytemtp.data.shards import ShardInfo, shard_name, write_manifest, write_shard
+from bytemtp.data.shards import ShardBuffer, ShardInfo, shard_name, write_manifest
 
 
 def pytest_configure(config):
@@ -45,6 +45,14 @@ def pytest_collection_modifyitems(config, items):
             it.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
         if "gpu" in it.keywords and not has_cuda:
             it.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+def write_shard(path: Path, docs: list[bytes]) -> ShardInfo:
+    """One shard holding ``docs``, through the writer ``prepare`` uses."""
+    buffer = ShardBuffer()
+    for doc in docs:
+        buffer.add(doc)
+    return buffer.write(path)
 
 
 def write_dataset(root: Path, splits: dict[str, list[list[bytes]]], *, source: dict | None = None) -> Path:

@@ -18,7 +18,7 @@ from test_packing import reference_pack, shard_arrays
 from bytemtp import BOS
 from bytemtp.errors import BytemtpError
 from bytemtp.data.loader import DOC_ORDER, ROW_ORDER, BatchLoader, LoaderConfig, iter_eval_batches
-from bytemtp_native import MODES, permutation
+from bytemtp_native import PACKING_MODES, permutation
 
 # Shards of different sizes: documents longer than a row, empty documents, a shard
 # whose only document is empty (no concat rows at all) and one with no documents.
@@ -55,7 +55,7 @@ def take(loader: BatchLoader, n: int) -> list[torch.Tensor]:
     return [next(loader) for _ in range(n)]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PACKING_MODES)
 def test_batches_follow_the_documented_row_stream(make_dataset, mode):
     cfg = LoaderConfig(batch_size=4, seq_len=24, n_future=3, mode=mode, seed=3)
     rows, epoch_rows, _ = expected_rows(TRAIN, cfg, epochs=3)
@@ -69,19 +69,7 @@ def test_batches_follow_the_documented_row_stream(make_dataset, mode):
     assert not np.array_equal(rows[:10], rows[epoch_rows[0] : epoch_rows[0] + 10])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_truncated_fraction(make_dataset, mode):
-    shards = [random_docs(150, 20, max_len=60), random_docs(80, 21, max_len=60)]
-    cfg = LoaderConfig(batch_size=1, seq_len=64, n_future=4, mode=mode)
-    _, epoch_rows, epoch_truncated = expected_rows(shards, cfg, epochs=1)
-    loader = BatchLoader(make_dataset({"train": shards}), cfg)
-    take(loader, epoch_rows[0])
-    assert loader.epoch == 1
-    assert loader.truncated_fraction == epoch_truncated[0] / 230
-    assert (loader.truncated_fraction == 0) == (mode == "best-fit")  # every document fits in a row
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PACKING_MODES)
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_resume_is_exact_across_shard_and_epoch_boundaries(make_dataset, mode, batch_size):
     path = make_dataset({"train": TRAIN})
@@ -108,7 +96,7 @@ def test_resume_is_exact_across_shard_and_epoch_boundaries(make_dataset, mode, b
     assert torch.equal(next(fresh), batches[crossings[-1]])
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PACKING_MODES)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_together_equal_one_process(make_dataset, mode, world_size):
     path = make_dataset({"train": TRAIN})
@@ -184,7 +172,7 @@ def test_a_state_from_another_run_is_refused(make_dataset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", PACKING_MODES)
 def test_cuda_batches_equal_cpu_batches(make_dataset, mode):
     path = make_dataset({"train": TRAIN, "val": VAL})
     cfg = LoaderConfig(batch_size=3, seq_len=16, n_future=4, mode=mode)

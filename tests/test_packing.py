@@ -100,7 +100,7 @@ def packing_cases(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(case=packing_cases(), mode=st.sampled_from(native.MODES), dtype=st.sampled_from([np.int16, np.int32]))
+@given(case=packing_cases(), mode=st.sampled_from(native.PACKING_MODES), dtype=st.sampled_from([np.int16, np.int32]))
 def test_kernel_equals_reference(case, mode, dtype):
     docs, order, T, n = case
     data, offsets = shard_arrays(docs)
@@ -172,7 +172,7 @@ def test_fill_rows_writes_any_subset_in_any_order():
     docs = [rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes() for _ in range(60)]
     data, offsets = shard_arrays(docs)
     order = native.permutation(len(docs), 7)
-    for mode in native.MODES:
+    for mode in native.PACKING_MODES:
         plan = native.plan_rows(offsets, order, 16, 4, mode)
         full, full_docs, _ = native.pack(data, offsets, order, 16, 4, mode, np.int16, with_doc_ids=True)
         assert plan.n_rows == len(full)
@@ -234,7 +234,7 @@ class _PackedShards(torch.utils.data.Dataset):
         rng = np.random.default_rng(i)
         docs = [rng.integers(0, 256, rng.integers(0, 300), dtype=np.uint8).tobytes() for _ in range(20)]
         data, offsets = shard_arrays(docs)
-        return native.pack(data, offsets, native.permutation(len(docs), i), 32, 4, native.MODES[i % 2])[0]
+        return native.pack(data, offsets, native.permutation(len(docs), i), 32, 4, native.PACKING_MODES[i % 2])[0]
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from bytemtp.cli import main
 from bytemtp.data.prepare import PrepareConfig, is_up_to_date, prepare
-from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, read_shard, write_shard
+from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, file_sha256, read_shard
 from bytemtp.data.sources import BuiltinSource, ReadOptions
 from bytemtp_corpora import CORPORA
 from conftest import random_docs
@@ -78,7 +78,7 @@ def stdlib_dataset(tmp_path_factory) -> Path:
 
 def test_stdlib_round_trip_is_byte_exact(stdlib_dataset):
     source = BuiltinSource(CORPORA["python-stdlib"]())
-    files = [data for _, path in source.files() if (data := path.read_bytes())]
+    files = [data for _, path in source.walk if (data := path.read_bytes())]
     assert max(map(len, files)) <= ReadOptions.max_doc_bytes  # so each file is exactly one document
     docs = read_back(stdlib_dataset)
     assert docs["val"], "the default val fraction must give the stdlib a validation split"
@@ -236,17 +236,6 @@ def test_split_is_stable_when_data_is_appended(tmp_path):
     assert len(before) == 600 and len(after) == 1200
     assert all(after[doc] == split for doc, split in before.items())
     assert 160 < sum(split == "val" for split in after.values()) < 320
-
-
-def test_output_inside_a_source_directory_is_not_read(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(5):
-        (src / f"{i}.txt").write_bytes(b"text %d" % i)
-    for _ in range(2):
-        ok("prepare", src, "--out", src / "zz-ds", "--overwrite", "--no-progress")
-    docs = read_back(src / "zz-ds")
-    assert sorted(docs["train"] + docs["val"]) == [b"text %d" % i for i in range(5)]
 
 
 # --- verify: corruption is found and named ---------------------------------------------
@@ -476,18 +465,17 @@ def test_kill_never_damages_the_existing_dataset(small_dataset, tmp_path):
 # --- memory -----------------------------------------------------------------------------
 
 
-def test_shard_buffer_writes_exactly_what_write_shard_writes(tmp_path):
+def test_shard_buffer_writes_its_documents_and_a_true_manifest_entry(tmp_path):
     docs = random_docs(200, 7) + [b""]
     buffer = ShardBuffer()
     for doc in docs:
         buffer.add(doc)
     assert (buffer.n_docs, buffer.n_bytes) == (len(docs), sum(map(len, docs)))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    from_buffer = buffer.write(tmp_path / "a" / "train-00000.zst", threads=0)
-    from_list = write_shard(tmp_path / "b" / "train-00000.zst", docs, threads=0)
-    assert from_buffer == from_list
-    assert list(read_shard(tmp_path / "a" / "train-00000.zst").docs()) == docs
+    path = tmp_path / "train-00000.zst"
+    info = buffer.write(path, threads=0)
+    assert list(read_shard(path).docs()) == docs
+    expected = ("train-00000.zst", "train", len(docs), sum(map(len, docs)), file_sha256(path), path.stat().st_size)
+    assert (info.file, info.split, info.n_docs, info.n_bytes, info.sha256, info.compressed_bytes) == expected
     assert (buffer.n_docs, buffer.n_bytes) == (0, 0)
 
 _PEAK_RSS_OF_CHILD = (

@@ -16,15 +16,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from bytemtp.data.compression import ZstdFrames
+from bytemtp.data.documents import ReadOptions, ReadStats
+from bytemtp.data.sources import BuiltinSource, read_documents, resolve_sources
 from bytemtp.errors import BytemtpError
-from bytemtp.data.sources import (
-    BuiltinSource,
-    ReadOptions,
-    ReadStats,
-    ZstdFrames,
-    read_documents,
-    resolve_sources,
-)
 from bytemtp_corpora import CORPORA, Corpus
 
 COMPRESSORS = {
@@ -319,14 +314,14 @@ def test_unknown_builtin_is_an_error_listing_the_known_ones():
 def test_python_stdlib_is_every_stdlib_py_file_in_sorted_order():
     source = BuiltinSource(CORPORA["python-stdlib"]())
     root = Path(sysconfig.get_paths()["stdlib"])
-    assert source.root == root
+    assert source.walk.root == root
     expected = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
         rel = Path(directory).relative_to(root)
         expected += [(rel / f).as_posix() for f in files if f.endswith(".py")]
     expected.sort()
-    listed = [rel for rel, _ in source.files()]
+    listed = [rel for rel, _ in source.walk]
     assert listed == expected
     assert len(listed) > 500 and "json/decoder.py" in listed
 

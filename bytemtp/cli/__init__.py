@@ -25,6 +25,7 @@ from bytemtp.errors import BytemtpError
 
 COMMANDS = {
     "prepare": "Stream raw corpora into zstd shards.",
+    "merge": "Join the part datasets of prepare --part into one.",
     "info": "Summarise (and --verify) a prepared dataset.",
     "train": "Train a model with multi-byte prediction.",
     "eval": "Bits per byte of every head on the validation split.",

@@ -38,6 +38,7 @@ def format_dataset(ds: Dataset) -> str:
         "bad_lines": "bad JSON Lines records skipped (--skip-bad-lines)",
         "cut_docs": "documents longer than the limit cut into pieces",
         "empty_docs": "empty documents dropped",
+        "null_values": "null values (Parquet/Arrow rows without text) skipped",
     }
     lines += [f"note     {stats[key]:,} {text}" for key, text in notes.items() if stats.get(key)]
     if params.get("val_fraction") and not ds.shards("val"):

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from bytemtp.cli.info_cmd import format_dataset
+from bytemtp.data.documents import FORMATS, ReadOptions
+from bytemtp.data.partition import Part
 from bytemtp.data.prepare import PrepareConfig, prepare
 from bytemtp.data.shards import Dataset
-from bytemtp.data.sources import FORMATS, ReadOptions
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -39,13 +40,18 @@ HELP = """Stream raw corpora into zstd shards under DIR.
 SOURCE is a file, a directory (read recursively, in sorted path order), '-' for
 stdin, or builtin:NAME (builtin:python-stdlib: this Python's standard library).
 .gz, .zst, .xz and .bz2 inputs are decompressed; .jsonl / .ndjson files (also
-compressed) give one document per record, the string in --text-field.
+compressed) give one document per record, the string in --text-field; .parquet
+and .arrow files (and saved Hugging Face dataset directories) one per row, the
+string or binary column --text-field.
 
 Each file or record is one document; documents longer than --max-doc-bytes are
 cut into consecutive pieces, so memory stays near one shard (--shard-bytes)
 whatever the input. A document goes to the val split by a stable hash of its
-identity (its path, or path:LINE), so adding data never moves existing ones.
-DIR appears only when complete; a failed run leaves nothing behind.
+identity (its path, path:LINE or path:ROW), so adding data never moves existing
+ones. DIR appears only when complete; a failed run leaves nothing behind.
+
+--part I/N prepares part I (0..N-1) of the inputs, split by file and Parquet row
+group; `bytemtp merge` joins the N part datasets into the one a single run writes.
 """
 
 
@@ -87,7 +93,7 @@ DIR appears only when complete; a failed run leaves nothing behind.
     "--text-field",
     default=ReadOptions.text_field,
     show_default=True,
-    help="JSON Lines: the field holding a record's text.",
+    help="JSON Lines: the field holding a record's text; Parquet/Arrow: the text column.",
 )
 @click.option(
     "--format",
@@ -95,7 +101,8 @@ DIR appears only when complete; a failed run leaves nothing behind.
     type=click.Choice(FORMATS),
     default=ReadOptions.format,
     show_default=True,
-    help="auto: JSON Lines by extension, stdin as text; text / jsonl: force for files and stdin.",
+    help="auto: by extension (.jsonl, .parquet, .arrow; anything else is text), stdin as text; "
+    "or force one for every file (text, jsonl also for stdin).",
 )
 @click.option(
     "--include",
@@ -106,7 +113,13 @@ DIR appears only when complete; a failed run leaves nothing behind.
 )
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Directories: skip matching files and sub-directories.")
 @click.option("--skip-bad-lines", is_flag=True, help="JSON Lines: skip and count bad records instead of failing.")
-@click.option("--overwrite", is_flag=True, help="Replace DIR if it already holds a prepared dataset.")
+@click.option(
+    "--part",
+    metavar="I/N",
+    default=None,
+    help="Prepare only part I (from 0) of N of the inputs, for `bytemtp merge` (e.g. a Slurm array task).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it holds a prepared dataset and nothing else.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(
     sources: tuple[str, ...],
@@ -121,11 +134,14 @@ def command(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     skip_bad_lines: bool,
+    part: str | None,
     overwrite: bool,
     progress: bool,
 ) -> None:
     read = ReadOptions(max_doc_bytes, text_field, format_, include, exclude, skip_bad_lines)
     config = PrepareConfig(shard_bytes, val_fraction, level, threads, read)
-    summary = prepare(sources, out, config, overwrite=overwrite, progress=progress)
+    summary = prepare(
+        sources, out, config, part=Part.parse(part) if part else None, overwrite=overwrite, progress=progress
+    )
     click.echo(f"prepared {summary.n_bytes():,} bytes in {summary.seconds:.1f} s ({summary.mb_per_s:.1f} MB/s)")
     click.echo(format_dataset(Dataset(out)))

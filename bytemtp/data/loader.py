@@ -57,7 +57,7 @@ import torch
 
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.data.shards import SPLITS, Dataset, Shard, ShardInfo
-from bytemtp_native import MODES, PackPlan, concat_stream, fill_rows, permutation, plan_rows
+from bytemtp_native import PACKING_MODES, PackPlan, concat_stream, fill_rows, permutation, plan_rows
 
 DOC_ORDER, ROW_ORDER = 0, 1  # last key part of the per-shard permutations
 STATE_VERSION = 2
@@ -76,8 +76,8 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("batch_size", "seq_len", "n_future"))
-        if self.mode not in MODES:
-            raise BytemtpError(f"mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode not in PACKING_MODES:
+            raise BytemtpError(f"mode: {self.mode!r} is not one of {', '.join(PACKING_MODES)}")
 
     @property
     def row_len(self) -> int:
@@ -170,17 +170,10 @@ class BatchLoader:
         self._prefetch = _Prefetcher(self._load)
         self._position = (0, 0, 0)  # epoch, index into the epoch's shard order, row
         self._current: tuple[tuple[int, int], _PackedShard] | None = None
-        self.docs_packed = 0
-        self.docs_truncated = 0
 
     @property
     def epoch(self) -> int:
         return self._position[0]
-
-    @property
-    def truncated_fraction(self) -> float:
-        """Fraction of the documents packed so far that were split across rows."""
-        return self.docs_truncated / self.docs_packed if self.docs_packed else 0.0
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -242,8 +235,6 @@ class BatchLoader:
             if self._position[2] > packed.plan.n_rows:
                 raise BytemtpError(f"loader state: row {self._position[2]} is past the end of its shard")
             self._current = ((epoch, place), packed)
-            self.docs_packed += packed.plan.n_docs
-            self.docs_truncated += packed.plan.n_truncated
         return self._current[1]
 
     def _advance(self, count: int, out: np.ndarray | None = None) -> None:

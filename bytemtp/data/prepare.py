@@ -26,9 +26,21 @@ import zstandard
 from tqdm import tqdm
 
 from bytemtp.data.atomic import atomic_dir
+from bytemtp.data.documents import ReadOptions, ReadStats
+from bytemtp.data.partition import Part, plan_parts, read_part
+from bytemtp.data.shards import (
+    MANIFEST,
+    SPLITS,
+    Dataset,
+    ShardBuffer,
+    ShardInfo,
+    is_dataset_dir,
+    load_manifest,
+    shard_name,
+    write_manifest,
+)
+from bytemtp.data.sources import BUILTIN_PREFIX, read_documents, resolve_sources
 from bytemtp.errors import BytemtpError
-from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, ShardInfo, shard_name, write_manifest
-from bytemtp.data.sources import BUILTIN_PREFIX, ReadOptions, ReadStats, read_documents, resolve_sources
 
 SPLIT_RULE = "val iff blake2b-64(identity) < val_fraction * 2**64"
 
@@ -137,36 +149,44 @@ def prepare(
     out: str | Path,
     config: PrepareConfig | None = None,
     *,
+    part: Part | None = None,
     overwrite: bool = False,
     progress: bool = True,
     stdin: BinaryIO | None = None,
 ) -> PrepareSummary:
     """Prepare ``sources`` (paths, ``-``, ``builtin:NAME``) into the dataset directory ``out``.
 
-    ``out`` must be absent or empty, or with ``overwrite`` hold a prepared dataset,
-    which is replaced only once the new one is complete. ``progress`` shows a tqdm bar
-    on stderr; ``stdin`` is what ``-`` reads (default: the process's stdin).
+    ``out`` must be absent or empty, or with ``overwrite`` hold exactly a prepared
+    dataset, which is replaced only once the new one is complete; it may not lie inside
+    an input. ``part`` prepares only that part of the inputs (``bytemtp.data.partition``),
+    a complete dataset of its own for ``merge``, possibly empty. ``progress`` shows a tqdm
+    bar on stderr; ``stdin`` is what ``-`` reads (default: the process's stdin).
     """
     config = config or PrepareConfig()
     out = Path(out)
     readers = resolve_sources(sources, config.read, stdin)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
+    _refuse_out_inside_inputs(out, [path for r in readers for path in r.paths()])
+    plan = plan_parts(readers, config.read, part) if part is not None else None
     inputs = [r.describe() for r in readers]
     stats = ReadStats()
+    docs = read_part(readers, config.read, stats, plan) if plan else read_documents(readers, config.read, stats)
     start = time.perf_counter()
     try:
         with atomic_dir(out, replace=True) as tmp:
             sink = _ShardSink(tmp, config)
-            skip = frozenset({out.resolve(), tmp.resolve()})
             bar = tqdm(desc=f"prepare {out.name}", unit="B", unit_scale=True, file=sys.stderr, disable=not progress)
             with bar:
-                for doc in read_documents(readers, config.read, stats, skip=skip):
+                for doc in docs:
                     sink.add(split_of(doc.identity, config.val_fraction), doc.data)
                     bar.update(len(doc.data))
                 shards = sink.close()
-            if not shards:
+            if not shards and plan is None:
                 raise BytemtpError(f"{' '.join(sources)}: no documents to prepare (the input is empty)")
-            write_manifest(tmp, shards, source={"inputs": inputs, "stats": asdict(stats)}, params=config.params())
+            source = {"inputs": inputs, "stats": asdict(stats)}
+            if plan is not None:
+                source["part"] = plan.manifest_record()
+            write_manifest(tmp, shards, source=source, params=config.params())
     except OSError as e:
         raise BytemtpError(f"{out}: cannot write the dataset ({e.strerror or e})") from None
     return PrepareSummary(out, shards, stats, time.perf_counter() - start)
@@ -196,11 +216,31 @@ def is_up_to_date(out: str | Path, sources: Sequence[str], config: PrepareConfig
     return True
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output directory that is not free to write: ``prepare`` and ``merge`` write
+    into an absent or empty directory, and with ``overwrite`` replace one that holds
+    exactly a dataset (a manifest and the shards it lists), never anything else."""
     if out.exists() and not out.is_dir():
-        raise BytemtpError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise BytemtpError(f"--out {out}: directory is not empty (pass --overwrite to replace it)")
-        if not (out / MANIFEST).is_file():
-            raise BytemtpError(f"--out {out}: not a prepared dataset; refusing to replace it even with --overwrite")
+        raise BytemtpError(f"{flag} {out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise BytemtpError(f"{flag} {out}: directory is not empty (pass --overwrite to replace it)")
+    if not is_dataset_dir(out):
+        raise BytemtpError(f"{flag} {out}: not a prepared dataset; refusing to replace it even with --overwrite")
+    _, shards = load_manifest(out)
+    ours = {MANIFEST, *(s.file for s in shards)}
+    others = sorted(p.name + "/" if p.is_dir() else p.name for p in out.iterdir() if p.name not in ours)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise BytemtpError(
+            f"{flag} {out}: holds {shown} besides the dataset; refusing to replace it even with --overwrite"
+        )
+
+
+def _refuse_out_inside_inputs(out: Path, inputs: list[Path]) -> None:
+    """An output inside an input would be read back as input by a later run (or by this one)."""
+    resolved = out.resolve()
+    for path in inputs:
+        if path.resolve() == resolved or path.resolve() in resolved.parents:
+            raise BytemtpError(f"--out {out}: lies inside the input {path}; write the dataset elsewhere")

@@ -20,6 +20,7 @@ import array
 import hashlib
 import json
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,17 +75,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.zst"
 
 
-def write_shard(path: Path, docs: list[bytes], *, level: int = 3, threads: int = -1) -> ShardInfo:
-    """Write ``docs`` as one shard at ``path`` atomically and return its manifest entry.
-
-    ``threads=-1`` lets zstd compress on every core; the output is still one frame.
-    """
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
-    np.cumsum(lengths, out=offsets[1:])
-    return _write_shard_content(path, offsets, docs, level=level, threads=threads)
-
-
 class ShardBuffer:
     """The documents of one shard being filled, held in one contiguous buffer.
 
@@ -111,7 +101,8 @@ class ShardBuffer:
         self._offsets.append(len(self._data))
 
     def write(self, path: Path, *, level: int = 3, threads: int = -1) -> ShardInfo:
-        """Write the buffered documents as one shard (like ``write_shard``), then empty the buffer."""
+        """Write the buffered documents as one shard at ``path`` atomically, return its manifest entry and
+        empty the buffer. ``threads=-1`` lets zstd compress on every core; the output is still one frame."""
         offsets = np.frombuffer(self._offsets, dtype=np.uint64)
         info = _write_shard_content(path, offsets, [self._data], level=level, threads=threads)
         self._data = bytearray()
@@ -198,21 +189,82 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_dataset_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a bytemtp dataset manifest, valid or damaged.
+
+    What a command that writes or deletes a directory asks before touching one: a
+    dataset is never to be mixed with, or replaced by, anything else.
+    """
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+def load_manifest(root: Path) -> tuple[dict, list[ShardInfo]]:
+    """The manifest of the dataset at ``root`` and its shard entries, checked for shape.
+
+    Everything a reader relies on is checked here, once, so that a damaged or hand-edited
+    manifest is a one-line error naming it rather than a failure deep inside a reader:
+    the format and version, ``source`` and ``params`` as objects, and each shard entry's
+    fields and types. A shard's ``file`` must be a plain name: a path would let a
+    manifest point a reader outside the dataset directory.
+    """
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BytemtpError(f"{root}: not a prepared dataset (no {MANIFEST}; run `bytemtp prepare`)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise BytemtpError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise BytemtpError(f"{path}: not a bytemtp manifest (no \"format\": \"{MANIFEST_FORMAT}\")")
+    version = manifest.get("version")
+    if type(version) is not int or version != SHARD_VERSION:
+        raise BytemtpError(f"{path}: format version {version!r} is not supported (this bytemtp reads {SHARD_VERSION})")
+    for key in ("source", "params"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise BytemtpError(f"{path}: {key!r} is not a JSON object")
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        raise BytemtpError(f"{path}: 'shards' is not a list of shard entries")
+    shards = [_shard_info(path, i, entry) for i, entry in enumerate(entries)]
+    files = [s.file for s in shards]
+    if len(set(files)) != len(files):
+        raise BytemtpError(f"{path}: a shard file is listed twice")
+    return manifest, shards
+
+
+_SHARD_FIELDS = {"file": str, "split": str, "n_docs": int, "n_bytes": int, "sha256": str, "compressed_bytes": int}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _shard_info(path: Path, i: int, entry: object) -> ShardInfo:
+    """Shard entry ``i`` of the manifest at ``path`` as a ``ShardInfo``, or what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise BytemtpError(f"{path}: shard entry {i} is not a JSON object")
+    for key, kind in _SHARD_FIELDS.items():
+        value = entry.get(key)
+        if type(value) is not kind or (kind is int and value < 0):
+            wanted = "a count (an integer, 0 or more)" if kind is int else "a string"
+            raise BytemtpError(f"{path}: shard entry {i}: {key!r} must be {wanted}, got {value!r}")
+    file = entry["file"]
+    if Path(file).name != file or file in (".", "..") or "\\" in file:
+        raise BytemtpError(f"{path}: shard entry {i}: file {file!r} is not a file name inside the dataset directory")
+    if entry["split"] not in SPLITS:
+        raise BytemtpError(f"{path}: shard entry {i}: split {entry['split']!r} is not one of {', '.join(SPLITS)}")
+    if not _SHA256.fullmatch(entry["sha256"]):
+        raise BytemtpError(f"{path}: shard entry {i}: sha256 {entry['sha256']!r} is not 64 hex digits")
+    return ShardInfo(**{key: entry[key] for key in _SHARD_FIELDS})
+
+
 class Dataset:
-    """A prepared dataset directory: its manifest and access to its shards."""
+    """A prepared dataset directory: its (validated) manifest and access to its shards."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        mpath = self.root / MANIFEST
-        if not mpath.is_file():
-            raise BytemtpError(f"{self.root}: not a prepared dataset (no {MANIFEST}; run `bytemtp prepare`)")
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BytemtpError(f"{mpath}: unreadable manifest ({e})") from None
-        if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise BytemtpError(f"{mpath}: not a bytemtp manifest")
-        self._shards = [ShardInfo(**s) for s in self.manifest["shards"]]
+        self.manifest, self._shards = load_manifest(self.root)
 
     def shards(self, split: str | None = None) -> list[ShardInfo]:
         return [s for s in self._shards if split is None or s.split == split]

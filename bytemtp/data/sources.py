@@ -1,104 +1,58 @@
-"""The inputs of ``bytemtp prepare``: files, directories, stdin and built-in corpora as documents.
+"""The SOURCE arguments of ``bytemtp prepare``: files, directories, stdin and built-in corpora.
 
 A source spec is a path (file or directory), ``-`` for stdin, or ``builtin:NAME``.
-Every document carries a *source identity* that decides its train/val split, so the
-identity depends only on the document itself, never on what else is prepared with it:
+Each source is a sequence of *entries* (one file, or stdin), and each entry is read by
+the reader of its format: plain text (``bytemtp.data.text``), JSON Lines (the same
+module), Parquet or Arrow (``bytemtp.data.columnar``). Document identities, which
+decide the train/val split:
 
 - a file given by path: its name (``notes.txt``);
 - a file found in a directory (or a built-in corpus): its path relative to that
   directory (``json/decoder.py``);
 - a JSON Lines record: the file's identity plus the line number (``dump.jsonl.zst:17``);
+- a Parquet or Arrow row: the file's identity plus the row number from 0 (``part-0.parquet:4``);
 - stdin: ``<stdin>`` (``<stdin>:17`` for a record).
 
-Documents longer than ``max_doc_bytes`` are cut into consecutive pieces so one huge
-input (a 500 MB file, an endless stdin) never has to fit in memory. Each piece is a
-document of its own: the first keeps the identity, the next ones get ``#1``, ``#2``, …
-appended, so a long document still contributes to the validation split.
-
-Compression is chosen by file extension (``.gz``, ``.zst``/``.zstd``, ``.xz``,
-``.bz2``) and, for stdin, by the stream's magic bytes (gzip, zstd and xz). JSON Lines are recognised by
-``.jsonl`` / ``.ndjson`` before the compression extension, or forced with ``format``.
+Formats are recognised by extension (``.jsonl``/``.ndjson``, also before a compression
+extension; ``.parquet``/``.pq``; ``.arrow``/``.feather``) or forced with ``format``.
 """
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import fnmatch
-import gzip
 import hashlib
 import io
-import json
-import lzma
 import os
 import struct
 import sys
-import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, ContextManager, Iterator, Sequence
 
-import zstandard
-
+from bytemtp.data.columnar import ARROW_SUFFIXES, PARQUET_SUFFIXES, read_arrow, read_parquet
+from bytemtp.data.compression import COMPRESSION_SUFFIXES, READ_ERRORS, decompressed, sniff_compression
+from bytemtp.data.documents import Document, ReadOptions, ReadStats
+from bytemtp.data.text import read_records, read_text
+from bytemtp.data.walk import DirectoryWalk
 from bytemtp.errors import BytemtpError
 from bytemtp_corpora import CORPORA, Corpus
 
 BUILTIN_PREFIX = "builtin:"
 STDIN = "-"
-FORMATS = ("auto", "text", "jsonl")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".bz2": "bzip2"}
-_STDIN_MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"))
-_READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
-
-
-@dataclass(frozen=True, slots=True)
-class Document:
-    """A document (or one piece of a long one) and the identity that decides its split."""
-
-    identity: str
-    data: bytes
+COLUMNAR_FORMATS = ("parquet", "arrow")
 
 
 @dataclass(frozen=True)
-class ReadOptions:
-    """How inputs become documents (the options of ``prepare`` that shape the content)."""
-
-    max_doc_bytes: int = 1 << 20
-    text_field: str = "text"
-    format: str = "auto"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    skip_bad_lines: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_doc_bytes < 1:
-            raise BytemtpError(f"--max-doc-bytes: must be at least 1, got {self.max_doc_bytes}")
-        if self.format not in FORMATS:
-            raise BytemtpError(f"--format: {self.format!r} is not one of {', '.join(FORMATS)}")
-        if not self.text_field:
-            raise BytemtpError("--text-field: must not be empty")
-
-
-@dataclass
-class ReadStats:
-    """Counts gathered while reading, reported after ``prepare`` and kept in the manifest."""
-
-    input_docs: int = 0  # files and records read, before cutting long ones into pieces
-    cut_docs: int = 0  # of those, how many were longer than max_doc_bytes
-    empty_docs: int = 0  # dropped: a document of no bytes has nothing to learn from
-    bad_lines: int = 0  # JSON Lines records skipped by skip_bad_lines
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One input stream: a file, or stdin."""
+class Entry:
+    """One input stream: a file, or stdin (``path`` None)."""
 
     identity: str
     name: str  # for messages: the path as the user can find it
+    format: str  # "text", "jsonl", "parquet" or "arrow"
     compression: str | None
-    jsonl: bool
+    path: Path | None
     open_raw: Callable[[], ContextManager[BinaryIO]]
 
 
@@ -110,8 +64,12 @@ class Source(ABC):
         """What the manifest records about this source."""
 
     @abstractmethod
-    def entries(self, skip: frozenset[Path]) -> Iterator[_Entry]:
-        """The input streams, in a deterministic order; directories in ``skip`` are not entered."""
+    def entries(self) -> Iterator[Entry]:
+        """The input streams, in a deterministic order."""
+
+    def paths(self) -> list[Path]:
+        """The files or directories this source reads (none for stdin or a built-in corpus)."""
+        return []
 
 
 class FileSource(Source):
@@ -122,55 +80,34 @@ class FileSource(Source):
     def describe(self) -> dict:
         return {"kind": "file", "path": str(self.path.absolute())}
 
-    def entries(self, skip: frozenset[Path]) -> Iterator[_Entry]:
-        yield _file_entry(self.path.name, self.path, self.format)
+    def entries(self) -> Iterator[Entry]:
+        yield file_entry(self.path.name, self.path, self.format)
+
+    def paths(self) -> list[Path]:
+        return [self.path]
 
 
 class DirSource(Source):
-    """Every file under a directory picked by the globs, in sorted relative-path order."""
+    """Every file under a directory picked by the globs, in the order of ``DirectoryWalk``."""
 
     def __init__(self, root: Path, include: tuple[str, ...], exclude: tuple[str, ...], format: str):
-        self.root = root
-        self.include = include
-        self.exclude = exclude
+        self.walk = DirectoryWalk(root, include, exclude)
         self.format = format
 
     def describe(self) -> dict:
         return {
             "kind": "dir",
-            "path": str(self.root.absolute()),
-            "include": list(self.include),
-            "exclude": list(self.exclude),
+            "path": str(self.walk.root.absolute()),
+            "include": list(self.walk.include),
+            "exclude": list(self.walk.exclude),
         }
 
-    def files(self, skip: frozenset[Path] = frozenset()) -> Iterator[tuple[str, Path]]:
-        """``(relative path, path)`` of every picked file, sorted by relative path.
+    def entries(self) -> Iterator[Entry]:
+        for rel, path in self.walk:
+            yield file_entry(rel, path, self.format)
 
-        Each directory is listed and sorted on its own, with sub-directories keyed as
-        ``name/``, which yields exactly the global sort order without ever holding the
-        whole tree's listing. Symlinked directories are not followed (no cycles).
-        """
-        yield from self._visit(self.root, "", skip)
-
-    def _visit(self, directory: Path, prefix: str, skip: frozenset[Path]) -> Iterator[tuple[str, Path]]:
-        try:
-            with os.scandir(directory) as it:
-                listing = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in it]
-        except OSError as e:
-            raise BytemtpError(f"{directory}: cannot list directory ({e.strerror})") from None
-        for key, entry in sorted(listing, key=lambda item: item[0]):
-            rel = prefix + entry.name
-            if any(_glob_match(rel, entry.name, g) for g in self.exclude):
-                continue
-            if key.endswith("/"):
-                if not (skip and Path(entry.path).resolve() in skip):
-                    yield from self._visit(Path(entry.path), rel + "/", skip)
-            elif entry.is_file() and (not self.include or any(_glob_match(rel, entry.name, g) for g in self.include)):
-                yield rel, Path(entry.path)
-
-    def entries(self, skip: frozenset[Path]) -> Iterator[_Entry]:
-        for rel, path in self.files(skip):
-            yield _file_entry(rel, path, self.format)
+    def paths(self) -> list[Path]:
+        return [self.walk.root]
 
 
 class BuiltinSource(DirSource):
@@ -198,7 +135,7 @@ class BuiltinSource(DirSource):
         """
         h = hashlib.sha256()
         n_files = n_bytes = 0
-        for rel, path in self.files():
+        for rel, path in self.walk:
             data = _read_file(path)
             h.update(rel.encode("utf-8", "surrogateescape") + b"\0" + struct.pack("<Q", len(data)))
             h.update(data)
@@ -206,22 +143,26 @@ class BuiltinSource(DirSource):
             n_bytes += len(data)
         return n_files, n_bytes, h.hexdigest()
 
+    def paths(self) -> list[Path]:
+        return []  # the interpreter's own files: never where a dataset is written
+
 
 class StdinSource(Source):
     """One document, or JSON Lines records with ``format="jsonl"``; compression is sniffed."""
 
     def __init__(self, stream: BinaryIO, format: str):
+        if format in COLUMNAR_FORMATS:
+            raise BytemtpError(f"SOURCE '-': --format {format} needs a file, not stdin")
         self.stream = stream if hasattr(stream, "peek") else io.BufferedReader(stream)
         self.format = format
 
     def describe(self) -> dict:
         return {"kind": "stdin"}
 
-    def entries(self, skip: frozenset[Path]) -> Iterator[_Entry]:
-        head = self.stream.peek(8)[:8]
-        compression = next((kind for magic, kind in _STDIN_MAGIC if head.startswith(magic)), None)
-        jsonl = self.format == "jsonl"
-        yield _Entry("<stdin>", "<stdin>", compression, jsonl, lambda: contextlib.nullcontext(self.stream))
+    def entries(self) -> Iterator[Entry]:
+        compression = sniff_compression(self.stream.peek(8)[:8])
+        format = "jsonl" if self.format == "jsonl" else "text"
+        yield Entry("<stdin>", "<stdin>", format, compression, None, lambda: contextlib.nullcontext(self.stream))
 
 
 def resolve_sources(specs: Sequence[str], options: ReadOptions, stdin: BinaryIO | None = None) -> list[Source]:
@@ -252,29 +193,49 @@ def resolve_sources(specs: Sequence[str], options: ReadOptions, stdin: BinaryIO 
     return sources
 
 
-def read_documents(
-    sources: Sequence[Source], options: ReadOptions, stats: ReadStats, *, skip: frozenset[Path] = frozenset()
-) -> Iterator[Document]:
+def read_documents(sources: Sequence[Source], options: ReadOptions, stats: ReadStats) -> Iterator[Document]:
     """Every document of every source, in order, as pieces of at most ``max_doc_bytes``.
 
     A read or decompression failure is a ``BytemtpError`` naming the file.
     """
     for source in sources:
-        for entry in source.entries(skip):
-            yield from _entry_documents(entry, options, stats)
+        for entry in source.entries():
+            yield from entry_documents(entry, options, stats)
 
 
-def _glob_match(rel: str, name: str, pattern: str) -> bool:
-    """A pattern with a ``/`` matches the relative path, one without matches the name at any depth."""
-    return fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern)
-
-
-def _file_entry(identity: str, path: Path, format: str) -> _Entry:
+def file_entry(identity: str, path: Path, format: str) -> Entry:
+    """The entry of a file: its format from ``format`` or, for ``auto``, from its extension."""
     stem, suffix = os.path.splitext(path.name.lower())
     compression = COMPRESSION_SUFFIXES.get(suffix)
-    inner_suffix = os.path.splitext(stem)[1] if compression else suffix
-    jsonl = format == "jsonl" or (format == "auto" and inner_suffix in JSONL_SUFFIXES)
-    return _Entry(identity, str(path), compression, jsonl, lambda: open(path, "rb"))
+    inner = os.path.splitext(stem)[1] if compression else suffix
+    if format == "auto":
+        by_suffix = ((JSONL_SUFFIXES, "jsonl"), (PARQUET_SUFFIXES, "parquet"), (ARROW_SUFFIXES, "arrow"))
+        format = next((kind for suffixes, kind in by_suffix if inner in suffixes), "text")
+    if format in COLUMNAR_FORMATS and compression:
+        raise BytemtpError(f"{path}: a {compression}-compressed {format} file; decompress it first")
+    return Entry(identity, str(path), format, compression, path, lambda: open(path, "rb"))
+
+
+def entry_documents(
+    entry: Entry, options: ReadOptions, stats: ReadStats, row_groups: Sequence[int] | None = None
+) -> Iterator[Document]:
+    """The documents of one entry (of some of its row groups, for a Parquet file)."""
+    if entry.format == "parquet":
+        yield from read_parquet(entry.path, entry.name, entry.identity, options, stats, row_groups)
+        return
+    if entry.format == "arrow":
+        yield from read_arrow(entry.path, entry.name, entry.identity, options, stats)
+        return
+    try:
+        with entry.open_raw() as raw, decompressed(raw, entry.compression) as stream:
+            if entry.format == "jsonl":
+                yield from read_records(stream, entry.name, entry.identity, options, stats)
+            else:
+                yield from read_text(stream, entry.identity, options.max_doc_bytes, stats)
+    except READ_ERRORS as e:
+        what = f"corrupt or truncated {entry.compression} input" if entry.compression else "cannot read"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise BytemtpError(f"{entry.name}: {what} ({reason})") from None
 
 
 def _read_file(path: Path) -> bytes:
@@ -282,132 +243,3 @@ def _read_file(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise BytemtpError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _decompressed(raw: BinaryIO, compression: str | None) -> ContextManager[BinaryIO]:
-    if compression is None:
-        return contextlib.nullcontext(raw)
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if compression == "xz":
-        return lzma.LZMAFile(raw)
-    if compression == "bzip2":
-        return bz2.BZ2File(raw)
-    return io.BufferedReader(ZstdFrames(raw), buffer_size=1 << 20)
-
-
-def _entry_documents(entry: _Entry, options: ReadOptions, stats: ReadStats) -> Iterator[Document]:
-    try:
-        with entry.open_raw() as raw, _decompressed(raw, entry.compression) as stream:
-            if entry.jsonl:
-                yield from _records(stream, entry, options, stats)
-            else:
-                yield from _text(stream, entry.identity, options.max_doc_bytes, stats)
-    except _READ_ERRORS as e:
-        what = f"corrupt or truncated {entry.compression} input" if entry.compression else "cannot read"
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        raise BytemtpError(f"{entry.name}: {what} ({reason})") from None
-
-
-def _piece_identity(identity: str, k: int) -> str:
-    return identity if k == 0 else f"{identity}#{k}"
-
-
-def _text(stream: BinaryIO, identity: str, max_bytes: int, stats: ReadStats) -> Iterator[Document]:
-    """The whole stream as one document, read piece by piece."""
-    stats.input_docs += 1
-    k = 0
-    while data := stream.read(max_bytes):
-        if k == 1:
-            stats.cut_docs += 1
-        yield Document(_piece_identity(identity, k), data)
-        k += 1
-    if k == 0:
-        stats.empty_docs += 1
-
-
-def _records(stream: BinaryIO, entry: _Entry, options: ReadOptions, stats: ReadStats) -> Iterator[Document]:
-    """One document per JSON Lines record: the string in ``options.text_field``, UTF-8 encoded.
-
-    A record is parsed whole, so one line must fit in memory; its text is then cut
-    into pieces like any long document. Blank lines are ignored.
-    """
-    field = options.text_field
-    for lineno, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
-        problem = None
-        try:
-            record = json.loads(line)
-        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
-            problem = f"malformed JSON ({e.msg if isinstance(e, json.JSONDecodeError) else e})"
-        else:
-            if not isinstance(record, dict):
-                problem = "record is not a JSON object"
-            elif field not in record:
-                problem = f"record has no field {field!r} (choose one with --text-field)"
-            elif not isinstance(record[field], str):
-                problem = f"field {field!r} is not a string"
-        if problem:
-            if not options.skip_bad_lines:
-                raise BytemtpError(f"{entry.name}:{lineno}: {problem} (or pass --skip-bad-lines)")
-            stats.bad_lines += 1
-            continue
-        # surrogatepass: a lone \ud800 escape is kept as bytes rather than failing the run
-        data = record[field].encode("utf-8", "surrogatepass")
-        stats.input_docs += 1
-        if not data:
-            stats.empty_docs += 1
-        elif len(data) > options.max_doc_bytes:
-            stats.cut_docs += 1
-        identity = f"{entry.identity}:{lineno}"
-        for k, start in enumerate(range(0, len(data), options.max_doc_bytes)):
-            yield Document(_piece_identity(identity, k), data[start : start + options.max_doc_bytes])
-
-
-class ZstdFrames(io.RawIOBase):
-    """Decode a (multi-frame) zstd stream and fail if it ends inside a frame.
-
-    python-zstandard's ``stream_reader`` returns a short result without any error when
-    its input is truncated, which would turn a cut-off download into silently missing
-    documents. A ``decompressobj`` knows whether its frame ended, but has no output
-    limit, so it is fed small slices: one slice expands to at most about 8 MiB
-    (a 3-byte RLE block yields 128 KiB), which keeps memory bounded on any input.
-    """
-
-    _FEED = 256
-    _READ = 1 << 16
-
-    def __init__(self, raw: BinaryIO):
-        self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
-        self._frame = None
-        self._input = memoryview(b"")
-        self._output = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while not self._output:
-            if not self._decode_more():
-                return 0
-        n = min(len(buf), len(self._output))
-        buf[:n] = self._output[:n]
-        self._output = self._output[n:]
-        return n
-
-    def _decode_more(self) -> bool:
-        if not self._input:
-            self._input = memoryview(self._raw.read(self._READ))
-            if not self._input:
-                if self._frame is not None and not self._frame.eof:
-                    raise EOFError("input ends inside a zstd frame")
-                return False
-        if self._frame is None or self._frame.eof:
-            self._frame = self._dctx.decompressobj()
-        piece = self._input[: self._FEED]
-        self._output = memoryview(self._frame.decompress(piece))
-        used = len(piece) - len(self._frame.unused_data) if self._frame.eof else len(piece)
-        self._input = self._input[used:]
-        return True

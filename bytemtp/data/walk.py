@@ -1,0 +1,107 @@
+"""Which files of a directory ``prepare`` reads, in which order.
+
+Every file under the directory picked by the ``--include``/``--exclude`` globs, in
+sorted relative-path order, with one exception: a saved Hugging Face dataset
+(``datasets.save_to_disk``: ``state.json`` and ``dataset_info.json`` next to Arrow
+files) contributes exactly the data files its ``state.json`` lists, in that order, and
+not its JSON metadata, which is not text of the corpus.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from bytemtp.errors import BytemtpError
+
+HF_STATE, HF_INFO = "state.json", "dataset_info.json"
+_SHOWN = 5  # files named in the message when the globs pick none
+
+
+def glob_match(rel: str, name: str, pattern: str) -> bool:
+    """A pattern with a ``/`` matches the relative path, one without matches the name at any depth."""
+    return fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern)
+
+
+class DirectoryWalk:
+    """The files of ``root`` picked by the globs: ``(relative path, path)`` in a fixed order."""
+
+    def __init__(self, root: Path, include: tuple[str, ...], exclude: tuple[str, ...]):
+        self.root = root
+        self.include = include
+        self.exclude = exclude
+        self._passed_over: list[str] = []  # files the globs did not pick, for the message when none is
+
+    def __iter__(self) -> Iterator[tuple[str, Path]]:
+        """Each directory is listed and sorted on its own, with sub-directories keyed as
+        ``name/``, which yields exactly the global sort order without ever holding the
+        whole tree's listing. Symlinked directories are not followed (no cycles).
+
+        Globs that pick none of the files present are an error naming what is there: an
+        empty result would otherwise read as an empty corpus.
+        """
+        self._passed_over = []
+        picked = False
+        for item in self._visit(self.root, ""):
+            picked = True
+            yield item
+        if not picked and self._passed_over and (self.include or self.exclude):
+            shown = ", ".join(self._passed_over[:_SHOWN])
+            more = f" and {len(self._passed_over) - _SHOWN} more" if len(self._passed_over) > _SHOWN else ""
+            globs = " ".join([f"--include {g!r}" for g in self.include] + [f"--exclude {g!r}" for g in self.exclude])
+            raise BytemtpError(f"{self.root}: no file matches {globs} (the directory holds {shown}{more})")
+
+    def _visit(self, directory: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+        try:
+            with os.scandir(directory) as it:
+                listing = {e.name: e for e in it}
+        except OSError as e:
+            raise BytemtpError(f"{directory}: cannot list directory ({e.strerror})") from None
+        if HF_STATE in listing and HF_INFO in listing:
+            yield from self._saved_dataset(directory, prefix)
+            return
+        keyed = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in listing.values()]
+        for key, entry in sorted(keyed, key=lambda item: item[0]):
+            rel = prefix + entry.name
+            if any(glob_match(rel, entry.name, g) for g in self.exclude):
+                continue
+            if key.endswith("/"):
+                yield from self._visit(Path(entry.path), rel + "/")
+            elif self._is_file(entry):
+                if self._picked(rel, entry.name):
+                    yield rel, Path(entry.path)
+                else:
+                    self._passed_over.append(rel)
+
+    def _picked(self, rel: str, name: str) -> bool:
+        return not self.include or any(glob_match(rel, name, g) for g in self.include)
+
+    @staticmethod
+    def _is_file(entry: os.DirEntry) -> bool:
+        try:
+            return entry.is_file()
+        except OSError as e:  # a symlink loop, or one into a directory we may not enter
+            raise BytemtpError(f"{entry.path}: cannot read ({e.strerror})") from None
+
+    def _saved_dataset(self, directory: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+        """The data files a saved Hugging Face dataset's ``state.json`` lists."""
+        state_path = directory / HF_STATE
+        try:
+            files = [f["filename"] for f in json.loads(state_path.read_bytes())["_data_files"]]
+        except OSError as e:
+            raise BytemtpError(f"{state_path}: cannot read ({e.strerror})") from None
+        except (ValueError, KeyError, TypeError):
+            raise BytemtpError(f"{state_path}: not a saved dataset's state (no list of _data_files)") from None
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                raise BytemtpError(f"{state_path}: data file {name!r} is not a file name in {directory}")
+            rel = prefix + name
+            if any(glob_match(rel, name, g) for g in self.exclude):
+                continue
+            if self._picked(rel, name):
+                yield rel, directory / name
+            else:
+                self._passed_over.append(rel)
