@@ -10,13 +10,13 @@ no optimizer) of the model with ``--n-future`` heads against the same trunk with
 one head, on the same batch, steps of the models interleaved so that a change in
 machine load hits both alike, the fastest step of each reported (the one least
 disturbed by anything else running; ``--clock cpu --threads 1`` counts only this
-process's CPU time, for a machine other jobs keep busy); and it measures the peak memory a step allocates
-with the sequential head schedule and with the naive summed loss. On CUDA the step
+process's CPU time, for a machine other jobs keep busy); and it measures the peak
+memory a step allocates with the sequential head schedule, the stacked one (linear
+heads) and the naive summed loss. On CUDA the step
 runs under bf16 autocast and, unless ``--no-compile``, with ``compile_model``; the
-table then also gives MFU against the H100's dense bf16 peak, counting
-6 N + 12 L d T FLOPs per byte (N: parameters outside the embedding, L: attention
-layers run per step, trunk and heads; attention scored over the full T, as in the
-PaLM paper's MFU).
+table then also gives MFU against the GPU's dense bf16 peak, with the FLOPs per
+byte of ``bytemtp.train.flops`` (PaLM's definition: every matmul weight of trunk
+and heads, and attention over the full T).
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ from bytemtp import VOCAB
 from bytemtp.compile import compile_model
 from bytemtp.model.config import HEAD_KINDS, preset
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.step_timing import synchronize, timed, training_step
-
-H100_BF16_DENSE = 989e12
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -98,12 +96,6 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
-def flops_per_byte(model: ByteMTP, seq: int) -> float:
-    cfg, counts = model.cfg, model.param_counts()
-    attn_layers = cfg.n_layers + (cfg.n_future * cfg.head_layers if cfg.head_kind == "transformer" else 0)
-    return 6 * (counts["total"] - counts["embedding"]) + 12 * attn_layers * cfg.d_model * seq
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -114,7 +106,8 @@ def main() -> None:
 
     cases: list[Case] = []
     for kind in args.head_kinds:
-        for n, mode in ((1, "sequential"), (args.n_future, "sequential"), (args.n_future, "naive")):
+        stacked = ((args.n_future, "stacked"),) if kind == "linear" else ()  # transformer heads cannot stack
+        for n, mode in ((1, "sequential"), (args.n_future, "sequential"), *stacked, (args.n_future, "naive")):
             torch.manual_seed(0)  # same seed, same construction order: the same trunk weights
             model = ByteMTP(dataclasses.replace(base, head_kind=kind, n_future=n)).to(device)
             compile_model(model, args.compile)
@@ -134,6 +127,7 @@ def main() -> None:
         case.peak_bytes = peak_step_bytes(step, device)
 
     tokens = args.batch * args.seq
+    peak = peak_flops(device)
     print(
         f"device={device.type} threads={torch.get_num_threads()} compiled={cases[0].model.compiled} "
         f"preset={args.preset} d_model={base.d_model} n_layers={base.n_layers} "
@@ -147,8 +141,8 @@ def main() -> None:
         t = min(case.times)
         baseline = next(c for c in cases if c.head_kind == case.head_kind and c.n_future == 1)
         ratio = t / min(baseline.times)
-        flops = flops_per_byte(case.model, args.seq) * tokens / t
-        mfu = f"{flops / H100_BF16_DENSE:7.1%}" if device.type == "cuda" else f"{'-':>7}"
+        flops = flops_per_byte(case.model.cfg, args.seq) * tokens / t
+        mfu = f"{flops / peak:7.1%}" if peak else f"{'-':>7}"
         print(
             f"{case.head_kind:<12}{case.n_future:>3} {case.mode:<11}{t * 1e3:>10.1f}{ratio:>7.3f}x"
             f"{tokens / t:>11,.0f}{flops / 1e12:>9.3f}{mfu}{case.peak_bytes / 2**20:>10.1f}"

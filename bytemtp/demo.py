@@ -3,8 +3,10 @@
 Prepare ``builtin:python-stdlib`` (reused when the cached copy is current), train
 the ``tiny`` preset for ``minutes`` of wall time, sample a completion, and measure
 the self-speculative speedup. The step count is calibrated from a few timed steps
-so that the cosine schedule actually ends inside the budget (a run cut off by a
-time budget mid-schedule would be worse than a shorter run that finished).
+of the step training will run (on a GPU compiled and in bf16, its compilation
+time taken off the budget) so that the cosine schedule actually ends inside the
+budget (a run cut off by a time budget mid-schedule would be worse than a shorter
+run that finished).
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from pathlib import Path
 
 import torch
 
+from bytemtp.compile import compile_model
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.config import TrainConfig
+from bytemtp.train.objective import default_loss_mode
+from bytemtp.train.optim import build_optimizer
+from bytemtp.train.precision import training_precision
 from bytemtp.train.step_timing import timed, training_step
 
 CORPUS = "builtin:python-stdlib"
@@ -67,22 +73,35 @@ def fresh_run_dir(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def seconds_per_step(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, trials: int = 3) -> float:
-    """Median wall time of a training step of this shape (forward, backward, AdamW), random data."""
+@dataclass
+class StepCost:
+    """What a training step of the demo's shape costs on its device."""
+
+    per_step: float  # seconds, the median of a few steps after the first
+    warmup: float  # seconds the first step takes beyond that: compilation, where the step is compiled
+
+
+def measure_step(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.device, trials: int = 3) -> StepCost:
+    """Time the step training will run, on random data: the same compile policy, precision,
+    head schedule and optimizer (on CUDA: the compiled bf16 step, its compilation timed too;
+    on the CPU: the eager fp32 step)."""
     model = ByteMTP(model_cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    compiled = compile_model(model, train_cfg.compile)
+    mode = default_loss_mode(device) if train_cfg.loss_mode == "auto" else train_cfg.loss_mode
     ids = torch.randint(0, 256, (train_cfg.batch_size, train_cfg.seq_len + model_cfg.n_future), device=device)
-    step = training_step(model, ids, optimizer=opt)
-    times = [timed(step, device) for _ in range(trials + 1)]
-    return sorted(times[1:])[trials // 2]
+    step = training_step(model, ids, mode, build_optimizer(model, train_cfg, device))
+    with training_precision(device):
+        times = [timed(step, device) for _ in range(trials + 1)]
+    per_step = sorted(times[1:])[trials // 2]
+    return StepCost(per_step, max(0.0, times[0] - per_step) if compiled else 0.0)
 
 
 def plan_steps(cfg: DemoConfig) -> tuple[ModelConfig, TrainConfig]:
     """The tiny preset and a TrainConfig whose schedule fits ``cfg.minutes`` (eval/ckpt overhead included)."""
     model_cfg = preset("tiny")
     base = TrainConfig(device=str(cfg.device)).resolved(model_cfg)
-    per_step = seconds_per_step(model_cfg, base, cfg.device)
-    steps = max(50, int(0.85 * cfg.minutes * 60 / per_step))
+    cost = measure_step(model_cfg, base, cfg.device)
+    steps = max(50, int(0.85 * (cfg.minutes * 60 - cost.warmup) / cost.per_step))
     every = max(10, steps // 5)
     train_cfg = TrainConfig(
         steps=steps,

@@ -83,3 +83,24 @@ def test_eval_errors(make_dataset, micro_data, tmp_path):
     assert result.exit_code == 1 and "no val split" in result.stderr
     result = CliRunner().invoke(main, ["eval", str(run), "--data", str(micro_data), "--seq-len", "64"])
     assert result.exit_code == 1 and "--seq-len" in result.stderr and "max_seq_len=32" in result.stderr
+
+
+def test_every_batch_has_the_same_shape(micro_data, monkeypatch):
+    """The last batch is padded to full size, so a compiled model never meets a second shape;
+    the padding rows carry no targets and change no figure."""
+    objective = micro_objective()
+    shapes = []
+    real_forward = MTPObjective.forward
+
+    def forward(self, ids):
+        shapes.append(tuple(ids.shape))
+        return real_forward(self, ids)
+
+    monkeypatch.setattr(MTPObjective, "forward", forward)
+    ds = Dataset(micro_data)
+    rows = -(-(ds.n_bytes("val") + ds.n_docs("val")) // 32)
+    assert rows % 7  # the split does not fill its last batch of 7 rows
+    padded = evaluate(objective, micro_data, n_future=2, batch_size=7, seq_len=32, device=torch.device("cpu"))
+    assert set(shapes) == {(7, 32 + 2)} and len(shapes) == -(-rows // 7)
+    one_row = evaluate(objective, micro_data, n_future=2, batch_size=1, seq_len=32, device=torch.device("cpu"))
+    assert padded.n_bytes == one_row.n_bytes and padded.bpb_heads == pytest.approx(one_row.bpb_heads, rel=1e-6)

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from bytemtp import VOCAB
 from bytemtp.model.config import HEAD_KINDS, ModelConfig
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train import objective
 from bytemtp.train.objective import LN2, multihead_loss, split_batch
 from bytemtp.train.parallel import MTPObjective
 
@@ -52,13 +53,14 @@ def assert_grads_close(got: dict, want: dict, rtol: float) -> None:
         assert err <= rtol * size, f"{name}: error {err:.2e}, gradient norm {size:.2e}"
 
 
+@pytest.mark.parametrize("mode", ["sequential", "stacked"])
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
 @pytest.mark.parametrize("n_future", [1, 2, 8])
-def test_sequential_gradients_equal_naive(head_kind, n_future):
+def test_sequential_gradients_equal_naive(head_kind, n_future, mode):
     model = make_model(head_kind, n_future)
     ids = padded_batch(n_future)
     naive, want = grads_of(model, ids, "naive")
-    seq, got = grads_of(model, ids, "sequential")
+    seq, got = grads_of(model, ids, mode)
     assert_grads_close(got, want, rtol=1e-5)
     torch.testing.assert_close(seq.head_losses, naive.head_losses, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(seq.loss, naive.loss)
@@ -113,17 +115,30 @@ def test_head_without_targets_contributes_zero(head_kind):
     assert_grads_close(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sequential", "stacked"])
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
-def test_bf16_autocast_matches_naive(head_kind):
+def test_bf16_autocast_matches_naive(head_kind, mode):
     """Under autocast the hand-written head step casts as autograd would: same result, bf16 tolerance."""
     model = make_model(head_kind, 3, d_model=64)
     ids = padded_batch(3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         naive, want = grads_of(model, ids, "naive")
-        seq, got = grads_of(model, ids, "sequential")
+        seq, got = grads_of(model, ids, mode)
     assert all(g.dtype == torch.float32 for g in got.values())
     torch.testing.assert_close(seq.head_losses, naive.head_losses, rtol=2e-2, atol=2e-2)
     assert_grads_close(got, want, rtol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 60])
+def test_stacked_chunks_give_the_sequential_gradients(monkeypatch, chunk_rows):
+    """Rows split into chunks of 1, 7 (the last one short) or all 60 at once: the same gradients."""
+    model = make_model("linear", 4)
+    ids = padded_batch(4)  # 3 rows x 20 positions
+    seq, want = grads_of(model, ids, "sequential")
+    monkeypatch.setattr(objective, "STACKED_LOGITS", chunk_rows * 4 * model.cfg.vocab_padded)
+    stacked, got = grads_of(model, ids, "stacked")
+    assert_grads_close(got, want, rtol=1e-5)
+    torch.testing.assert_close(stacked.head_losses, seq.head_losses, rtol=1e-6, atol=1e-6)
 
 
 def test_evaluation_needs_no_graph():

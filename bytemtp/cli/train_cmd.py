@@ -48,6 +48,8 @@ from bytemtp.train.config import LOADER_MODES
 @click.option("--loader-mode", type=click.Choice(LOADER_MODES), default=None,
               help="concat: documents back to back; best-fit: short documents kept whole.")
 @click.option("--fsdp/--ddp", default=None, help="Under torchrun: FSDP2 sharding instead of DDP.")
+@click.option("--peak-tflops", type=float, default=None,
+              help="The GPU's dense bf16 peak for the MFU figure (default: known H100/H200/A100 values).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def command(data_dir: Path, out_dir: Path, preset: str | None, config_file: Path | None, resume: bool,
             progress: bool, **flags) -> None:

@@ -25,14 +25,15 @@ from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 
 LOADER_MODES = ("concat", "best-fit")
-LOSS_MODES = ("sequential", "naive")
+LOSS_MODES = ("sequential", "stacked", "naive")
 
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE_CHANGES = frozenset(
-    {"steps", "eval_every", "log_every", "ckpt_every", "keep", "time_budget", "device", "compile", "fsdp"}
+    {"steps", "eval_every", "log_every", "ckpt_every", "keep", "time_budget", "device", "compile", "fsdp",
+     "peak_tflops"}
 )
 # Fields a resumed run does not inherit from the checkpoint (they start from the defaults).
-PER_INVOCATION = frozenset({"time_budget", "device", "compile"})
+PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops"})
 # Fields whose 0 means "derive it": seq_len from the model, decay_steps from steps.
 AUTO_ZERO = frozenset({"seq_len", "decay_steps"})
 
@@ -64,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     loader_mode: str = "concat"
-    loss_mode: str = "sequential"
+    loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
     eval_every: int = 50  # 0: no periodic eval (nor the final one)
     log_every: int = 10
     ckpt_every: int = 100
@@ -73,6 +74,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off for CPU
     fsdp: bool = False
+    peak_tflops: float = 0.0  # the GPU's dense bf16 peak for MFU; 0: looked up by its name
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("steps", "batch_size", "grad_accum", "log_every"))
@@ -85,12 +87,13 @@ class TrainConfig:
             raise BytemtpError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not self.grad_clip > 0:
             raise BytemtpError(f"grad_clip: must be positive, got {self.grad_clip}")
-        if self.time_budget < 0:
-            raise BytemtpError(f"time_budget: must not be negative, got {self.time_budget}")
+        for name in ("time_budget", "peak_tflops"):
+            if not getattr(self, name) >= 0:
+                raise BytemtpError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.loader_mode not in LOADER_MODES:
             raise BytemtpError(f"loader_mode: {self.loader_mode!r} is not one of {', '.join(LOADER_MODES)}")
-        if self.loss_mode not in LOSS_MODES:
-            raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of {', '.join(LOSS_MODES)}")
+        if self.loss_mode not in ("auto", *LOSS_MODES):
+            raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of auto, {', '.join(LOSS_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,10 +1,12 @@
-"""The unembedding and cross-entropy of one head, with its gradients, written out by hand.
+"""The unembedding and cross-entropy of linear heads, with their gradients, written out by hand.
 
-The sequential head schedule (``bytemtp.train.objective``) differentiates each head
-as soon as its logits exist, so their memory can go before the next head starts.
-Doing that through autograd would build a per-head graph and keep padded-logit
-copies alive; the step below computes the loss and both gradients directly,
-reusing the logits buffer for the gradient of the logits.
+The head schedules (``bytemtp.train.objective``) differentiate heads as soon as
+their logits exist, so the logits' memory can go before the next head (or the next
+chunk of rows) starts. Doing that through autograd would build a graph per head
+and keep padded-logit copies alive; the step below computes the loss and both
+gradients directly, reusing the logits buffer for the gradient of the logits. It
+takes one head (the sequential schedule) or several stacked into one weight (the
+stacked schedule: one wide product instead of a narrow one per head).
 """
 
 from __future__ import annotations
@@ -19,33 +21,37 @@ from bytemtp.model.transformer import ByteMTP
 
 
 def unembed_cross_entropy(
-    features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, scale: torch.Tensor
+    features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, scales: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy of ``targets`` under ``features @ weight.T`` and the gradients of
-    ``scale * sum`` w.r.t. features and weight, without autograd.
+    """Summed cross-entropy of ``h`` heads stacked in ``weight`` and the gradients of
+    ``sum_k scales[k] * nll_k`` w.r.t. features and weight, without autograd.
 
-    features [N, d] and weight [vocab_padded, d] come in the matmul dtype; only the first
-    ``vocab`` logit columns are real (padding ids get no probability mass and no gradient).
-    The softmax runs in fp32 whatever the matmul dtype. Targets of -1 are ignored.
-    Returns (nll_sum fp32 scalar, grad_features [N, d], grad_weight [vocab_padded, d]).
+    features [N, d] and weight [h * vocab_padded, d] (head k's unembedding in rows
+    k * vocab_padded ...) come in the matmul dtype; targets are [N, h], scales [h].
+    Only the first ``vocab`` logit columns of each head are real (padding ids get no
+    probability mass and no gradient). The softmax runs in fp32 whatever the matmul
+    dtype. Targets of -1 are ignored.
+    Returns (nll sums [h] fp32, grad_features [N, d], grad_weight [h * vocab_padded, d]).
 
     The logits buffer is reused for dlogits, padding columns zeroed, so the backward
     matmuls stay on the aligned padded width and nothing the size of the logits is
     allocated twice.
     """
+    n_rows, heads = targets.shape
     logits = features @ weight.T
-    real = logits[:, :vocab]
+    per_head = logits.view(n_rows, heads, -1)
+    real = per_head[..., :vocab]
     lf = real.float()  # the very same tensor when the matmul ran in fp32
-    lse = torch.logsumexp(lf, dim=1, keepdim=True)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     valid = targets >= 0
-    t = targets.clamp_min(0).unsqueeze(1)
-    nll_sum = ((lse - lf.gather(1, t)).squeeze(1) * valid).sum()
-    row_scale = (valid * scale).unsqueeze(1)
-    dlogits = lf.sub_(lse).exp_().mul_(row_scale).scatter_add_(1, t, -row_scale)
+    t = targets.clamp_min(0).unsqueeze(-1)
+    nll = ((lse - lf.gather(-1, t)).squeeze(-1) * valid).sum(0)
+    row_scale = (valid * scales).unsqueeze(-1)
+    dlogits = lf.sub_(lse).exp_().mul_(row_scale).scatter_add_(-1, t, -row_scale)
     if dlogits is not real:
         real.copy_(dlogits)
-    logits[:, vocab:].zero_()
-    return nll_sum, logits @ weight, logits.T @ features
+    per_head[..., vocab:].zero_()
+    return nll, logits @ weight, logits.T @ features
 
 
 @functools.cache

@@ -5,9 +5,10 @@ figure a run logs and the figure its checkpoint gets later are the same number.
 
 Each head's figure is its total cross-entropy over every target it has, divided
 by the number of those targets (not a mean of per-batch means): the last batch is
-padded with -1 past the end of the split, and head k has fewer targets there than
-head 1, so per-batch means would weight bytes unequally and depend on the batch
-size.
+padded with -1 past the end of the split (whole rows of it where the split runs
+out of rows, so every batch has the same shape), and head k has fewer targets
+there than head 1, so per-batch means would weight bytes unequally and depend on
+the batch size.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from bytemtp.data.loader import iter_eval_batches
@@ -63,6 +65,7 @@ def evaluate(
     total = _val_ids(data_dir) if progress else None
     with tqdm(total=total, unit="B", unit_scale=True, desc="eval", disable=not progress, leave=False) as bar:
         for ids in iter_eval_batches(data_dir, batch_size, seq_len, n_future, split="val", device=device):
+            ids = _full_batch(ids, batch_size)
             with autocast(device):
                 _, head_losses = objective(ids)
             c = (split_batch(ids, n_future)[1] >= 0).sum((0, 1))
@@ -76,6 +79,13 @@ def evaluate(
         raise BytemtpError(f"{data_dir}: the val split has no bytes to evaluate")
     bpb = [s / max(c, 1) / LN2 for s, c in zip(nll.tolist(), counts)]
     return EvalResult(bpb, counts[0])
+
+
+def _full_batch(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A short last batch padded with rows of -1 (no targets, so no loss): every batch then
+    has one shape, and a compiled model runs the last one without compiling a second graph."""
+    short = batch_size - ids.shape[0]
+    return F.pad(ids, (0, 0, 0, short), value=-1) if short > 0 else ids
 
 
 def _val_ids(data_dir: str | os.PathLike) -> int:

@@ -2,10 +2,13 @@
 
 One optimizer step takes ``grad_accum`` micro-batches from the loader; each goes
 forward through the (DDP- or FSDP2-wrapped) objective and backward, with gradient
-synchronisation only on the last; then clipping, AdamW and the lr schedule. After
-every step the ranks agree on whether to stop (a signal arrived, the time budget
-is spent, the loss or gradient went non-finite) with one tiny all-reduce, so all
-ranks always take the same branch and no collective is left waiting.
+synchronisation only on the last; then clipping, AdamW and the lr schedule. No
+step reads anything back from the device: the host queues steps ahead of it, and
+looks at the device only at logged, evaluated or saved steps and every
+``CHECK_EVERY`` steps. There the ranks agree on whether to stop (a signal arrived,
+the time budget is spent, a loss or gradient went non-finite) with one tiny
+all-reduce, so all ranks always take the same branch and no collective is left
+waiting.
 
 Exact resume: a checkpoint holds everything the next step depends on (weights,
 optimizer moments, the schedule, the loader's stream position, every rank's RNGs),
@@ -50,14 +53,20 @@ from bytemtp.train.distributed import (
     shutdown,
 )
 from bytemtp.train.evaluate import EvalResult, evaluate, require_split
+from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
 from bytemtp.train.metrics import METRICS, MetricsLog
-from bytemtp.train.objective import LN2
+from bytemtp.train.nonfinite import NonFiniteWatch
+from bytemtp.train.objective import LN2, default_loss_mode
 from bytemtp.train.optim import build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
-from bytemtp.train.precision import autocast
+from bytemtp.train.precision import autocast, training_precision
 from bytemtp.train.rng import rng_state, set_rng_state
-from bytemtp.train.signals import StopSignals, stop_reason
+from bytemtp.train.signals import FINISHING_STEP, StopSignals, stop_reason
+
+# The most steps the host queues ahead before it reads the device's non-finite flag
+# (and, under torchrun, before the ranks agree on signals and the time budget).
+CHECK_EVERY = 16
 
 
 @dataclass
@@ -109,7 +118,8 @@ def train(
         train_cfg = train_cfg.resolved(model_cfg)
     env = init_distributed(train_cfg.device)
     try:
-        return _Run(env, train_cfg, model_cfg, data_dir, out_dir, ckpt, progress).run()
+        with training_precision(env.device):
+            return _Run(env, train_cfg, model_cfg, data_dir, out_dir, ckpt, progress).run()
     finally:
         shutdown(env)
 
@@ -128,15 +138,14 @@ class _Run:
         progress: bool,
     ):
         self.env, self.cfg, self.data_dir, self.out_dir, self.progress = env, cfg, data_dir, out_dir, progress
-        if env.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = ByteMTP(model_cfg)
         if ckpt is not None:
             load_weights(self.model, ckpt)
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
-        self.wrapped = wrap(MTPObjective(self.model, cfg.loss_mode), env, cfg.fsdp)
+        mode = default_loss_mode(env.device) if cfg.loss_mode == "auto" else cfg.loss_mode
+        self.wrapped = wrap(MTPObjective(self.model, mode), env, cfg.fsdp)
         self.objective = unwrap(self.wrapped)
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
@@ -151,8 +160,12 @@ class _Run:
         self.start = 0.0  # when this invocation's loop began (the time budget counts from here)
         self.last: tuple[torch.Tensor, torch.Tensor, float] | None = None  # head losses, grad norm, lr
         self._mark = (0.0, 0)  # (time, step) that bytes/s is measured from
+        self.flops_per_byte = flops_per_byte(model_cfg, cfg.seq_len)
+        self.peak_flops = peak_flops(env.device, cfg.peak_tflops)
         if ckpt is not None:
             self._restore(ckpt)
+        self.watch = NonFiniteWatch(env.device, self.step)
+        self.stop_signal = 0  # the signal the ranks agreed to stop for
 
     # -- resume ------------------------------------------------------------------
     def _restore(self, ckpt: Path) -> None:
@@ -185,36 +198,30 @@ class _Run:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True,
                    disable=not (self.progress and env.is_main))
         try:
-            with StopSignals() as signals:
+            with StopSignals(announce=env.is_main) as signals:
                 reason = None
                 while reason is None:
-                    signum, over_budget = self._step(signals)
+                    self._step()
                     bar.update(1)
-                    reason = stop_reason(signum, self.step >= cfg.steps, over_budget)
-                    val = self._report(reason, bar) or val
-                    if reason is not None or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
-                        self._save()
-                        self._reset_throughput()
+                    reason = self._check(signals)
+                    val = self._after_step(reason, signals, bar) or val
         finally:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-        if signum:
+        if self.stop_signal:
             self._say(f"{reason}: saved {self.last_ckpt}; continue with --resume")
-        return TrainResult(self.step, reason, self.last_ckpt, val.bpb_heads if val else None, signum or None)
+        return TrainResult(self.step, reason, self.last_ckpt, val.bpb_heads if val else None, self.stop_signal or None)
 
-    def _step(self, signals: StopSignals) -> tuple[int, bool]:
-        """One optimizer step; -> (signal number or 0, time budget spent), agreed by all ranks."""
+    def _step(self) -> None:
+        """One optimizer step, queued without waiting for the device."""
         head_losses, grad_norm = self._accumulate()
-        signum, over_budget, bad = self._agree(signals.received, head_losses, grad_norm)
-        if bad:
-            raise self._nonfinite(head_losses)
+        self.watch.observe(head_losses, grad_norm)
         self.last = (head_losses, grad_norm, self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return signum, over_budget
 
     def _accumulate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward ``grad_accum`` micro-batches, clip; -> (mean head losses [n], grad norm)."""
@@ -230,39 +237,75 @@ class _Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         return total / accum, as_local(grad_norm)
 
-    def _agree(self, signum: int | None, head_losses: torch.Tensor, grad_norm: torch.Tensor) -> tuple[int, bool, bool]:
-        """(signal number or 0, time budget spent, non-finite loss/grad), the max over ranks."""
-        dev = self.env.device
+    def _check(self, signals: StopSignals) -> str | None:
+        """Why to stop after the step just taken, or None; raises if a step went non-finite.
+
+        Signals and the time budget are host facts, so a single process acts on them
+        at once. The device is read (and ranks agree) only at steps that synchronise
+        anyway or must (logs, evals, checkpoints, the end) and every ``CHECK_EVERY``
+        steps otherwise: the host runs ahead of the device in between.
+        """
+        finished = self.step >= self.cfg.steps
+        signum = signals.received or 0
         over = bool(self.cfg.time_budget) and time.monotonic() - self.start > self.cfg.time_budget * 60
-        bad = ~(torch.isfinite(head_losses).all() & torch.isfinite(grad_norm))
-        flags = torch.stack(
-            [torch.tensor(float(signum or 0), device=dev), torch.tensor(float(over), device=dev), bad.float()]
-        )
-        sig, over_f, bad_f = all_reduce(flags, self.env, "max").tolist()
-        return int(sig), bool(over_f), bool(bad_f)
+        local_stop = not self.env.distributed and (signum or over)
+        if not (finished or local_stop or self._scheduled()):
+            return None
+        self.stop_signal, over, bad = self._agree(signum, over)
+        if bad:
+            raise self.watch.error(self.last_ckpt)
+        return stop_reason(self.stop_signal, finished, over)
 
-    def _nonfinite(self, head_losses: torch.Tensor) -> BytemtpError:
-        kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
-        loss = head_losses.mean().item() / LN2
-        step = self.step + 1
-        return BytemtpError(f"loss or gradient became non-finite (loss {loss}) at step {step}: stopped; {kept}")
+    def _scheduled(self) -> bool:
+        """Steps whose number alone makes them read the device: logged, evaluated, saved, or due a check."""
+        cfg, step = self.cfg, self.step
+        return step == 1 or any(every and step % every == 0
+                                for every in (cfg.log_every, cfg.eval_every, cfg.ckpt_every, CHECK_EVERY))
 
-    # -- metrics -----------------------------------------------------------------
-    def _report(self, reason: str | None, bar: tqdm) -> EvalResult | None:
-        """Log the step just taken if it is due (and evaluate if that is due); -> the eval, if any.
+    def _agree(self, signum: int, over_budget: bool) -> tuple[int, bool, bool]:
+        """(signal number or 0, time budget spent, a step went non-finite), the max over ranks."""
+        host = torch.tensor([float(signum), float(over_budget)]).to(self.env.device, non_blocking=True)
+        flags = torch.cat([host, self.watch.flag[None]])
+        sig, over, bad = all_reduce(flags, self.env, "max").tolist()
+        return int(sig), bool(over), bool(bad)
+
+    def _after_step(self, reason: str | None, signals: StopSignals, bar: tqdm) -> EvalResult | None:
+        """Log, save and evaluate as due after the step just taken; -> the eval, if any.
 
         Which steps are logged and evaluated depends only on the step number and the
         config (plus a clean end of the run), so a resumed run logs what an
-        uninterrupted one would; every rank takes part in the reductions.
+        uninterrupted one would; every rank takes part in the reductions. The
+        checkpoint comes before the evaluation, so a run stopped during its final
+        evaluation has already saved its last step.
         """
         cfg = self.cfg
         clean_end = reason in ("done", "time budget")
         evaluating = bool(cfg.eval_every) and (self.step % cfg.eval_every == 0 or clean_end)
-        if not (evaluating or clean_end or self.step == 1 or self.step % cfg.log_every == 0):
-            return None
+        logging = evaluating or clean_end or self.step == 1 or self.step % cfg.log_every == 0
+        saving = reason is not None or bool(cfg.ckpt_every and self.step % cfg.ckpt_every == 0)
+        record = self._train_record() if logging else None
+        if saving:
+            self._save()
+        val = None
+        if evaluating:
+            signals.status = (f"step {self.step} is saved in {self.last_ckpt}; finishing the final evaluation"
+                              if reason is not None else "finishing the evaluation, then one step and a checkpoint")
+            val = self._evaluate()
+            signals.status = FINISHING_STEP
+        if record is not None:
+            if val is not None:
+                record.update(val_bpb=val.bpb, val_bpb_heads=val.bpb_heads)
+            self._log(record, bar)
+        if logging or saving:
+            self._reset_throughput()
+        return val
+
+    def _train_record(self) -> dict[str, Any]:
+        """The metrics of the step just taken and the throughput since the last mark."""
         head_losses, grad_norm, lr = self.last
+        bpb_heads = [x / LN2 for x in all_reduce(head_losses, self.env).tolist()]  # waits for the device
         seconds = max(time.monotonic() - self._mark[0], 1e-9)
-        bpb_heads = [x / LN2 for x in all_reduce(head_losses, self.env).tolist()]
+        bytes_per_s = (self.step - self._mark[1]) * self.bytes_per_step / seconds
         record = {
             "step": self.step,
             "loss": sum(bpb_heads) / len(bpb_heads),
@@ -270,14 +313,14 @@ class _Run:
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "bytes": self.step * self.bytes_per_step,
-            "bytes_per_s": (self.step - self._mark[1]) * self.bytes_per_step / seconds,
+            "bytes_per_s": bytes_per_s,
         }
-        val = self._evaluate() if evaluating else None
-        if val is not None:
-            record.update(val_bpb=val.bpb, val_bpb_heads=val.bpb_heads)
-        self._log(record, bar)
-        self._reset_throughput()
-        return val
+        if self.env.device.type == "cuda":
+            per_gpu = bytes_per_s / self.env.world_size
+            record["bytes_per_s_per_gpu"] = per_gpu
+            if self.peak_flops:
+                record["mfu"] = self.flops_per_byte * per_gpu / self.peak_flops
+        return record
 
     def _reset_throughput(self) -> None:
         """Measure bytes/s from now on, so eval and checkpoint time do not count as training."""
@@ -298,6 +341,8 @@ class _Run:
             return
         self.metrics.write(record)
         text = f"loss {record['loss']:.3f} bpb, {record['bytes_per_s'] / 1e3:.1f} kB/s"
+        if "mfu" in record:
+            text += f", MFU {record['mfu']:.1%}"
         if "val_bpb" in record:
             text += f", val {record['val_bpb']:.3f}"
         bar.set_postfix_str(text, refresh=False)

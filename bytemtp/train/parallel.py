@@ -11,7 +11,7 @@ engines are imported where they are used: they take seconds to import, which
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,9 @@ import torch.nn as nn
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.distributed import DistEnv
 from bytemtp.train.objective import multihead_loss
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 
 class MTPObjective(nn.Module):
@@ -36,25 +39,43 @@ class MTPObjective(nn.Module):
 def wrap(objective: MTPObjective, env: DistEnv, fsdp: bool) -> nn.Module:
     """The module the training step calls: DDP, FSDP2, or (single process) ``objective`` itself.
 
-    FSDP2 shards every trunk block as its own unit (all-gathered just before it
-    runs, freed after) and leaves the embedding, heads and shared norm to the root
-    unit: the sequential head schedule runs all heads inside one autograd Function,
-    so they are needed together anyway. ``fully_shard`` changes ``objective`` in
-    place; DDP wraps it. Buffers (RoPE tables) are deterministic, so DDP need not
-    broadcast them every step.
+    ``fully_shard`` changes ``objective`` in place (``shard``); DDP wraps it. Buffers
+    (RoPE tables) are deterministic, so DDP need not broadcast them every step.
     """
     if not env.distributed:
         return objective
-    from torch.distributed.fsdp import fully_shard
+    if fsdp:
+        return shard(objective, fsdp_mixed_precision(env.device))
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if fsdp:
-        for block in objective.model.blocks:
-            fully_shard(block)
-        fully_shard(objective)
-        return objective
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(objective, device_ids=device_ids, broadcast_buffers=False)
+
+
+def fsdp_mixed_precision(device: torch.device) -> MixedPrecisionPolicy | None:
+    """FSDP2's precision on ``device``: on CUDA, parameters all-gathered and computed in bf16
+    and gradients reduced in fp32 (as torchtitan trains), with the sharded fp32 master
+    weights and optimizer state untouched; elsewhere None, fp32 throughout (CPU bf16
+    matmuls are slow and inexact, and the CPU runs are the ones tests compare bitwise)."""
+    if device.type != "cuda":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard(objective: MTPObjective, mp_policy: MixedPrecisionPolicy | None = None) -> MTPObjective:
+    """FSDP2 over the process group, in place: every trunk block is its own unit
+    (all-gathered just before it runs, freed after); the embedding, heads and shared
+    norm belong to the root unit, since the head schedules run all heads inside one
+    autograd Function and need them together anyway."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
+    for block in objective.model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(objective, **kwargs)
+    return objective
 
 
 def unwrap(module: nn.Module) -> MTPObjective:

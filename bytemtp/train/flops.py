@@ -1,0 +1,52 @@
+"""Model FLOPs per trained byte and the peak a GPU offers: MFU, as the PaLM paper defines it.
+
+Per byte, a training step (forward + backward) costs 6 FLOPs per weight a matmul
+multiplies it by, plus 12 * d * T per attention layer for the scores and the
+weighted sum over the T positions of a row (counted over the full row, masked or
+not, as in PaLM's appendix B, so figures compare with published MFU). The weights
+counted are every block's projections (trunk, and every head's blocks for
+transformer heads) and every head's unembedding at its padded width (the width the
+matmuls run at); the embedding is a lookup and costs nothing. Each head counts:
+the objective runs all ``n_future`` of them on every byte.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bytemtp.model.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a name torch.cuda.get_device_name contains.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
+
+
+def block_matmul_weights(cfg: ModelConfig) -> int:
+    """Weights one transformer block multiplies activations by: q, k, v, output, and the MLP."""
+    mlp_in = (2 if cfg.ffn == "swiglu" else 1) * cfg.ffn_dim
+    return 4 * cfg.d_model * cfg.d_model + cfg.d_model * (mlp_in + cfg.ffn_dim)
+
+
+def attention_layers(cfg: ModelConfig) -> int:
+    """Attention layers a byte passes through in training: the trunk's and every head's."""
+    return cfg.n_layers + (cfg.n_future * cfg.head_layers if cfg.head_kind == "transformer" else 0)
+
+
+def flops_per_byte(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes."""
+    matmul = attention_layers(cfg) * block_matmul_weights(cfg) + cfg.n_future * cfg.d_model * cfg.vocab_padded
+    return 6.0 * matmul + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """The device's dense bf16 peak in FLOP/s: ``override_tflops`` if given, else from
+    ``PEAK_BF16_FLOPS`` by the GPU's name; None on the CPU or an unknown GPU (no MFU then)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -1,0 +1,47 @@
+"""Non-finite losses and gradients, noticed on the device without stopping the host.
+
+Reading a flag back every step would make the host wait for the device every
+step, so the CPU could never queue the next step while the GPU runs this one.
+Instead the first bad step and its loss are recorded in device tensors, and the
+loop reads them only when it synchronises anyway (every few steps and before
+every checkpoint). Steps taken after a bad one are wasted, never saved: no
+checkpoint is written without a look at the flag first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bytemtp.errors import BytemtpError
+from bytemtp.train.objective import LN2
+
+
+class NonFiniteWatch:
+    """The first optimizer step whose loss or gradient norm was not finite, kept on the device."""
+
+    def __init__(self, device: torch.device, step: int):
+        self._step = torch.tensor(step, device=device)  # counts along on the device
+        self._first_bad = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self._loss = torch.zeros((), device=device)
+
+    def observe(self, head_losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Record step k+1's losses [n] (nats) and gradient norm; no host synchronisation."""
+        self._step += 1
+        bad = ~(torch.isfinite(head_losses).all() & torch.isfinite(grad_norm))
+        first = bad & (self._first_bad == 0)
+        self._first_bad = torch.where(first, self._step, self._first_bad)
+        self._loss = torch.where(first, head_losses.float().mean() / LN2, self._loss)
+
+    @property
+    def flag(self) -> torch.Tensor:
+        """1.0 once a bad step was seen, else 0.0 (a device scalar, for the ranks' agreement)."""
+        return (self._first_bad > 0).float()
+
+    def error(self, last_ckpt: Path | None) -> BytemtpError:
+        kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        step, loss = int(self._first_bad), float(self._loss)
+        if step == 0:  # another rank saw it
+            return BytemtpError(f"loss or gradient became non-finite on another process: stopped; {kept}")
+        return BytemtpError(f"loss or gradient became non-finite (loss {loss}) at step {step}: stopped; {kept}")
