@@ -5,11 +5,12 @@ column as its UTF-8 bytes or a binary column as it is; a null value is counted a
 skipped. A row's identity is ``FILE:ROW``, ROW counted from 0 over the whole file, so
 it does not depend on how the file is split into row groups or record batches.
 
-Memory stays bounded whatever the file size: Parquet is read one record batch at a
-time, sized from the row group's statistics to about ``_BATCH_BYTES`` of text, through
-a buffered stream (never a whole column chunk); Arrow files are memory-mapped, so a
-record batch is a view of the file. A Parquet file can be split between the parts of
-``prepare --part`` by row group: ``parquet_row_groups`` says what each one weighs.
+Memory is bounded by a row group, whatever the file size: pyarrow decodes the text
+column of one Parquet row group at a time (its batches are views of it), three to four
+times that column's size at peak, and reads the compressed column through a buffered stream.
+Arrow files are memory-mapped, so a record batch is a view of the file. A Parquet file
+can be split between the parts of ``prepare --part`` by row group: ``parquet_row_groups``
+says what each one weighs.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from bytemtp.errors import BytemtpError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ARROW_SUFFIXES = (".arrow", ".feather")
-_BATCH_BYTES = 16 << 20
-_MAX_BATCH_ROWS = 1 << 16
 _ARROW_FILE_MAGIC = b"ARROW1"
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 _BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view)
@@ -46,21 +45,17 @@ def read_parquet(
 ) -> Iterator[Document]:
     """The documents of ``row_groups`` of a Parquet file (None: all of them), in file order."""
     pf = _open_parquet(path, name)
-    column = _leaf_index(pf, name, options.text_field)
+    _text_column(pf.schema_arrow, name, options.text_field)
     meta = pf.metadata
     first_rows = np.concatenate(([0], np.cumsum([meta.row_group(i).num_rows for i in range(meta.num_row_groups)])))
     for group in range(meta.num_row_groups) if row_groups is None else row_groups:
-        chunk = meta.row_group(group).column(column)
-        row_bytes = chunk.total_uncompressed_size // max(1, meta.row_group(group).num_rows)
-        batch_rows = int(np.clip(_BATCH_BYTES // max(1, row_bytes), 1, _MAX_BATCH_ROWS))
         row = int(first_rows[group])
         try:
-            batches = pf.iter_batches(batch_rows, row_groups=[group], columns=[options.text_field], use_threads=False)
-            for batch in batches:
+            for batch in pf.iter_batches(row_groups=[group], columns=[options.text_field], use_threads=False):
                 yield from _column_documents(batch.column(0), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
         except (pa.ArrowException, OSError) as e:
-            raise BytemtpError(f"{name}: corrupt Parquet data in row group {group} ({e})") from None
+            raise _damaged(name, e, f"corrupt Parquet data in row group {group}") from None
 
 
 def read_arrow(path: Path, name: str, identity: str, options: ReadOptions, stats: ReadStats) -> Iterator[Document]:
@@ -76,20 +71,24 @@ def read_arrow(path: Path, name: str, identity: str, options: ReadOptions, stats
             for batch in batches:
                 yield from _column_documents(batch.column(index), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
-    except pa.ArrowInvalid as e:
-        raise BytemtpError(f"{name}: not an Arrow IPC stream or file, or truncated ({e})") from None
-    except OSError as e:
-        raise BytemtpError(f"{name}: cannot read ({e.strerror or e})") from None
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(name, e, "not an Arrow IPC stream or file, or truncated") from None
 
 
 def _open_parquet(path: Path, name: str) -> pq.ParquetFile:
     try:
         # buffer_size: pages are read through a buffered stream, not one whole column chunk at once
         return pq.ParquetFile(path, buffer_size=1 << 20)
-    except pa.ArrowInvalid:
-        raise BytemtpError(f"{name}: not a Parquet file, or truncated (no valid Parquet footer)") from None
-    except OSError as e:
-        raise BytemtpError(f"{name}: cannot read ({e.strerror or e})") from None
+    except (pa.ArrowException, OSError) as e:
+        raise _damaged(name, e, "not a Parquet file, or truncated") from None
+
+
+def _damaged(name: str, e: Exception, what: str) -> BytemtpError:
+    """A failure of the operating system (it sets errno) is one of reading; pyarrow's own errors
+    (some of them ``OSError`` too) mean the content is not what it should be."""
+    if isinstance(e, OSError) and e.errno:
+        return BytemtpError(f"{name}: cannot read ({e.strerror})")
+    return BytemtpError(f"{name}: {what} ({' '.join(str(e).split())})")
 
 
 def _leaf_index(pf: pq.ParquetFile, name: str, field: str) -> int:
