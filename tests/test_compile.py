@@ -64,3 +64,23 @@ def test_compiled_matches_eager_on_cuda(head_kind, dtype, rtol):
 def test_cuda_compiles_by_default():
     model = ByteMTP(preset("tiny", n_future=2)).cuda()
     assert compile_model(model) is True and model.compiled
+
+
+def test_batched_decode_step_traces_into_one_graph():
+    """The decode forward a batched engine compiles: one whole graph (no breaks), reused as every
+    row's slots, RoPE positions and mask change between steps, writing the cache in place."""
+    torch.manual_seed(0)
+    model = ByteMTP(preset("tiny", head_kind="transformer", n_future=4, max_seq_len=64)).eval()
+    cache = model.setup_cache(2, 64)
+    torch.compiler.reset()
+    counters.clear()
+    step = torch.compile(model.decode, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        model.decode(torch.randint(0, VOCAB, (2, 8)), torch.arange(8), 4)
+        for start in ([8, 3], [10, 4], [11, 9]):
+            slots = torch.tensor(start)[:, None] + torch.arange(3)
+            ids, mask = torch.randint(0, VOCAB, (2, 3)), cache.causal[slots]
+            want = model.decode(ids, slots, 4, slots, mask)
+            got = step(ids, slots, 4, slots, mask)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1

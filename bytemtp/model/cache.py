@@ -66,7 +66,9 @@ class KVCache:
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's keys and values of row b from slots ``src[b]`` to slots ``dst[b]``
         ([B, n], or [n] for every row): an accepted draft-tree path moves down to follow the
-        context. All entries are read before any is written, so the two may overlap."""
+        context. All entries are read before any is written, so the two may overlap; within a
+        row the ``dst`` slots must be distinct (a row that moves fewer entries than the others
+        pads with ``src = dst`` = a slot no other entry writes)."""
         B, H, _, hd = self.k[0].shape
         rows, shape = (B, src.shape[-1]), (B, H, src.shape[-1], hd)
         src = torch.broadcast_to(src, rows)[:, None, :, None].expand(shape)
