@@ -62,7 +62,9 @@ def interleaved(targets: dict[tuple[bool, int], Callable[[], object]]) -> dict[t
 def table(name: str, medians: dict[tuple[bool, int], float]) -> None:
     for panels in (False, True):
         one = medians[(panels, 1)]
-        cells = " ".join(f"{rows}: {medians[(panels, rows)] * 1e3:6.2f} ms ({medians[(panels, rows)] / one:.2f})" for rows in ROWS)
+        cells = " ".join(
+            f"{rows}: {medians[(panels, rows)] * 1e3:6.2f} ms ({medians[(panels, rows)] / one:.2f})" for rows in ROWS
+        )
         report(f"{name}, {'panels' if panels else 'BLAS  '}: {cells}")
     report(f"{name}: 1 row, BLAS / panels = {medians[(False, 1)] / medians[(True, 1)]:.2f}; "
            f"8 rows, BLAS / panels = {medians[(False, 8)] / medians[(True, 8)]:.2f}")

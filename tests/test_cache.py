@@ -13,6 +13,7 @@ from bytemtp.model.config import HEAD_KINDS, ModelConfig
 from bytemtp.model.transformer import ByteMTP
 
 ROWS, FED, SLOTS, PROMPT = 3, 4, 48, 8  # batch rows, ids fed per step, cache slots, longest prompt
+Outputs = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [step][row] -> (head-1 logits, draft features)
 
 
 def model_of(head_kind: str, d_model: int = 32) -> ByteMTP:
@@ -39,17 +40,18 @@ def random_tree_step(rng: np.random.Generator, start: int) -> tuple[np.ndarray, 
     return start + depth, mask, np.array(path[::-1])
 
 
-def decode_ragged(model: ByteMTP, tree: bool, seed: int = 0) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+def decode_ragged(model: ByteMTP, tree: bool, seed: int = 0) -> tuple[Outputs, Outputs]:
     """Decode ``ROWS`` rows together, then each row alone, through the same steps: prompts of
     different lengths fed in one padded forward, then steps of ``FED`` ids at each row's own
     slots, each row accepting its own number of them (and, with ``tree``, feeding its own draft
     tree and moving its accepted path into place). Returns the outputs of every step, batched
-    (row b sliced out) and alone, as [steps][rows] lists of (logits, features) pairs."""
+    (row b sliced out) and alone."""
     rng = np.random.default_rng(seed)
     ids = torch.randint(0, VOCAB, (ROWS, SLOTS), generator=torch.Generator().manual_seed(seed))
     prompt = rng.integers(1, PROMPT + 1, ROWS)
     steps = []  # per step: (ids [B, P], slots [B, P], rope [B, P] | None, mask [B, P, S] | None, moves [B, k] pairs)
-    steps.append((ids[:, :PROMPT], torch.arange(PROMPT).expand(ROWS, PROMPT), None, None, None))  # past a prompt: junk
+    # Every prompt padded to PROMPT ids: a row's slots past its prompt hold junk until its steps rewrite them.
+    steps.append((ids[:, :PROMPT], torch.arange(PROMPT).expand(ROWS, PROMPT), None, None, None))
     start = prompt.copy()
     for _ in range(6):
         slots = torch.from_numpy(start[:, None] + np.arange(FED))
