@@ -56,7 +56,7 @@ def unembed_cross_entropy(
 
 @functools.cache
 def _compiled_unembed_cross_entropy() -> Callable:
-    return torch.compile(unembed_cross_entropy)
+    return torch.compile(unembed_cross_entropy, dynamic=False)  # a static graph per shape: sequential, stacked chunks
 
 
 def cross_entropy_fn(model: ByteMTP) -> Callable:
