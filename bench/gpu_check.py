@@ -205,6 +205,7 @@ def step_case(cfg: ModelConfig, mode: str, ids: torch.Tensor, device: torch.devi
 
 def train_step_report(cfg8: ModelConfig, batch: int, seq: int, device: torch.device) -> dict[str, Any]:
     """Section 2 for one model: n = 1 and n = 8 (sequential and stacked), compiled, bf16 (on CUDA)."""
+    torch.compiler.reset()  # every model's graphs compiled afresh: no recompile limit carried over
     ids = torch.randint(0, 257, (batch, seq + 8), device=device, generator=torch.Generator(device).manual_seed(0))
     peak = peak_flops(device)
     out: dict[str, Any] = {"batch": batch, "seq_len": seq, "peak_tflops": peak and peak / 1e12,
@@ -251,6 +252,7 @@ def train_run_report(data: Path, run: Path, device: torch.device, model_cfg: Mod
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, warmup_steps=min(20, steps), eval_every=steps // 2,
                       log_every=50, ckpt_every=0, device=str(device))
+    torch.compiler.reset()
     counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
