@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from bytemtp.cli import main
 from bytemtp.data.prepare import PrepareConfig, is_up_to_date, prepare
 from bytemtp.data.shards import MANIFEST, SPLITS, Dataset, ShardBuffer, file_sha256, read_shard
-from bytemtp.data.sources import BuiltinSource, ReadOptions
+from bytemtp.data.documents import ReadOptions
+from bytemtp.data.sources import BuiltinSource
 from bytemtp_corpora import CORPORA
 from conftest import random_docs
 from test_sources import mixed_bytes, write_jsonl

@@ -14,33 +14,35 @@ from bytemtp.data.shards import SPLITS, Dataset, ShardInfo
 
 
 def format_dataset(ds: Dataset) -> str:
-    """The manifest as a short report: sources, settings, and docs/bytes/shards per split."""
+    """The manifest as a short report: sources, settings, and docs/bytes/shards per split.
+
+    The shard list is validated by ``Dataset``; sources, settings and counts are free-form
+    records, so whatever of them does not have the expected shape is shown as JSON.
+    """
     m = ds.manifest
     lines = [f"dataset  {ds.root}  ({m['format']} v{m['version']}, {m.get('created_by', 'unknown writer')})"]
     source = m.get("source", {})
     inputs = source.get("inputs")
-    if inputs is None:
+    if not isinstance(inputs, list):
         lines.append(f"source   {json.dumps(source)}")
-    for i, item in enumerate(inputs or []):
+    for i, item in enumerate(inputs if isinstance(inputs, list) else []):
         lines.append(f"{'source' if i == 0 else '':<8} {_describe_input(item)}")
     params = m.get("params", {})
     if "val_fraction" in params:
-        lines.append(
-            f"params   val fraction {params['val_fraction']}, shards of {_size(params['shard_bytes'])}, "
-            f"zstd level {params['level']}, documents cut at {_size(params['max_doc_bytes'])}"
-        )
+        lines.append(f"params   {_describe_params(params)}")
     lines.append(f"{'split':<8} {'shards':>6} {'docs':>10} {'bytes':>12} {'compressed':>12} {'ratio':>7}")
     for name in (*SPLITS, "total"):
         shards = ds.shards() if name == "total" else ds.shards(name)
         lines.append(_row(name, shards))
-    stats = source.get("stats", {})
+    stats = source.get("stats")
     notes = {
         "bad_lines": "bad JSON Lines records skipped (--skip-bad-lines)",
         "cut_docs": "documents longer than the limit cut into pieces",
         "empty_docs": "empty documents dropped",
         "null_values": "null values (Parquet/Arrow rows without text) skipped",
     }
-    lines += [f"note     {stats[key]:,} {text}" for key, text in notes.items() if stats.get(key)]
+    counts = {k: v for k, v in stats.items() if type(v) is int and v > 0} if isinstance(stats, dict) else {}
+    lines += [f"note     {counts[key]:,} {text}" for key, text in notes.items() if key in counts]
     if params.get("val_fraction") and not ds.shards("val"):
         lines.append("note     the val split is empty: too few documents for --val-fraction")
     return "\n".join(lines)
@@ -65,21 +67,35 @@ def verify_dataset(ds: Dataset, *, progress: bool = True) -> None:
         raise BytemtpError(f"{len(bad)} of {len(shards)} shards failed verification: " + "; ".join(bad))
 
 
-def _describe_input(item: dict) -> str:
-    kind = item.get("kind")
-    if kind == "builtin":
-        return (
-            f"builtin:{item['name']} (Python {item.get('python', '?')}, {item['files']:,} files, "
-            f"{_size(item['bytes'])}, content sha256 {item['content_sha256'][:16]})"
-        )
-    if kind == "dir":
-        globs = [f"include {g}" for g in item.get("include", [])] + [f"exclude {g}" for g in item.get("exclude", [])]
-        return f"{item['path']}/" + (f" ({', '.join(globs)})" if globs else "")
-    if kind == "file":
-        return item["path"]
-    if kind == "stdin":
-        return "<stdin>"
+def _describe_input(item: object) -> str:
+    try:
+        kind = item.get("kind")
+        if kind == "builtin":
+            return (
+                f"builtin:{item['name']} (Python {item.get('python', '?')}, {item['files']:,} files, "
+                f"{_size(item['bytes'])}, content sha256 {item['content_sha256'][:16]})"
+            )
+        if kind == "dir":
+            globs = [f"include {g}" for g in item.get("include", [])]
+            globs += [f"exclude {g}" for g in item.get("exclude", [])]
+            return f"{item['path']}/" + (f" ({', '.join(globs)})" if globs else "")
+        if kind == "file":
+            return str(item["path"])
+        if kind == "stdin":
+            return "<stdin>"
+    except (AttributeError, KeyError, TypeError, ValueError):  # not the shape prepare writes
+        pass
     return json.dumps(item)
+
+
+def _describe_params(params: dict) -> str:
+    try:
+        return (
+            f"val fraction {params['val_fraction']}, shards of {_size(params['shard_bytes'])}, "
+            f"zstd level {params['level']}, documents cut at {_size(params['max_doc_bytes'])}"
+        )
+    except (KeyError, TypeError):  # not the shape prepare writes
+        return json.dumps(params)
 
 
 def _row(name: str, shards: list[ShardInfo]) -> str:
