@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from bytemtp import VOCAB
-from bytemtp.model.config import HEAD_KINDS, ModelConfig, preset
 from bytemtp.errors import BytemtpError
-from bytemtp.train.objective import multihead_loss
+from bytemtp.model.config import HEAD_KINDS, ModelConfig, preset
+from bytemtp.model.decode_dtype import cast_for_decoding, decoding_dtype
 from bytemtp.model.transformer import ByteMTP
-
-
+from bytemtp.train.objective import multihead_loss
 
 
 def small_model(head_kind: str, n_future: int = 3, **overrides) -> ByteMTP:
@@ -224,3 +223,35 @@ def test_cache_is_reused_for_the_same_shape():
     assert all(a is b for a, b in zip(buffers, [*again.k, *again.v], strict=True)) and again.causal is mask
     bigger = model.setup_cache(1, 16)
     assert bigger.k[0].shape[2] == 16 and bigger.causal.shape == (16, 16)
+
+
+# -- decoding precision ------------------------------------------------------------
+
+
+def test_decoding_dtype_is_bfloat16_on_cuda_only():
+    assert decoding_dtype(torch.device("cuda")) == torch.bfloat16
+    assert decoding_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_cast_for_decoding_decodes_in_bfloat16(head_kind):
+    model = small_model(head_kind, n_future=4)
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    assert cast_for_decoding(model) is model  # float32 on the CPU: nothing to do
+    cast = cast_for_decoding(model, torch.bfloat16)
+    for name, p in model.named_parameters():  # the original keeps its float32 weights
+        assert p.dtype == torch.float32 and torch.equal(p, weights[name])
+    for name, p in cast.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, weights[name].to(torch.bfloat16))
+    assert cast.rope_cos.dtype == torch.float32 and torch.equal(cast.rope_cos, model.rope_cos)
+    assert torch.equal(cast.rope_sin, model.rope_sin)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    with torch.inference_mode():
+        cache = cast.setup_cache(2, 32)
+        logits, features = cast.decode(ids, torch.arange(20), 4)
+        drafts = cast.draft_logits(features[:, -1], 3)
+        want = model(ids)
+    assert all(t.dtype == torch.bfloat16 for t in cache.k + cache.v) and cast.draft_weight.dtype == torch.bfloat16
+    assert logits.dtype == drafts.dtype == torch.bfloat16
+    for got, ref in ((logits, want[:, :, 0]), (drafts, want[:, -1, 1:])):
+        assert (got.float() - ref).norm() <= 2e-2 * ref.norm()  # bfloat16 keeps 8 bits of mantissa
