@@ -139,9 +139,10 @@ def test_part_flag_on_the_command_line(corpus, tmp_path):
     src, _, whole = corpus
     args = ["--shard-bytes", CONFIG.shard_bytes, "--val-fraction", VAL, "--max-doc-bytes", MAX_DOC, "--no-progress"]
     for i in range(2):
-        ok("prepare", src, "--out", tmp_path / f"p{i}", "--part", f"{i}/2", *args)
+        result = ok("prepare", src, "--out", tmp_path / f"p{i}", "--part", f"{i}/2", *args)
+        assert f"part     {i} of 2" in result.stdout
     result = ok("merge", tmp_path / "p1", tmp_path / "p0", "--out", tmp_path / "m", "--no-progress")
-    assert "merged 2 parts" in result.stdout
+    assert "merged 2 parts" in result.stdout and "merged   from 2 parts" in result.stdout
     assert contents(tmp_path / "m") == contents(whole)
 
 

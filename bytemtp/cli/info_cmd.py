@@ -27,6 +27,7 @@ def format_dataset(ds: Dataset) -> str:
         lines.append(f"source   {json.dumps(source)}")
     for i, item in enumerate(inputs if isinstance(inputs, list) else []):
         lines.append(f"{'source' if i == 0 else '':<8} {_describe_input(item)}")
+    lines += _part_lines(source)
     params = m.get("params", {})
     if "val_fraction" in params:
         lines.append(f"params   {_describe_params(params)}")
@@ -86,6 +87,16 @@ def _describe_input(item: object) -> str:
     except (AttributeError, KeyError, TypeError, ValueError):  # not the shape prepare writes
         pass
     return json.dumps(item)
+
+
+def _part_lines(source: dict) -> list[str]:
+    """Whether the dataset is one part of a ``prepare --part`` run, or the merge of such parts."""
+    part, merged = source.get("part"), source.get("merged")
+    if isinstance(part, dict) and {"index", "count"} <= part.keys():
+        return [f"part     {part['index']} of {part['count']} (join the parts with `bytemtp merge`)"]
+    if isinstance(merged, dict) and "parts" in merged:
+        return [f"merged   from {merged['parts']} parts"]
+    return []
 
 
 def _describe_params(params: dict) -> str:

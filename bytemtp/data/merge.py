@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from bytemtp.data.atomic import atomic_dir
 from bytemtp.data.documents import ReadStats
-from bytemtp.data.prepare import PrepareSummary, check_out
+from bytemtp.data.prepare import PrepareSummary, check_out, refuse_out_inside
 from bytemtp.data.shards import Dataset, ShardInfo, file_sha256, shard_name, write_manifest
 from bytemtp.errors import BytemtpError
 
@@ -43,9 +43,7 @@ def merge(
     out = Path(out)
     datasets = _check_parts([Path(p) for p in parts])
     check_out(out, overwrite)
-    for ds in datasets:
-        if ds.root.resolve() == out.resolve() or ds.root.resolve() in out.resolve().parents:
-            raise BytemtpError(f"--out {out}: lies inside the part {ds.root}; write the merged dataset elsewhere")
+    refuse_out_inside(out, [ds.root for ds in datasets], "part")
     start = time.perf_counter()
     stats = ReadStats()
     shards: list[ShardInfo] = []

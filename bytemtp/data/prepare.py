@@ -166,7 +166,7 @@ def prepare(
     out = Path(out)
     readers = resolve_sources(sources, config.read, stdin)
     check_out(out, overwrite)
-    _refuse_out_inside_inputs(out, [path for r in readers for path in r.paths()])
+    refuse_out_inside(out, [path for r in readers for path in r.paths()], "input")
     plan = plan_parts(readers, config.read, part) if part is not None else None
     inputs = [r.describe() for r in readers]
     stats = ReadStats()
@@ -238,9 +238,10 @@ def check_out(out: Path, overwrite: bool, flag: str = "--out") -> None:
         )
 
 
-def _refuse_out_inside_inputs(out: Path, inputs: list[Path]) -> None:
-    """An output inside an input would be read back as input by a later run (or by this one)."""
+def refuse_out_inside(out: Path, roots: list[Path], what: str) -> None:
+    """Refuse an output equal to or inside one of ``roots``: inside an input it would be read
+    back as input by a later run, and replacing a part (or its parent) would delete it."""
     resolved = out.resolve()
-    for path in inputs:
-        if path.resolve() == resolved or path.resolve() in resolved.parents:
-            raise BytemtpError(f"--out {out}: lies inside the input {path}; write the dataset elsewhere")
+    for root in roots:
+        if root.resolve() == resolved or root.resolve() in resolved.parents:
+            raise BytemtpError(f"--out {out}: lies inside the {what} {root}; write the dataset elsewhere")

@@ -21,7 +21,7 @@ HF_STATE, HF_INFO = "state.json", "dataset_info.json"
 _SHOWN = 5  # files named in the message when the globs pick none
 
 
-def glob_match(rel: str, name: str, pattern: str) -> bool:
+def _glob_match(rel: str, name: str, pattern: str) -> bool:
     """A pattern with a ``/`` matches the relative path, one without matches the name at any depth."""
     return fnmatch.fnmatchcase(rel if "/" in pattern else name, pattern)
 
@@ -66,7 +66,7 @@ class DirectoryWalk:
         keyed = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in listing.values()]
         for key, entry in sorted(keyed, key=lambda item: item[0]):
             rel = prefix + entry.name
-            if any(glob_match(rel, entry.name, g) for g in self.exclude):
+            if any(_glob_match(rel, entry.name, g) for g in self.exclude):
                 continue
             if key.endswith("/"):
                 yield from self._visit(Path(entry.path), rel + "/")
@@ -77,7 +77,7 @@ class DirectoryWalk:
                     self._passed_over.append(rel)
 
     def _picked(self, rel: str, name: str) -> bool:
-        return not self.include or any(glob_match(rel, name, g) for g in self.include)
+        return not self.include or any(_glob_match(rel, name, g) for g in self.include)
 
     @staticmethod
     def _is_file(entry: os.DirEntry) -> bool:
@@ -99,7 +99,7 @@ class DirectoryWalk:
             if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise BytemtpError(f"{state_path}: data file {name!r} is not a file name in {directory}")
             rel = prefix + name
-            if any(glob_match(rel, name, g) for g in self.exclude):
+            if any(_glob_match(rel, name, g) for g in self.exclude):
                 continue
             if self._picked(rel, name):
                 yield rel, directory / name
