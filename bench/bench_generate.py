@@ -70,7 +70,8 @@ def _decode(model, prompts, speculative: bool):
     def once():
         prompt = prompts[len(mode.outputs) % len(prompts)]
         gen = generate(model, GenerationConfig(prompt=prompt, max_new_bytes=MAX_BYTES, speculative=speculative))
-        mode.add(gen.read(), gen.stats)
+        output = gen.read()
+        mode.add([output], [gen.stats], gen.stats.wall_s)
 
     return once, mode
 

@@ -14,13 +14,12 @@ from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model
 from torch._dynamo.utils import counters
 
-from bytemtp.compile import compile_decode_step
 from bytemtp.decode.bench import draft_rows
 from bytemtp.decode.prompts import sample_prompts
 from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
-from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.decode.generate import Decoder, GenerationConfig, generate
 
 VAL_FILES = ("heapq.py", "calendar.py", "difflib.py")
 
@@ -173,11 +172,24 @@ def test_compiled_step_matches_eager_and_compiles_once(device):
     prompts = [text[i : i + 40] for i in (1000, 9000, 30000)]
     torch.compiler.reset()
     counters.clear()
-    step = compile_decode_step(model.decode, torch.device(device), enabled=True)
+    configs = [GenerationConfig(max_new_bytes=48, speculative=speculative) for speculative in (False, True)]
+    decoders = [Decoder(model, config, compile=True) for config in configs]
     graphs = []
     for prompt in prompts:
-        for speculative in (False, True):
-            config = GenerationConfig(prompt=prompt, max_new_bytes=48, speculative=speculative)
-            assert generate(model, config, step_forward=step).read() == generate(model, config).read()
+        for config, decoder in zip(configs, decoders):
+            assert decoder.generate([prompt]).read() == generate(model, config, [prompt]).read()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == 2 and graphs[-1] == graphs[0], graphs
+
+
+def test_bench_batches_side_by_side(run, data):
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "4", "--max-bytes", "24", "--batch", "1",
+               "--batch", "4", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["batch"], r["draft_heads"]) for r in rows] == [(1, 0), (1, 7), (4, 0), (4, 7)]
+    assert all(r["identical"] for r in rows if r["draft_heads"])
+    # Greedy decoding: the same bytes per forward whether the prompts ran alone or together.
+    assert rows[1]["bytes_per_forward"] == pytest.approx(rows[3]["bytes_per_forward"])

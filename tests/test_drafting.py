@@ -10,9 +10,9 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
 
-from bytemtp.decode.drafting import NO_DRAFT, DraftPolicy, draft_count, measure_step_costs, verified_drafts
+from bytemtp.decode.drafting import DraftPolicy, draft_count, measure_step_costs
 from bytemtp.errors import BytemtpError
-from bytemtp.decode.generate import GenerationConfig
+from bytemtp.decode.config import GenerationConfig
 
 STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
 
@@ -31,27 +31,31 @@ def test_draft_count_maximises_expected_bytes_per_cost():
     assert count([0.2, 1.0, 1.0], [1, 1.5, 1.5, 1.5]) == 3  # unless all three come at once: 1.6 > 1.5
 
 
-def test_unverified_drafts_are_marked_and_dropped():
-    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]))
-    kept = policy.choose(torch.tensor([7, 8, 9]), torch.tensor([0.9, 0.3, 0.9]))
-    assert kept.tolist() == [7, NO_DRAFT, NO_DRAFT]
-    assert verified_drafts(kept.tolist()) == [7]
-    assert verified_drafts([1, 2]) == [1, 2] and verified_drafts([NO_DRAFT, 3]) == []
+def choose(policy: DraftPolicy, confidence: list[float], n_judged: int = 0, accepted: int = 0) -> int:
+    """One row's choice: how many of the drafts of ``confidence`` the next step verifies."""
+    one = torch.tensor([True])
+    return int(policy.choose(torch.tensor([confidence]), torch.tensor([n_judged]), torch.tensor([accepted]), one)[0])
+
+
+def test_policy_counts_the_drafts_worth_verifying_per_row():
+    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]), n_rows=2)
+    counts = policy.choose(torch.tensor([[0.9, 0.3, 0.9], [1.0, 1.0, 1.0]]), torch.zeros(2, dtype=torch.long),
+                           torch.zeros(2, dtype=torch.long), torch.tensor([True, True]))
+    assert counts.tolist() == [1, 3]
 
 
 def test_policy_calibrates_each_head_on_what_verification_reached():
     policy = DraftPolicy(torch.tensor([1.0, 1.0, 1.0, 1.0]))
-    policy.choose(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.4, 0.3]))
+    choose(policy, [0.5, 0.4, 0.3])
     # Draft 1 accepted, draft 2 rejected, draft 3 never judged; learnt before the next choice.
-    policy.choose(torch.tensor([1, 2, 3]), torch.tensor([0.5, 0.4, 0.3]), 3, torch.tensor([1]))
-    assert policy.hits.tolist() == [2.0, 1.0, 1.0]
-    assert policy.predicted.tolist() == pytest.approx([1.5, 1.4, 1.0])
+    choose(policy, [0.5, 0.4, 0.3], 3, 1)
+    assert policy.hits[0].tolist() == [2.0, 1.0, 1.0]
+    assert policy.predicted[0].tolist() == pytest.approx([1.5, 1.4, 1.0])
     # Head 3 hit less often than it claimed: its 0.5 is worth 0.36, and a second draft no
     # longer pays (2.36 bytes / 1.8 < 2 / 1.5), which it would at face value (2.5 / 1.8).
     policy.costs = torch.tensor([1.0, 1.5, 1.8, 9.0])
-    assert policy.choose(torch.tensor([1, 2, 3]), torch.tensor([1.0, 0.5, 0.5])).tolist() == [1, NO_DRAFT, NO_DRAFT]
-    assert DraftPolicy(policy.costs).choose(torch.tensor([1, 2, 3]), torch.tensor([1.0, 0.5, 0.5])).tolist() == [
-        1, 2, NO_DRAFT]
+    assert choose(policy, [1.0, 0.5, 0.5]) == 1
+    assert choose(DraftPolicy(policy.costs), [1.0, 0.5, 0.5]) == 2
 
 
 def test_measured_costs_are_relative_to_one_position():

@@ -18,17 +18,12 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from bytemtp import BOS, VOCAB
 from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
-from bytemtp.decode.generate import (
-    STOP_REASONS,
-    GenerationConfig,
-    GenerationStats,
-    cache_length,
-    generate,
-    prompt_context,
-    window_keep,
-)
+from bytemtp.decode.config import STOP_REASONS, GenerationConfig, GenerationStats
+from bytemtp.decode.context import cache_length, prompt_context, window_keep
+from bytemtp.decode.generate import Decoder, generate
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
+from bytemtp.decode.step import chain_step
 from bytemtp.decode.stops import StopMatcher
 
 
@@ -53,11 +48,11 @@ def random_model(head_kind: str = "linear", n_future: int = 4, max_seq_len: int 
 
 
 class StubLM(torch.nn.Module):
-    """Stands in for ``ByteMTP``: same forward signature, logits from ``logits_fn(context, head)``.
+    """Stands in for ``ByteMTP``: same decoding interface, logits from ``logits_fn(context, head)``.
 
-    The context of a position is what the cache holds up to and including it, so
+    The context of a position is what its row's cache holds up to and including it, so
     (as in the real model) a stale or wrong cache entry changes the prediction.
-    Every forward is recorded as ``(ids, positions, n_heads)``.
+    Every forward is recorded as ``(ids, positions, n_heads)`` of its first row.
     """
 
     def __init__(self, logits_fn: Callable[[tuple[int, ...], int], torch.Tensor], n_future: int = 4,
@@ -66,31 +61,31 @@ class StubLM(torch.nn.Module):
         self.cfg = ModelConfig(d_model=8, n_layers=1, n_attn_heads=2, n_future=n_future, max_seq_len=max_seq_len)
         self.logits_fn = logits_fn
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stub a device
-        self.cache: list[int] | None = None
+        self.cache: list[list[int]] | None = None
         self.calls: list[tuple[list[int], list[int], int]] = []
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None) -> None:
-        self.cache = [-1] * max_len
+        self.cache = [[-1] * max_len for _ in range(batch_size)]
 
     def clear_cache(self) -> None:
         self.cache = None
 
-    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None):
-        ids_l, pos_l = ids[0].tolist(), input_pos.tolist()
-        self.calls.append((ids_l, pos_l, n_heads))
-        for i, p in zip(ids_l, pos_l):
-            self.cache[p] = i
-        rows = [torch.stack([self.logits_fn(tuple(self.cache[: p + 1]), k) for k in range(n_heads)]) for p in pos_l]
-        return torch.stack(rows)[None]
-
-    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, kv_len: int | None = None):
-        """``ByteMTP.decode``'s contract; the stub's draft features are its draft logits."""
-        assert kv_len is None or int(input_pos.max()) < kv_len <= len(self.cache)  # every position sees itself
-        logits = self(ids, input_pos=input_pos, n_heads=n_heads)
+    def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, rope_pos=None, mask=None,
+               kv_len: int | None = None):
+        """``ByteMTP.decode``'s contract (chains); the stub's draft features are its draft logits."""
+        assert kv_len is None or int(input_pos.max()) < kv_len <= len(self.cache[0])  # every position sees itself
+        self.calls.append((ids[0].tolist(), input_pos[0].tolist(), n_heads))
+        rows = []
+        for cache, row_ids, row_pos in zip(self.cache, ids.tolist(), input_pos.tolist()):
+            for i, p in zip(row_ids, row_pos):
+                cache[p] = i
+            rows.append([torch.stack([self.logits_fn(tuple(cache[: p + 1]), k) for k in range(n_heads)])
+                         for p in row_pos])
+        logits = torch.stack([torch.stack(r) for r in rows])
         return logits[:, :, 0], logits[:, :, 1:]
 
     def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
-        return features[:n_drafts]
+        return features[..., :n_drafts, :]
 
 
 def one_hot(i: int) -> torch.Tensor:
@@ -313,15 +308,17 @@ def test_long_prompt_keeps_the_newest_bytes():
     assert gen.stats.prompt_bytes_dropped == 100 - window_keep(window)
 
 
-def test_step_forward_hook_runs_every_step():
+def test_step_function_runs_every_step():
     stub = scripted(b"", SCRIPT)
     seen = []
+    decoder = Decoder(stub, GenerationConfig(max_new_bytes=20, draft_heads=3))
 
-    def step(ids, input_pos, n_heads):
+    def step(ids, *args):
         seen.append(ids.shape[1])
-        return stub.decode(ids, input_pos, n_heads)
+        return chain_step(stub, decoder.rule, 3, ids, *args)
 
-    gen = generate(stub, GenerationConfig(max_new_bytes=20, draft_heads=3), step_forward=step)
+    decoder.step = step  # what a compiled step replaces
+    gen = decoder.generate()
     assert gen.read() == SCRIPT[:20]
     assert len(seen) == gen.stats.forwards - 1 and set(seen) == {4}
 
@@ -408,7 +405,7 @@ def test_probabilities_top_k_and_top_p():
 def test_draw_follows_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
     gen = torch.Generator().manual_seed(0)
-    samples = draw(probs.expand(20_000, 4), gen)
+    samples = draw(probs.expand(20_000, 4), torch.rand(20_000, generator=gen))
     freq = torch.bincount(samples, minlength=4) / 20_000
     assert freq[1] == 0 and torch.allclose(freq, probs, atol=0.02)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 
 import pytest
 import torch
@@ -146,3 +148,40 @@ def test_pipe_output_is_untouched_bytes():
     sink.write(b"\xa9")
     sink.close()
     assert pipe.buffer.getvalue() == b"\xff\xc3\xa9"
+
+
+def json_lines(res) -> list[dict]:
+    assert res.exit_code == 0, res.output
+    return [json.loads(line) for line in res.stdout_bytes.decode("utf-8").splitlines()]
+
+
+def test_num_samples_are_json_lines_with_exact_bytes(random_run):
+    run, model = random_run
+    res = sample(run, "--prompt", "x", "--temperature", "1", "--seed", "5", "--max-bytes", "24", "--num-samples", "3")
+    records = json_lines(res)
+    assert [(r["prompt_index"], r["sample"], r["seed"]) for r in records] == [(0, 0, 5), (0, 1, 6), (0, 2, 7)]
+    for r in records:
+        alone = generate(model, GenerationConfig(prompt=b"x", max_new_bytes=24, temperature=1.0, seed=r["seed"])).read()
+        exact = base64.b64decode(r["base64"]) if "base64" in r else r["text"].encode("utf-8")
+        assert exact == alone and r["text"] == alone.decode("utf-8", "replace")
+    assert any("base64" in r for r in records)  # random weights: bytes that are not UTF-8
+
+
+@pytest.mark.parametrize("jsonl", [True, False])
+def test_prompts_file(run_dir, tmp_path, jsonl):
+    prompts = ["def ", "    '", "import"]
+    text = "\n".join(json.dumps({"prompt": p}) for p in prompts) if jsonl else "\n".join(prompts)
+    (tmp_path / "prompts").write_text(text + "\n")
+    records = json_lines(sample(run_dir, "--prompts-file", tmp_path / "prompts", "--temperature", "0",
+                                "--max-bytes", "30", "--batch", "2"))
+    assert [r["prompt_index"] for r in records] == [0, 1, 2] and all(r["seed"] is None for r in records)
+    for p, r in zip(prompts, records):
+        alone = generate(trained_model(), GenerationConfig(prompt=p.encode(), max_new_bytes=30, temperature=0)).read()
+        assert r["text"].encode("utf-8") == alone and "base64" not in r
+
+
+def test_prompts_file_errors_name_the_flag(run_dir, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    res = sample(run_dir, "--prompts-file", tmp_path / "bad.jsonl")
+    assert res.exit_code == 1 and "--prompts-file" in res.stderr
+    assert "record 2 has no string field 'prompt'" in res.stderr

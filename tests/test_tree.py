@@ -15,10 +15,12 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from test_generate import random_model, run
 
 from bytemtp import BOS
-from bytemtp.compile import compile_decode_step
 from bytemtp.errors import BytemtpError
+from bytemtp.decode.batch import Batch, Row
+from bytemtp.decode.config import GenerationStats
 from bytemtp.decode.generate import GenerationConfig, generate
-from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeVerifier, accepted_path, build_tree, tree_mask
+from bytemtp.decode.stops import StopMatcher
+from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeDrafts, accepted_path, build_tree, tree_mask
 
 
 def paths_of(tree: DraftTree) -> list[tuple[int, ...]]:
@@ -145,29 +147,34 @@ def test_tree_greedy_matches_autoregressive_trained_and_accepts_more(head_kind):
     assert tree_forwards < chain_forwards  # 16 nodes cover more than one chain of at most 7
 
 
+def step_output(choice: list[int], ranked: np.ndarray) -> np.ndarray:
+    """A tree step's host output for one row: head 1's ``choice`` at each position, the draft
+    heads' ``ranked`` bytes [m, RANKS] (the same at every position), no non-finite flag."""
+    return np.array([[*choice, *np.tile(ranked.ravel(), len(choice)), 0]])
+
+
 def test_rank_stats_count_head_ones_bytes_at_every_depth_reached():
     """After a step accepting 1 draft, depths 1 and 2 are learnt (the byte at depth 2 being
     head 1's correction, whether or not the tree held it), depth 3 is not."""
-    drafts = torch.zeros(3, 300)
-    drafts[:, 40:48] = torch.arange(8, 0, -1).float()  # every head ranks bytes 40, 41, ..., 47
-    verifier = TreeVerifier(lambda features: drafts, n_nodes=4, n_drafts=3, device=torch.device("cpu"))
-    features = torch.zeros(1, 1, 8)
-    verifier(torch.zeros(1, 300), features, None)
-    tree = verifier.tree
-    before = verifier.stats.counts.copy()
+    ranked = np.tile(np.arange(40, 48), (3, 1))  # every head ranks bytes 40, 41, ..., 47
+    drafts = TreeDrafts(None, n_nodes=4, n_drafts=3)
+    batch = Batch([Row(0, [BOS], StopMatcher(()), GenerationStats(3), None)], cache_len=64, device=torch.device("cpu"))
+    drafts.start(batch)
+    drafts.read(batch, [True], step_output([0], ranked), fed=False)
+    tree = drafts.verified[0] = drafts.trees[0]
+    before = drafts.stats[0].counts.copy()
     # Head 1 agrees with the first node (byte 40, depth 1), then picks 42 below it.
-    choice = torch.full((tree.size + 1,), 7)
+    choice = [7] * (tree.size + 1)
     choice[0] = int(tree.tokens[0])
     first_child_of_root = 1
     choice[first_child_of_root] = 42
-    logits = torch.nn.functional.one_hot(choice, 300).float()
-    decision, _ = verifier(logits, features.expand(tree.size + 1, 1, 8), tree)
-    assert decision[0] >= 1
+    decision = drafts.read(batch, [True], step_output(choice, ranked), fed=True)[0]
+    assert decision.accepted >= 1
     expected = before.copy()
     for depth, rank in ((0, 0), (1, 2)):  # both below a first choice (or the root)
         expected[depth, 0] *= RankStats.DECAY
         expected[depth, 0, rank] += 1
-    np.testing.assert_allclose(verifier.stats.counts, expected)
+    np.testing.assert_allclose(drafts.stats[0].counts, expected)
 
 
 def test_rank_stats_prior_is_a_distribution_over_ranks():
@@ -192,6 +199,7 @@ def test_rank_stats_prior_is_a_distribution_over_ranks():
     [
         ({"tree_nodes": 4, "temperature": 0.8}, "--tree"),
         ({"tree_nodes": 4, "draft_costs": (1.0, 1.1)}, "--tree"),
+        ({"tree_nodes": 100_000}, "--tree: a draft tree has 1 to 128 nodes"),
     ],
 )
 def test_bad_tree_config_names_the_flag(kw, flag):
@@ -207,22 +215,13 @@ def test_tree_larger_than_the_heads_can_fill_is_an_error():
 @pytest.mark.slow  # inductor builds C++ kernels for the step shapes
 def test_compiled_tree_step_matches_eager():
     model = copy.deepcopy(trained_model())
-    step = compile_decode_step(model.decode, torch.device("cpu"), enabled=True)
     for prompt in (b"    '", bytes(stdlib_corpus()[5000:5040].tolist())):
         config = GenerationConfig(prompt=prompt, max_new_bytes=64, tree_nodes=12)
         eager = generate(model, config).read()
-        assert generate(model, config, step_forward=step).read() == eager
+        assert generate(model, config, compile=True).read() == eager
         assert eager == run(model, prompt=prompt, max_new_bytes=64, speculative=False).output
 
 
-def test_drafting_at_every_position_decides_the_same():
-    """An accelerator drafts at every position in the verifying launch (one device wait per
-    step); the CPU drafts at the accepted one. Same trees, same output."""
-    model = trained_model()
-    config = GenerationConfig(prompt=bytes(stdlib_corpus()[7000:7040].tolist()), max_new_bytes=80, tree_nodes=12)
-    everywhere = generate(model, config)
-    assert not everywhere.verify.draft_everywhere
-    everywhere.verify.draft_everywhere = True
-    plain = generate(model, config)
-    assert everywhere.read() == plain.read()
-    assert everywhere.stats.forwards == plain.stats.forwards
+def test_tree_that_leaves_no_room_for_context_is_an_error():
+    with pytest.raises(BytemtpError, match="--tree: a tree of 100 nodes does not fit the model's window of 64"):
+        run(random_model(n_future=4, max_seq_len=64), max_new_bytes=4, tree_nodes=100)

@@ -29,16 +29,20 @@ from bytemtp.cli.options import decode_threads_option, device_option
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(greedy only; repeatable).")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
+              help="Decode this many prompts together; every decoder runs at each batch size given, and the "
+                   "table shows aggregate bytes/s side by side (repeatable; default 1).")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed warm-up rounds.")
 @click.option("--compile/--no-compile", "compile_", default=None,
-              help="Compile the per-step forward (CUDA graphs on a GPU). Default: on for CUDA, off for CPU.")
+              help="Compile the decode step, autoregressive and speculative alike (CUDA graphs on a GPU). "
+                   "Default: on for CUDA, off for CPU.")
 @click.option("--panels/--no-panels", default=True, show_default=True,
               help="CPU decoding steps multiply on bytemtp's panel kernel (--no-panels: on BLAS, as torch does).")
 @device_option
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive, trees,
-            warmup, compile_, panels, device, as_json) -> None:
+            batches, warmup, compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
     Prompts are drawn (seeded) from the val split of --data. Prints bytes/s of each
@@ -47,17 +51,17 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
     """
     from tqdm import tqdm
 
-    from bytemtp.compile import compile_decode_step
     from bytemtp.decode.bench import BenchConfig, run_bench
     from bytemtp.decode.prompts import sample_prompts
     from bytemtp.train.checkpoint import load_model
 
     cfg = BenchConfig(
-        prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees
+        prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees,
+        batches,
     )
     model, _ = load_model(ckpt, device)
-    step = compile_decode_step(model.decode, device, compile_)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)
-    with tqdm(total=prompts, desc="bench", unit="prompt", disable=as_json, leave=False) as bar:
-        report = run_bench(model, chosen, cfg, step_forward=step, progress=bar)
+    runs = sum(-(-prompts // b) for b in cfg.batches)
+    with tqdm(total=runs, desc="bench", unit="batch", disable=as_json, leave=False) as bar:
+        report = run_bench(model, chosen, cfg, compile=compile_, progress=bar)
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.table())

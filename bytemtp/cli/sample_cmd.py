@@ -6,12 +6,20 @@ output into a file must not change a single byte. Only when stdout is a terminal
 are the bytes decoded, incrementally, as UTF-8 with replacement characters, so a
 multi-byte character split across two steps still displays and invalid bytes
 never crash the display. Everything else (notes, ``--stats``) goes to stderr.
+
+With more than one output (``--num-samples``, ``--prompts-file``) the outputs are
+decoded together, as a batch, and stdout is JSON Lines, one object per output in
+order: ``prompt_index``, ``sample``, ``seed`` (null when greedy), ``text`` (the
+bytes decoded as UTF-8, invalid bytes replaced) and, only when the bytes are not
+valid UTF-8, ``base64``: the exact bytes.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -65,6 +73,12 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--prompt", default=None, help="Prompt text (UTF-8). Default: empty, i.e. a new document.")
 @click.option("--prompt-file", type=click.File("rb"), default=None,
               help="Read the prompt's bytes from a file ('-': stdin).")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Many prompts: JSON Lines records with a 'prompt' field, or one prompt per line.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Outputs per prompt (sample i uses seed + i).")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Outputs decoded together.")
 @click.option("--max-bytes", type=click.IntRange(min=0), default=256, show_default=True,
               help="Bytes to generate at most.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0 = greedy.")
@@ -90,6 +104,9 @@ def command(
     ckpt: Path,
     prompt: str | None,
     prompt_file: BinaryIO | None,
+    prompts_file: Path | None,
+    num_samples: int,
+    batch: int,
     max_bytes: int,
     temperature: float,
     top_k: int,
@@ -104,15 +121,19 @@ def command(
     stats: bool,
     echo: bool,
 ) -> None:
-    from bytemtp.train.checkpoint import load_model
+    from bytemtp.decode.context import generation_cache_length, prompt_context
     from bytemtp.decode.drafting import measure_step_costs
-    from bytemtp.decode.generate import GenerationConfig, generate, generation_cache_length, prompt_context
+    from bytemtp.decode.generate import Decoder, GenerationConfig
+    from bytemtp.decode.prompts import read_prompts_file
+    from bytemtp.train.checkpoint import load_model
 
-    if prompt is not None and prompt_file is not None:
-        raise click.UsageError("give --prompt or --prompt-file, not both")
-    prompt_bytes = prompt_file.read() if prompt_file is not None else (prompt or "").encode("utf-8", "surrogateescape")
+    if sum(x is not None for x in (prompt, prompt_file, prompts_file)) > 1:
+        raise click.UsageError("give one of --prompt, --prompt-file and --prompts-file, not both")
+    if prompts_file is not None:
+        prompts = read_prompts_file(prompts_file)
+    else:
+        prompts = [prompt_file.read() if prompt_file is not None else (prompt or "").encode("utf-8", "surrogateescape")]
     config = GenerationConfig(
-        prompt=prompt_bytes,
         max_new_bytes=max_bytes,
         temperature=temperature,
         top_k=top_k,
@@ -125,21 +146,30 @@ def command(
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):
-        cache_len = generation_cache_length(model.cfg, prompt_bytes, max_bytes)
+        cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
         config = dataclasses.replace(config, draft_costs=measure_step_costs(model, model.cfg.n_future, cache_len))
     window = model.cfg.max_seq_len
-    kept = len(prompt_context(prompt_bytes, window))
-    if kept <= len(prompt_bytes):
-        click.echo(
-            f"note: the prompt's {len(prompt_bytes)} bytes do not fit the model's window of {window}; "
-            f"keeping the last {kept}",
-            err=True,
-        )
-    gen = generate(model, config)
+    for p in prompts:
+        kept = len(prompt_context(p, window))
+        if kept <= len(p):
+            click.echo(
+                f"note: the prompt's {len(p)} bytes do not fit the model's window of {window}; keeping the last {kept}",
+                err=True,
+            )
+    decoder = Decoder(model, config)
+    if len(prompts) * num_samples == 1:
+        _stream(decoder, prompts[0], echo, stats)
+    else:
+        _json_lines(decoder, prompts, num_samples, batch, stats)
+
+
+def _stream(decoder, prompt: bytes, echo: bool, stats: bool) -> None:
+    """One output, streamed as raw bytes."""
+    gen = decoder.generate([prompt])
     sink = ByteSink(sys.stdout)
     try:
         if echo:
-            sink.write(prompt_bytes)
+            sink.write(prompt)
         for chunk in gen:
             sink.write(chunk)
         sink.close()
@@ -151,3 +181,20 @@ def command(
         return
     if stats:
         click.echo(gen.stats.summary(), err=True)
+
+
+def _json_lines(decoder, prompts: list[bytes], num_samples: int, batch: int, stats: bool) -> None:
+    """Every prompt ``num_samples`` times, ``batch`` outputs decoded together, one JSON object per output."""
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+    seed = decoder.config.seed
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        seeds = [None if seed is None else seed + j for _, j in chunk]
+        gen = decoder.generate([prompts[i] for i, _ in chunk], seeds)
+        for (i, j), out, row in zip(chunk, gen.read_all(), gen.rows):
+            record = {"prompt_index": i, "sample": j, "seed": row.stats.seed, "text": out.decode("utf-8", "replace")}
+            if record["text"].encode("utf-8") != out:
+                record["base64"] = base64.b64encode(out).decode("ascii")
+            click.echo(json.dumps(record, ensure_ascii=False))
+            if stats:
+                click.echo(f"[prompt {i}, sample {j}] " + row.stats.summary(), err=True)

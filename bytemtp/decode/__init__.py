@@ -1,2 +1,3 @@
-"""Decoding: the generation loop, verifiers, sampling, the draft policy and draft trees,
-stop strings, and the benchmark that compares them with plain decoding."""
+"""Decoding: the engine (one fixed-shape step over a batch of rows), its chain and tree draft
+strategies, verification, sampling, the draft policy, stop strings, and the benchmark that
+compares them with plain decoding."""

@@ -9,12 +9,15 @@ report.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from bytemtp.compile import compile_by_default, compile_decode_step
+from bytemtp.decode.context import generation_cache_length
 from bytemtp.decode.drafting import measure_step_costs
-from bytemtp.decode.generate import GenerationConfig, StepForward, generate, generation_cache_length
+from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.report import BenchReport, DecoderResult, describe_device
 from bytemtp.decode.tree import check_tree_request
 from bytemtp.errors import BytemtpError, require_at_least_one
@@ -34,11 +37,15 @@ class BenchConfig:
     warmup: int = 1
     adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.decode.drafting)
     panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.model.panels)
-    trees: tuple[int, ...] = ()  # add a row per draft tree size (nodes verified per step, bytemtp.decode.tree); greedy only
+    trees: tuple[int, ...] = ()  # a row per draft tree size (nodes verified per step, bytemtp.decode.tree); greedy
+    batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
         self.trees = tuple(self.trees)
+        self.batches = tuple(self.batches) or (1,)
+        if min(self.batches) < 1:
+            raise BytemtpError(f"--batch: must be at least 1, got {min(self.batches)}")
         for n in self.trees:
             check_tree_request(n, self.temperature)
 
@@ -52,51 +59,44 @@ def draft_rows(n_future: int, sweep: bool) -> list[int]:
 
 
 def run_bench(
-    model: torch.nn.Module,
-    prompts: list[bytes],
-    config: BenchConfig,
-    *,
-    step_forward: StepForward | None = None,
-    progress=None,
+    model: torch.nn.Module, prompts: list[bytes], config: BenchConfig, *, compile: bool | None = False, progress=None
 ) -> BenchReport:
-    """Decode every prompt in every mode, interleaved, and collect the numbers."""
-    cfg = model.cfg
-    modes = [DecoderResult(0)] + [DecoderResult(d) for d in draft_rows(cfg.n_future, config.sweep)]
+    """Decode every prompt with every decoder, interleaved, at every batch size, and collect the numbers.
+
+    At batch size B the prompts are decoded B at a time (the last group wraps around to the
+    first prompts); a group's bytes/s is all its rows' bytes over its wall time.
+    """
+    cfg, device = model.cfg, next(model.parameters()).device
+    compile = compile_by_default(device) if compile is None else compile
     costs = None
-
-    def run(mode: DecoderResult, prompt: bytes, seed: int):
-        gen = generate(
-            model,
-            GenerationConfig(
-                prompt=prompt,
-                max_new_bytes=config.max_bytes,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                seed=seed,
-                speculative=mode.draft_heads > 0,
-                draft_heads=mode.draft_heads or None,
-                draft_costs=costs if mode.adaptive else None,
-                tree_nodes=mode.tree,
-            ),
-            step_forward=step_forward,
-        )
-        return gen.read(), gen.stats
-
     with panels_enabled(config.panels):
-        if config.adaptive:  # at the prompts' cache length: the compiled step's graphs then serve the generations too
+        if config.adaptive:  # at the prompts' cache length, as the generations use it
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
-            costs = measure_step_costs(model, cfg.n_future, cache_len, step_forward)
-            modes.append(DecoderResult(cfg.n_future - 1, adaptive=True))
-        modes += [DecoderResult(cfg.n_future - 1, tree=n) for n in config.trees]
-        for _ in range(config.warmup):
-            for mode in modes:
-                run(mode, prompts[0], config.seed)
-        for i, prompt in enumerate(prompts):
-            for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
-                mode.add(*run(mode, prompt, config.seed + i))
-            if progress is not None:
-                progress.update(1)
+            forward = compile_decode_step(model.decode, device, compile)
+            costs = measure_step_costs(model, cfg.n_future, cache_len, forward)
+        kinds = [(0, False, 0)] + [(d, False, 0) for d in draft_rows(cfg.n_future, config.sweep)]
+        kinds += [(cfg.n_future - 1, True, 0)] if config.adaptive else []
+        kinds += [(cfg.n_future - 1, False, n) for n in config.trees]
+        decoders = {kind: Decoder(model, decoder_config(config, *kind, costs), compile) for kind in kinds}
+        rows = []
+        for batch in config.batches:
+            modes = [DecoderResult(*kind, batch=batch) for kind in kinds]
+            starts = range(0, len(prompts), batch)
+            groups = [[(i + j) % len(prompts) for j in range(batch)] for i in starts]  # prompt numbers
+            seeds = [[config.seed + n for n in group] for group in groups]
+            groups = [[prompts[n] for n in group] for group in groups]
+            for _ in range(config.warmup):
+                for mode in modes:
+                    decoders[mode.kind].generate(groups[0], seeds[0]).read_all()
+            for i, (group, group_seeds) in enumerate(zip(groups, seeds)):
+                for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+                    start = time.perf_counter()
+                    gen = decoders[mode.kind].generate(group, group_seeds)
+                    outputs = gen.read_all()
+                    mode.add(outputs, [row.stats for row in gen.rows], time.perf_counter() - start)
+                if progress is not None:
+                    progress.update(1)
+            rows.append(modes)
     info = {
         "n_future": cfg.n_future,
         "head_kind": cfg.head_kind,
@@ -104,7 +104,20 @@ def run_bench(
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
     }
-    device = describe_device(next(model.parameters()).device, config.panels)
-    return BenchReport(config, device, info, modes[0], modes[1:], costs)
+    return BenchReport(config, describe_device(device, config.panels, compile), info, rows, costs)
 
 
+def decoder_config(
+    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, costs: tuple[float, ...] | None
+) -> GenerationConfig:
+    """The generation settings of one decoder of the benchmark."""
+    return GenerationConfig(
+        max_new_bytes=config.max_bytes,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        speculative=draft_heads > 0,
+        draft_heads=draft_heads or None,
+        draft_costs=costs if adaptive else None,
+        tree_nodes=tree,
+    )

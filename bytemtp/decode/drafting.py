@@ -7,7 +7,8 @@ but 1.25x (``tiny``) to 1.7-2.4x (``small`` on BLAS; 1.3-1.4x on the panel kerne
 compute-bound. A draft is worth verifying only when the bytes it is expected to
 add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
 the device from the draft heads' calibrated confidence and a cost curve measured
-once per model and machine by ``measure_step_costs``.
+once per model and machine by ``measure_step_costs``. A batch's step then
+forwards 1 + the most drafts any of its rows verifies.
 
 Which drafts are verified is decided from the drafts alone, before head 1 judges
 them, so greedy output stays identical to autoregressive decoding and sampled
@@ -21,60 +22,50 @@ import time
 
 import torch
 
-NO_DRAFT = -1  # marks the drafts a step chose not to verify (never a byte id)
-
-
 def draft_count(confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """[m] chance that each draft is right, [m+1] relative cost of forwards of 1..m+1
-    positions -> [1] the number of drafts k that maximises expected bytes per cost.
+    """[..., m] chance that each draft is right, [m+1] relative cost of forwards of 1..m+1
+    positions -> [...] the number of drafts k that maximises expected bytes per cost.
 
     A step verifying k drafts decides 1 + sum_{j<=k} prod_{i<=j} confidence_i bytes
     on average: draft j only counts if every draft before it was accepted too.
     """
-    expected = torch.cat((confidence.new_ones(1), 1 + confidence.cumprod(0).cumsum(0)))
-    return (expected / costs).argmax().view(1)
+    ones = confidence.new_ones(*confidence.shape[:-1], 1)
+    expected = torch.cat((ones, 1 + confidence.cumprod(-1).cumsum(-1)), dim=-1)
+    return (expected / costs).argmax(dim=-1)
 
 
 class DraftPolicy:
-    """Chooses which of each step's new drafts to verify, from a cost curve [m+1] and the
-    draft heads' confidence (their top probabilities) [m].
+    """Chooses how many of each row's new drafts to verify, from a cost curve [m+1] and the
+    draft heads' confidence (their top probabilities) [B, m].
 
     A head's top probability ranks its drafts well but misjudges how often they are
-    accepted, so each head's confidence is scaled by its hits over its summed
-    confidence on the drafts verification reached so far in this generation (one
+    accepted, so each head's confidence is scaled, per row, by its hits over its summed
+    confidence on the drafts verification reached so far in that row's generation (one
     pseudo-observation each to start). The acceptances it learns from are of past
     steps only, so the choice still never depends on the drafts being judged. All of
     it stays on the device: no host sync beyond the step's own.
     """
 
-    def __init__(self, costs: torch.Tensor):
+    def __init__(self, costs: torch.Tensor, n_rows: int = 1):
         self.costs = costs
         m = costs.numel() - 1
-        self.hits = costs.new_ones(m)
-        self.predicted = costs.new_ones(m)
-        self.confidence = costs.new_zeros(m)  # of the latest drafts
+        self.hits = costs.new_ones(n_rows, m)
+        self.predicted = costs.new_ones(n_rows, m)
+        self.confidence = costs.new_zeros(n_rows, m)  # of each row's latest drafts
 
     def choose(
-        self, drafts: torch.Tensor, confidence: torch.Tensor, n_judged: int = 0, accepted: torch.Tensor | None = None
+        self, confidence: torch.Tensor, n_judged: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor
     ) -> torch.Tensor:
-        """``drafts`` [m] with those past ``draft_count`` replaced by ``NO_DRAFT``.
-
-        ``n_judged`` drafts of the previous choice were just verified, the first
-        ``accepted`` [1] of them accepted: that is learnt first.
-        """
-        if n_judged:
-            j = torch.arange(n_judged, device=self.costs.device)
-            self.predicted[:n_judged] += (j <= accepted) * self.confidence[:n_judged]
-            self.hits[:n_judged] += j < accepted
-        self.confidence = confidence
+        """[B] how many of the new drafts to verify (``draft_count``), for drafts of ``confidence``
+        [B, m]. Learnt first: the previous choice's first ``n_judged`` [B] drafts were just verified,
+        the first ``accepted`` [B] of them accepted. Rows not ``active`` [B] learn and change nothing."""
+        j = torch.arange(self.hits.shape[1], device=self.costs.device)
+        judged = (j < n_judged[:, None]) & active[:, None]
+        self.predicted += (judged & (j <= accepted[:, None])) * self.confidence
+        self.hits += judged & (j < accepted[:, None])
+        self.confidence = torch.where(active[:, None], confidence, self.confidence)
         calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
-        keep = torch.arange(drafts.numel(), device=drafts.device) < draft_count(calibrated, self.costs)
-        return torch.where(keep, drafts, NO_DRAFT)
-
-
-def verified_drafts(drafts: list[int]) -> list[int]:
-    """The drafts a step chose to verify: those before the first ``NO_DRAFT``."""
-    return drafts[: drafts.index(NO_DRAFT)] if NO_DRAFT in drafts else drafts
+        return draft_count(calibrated, self.costs)
 
 
 @torch.inference_mode()

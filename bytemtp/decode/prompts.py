@@ -1,7 +1,9 @@
-"""Prompts drawn from a prepared dataset: what the benchmark decodes and distillation continues."""
+"""Prompts: drawn from a prepared dataset (what the benchmark decodes and distillation continues),
+or read from a file (``bytemtp sample --prompts-file``)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -32,3 +34,24 @@ def sample_prompts(data_dir: str | Path, n: int, prompt_bytes: int, seed: int, s
             start = rng.randrange(len(doc) - prompt_bytes + 1)
             prompts.append(doc[start : start + prompt_bytes])
     raise BytemtpError(f"{data_dir}: too few {split} documents of at least {prompt_bytes} bytes for {n} prompts")
+
+
+def read_prompts_file(path: str | Path) -> list[bytes]:
+    """Prompts from a file: JSON Lines with a string ``prompt`` in each record (when the first
+    non-blank line starts with ``{``), otherwise one prompt per line (its bytes, without the
+    line ending). Blank lines are skipped."""
+    lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
+    if not lines:
+        raise BytemtpError(f"--prompts-file: {path} holds no prompts")
+    if not lines[0].lstrip().startswith(b"{"):
+        return lines
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise BytemtpError(f"--prompts-file: {path}: record {i} is not JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise BytemtpError(f"--prompts-file: {path}: record {i} has no string field 'prompt'")
+        prompts.append(record["prompt"].encode("utf-8", "surrogateescape"))
+    return prompts

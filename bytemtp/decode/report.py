@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bytemtp.decode.generate import GenerationStats
+from bytemtp.decode.config import GenerationStats
 
 if TYPE_CHECKING:
     from bytemtp.decode.bench import BenchConfig
@@ -20,17 +20,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class DecoderResult:
-    """All runs of one decoder; ``draft_heads == 0`` is autoregressive."""
+    """All runs of one decoder at one batch size; ``draft_heads == 0`` is autoregressive."""
 
     draft_heads: int
     adaptive: bool = False
     tree: int = 0  # nodes of the draft tree verified per step (0: a chain)
-    bytes_per_s: list[float] = field(default_factory=list)
-    outputs: list[bytes] = field(default_factory=list)
+    batch: int = 1  # rows decoded together
+    bytes_per_s: list[float] = field(default_factory=list)  # per run: all its rows' bytes over its wall time
+    outputs: list[bytes] = field(default_factory=list)  # every row of every run, in order
     total: GenerationStats = field(init=False)  # counts summed over the runs
 
     def __post_init__(self) -> None:
         self.total = GenerationStats(self.draft_heads)
+
+    @property
+    def kind(self) -> tuple[int, bool, int]:
+        return self.draft_heads, self.adaptive, self.tree
 
     @property
     def label(self) -> str:
@@ -51,10 +56,12 @@ class DecoderResult:
     def acceptance(self) -> list[float]:
         return self.total.acceptance
 
-    def add(self, output: bytes, stats: GenerationStats) -> None:
-        self.outputs.append(output)
-        self.bytes_per_s.append(stats.bytes_per_s)
-        self.total.absorb(stats)
+    def add(self, outputs: list[bytes], stats: list[GenerationStats], wall_s: float) -> None:
+        """One run: its rows' outputs and statistics, and its wall time."""
+        self.outputs += outputs
+        for row in stats:
+            self.total.absorb(row)
+        self.bytes_per_s.append(sum(row.bytes for row in stats) / wall_s)
 
 
 @dataclass
@@ -62,20 +69,35 @@ class BenchReport:
     config: BenchConfig
     device: str
     model: dict[str, Any]
-    ar: DecoderResult
-    spec: list[DecoderResult]  # the last one uses every draft head (adaptively or as a tree, when asked)
+    batches: list[list[DecoderResult]]  # per batch size: autoregressive first, then the speculative decoders
     draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
+
+    @property
+    def ar(self) -> DecoderResult:
+        """Autoregressive decoding at the first batch size."""
+        return self.batches[0][0]
+
+    @property
+    def spec(self) -> list[DecoderResult]:
+        """The speculative decoders at the first batch size; the last uses every draft head
+        (adaptively or as a tree, when asked)."""
+        return self.batches[0][1:]
+
+    def baseline(self, mode: DecoderResult) -> DecoderResult:
+        """Autoregressive decoding at ``mode``'s batch size."""
+        return next(rows[0] for rows in self.batches if rows[0].batch == mode.batch)
 
     def identical(self, mode: DecoderResult) -> bool | None:
         """Greedy outputs equal to autoregressive for every prompt (None when sampling)."""
-        return mode.outputs == self.ar.outputs if self.config.temperature == 0 else None
+        return mode.outputs == self.baseline(mode).outputs if self.config.temperature == 0 else None
 
     def speedup(self, mode: DecoderResult) -> float:
-        return mode.median_bytes_per_s / self.ar.median_bytes_per_s
+        return mode.median_bytes_per_s / self.baseline(mode).median_bytes_per_s
 
     def to_json(self) -> dict[str, Any]:
         main = self.spec[-1]
         row = lambda m: {  # noqa: E731
+            "batch": m.batch,
             "draft_heads": m.draft_heads,
             "adaptive": m.adaptive,
             "tree": m.tree,
@@ -99,7 +121,7 @@ class BenchReport:
             "identical": self.identical(main),
             "head_acceptance": main.acceptance,
             "draft_costs": self.draft_costs,
-            "rows": [row(self.ar)] + [row(m) for m in self.spec],
+            "rows": [row(m) for rows in self.batches for m in rows],
         }
 
     def table(self) -> str:
@@ -107,21 +129,25 @@ class BenchReport:
         how = "greedy" if c.temperature == 0 else f"temperature {c.temperature}"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
-            f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, {self.model['params']:,} params",
-            f"{'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}  acceptance (h2, h3, ...)",
+            f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "
+            f"{self.model['params']:,} params",
+            f"{'batch':>5}  {'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}"
+            "  acceptance (h2, h3, ...)",
         ]
-        for m in [self.ar, *self.spec]:
+        for m in (m for rows in self.batches for m in rows):
             same = self.identical(m) if m.draft_heads else None
             lines.append(
-                f"{m.label:<34}{m.median_bytes_per_s:>10.1f}{self.speedup(m):>8.2f}x{m.bytes_per_forward:>11.2f}"
-                f"{'-' if same is None else ('yes' if same else 'NO'):>11}  " + " ".join(f"{a:.2f}" for a in m.acceptance)
+                f"{m.batch:>5}  {m.label:<34}{m.median_bytes_per_s:>10.1f}{self.speedup(m):>8.2f}x"
+                f"{m.bytes_per_forward:>11.2f}{'-' if same is None else ('yes' if same else 'NO'):>11}  "
+                + " ".join(f"{a:.2f}" for a in m.acceptance)
             )
         if self.draft_costs:
             lines.append("adaptive: forward cost by positions " + " ".join(f"{c:.2f}" for c in self.draft_costs))
         return "\n".join(lines)
 
 
-def describe_device(device: torch.device, panels: bool) -> str:
+def describe_device(device: torch.device, panels: bool, compiled: bool | None) -> str:
+    how = ", compiled step" if compiled else ""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads, {'panel' if panels else 'BLAS'} matmuls)"
+        return f"cuda ({torch.cuda.get_device_name(device)}{how})"
+    return f"cpu ({torch.get_num_threads()} threads, {'panel' if panels else 'BLAS'} matmuls{how})"

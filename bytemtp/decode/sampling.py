@@ -4,9 +4,10 @@ Speculative sampling is exact only if the drafts and the verifier are judged by
 the very distributions they are drawn from, so temperature, top-k and top-p are
 applied in one place (``probabilities``) for head 1 and the draft heads alike.
 
-Draws use the exponential race (``argmax p / E`` with ``E ~ Exp(1)``), which
-samples from ``p`` exactly, works row-wise on a whole batch of distributions at
-once and, unlike ``torch.multinomial``, never synchronises with the host.
+Draws invert the cumulative distribution at a uniform number given by the caller:
+exact, one number per draw, row-wise on a whole batch of distributions at once,
+and (unlike ``torch.multinomial``) free of any generator or host synchronisation,
+so the decode step that draws stays a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -63,10 +64,15 @@ def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return probs
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One sample per row of ``probs`` [..., V] -> int64 [...] (rows need not be normalised)."""
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    # An exact 0 from the exponential would turn a zero-probability byte into 0/0 = NaN,
-    # which argmax picks; the smallest normal float instead changes nothing measurable.
-    race.clamp_min_(torch.finfo(race.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One sample per row of ``probs`` [..., V] (rows need not be normalised), by inverting the
+    cumulative distribution at ``uniform`` [...] in [0, 1) -> int64 [...].
+
+    Byte i is drawn when ``cdf[i-1] <= u * total < cdf[i]``, an interval of width ``p[i]``: a
+    zero-probability byte is never drawn. The last entry is made infinite so that rounding of
+    ``u * total`` up to the total still lands on a byte.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = uniform[..., None] * cdf[..., -1:]
+    cdf = torch.cat((cdf[..., :-1], torch.full_like(cdf[..., -1:], float("inf"))), dim=-1)
+    return (cdf <= target).sum(dim=-1)

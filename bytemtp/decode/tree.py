@@ -23,9 +23,11 @@ distinct bytes), the accepted one. Its keys and values then move down to slots
 ``start + 1 ..`` so the cache again holds the context in order, and the output
 is exactly greedy decoding's, whatever the tree was.
 
-The bookkeeping (verification, statistics, the beam) runs on the host in
-``bytemtp_native.tree_ops``: a step hands it head 1's choices and the draft heads'
-rankings in one transfer and gets back plain arrays.
+The bookkeeping (verification, statistics, the beam) runs on the host, per row, in
+``bytemtp_native.tree_ops``: a step (``bytemtp.decode.step.tree_step``) hands it head 1's
+choices and the draft heads' rankings at every position in one transfer for the whole
+batch, and gets back plain arrays; the accepted paths' cache moves run at the start of
+the next step.
 
 Sampling keeps the chain (``bytemtp.decode.verify.SamplingVerifier``): verifying a
 tree of samples without changing head 1's distribution needs a multi-draft
@@ -39,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.step import RANKS, tree_decide, tree_step
 from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_ops import accept, ancestors, best_paths, observe_ranks
 
@@ -66,7 +70,9 @@ class DraftTree:
         return DraftTree(self.tokens[:n], self.parent[:n], self.depth[:n], self.ancestors[: n + 1, : n + 1])
 
 
-RANKS = 8  # runner-ups considered per head: a head's 9th choice is right too rarely to pay for a node
+# A step's positions: beyond this, a tree's extra nodes are ever less likely to be accepted,
+# while the step costs more; it also keeps ``--tree`` from asking for an absurd forward.
+MAX_TREE_NODES = 128
 
 
 def tree_candidates(n_nodes: int, n_drafts: int, n_ranks: int) -> int:
@@ -80,16 +86,19 @@ def tree_candidates(n_nodes: int, n_drafts: int, n_ranks: int) -> int:
 
 def check_tree_request(n_nodes: int, temperature: float) -> None:
     """A tree of ``n_nodes`` asked for decoding at ``temperature``: checked before anything runs."""
-    if n_nodes < 1:
-        raise BytemtpError(f"--tree: a draft tree needs at least 1 node, got {n_nodes}")
+    if not 1 <= n_nodes <= MAX_TREE_NODES:
+        raise BytemtpError(f"--tree: a draft tree has 1 to {MAX_TREE_NODES} nodes, got {n_nodes}")
     if temperature != 0:
         raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
 
 
-def check_tree_size(n_nodes: int, n_drafts: int) -> None:
-    """Whether ``n_drafts`` draft heads offer enough candidate paths for ``n_nodes``."""
+def check_tree_size(n_nodes: int, n_drafts: int, window: int) -> None:
+    """Whether ``n_drafts`` draft heads offer enough candidate paths for ``n_nodes``, and a step
+    of ``1 + n_nodes`` positions fits a window of ``window``."""
     if n_nodes > tree_candidates(n_nodes, n_drafts, RANKS):
         raise BytemtpError(f"--tree: {n_drafts} draft heads cannot fill a tree of {n_nodes} nodes")
+    if n_nodes + 1 > window:
+        raise BytemtpError(f"--tree: a tree of {n_nodes} nodes does not fit the model's window of {window}")
 
 
 def build_tree(log_scores: np.ndarray, n_nodes: int) -> DraftTree:
@@ -151,50 +160,110 @@ class RankStats:
         observe_ranks(self.counts, ranked, choice, path, length, self.DECAY)
 
 
-class TreeVerifier:
-    """Greedy verification of the latest draft tree, then a new tree from the draft heads
-    at the accepted byte.
+class TreeDrafts:
+    """Greedy verification of each row's latest draft tree, then a new tree from the draft heads
+    at the accepted byte (the strategy ``bytemtp.decode.engine`` drives).
 
-    Returns ``decision`` = ``[a, next_byte, depth of the new tree, path bytes ...]``
-    (the first ``a`` path bytes are accepted) and the accepted path's node indices (for
-    ``ByteMTP.move_cache``). The new tree is ``self.tree``.
-
-    On a CPU the draft heads run at the accepted position only, once it is known. On
-    an accelerator they run at every position in the same launch as head 1's choices,
-    so the step still waits on the device once.
+    Per row: the tree verified next, its rank statistics, and the cache move of the path it
+    accepted last, applied by the next step. Near the end of the cache a row verifies the
+    prefix of its tree that fits (nodes come in topological order, so a prefix is a tree);
+    the positions past it write the cache's last slot, which the prefix keeps clear of.
     """
 
-    def __init__(self, drafter, n_nodes: int, n_drafts: int, device: torch.device):
-        self.drafter = drafter
-        self.n_nodes = n_nodes
-        self.n_drafts = n_drafts
+    def __init__(self, model: torch.nn.Module, n_nodes: int, n_drafts: int, step=None):
+        self.model, self.n_nodes, self.n_drafts = model, n_nodes, n_drafts
+        self.step_fn = step  # a compiled ``tree_step`` bound to model and n_drafts; None: eager
         self.max_path = min(n_nodes, n_drafts)
-        self.draft_everywhere = device.type != "cpu"
-        self.stats = RankStats(n_drafts)
-        self.tree: DraftTree | None = None
-        self.ranked: np.ndarray | None = None  # [m, RANKS] bytes each head ranked first, second, ...
 
-    def _ranked(self, features: torch.Tensor) -> torch.Tensor:
-        """Each draft head's top ``RANKS`` bytes from ``decode`` features [.., F, d] -> [.., m, RANKS]."""
-        return self.drafter(features).topk(RANKS, dim=-1).indices
+    @property
+    def width(self) -> int:
+        return 1 + self.n_nodes
 
-    def __call__(
-        self, logits: torch.Tensor, features: torch.Tensor, tree: DraftTree | None
-    ) -> tuple[list[int], np.ndarray]:
-        n_pos = logits.shape[0]
-        if self.draft_everywhere:
-            host = torch.cat((logits.argmax(dim=-1), self._ranked(features).flatten())).cpu().numpy()
-            choice, ranked = host[:n_pos], host[n_pos:].reshape(n_pos, self.n_drafts, RANKS)
+    def start(self, batch: Batch) -> None:
+        n = len(batch.rows)
+        self.stats = [RankStats(self.n_drafts) for _ in range(n)]
+        self.trees: list[DraftTree | None] = [None] * n
+        self.verified: list[DraftTree | None] = [None] * n
+        self.ranked: list[np.ndarray | None] = [None] * n  # [m, RANKS] bytes each head ranked first, second, ..
+        # Per row, the source and destination slots of the latest accepted path's move. No move is
+        # a copy of the cache's last slot onto itself: a row's accepted path ends there only when
+        # its cache is full, and the row is then re-encoded anyway.
+        self.still = batch.cache_len - 1
+        self.moves = np.full((n, 2, self.max_path), self.still, np.int64)
+
+    def flush(self) -> None:
+        """Moves pending from the last step, applied now (before a prompt's forward reuses slots)."""
+        device = next(self.model.parameters()).device
+        src, dst = (torch.from_numpy(self.moves[:, i]).to(device) for i in (0, 1))
+        self.model.move_cache(src, dst)
+        self.moves[:] = self.still
+
+    def first(
+        self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
+    ) -> dict[int, Decision]:
+        host = tree_decide(self.model, self.n_drafts, logits, features).cpu().numpy()
+        for r in range(len(batch.rows)):
+            if active[r]:
+                self.verified[r] = None
+        return self.read(batch, active, host, fed=False)
+
+    def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
+        n_rows, width, S = len(batch.rows), self.width, batch.cache_len
+        ids = np.zeros((n_rows, width), np.int64)
+        depth = np.zeros((n_rows, width), np.int64)
+        mask = np.zeros((n_rows, width, S), np.bool_)
+        for r, row in enumerate(batch.rows):
+            L = min(row.length, S - 1)
+            if not active[r]:
+                mask[r, :, : L + 1] = True  # parked: attends what it overwrites, nothing is read back
+                continue
+            room = batch.room(row)
+            tree = self.trees[r].prefix(self.n_nodes if room >= self.n_nodes else max(0, room - 1))
+            self.verified[r] = tree
+            ids[r, : tree.size + 1] = [row.pending, *tree.tokens]
+            depth[r, 1 : tree.size + 1] = tree.depth
+            mask[r, : tree.size + 1] = tree_mask(tree, L, S)
+            mask[r, tree.size + 1 :, : L + 1] = True  # unused positions: write the last slot, read the context
+        lengths = np.array([min(row.length, S - 1) for row in batch.rows])
+        slots = batch.slots(width, active)
+        rope = torch.from_numpy(np.where(np.array(active)[:, None], lengths[:, None] + depth, lengths[:, None]))
+        tensors = [torch.from_numpy(a).to(batch.device) for a in (ids, mask, self.moves[:, 0], self.moves[:, 1])]
+        ids_t, mask_t, src, dst = tensors
+        args = (ids_t, slots, rope.to(batch.device), mask_t, src, dst)
+        if self.step_fn is None:
+            out = tree_step(self.model, self.n_drafts, *args, kv_len=batch.kv_len(width))
         else:
-            choice = logits.argmax(dim=-1).numpy()
-        if tree is None or tree.size == 0:
-            path, length = np.zeros(self.max_path, np.int64), 0
-        else:
-            path, length = accepted_path(tree, choice, self.max_path)
-            self.stats.observe(self.ranked, choice, path, length)
-        last = path[length - 1] if length else 0
-        self.ranked = ranked[last] if self.draft_everywhere else self._ranked(features[last]).numpy()
-        shape = build_tree(self.stats.log_rates(), self.n_nodes)  # tokens are ranks; ~30 us
-        self.tree = DraftTree(self.ranked[shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors)
-        path_bytes = tree.tokens[path[:length] - 1].tolist() if length else []
-        return [length, int(choice[last]), int(shape.depth.max()), *path_bytes], path[:length]
+            out = self.step_fn(*args)
+        return self.read(batch, active, out.cpu().numpy(), fed=True)  # the step's one host transfer
+
+    def read(self, batch: Batch, active: list[bool], host: np.ndarray, fed: bool) -> dict[int, Decision]:
+        """Per row: verify the tree against head 1's choices, learn, build the next tree, plan the move."""
+        width = (host.shape[1] - 1) // (1 + self.n_drafts * RANKS)
+        choices = host[:, :width]
+        ranked = host[:, width:-1].reshape(-1, width, self.n_drafts, RANKS)
+        decisions = {}
+        self.moves[:] = self.still
+        for r, row in enumerate(batch.rows):
+            if not active[r]:
+                continue
+            tree, choice = self.verified[r], choices[r]
+            if tree is None or tree.size == 0:
+                path, length = np.zeros(self.max_path, np.int64), 0
+            else:
+                path, length = accepted_path(tree, choice[: tree.size + 1], self.max_path)
+                self.stats[r].observe(self.ranked[r], choice, path, length)
+            last = path[length - 1] if length else 0
+            self.ranked[r] = ranked[r, last]
+            shape = build_tree(self.stats[r].log_rates(), self.n_nodes)  # tokens are ranks; ~30 us
+            self.trees[r] = DraftTree(
+                self.ranked[r][shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors
+            )
+            path_bytes = tree.tokens[path[:length] - 1].tolist() if length else []
+            judged = int(tree.depth.max()) if tree is not None and tree.size else 0
+            entered = [row.pending, *path_bytes] if fed else []
+            decisions[r] = Decision(entered, [*path_bytes, int(choice[last])], judged, bool(host[r, -1]))
+            if length and path[length - 1] != length:  # node numbers grow with depth: in place iff they are 1..a
+                L = row.length
+                self.moves[r, 0, :length] = L + path[:length]
+                self.moves[r, 1, :length] = L + 1 + np.arange(length)
+        return decisions

@@ -1,0 +1,122 @@
+"""Chain drafting: each step verifies one block of drafts per row, one per draft head.
+
+The strategy keeps, per row, the drafts of the latest decision and how many of them
+the next step verifies (``n_valid``: all of them, fewer near the end of the cache, or
+as many as pay for themselves under a ``DraftPolicy``); when sampling, the draft
+distributions they were drawn from stay on the device for the step that judges them.
+Autoregressive decoding is the chain of no drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.drafting import DraftPolicy
+from bytemtp.decode.step import StepOutput, chain_decide, chain_step
+from bytemtp.decode.verify import ChainRule, Uniforms
+
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+
+
+class ChainDrafts:
+    """Verification of a chain of ``n_drafts`` drafts per row (``bytemtp.decode.verify``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        rule: ChainRule,
+        n_drafts: int,
+        policy: DraftPolicy | None = None,
+        step: StepFn | None = None,
+    ):
+        self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
+        self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
+        self.drafts: list[list[int]] = []
+        self.n_valid: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return 1 + self.n_drafts
+
+    def start(self, batch: Batch) -> None:
+        """Fresh per-row state for ``batch``."""
+        n = len(batch.rows)
+        self.drafts, self.n_valid = [[0] * self.n_drafts for _ in range(n)], [0] * n
+        self.draft_probs = None
+        if self.policy is not None:
+            self.policy = DraftPolicy(self.policy.costs, n)
+
+    def flush(self) -> None:
+        """Nothing is pending between steps (a tree's cache moves are)."""
+
+    def uniforms(self, batch: Batch, active: list[bool], k: int) -> Uniforms | None:
+        """The step's random numbers, from each active row's own generator (zeros for the others)."""
+        if self.rule.sampling.greedy:
+            return None
+        u = torch.zeros(len(batch.rows), k + 1 + self.n_drafts)
+        for r, row in enumerate(batch.rows):
+            if active[r]:
+                u[r] = torch.rand(k + 1 + self.n_drafts, generator=row.generator)
+        u = u.to(batch.device)
+        return Uniforms(u[:, :k], u[:, k], u[:, k + 1 :])
+
+    def first(
+        self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
+    ) -> dict[int, Decision]:
+        """Decide from the prompts' forwards: head-1 ``logits`` [B, 1, V] and draft ``features``
+        [B, 1, F, d] at each row's last id."""
+        none = torch.zeros(len(batch.rows), 0, dtype=torch.long, device=batch.device)
+        zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
+        u = self.uniforms(batch, active, 0)
+        out = chain_decide(self.model, self.rule, self.n_drafts, logits, features, none, zeros, None, u)
+        return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
+
+    def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
+        """One forward of ``[pending, drafts]`` for the active rows."""
+        n_valid = [self._fit(batch, r) if active[r] else 0 for r in range(len(batch.rows))]
+        width = 1 + (max(n_valid) if self.policy is not None else self.n_drafts)
+        ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
+        ids = torch.tensor(ids, device=batch.device)
+        n_valid_t = torch.tensor(n_valid, device=batch.device)
+        u = self.uniforms(batch, active, width - 1)
+        args = (ids, batch.slots(width, active), n_valid_t, self.draft_probs, u)
+        if self.step_fn is None:
+            out = chain_step(self.model, self.rule, self.n_drafts, *args, kv_len=batch.kv_len(width))
+        else:
+            out = self.step_fn(*args)
+        return self._read(batch, active, out, n_valid, fed=True)
+
+    def _fit(self, batch: Batch, r: int) -> int:
+        """Drafts row ``r`` verifies: its chosen number, within the cache. When they do not all fit,
+        the positions past them write the cache's last slot, so the drafts keep clear of it."""
+        room = batch.room(batch.rows[r])
+        return self.n_valid[r] if room >= self.n_drafts else min(self.n_valid[r], max(0, room - 1))
+
+    def _read(
+        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool
+    ) -> dict[int, Decision]:
+        """Keep the new drafts (and their distributions) and read the decisions: one transfer for all rows."""
+        ints, q, confidence = out
+        active_t = torch.tensor(active, device=batch.device)
+        if q is not None:
+            kept = self.draft_probs if self.draft_probs is not None else q
+            self.draft_probs = torch.where(active_t[:, None, None], q, kept)
+        if self.policy is not None:
+            judged_t = torch.tensor(n_judged, device=batch.device)
+            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t)
+            ints = torch.cat((counts[:, None], ints), dim=1)
+        host = StepOutput.read(ints, counted=self.policy is not None)
+        decisions = {}
+        for r, row in enumerate(batch.rows):
+            if not active[r]:
+                continue
+            a, drafts = host.accepted[r], self.drafts[r]
+            entered = [row.pending, *drafts[:a]] if fed else []
+            decisions[r] = Decision(entered, [*drafts[:a], host.next_byte[r]], n_judged[r], host.broken[r])
+            self.drafts[r] = host.drafts[r]
+            self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
+        return decisions

@@ -1,0 +1,129 @@
+"""The decode step: one forward over ``[B, P]`` ids, verification and the next drafts, on the device.
+
+A step is a pure function of its inputs (the ids, their cache slots and positions, the
+random numbers drawn before it) apart from the KV cache it writes, and its shapes depend
+only on (B, P), so it can be compiled once per (B, P) and captured in a CUDA graph. It
+returns one small integer tensor per row (``StepOutput`` names its columns), read by the
+host in one transfer for the whole batch; the few float tensors the next step needs
+(sampling's draft distributions) stay on the device.
+
+``P = 1 + drafts``: a chain step feeds ``[pending, d_1 .. d_k]`` (``chain_step``), a tree
+step ``[pending, node_1 .. node_n]`` (``tree_step``); ``P = 1`` is autoregressive decoding,
+the same code. The first decision of a generation comes from the prompt's forward instead
+(``chain_decide`` and ``tree_decide`` on its last position), which is why deciding is a
+function of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bytemtp.decode.verify import ChainRule, Uniforms
+
+RANKS = 8  # runner-ups a tree considers per draft head: a head's 9th choice is right too rarely to pay for a node
+
+
+def nonfinite(logits: torch.Tensor) -> torch.Tensor:
+    """[B, ..., V] -> [B] bool: the row has a NaN or +inf logit (broken weights: report, never decode).
+    A logit of -inf is a byte ruled out, which is fine."""
+    return (torch.isnan(logits) | (logits == float("inf"))).flatten(1).any(dim=1)
+
+
+@dataclass
+class StepOutput:
+    """A chain step's integer tensor [B, 3 + m], read on the host: per row the number of drafts
+    accepted, the next byte (head 1's, after them), the ``m`` new drafts, and a flag set when
+    the logits were not finite; with a ``DraftPolicy``, a first column more: how many of the new
+    drafts the next step verifies."""
+
+    accepted: list[int]
+    next_byte: list[int]
+    drafts: list[list[int]]
+    broken: list[bool]
+    n_next: list[int] | None = None
+
+    @staticmethod
+    def read(out: torch.Tensor, counted: bool = False) -> "StepOutput":
+        rows = out.tolist()  # the step's one host transfer
+        n_next = [r.pop(0) for r in rows] if counted else None
+        return StepOutput(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2:-1] for r in rows], [r[-1] != 0 for r in rows], n_next
+        )
+
+
+def chain_decide(
+    model: torch.nn.Module,
+    rule: ChainRule,
+    n_drafts: int,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    drafts: torch.Tensor,
+    n_valid: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    u: Uniforms | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Verify ``drafts`` [B, P-1] against head-1 ``logits`` [B, P, V] and draft the next block at
+    the accepted position (``decode`` ``features`` [B, P, F, d]) -> (the ``StepOutput`` tensor,
+    the new drafts' distributions when sampling, the draft heads' confidence [B, m])."""
+    accepted, next_byte = rule.verify(logits, drafts, n_valid, draft_probs, u)
+    broken = nonfinite(logits)
+    new = confidence = drafts.new_zeros(drafts.shape[0], 0)
+    q = None
+    if n_drafts:
+        at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
+        draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
+        new, q = rule.propose(draft_logits, u)
+        confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
+        broken = broken | nonfinite(draft_logits)
+    out = torch.cat((accepted[:, None], next_byte[:, None], new, broken[:, None].long()), dim=1)
+    return out, q, confidence
+
+
+def chain_step(
+    model: torch.nn.Module,
+    rule: ChainRule,
+    n_drafts: int,
+    ids: torch.Tensor,
+    input_pos: torch.Tensor,
+    n_valid: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    u: Uniforms | None,
+    kv_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Forward ``[pending, drafts]`` (``ids`` [B, P]) at cache slots ``input_pos`` [B, P] and decide
+    (``chain_decide``). ``kv_len``: eager steps read only the cache slots in use."""
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len)
+    return chain_decide(model, rule, n_drafts, logits, features, ids[:, 1:], n_valid, draft_probs, u)
+
+
+def tree_decide(model: torch.nn.Module, n_drafts: int, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Head 1's choice at every position and each draft head's ``RANKS`` likeliest bytes there:
+    [B, P + P * m * RANKS + 1], the last column the non-finite flag. The tree's verification and
+    next shape are host bookkeeping on these (``bytemtp.decode.tree``): drafting at every
+    position, not only the accepted one, keeps the step to one launch and one transfer."""
+    choice = logits.argmax(dim=-1)
+    draft_logits = model.draft_logits(features, n_drafts)  # [B, P, m, V]
+    ranked = draft_logits.topk(RANKS, dim=-1).indices.flatten(1)
+    broken = nonfinite(logits) | nonfinite(draft_logits)
+    return torch.cat((choice, ranked, broken[:, None].long()), dim=1)
+
+
+def tree_step(
+    model: torch.nn.Module,
+    n_drafts: int,
+    ids: torch.Tensor,
+    input_pos: torch.Tensor,
+    rope_pos: torch.Tensor,
+    mask: torch.Tensor,
+    move_src: torch.Tensor,
+    move_dst: torch.Tensor,
+    kv_len: int | None = None,
+) -> torch.Tensor:
+    """Move the previous step's accepted paths into place in the cache (``move_src`` ->
+    ``move_dst`` [B, m]), then forward ``[pending, nodes]`` with the tree's RoPE positions and
+    mask, and decide (``tree_decide``)."""
+    model.move_cache(move_src, move_dst)
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    return tree_decide(model, n_drafts, logits, features)
