@@ -149,9 +149,18 @@ def test_part_flag_on_the_command_line(corpus, tmp_path):
 # --- parts that do not belong together: one error line, nothing written ---------------------
 
 
+@pytest.fixture(scope="module")
+def prepared_parts(corpus, tmp_path_factory) -> list[Path]:
+    return prepare_parts(corpus[0], tmp_path_factory.mktemp("parts"), 3)
+
+
 @pytest.fixture
-def three_parts(corpus, tmp_path) -> list[Path]:
-    return prepare_parts(corpus[0], tmp_path, 3)
+def three_parts(prepared_parts, tmp_path) -> list[Path]:
+    """A fresh copy of three parts, for a test to damage."""
+    copies = [tmp_path / p.name for p in prepared_parts]
+    for part, copy in zip(prepared_parts, copies):
+        shutil.copytree(part, copy)
+    return copies
 
 
 def _bad_merge(tmp_path: Path, parts: list[Path], case: str) -> tuple[list, str]:
