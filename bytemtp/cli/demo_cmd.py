@@ -44,7 +44,7 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     fresh_run_dir(cfg.out)
     result = train(train_cfg, model_cfg, cfg.data_dir, cfg.out)
     if result.val_bpb_heads:
-        heads = " ".join(f"{b:.2f}" for b in result.val_bpb_heads)
+        heads = " ".join("n/a" if b is None else f"{b:.2f}" for b in result.val_bpb_heads)
         click.echo(f"    stopped at step {result.step} ({result.stop_reason}); val bits/byte per head: {heads}", err=True)
 
     torch.set_num_threads(1)  # decoding one sequence: more threads only add synchronisation

@@ -48,4 +48,7 @@ def command(ckpt: Path, data_dir: Path, batch_size: int | None, seq_len: int | N
     click.echo(f"{meta['checkpoint']} (step {meta.get('step')}) on {data_dir} val: "
                f"{result.n_bytes:,} bytes, context {meta['seq_len']}")
     for k, bpb in enumerate(result.bpb_heads, start=1):
-        click.echo(f"head {k:>2}  {bpb:.4f} bpb" + ("  (next byte)" if k == 1 else ""))
+        if bpb is None:
+            click.echo(f"head {k:>2}  n/a      (no targets: the val split is too short for a byte {k} ahead)")
+        else:
+            click.echo(f"head {k:>2}  {bpb:.4f} bpb" + ("  (next byte)" if k == 1 else ""))

@@ -28,6 +28,7 @@ from bytemtp.data.atomic import atomic_dir, fsync_dir
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.config import load_config
 
 WEIGHTS, CONFIG, TRAIN_STATE, LATEST = "model.safetensors", "config.json", "train_state.pt", "latest"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
@@ -87,10 +88,10 @@ def save_checkpoint(
             if train_state is not None:
                 torch.save(train_state, tmp / TRAIN_STATE)
         _point_latest(root, final)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap I/O errors in their own
         previous = latest_checkpoint(run_dir)
         kept = f"{previous} is intact" if previous is not None else "there is no earlier checkpoint"
-        raise BytemtpError(f"{final}: checkpoint not written ({e.strerror or e}); {kept}") from None
+        raise BytemtpError(f"{final}: checkpoint not written ({_reason(e)}); {kept}") from None
     if keep is not None and keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -133,11 +134,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise BytemtpError(f"{path}: not a checkpoint or a run directory with checkpoints")
 
 
+def _reason(e: Exception) -> str:
+    """The first line of an error's own description (torch's run to several)."""
+    text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+    return text.strip().splitlines()[0]
+
+
 def read_config(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's config.json: a JSON object (its parts are checked where they are used)."""
     try:
-        return json.loads((ckpt / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        meta = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BytemtpError(f"{ckpt / CONFIG}: unreadable checkpoint config ({e})") from None
+    if not isinstance(meta, dict):
+        raise BytemtpError(f"{ckpt / CONFIG}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_weights(model: ByteMTP, ckpt: Path) -> None:
@@ -146,7 +157,11 @@ def load_weights(model: ByteMTP, ckpt: Path) -> None:
         weights = load_file(str(ckpt / WEIGHTS), device="cpu")
     except (OSError, SafetensorError) as e:
         raise BytemtpError(f"{ckpt / WEIGHTS}: unreadable weights ({e})") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of another shape: the config no longer describes these weights
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _reason(e))
+        raise BytemtpError(f"{ckpt / WEIGHTS}: weights do not match the config ({mismatch})") from None
     if missing or unexpected:
         name = (missing or unexpected)[0]
         what = "missing" if missing else "unexpected"
@@ -157,7 +172,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     """The model of checkpoint (or run) ``path`` in eval mode, and its config.json."""
     ckpt = resolve_checkpoint(path)
     meta = read_config(ckpt)
-    model = ByteMTP(ModelConfig.from_dict(meta["model"]))
+    model = ByteMTP(load_config(ModelConfig, meta.get("model"), f"{ckpt / CONFIG} model"))
     load_weights(model, ckpt)
     return model.to(device).eval(), meta
 
@@ -166,4 +181,12 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = resolve_checkpoint(path)
     if not (ckpt / TRAIN_STATE).is_file():
         raise BytemtpError(f"{ckpt}: no {TRAIN_STATE} (not a training checkpoint)")
-    return torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=False)
+    path = ckpt / TRAIN_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpickling damaged bytes can fail in any way at all: every one means damaged
+        raise BytemtpError(f"{path}: damaged training state ({type(e).__name__}: {_reason(e)}); "
+                           "resume from an earlier checkpoint or start a new run") from None
+    if not isinstance(state, dict):
+        raise BytemtpError(f"{path}: damaged training state (a {type(state).__name__}, not a dictionary)")
+    return state

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,18 +125,56 @@ _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A flat JSON object of ModelConfig and TrainConfig fields; any other key is an error."""
+    """A flat JSON object of ModelConfig and TrainConfig fields; any other key, or a value of
+    the wrong type, is an error naming the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BytemtpError(f"--config {path}: unreadable ({e})") from None
+    return checked_fields(data, (ModelConfig, TrainConfig), f"--config {path}")
+
+
+def checked_fields(data: Any, classes: tuple[type, ...], where: str) -> dict[str, Any]:
+    """``data`` as fields of the dataclasses ``classes``: a JSON object whose every key is a
+    field of one of them and whose every value has that field's type (an int where a float
+    is wanted is fine, a bool where an int is wanted is not). Anything else is an error
+    naming ``where`` and the field, so a config of the wrong shape never reaches a
+    constructor, where it would fail with a TypeError far from its cause."""
+    names = " or ".join(c.__name__ for c in classes)
     if not isinstance(data, dict):
-        raise BytemtpError(f"--config {path}: expected a JSON object of config fields")
-    unknown = sorted(set(data) - _MODEL_FIELDS - _TRAIN_FIELDS)
-    if unknown:
-        raise BytemtpError(f"--config {path}: unknown field {unknown[0]!r} (not a ModelConfig or TrainConfig field)")
-    return data
+        raise BytemtpError(f"{where}: expected a JSON object of {names} fields, got {type(data).__name__}")
+    hints = {}
+    for cls in reversed(classes):
+        hints.update(typing.get_type_hints(cls))
+    fields = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise BytemtpError(f"{where}: unknown field {key!r} (not a {names} field)")
+        allowed = typing.get_args(hints[key]) if isinstance(hints[key], types.UnionType) else (hints[key],)
+        if not any(_has_type(value, t) for t in allowed):
+            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise BytemtpError(f"{where}: {key} must be {wanted}, got {value!r}")
+        fields[key] = float(value) if allowed == (float,) else value
+    return fields
+
+
+def _has_type(value: Any, t: type) -> bool:
+    if t is type(None):
+        return value is None
+    if t in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if t is float else t)
+
+
+def load_config(cls: type, data: Any, where: str) -> Any:
+    """A ``cls`` (ModelConfig, TrainConfig) from JSON ``data``, checked; its own value checks
+    then name ``where`` too."""
+    fields = checked_fields(data, (cls,), where)
+    try:
+        return cls(**fields)
+    except BytemtpError as e:
+        raise BytemtpError(f"{where}: {e}") from None
 
 
 def build_configs(
@@ -179,7 +219,9 @@ def saved_configs(meta: dict[str, Any], ckpt: Path) -> tuple[ModelConfig, TrainC
     if not meta.get("train"):
         raise BytemtpError(f"{ckpt}: not a training checkpoint (no train config); cannot resume from it")
     where = f"{ckpt}/config.json"
-    return from_dict(ModelConfig, meta["model"], where), TrainConfig.from_dict(meta["train"], where)
+    return load_config(ModelConfig, meta.get("model"), f"{where} model"), load_config(
+        TrainConfig, meta["train"], f"{where} train"
+    )
 
 
 def merge_for_resume(

@@ -8,7 +8,8 @@ by the number of those targets (not a mean of per-batch means): the last batch i
 padded with -1 past the end of the split (whole rows of it where the split runs
 out of rows, so every batch has the same shape), and head k has fewer targets
 there than head 1, so per-batch means would weight bytes unequally and depend on
-the batch size.
+the batch size. A split shorter than k bytes gives head k no target at all: its
+figure is missing (None), not a perfect 0.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bytemtp.train.precision import autocast
 
 @dataclass
 class EvalResult:
-    bpb_heads: list[float]  # head 1 (next byte) first
+    bpb_heads: list[float | None]  # head 1 (next byte) first; None: the split gave the head no target
     n_bytes: int  # targets scored by head 1
 
     @property
@@ -77,7 +78,7 @@ def evaluate(
     counts = count.tolist()
     if counts[0] == 0:
         raise BytemtpError(f"{data_dir}: the val split has no bytes to evaluate")
-    bpb = [s / max(c, 1) / LN2 for s, c in zip(nll.tolist(), counts)]
+    bpb = [s / c / LN2 if c else None for s, c in zip(nll.tolist(), counts)]
     return EvalResult(bpb, counts[0])
 
 

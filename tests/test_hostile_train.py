@@ -1,0 +1,178 @@
+"""Hostile input and faults around training, evaluation and checkpoints: a one-line error
+naming the file and what is wrong, never a traceback, never a figure for what was not measured,
+and no completed step lost to an interrupted final evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+
+import pytest
+from click.testing import CliRunner
+from safetensors import SafetensorError
+
+import bytemtp.train.checkpoint
+import bytemtp.train.loop
+from bytemtp.cli import main
+from bytemtp.errors import BytemtpError
+from bytemtp.train.checkpoint import CONFIG, TRAIN_STATE, latest_checkpoint, list_checkpoints
+from bytemtp.train.loop import train
+from train_support import MICRO, config_file, micro_train
+
+
+def cli_error(*args: str) -> str:
+    """``bytemtp ARGS`` in-process: it must fail with exactly one ``Error:`` line on stderr."""
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(micro_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hostile") / "run"
+    train(micro_train(steps=2), MICRO, micro_data, run, progress=False)
+    return run
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of the trained run (its latest checkpoint as a real directory), to damage."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    return run
+
+
+# -- row 2: configs of the wrong shape ------------------------------------------------------------
+@pytest.mark.parametrize("fields", [{"d_model": "big"}, {"lr": "fast"}, {"n_future": 2.5}, {"compile": "yes"},
+                                    {"batch_size": True}, {"steps": None}])
+def test_config_file_with_a_value_of_the_wrong_type(micro_data, tmp_path, fields):
+    cfg = config_file(tmp_path, **fields)
+    msg = cli_error("train", "--data", str(micro_data), "--out", str(tmp_path / "run"), "--config", str(cfg))
+    name = next(iter(fields))
+    assert str(cfg) in msg and name in msg and repr(fields[name]) in msg
+    assert not (tmp_path / "run").exists()
+
+
+def edit_config(run, edit) -> str:
+    path = latest_checkpoint(run) / CONFIG
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "resume"])
+@pytest.mark.parametrize("damage", ["string d_model", "no model", "model not an object", "d_model vs weights"])
+def test_checkpoint_config_of_the_wrong_shape(run_copy, micro_data, command, damage):
+    edits = {
+        "string d_model": lambda m: m["model"].update(d_model="32"),
+        "no model": lambda m: m.pop("model"),
+        "model not an object": lambda m: m.update(model=[32]),
+        "d_model vs weights": lambda m: m["model"].update(d_model=64),
+    }
+    path = edit_config(run_copy, edits[damage])
+    args = {
+        "sample": ["sample", str(run_copy), "--prompt", "x", "--max-bytes", "4"],
+        "eval": ["eval", str(run_copy), "--data", str(micro_data)],
+        "resume": ["train", "--data", str(micro_data), "--out", str(run_copy), "--resume", "--steps", "3"],
+    }[command]
+    msg = cli_error(*args)
+    assert str(latest_checkpoint(run_copy)) in msg or path in msg
+    assert ("d_model" in msg) or ("model" in msg and "config" in msg)
+
+
+# -- row 3: a full disk while checkpointing -------------------------------------------------------
+@pytest.mark.parametrize("where", ["weights", "train state"])
+def test_disk_full_inside_the_serialisers(micro_data, tmp_path, monkeypatch, where):
+    """safetensors and torch.save report a full disk with their own exception types, not OSError."""
+    if where == "weights":
+        def save_file(tensors, path):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+
+        monkeypatch.setattr(bytemtp.train.checkpoint, "save_file", save_file)
+    else:
+        def save(obj, f, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed "
+                               "writing file data/3: file write failed")
+
+        monkeypatch.setattr(bytemtp.train.checkpoint.torch, "save", save)
+    args = ["train", "--data", str(micro_data), "--out", str(tmp_path / "run"),
+            "--config", str(config_file(tmp_path, steps=2)), "--no-progress"]
+    msg = cli_error(*args)
+    assert "step-0000002: checkpoint not written" in msg and "there is no earlier checkpoint" in msg
+    assert ("No space left" in msg) if where == "weights" else ("file write failed" in msg)
+    assert not list_checkpoints(tmp_path / "run")
+
+
+# -- row 4: a damaged train_state.pt --------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty", "not a dict"])
+def test_damaged_train_state_on_resume(run_copy, micro_data, damage):
+    path = latest_checkpoint(run_copy) / TRAIN_STATE
+    data = path.read_bytes()
+    path.write_bytes({
+        "truncated": data[: len(data) // 2],
+        "random bytes": os.urandom(4096),
+        "empty": b"",
+        "not a dict": pickle.dumps([1, 2, 3]),
+    }[damage])
+    msg = cli_error("train", "--data", str(micro_data), "--out", str(run_copy), "--resume", "--steps", "3")
+    assert str(path) in msg and "damaged" in msg
+
+
+# -- row 8: heads with no targets -----------------------------------------------------------------
+def test_heads_without_targets_are_missing_not_perfect(trained_run, make_dataset):
+    data = make_dataset({"train": [[b"x = 1\n"]], "val": [[b"a"]]})  # BOS a: one target, head 1's only
+    result = CliRunner().invoke(main, ["eval", str(trained_run), "--data", str(data), "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["val_bpb_heads"][0] > 0 and report["val_bpb_heads"][1] is None
+    table = CliRunner().invoke(main, ["eval", str(trained_run), "--data", str(data), "--no-progress"])
+    assert table.exit_code == 0, table.output
+    head2 = next(line for line in table.stdout.splitlines() if line.startswith("head  2"))
+    assert "n/a" in head2 and "no targets" in head2 and "0.0000" not in head2
+
+
+# -- row 10: a signal during the final evaluation -------------------------------------------------
+def signal_during_final_eval(monkeypatch, times: int) -> None:
+    """SIGINT ``times`` times while the run's last evaluation is running."""
+    real_evaluate = bytemtp.train.loop.evaluate
+
+    def evaluate(*args, **kwargs):
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(bytemtp.train.loop, "evaluate", evaluate)
+
+
+def test_sigint_during_final_eval_says_so_and_the_step_is_saved(micro_data, tmp_path, monkeypatch, capfd):
+    signal_during_final_eval(monkeypatch, times=1)
+    result = train(micro_train(steps=3, eval_every=3), MICRO, micro_data, tmp_path / "run", progress=False)
+    assert result.step == 3 and result.checkpoint.name == "step-0000003"
+    err = capfd.readouterr().err
+    assert "SIGINT: step 3 is saved" in err and "finishing the final evaluation" in err and "again to abort" in err
+
+
+def test_second_sigint_aborts_the_final_eval_but_not_the_checkpoint(micro_data, tmp_path, monkeypatch):
+    signal_during_final_eval(monkeypatch, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(micro_train(steps=3, eval_every=3), MICRO, micro_data, tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000003"]
+
+
+def test_a_bad_config_error_is_a_bytemtp_error_in_the_api_too(trained_run, tmp_path):
+    """The library raises the same one-line error the CLI prints (no KeyError, TypeError, ...)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    edit_config(run, lambda m: m["model"].update(n_layers="1"))
+    with pytest.raises(BytemtpError, match="n_layers must be int, got '1'"):
+        bytemtp.train.checkpoint.load_model(run)
