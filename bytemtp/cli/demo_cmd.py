@@ -24,10 +24,10 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     import torch
 
     from bytemtp.decode.bench import BenchConfig, run_bench
-    from bytemtp.decode.prompts import sample_prompts
-    from bytemtp.train.checkpoint import load_model
-    from bytemtp.demo import CORPUS, DemoConfig, default_cache_dir, ensure_dataset, fresh_run_dir, plan_steps
     from bytemtp.decode.generate import GenerationConfig, generate
+    from bytemtp.decode.prompts import sample_prompts
+    from bytemtp.demo import CORPUS, DemoConfig, default_cache_dir, ensure_dataset, fresh_run_dir, plan_steps
+    from bytemtp.train.checkpoint import load_model
     from bytemtp.train.loop import train
 
     minutes = minutes if minutes is not None else (10.0 if device.type == "cuda" else 7.0)
@@ -45,11 +45,13 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     result = train(train_cfg, model_cfg, cfg.data_dir, cfg.out)
     if result.val_bpb_heads:
         heads = " ".join("n/a" if b is None else f"{b:.2f}" for b in result.val_bpb_heads)
-        click.echo(f"    stopped at step {result.step} ({result.stop_reason}); val bits/byte per head: {heads}", err=True)
+        click.echo(f"    stopped at step {result.step} ({result.stop_reason}); val bits/byte per head: {heads}",
+                   err=True)
 
     torch.set_num_threads(1)  # decoding one sequence: more threads only add synchronisation
     model, _ = load_model(cfg.out, device)
-    click.secho(f"3/4 sample (temperature {cfg.temperature}, self-speculative) from {cfg.prompt!r}", bold=True, err=True)
+    click.secho(f"3/4 sample (temperature {cfg.temperature}, self-speculative) from {cfg.prompt!r}",
+                bold=True, err=True)
     gen = generate(
         model, GenerationConfig(prompt=cfg.prompt, max_new_bytes=cfg.sample_bytes, temperature=cfg.temperature, seed=0)
     )
@@ -57,7 +59,8 @@ def command(minutes: float | None, data_dir: Path | None, out: Path, device) -> 
     click.echo(cfg.prompt.decode() + text.decode("utf-8", errors="replace"))
     click.echo(f"    {gen.stats.summary().splitlines()[0]}", err=True)
 
-    click.secho(f"4/4 bench: {cfg.bench_prompts} held-out prompts, autoregressive vs self-speculative", bold=True, err=True)
+    click.secho(f"4/4 bench: {cfg.bench_prompts} held-out prompts, autoregressive vs self-speculative",
+                bold=True, err=True)
     bench = BenchConfig(prompts=cfg.bench_prompts, max_bytes=cfg.bench_bytes, sweep=True, trees=(cfg.bench_tree,))
     prompts = sample_prompts(cfg.data_dir, bench.prompts, bench.prompt_bytes, bench.seed)
     report = run_bench(model, prompts, bench)
