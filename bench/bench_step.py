@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from bytemtp import VOCAB
 from bytemtp.compile import compile_model
 from bytemtp.model.config import HEAD_KINDS, preset
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.flops import flops_per_byte, peak_flops
-from bytemtp.train.step_timing import synchronize, timed, training_step
+from bytemtp.train.step_timing import peak_step_bytes, timed, training_step
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,28 +68,6 @@ class Case:
 def step_fn(case: Case, ids: torch.Tensor, seq: int) -> Callable[[], None]:
     """One training step of ``case`` (no optimizer) on the first T + n columns of the shared batch."""
     return training_step(case.model, ids[:, : seq + case.n_future], case.mode)
-
-
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one step, above what was allocated before it.
-
-    CPU allocations are invisible to tracemalloc and blurred in RSS by the allocator's
-    caching, so on the CPU they come from the profiler's allocation log.
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 def main() -> None:

@@ -91,7 +91,7 @@ from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.objective import multihead_loss
 from bytemtp.train.optim import build_optimizer
 from bytemtp.train.precision import autocast, training_precision
-from bytemtp.train.step_timing import synchronize, timed, training_step
+from bytemtp.train.step_timing import peak_step_bytes, synchronize, timed, training_step
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSS_TOLERANCE = 0.02  # compiled vs eager loss, relative: bf16 rounding in a different order
@@ -158,8 +158,9 @@ def pytest_counts(args: list[str], timeout_s: float) -> dict[str, Any]:
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
         out = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") + f"\n(timed out after {timeout_s:.0f} s)"
+    except subprocess.TimeoutExpired as e:  # its output comes as bytes even with text=True
+        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
+        out = partial + f"\n(timed out after {timeout_s:.0f} s)"
     counts = {k: int(m.group(1)) if (m := re.search(rf"(\d+) {k}", out)) else 0
               for k in ("passed", "failed", "skipped", "error")}
     result = {"passed": counts["passed"], "failed": counts["failed"], "skipped": counts["skipped"],
@@ -172,13 +173,14 @@ def pytest_counts(args: list[str], timeout_s: float) -> dict[str, Any]:
 
 
 # -- 2: the training step ---------------------------------------------------------------------
-def step_case(cfg: ModelConfig, mode: str, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Compile the step of ``cfg`` with head schedule ``mode``, check its loss against eager, time it."""
+def step_case(cfg: ModelConfig, mode: str, ids: torch.Tensor, seq: int, device: torch.device) -> dict[str, Any]:
+    """Compile the step of ``cfg`` with head schedule ``mode`` on the first ``seq + n_future``
+    columns of ``ids``, check its loss against eager, time it."""
     torch.manual_seed(0)
     model = ByteMTP(cfg).to(device)
     eager = copy.deepcopy(model)
     compile_model(model, device.type == "cuda")
-    batch = ids[:, : ids.shape[1] - (8 - cfg.n_future)]
+    batch = ids[:, : seq + cfg.n_future]
     with autocast(device):
         loss_eager = multihead_loss(eager, batch, mode).loss.item()
     del eager
@@ -191,12 +193,7 @@ def step_case(cfg: ModelConfig, mode: str, ids: torch.Tensor, device: torch.devi
         compile_s = time.perf_counter() - start
     step()
     times = [timed(step, device) for _ in range(TIMED_STEPS)]
-    peak = 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        timed(step, device)
-        peak = torch.cuda.max_memory_allocated(device) - before
+    peak = peak_step_bytes(step, device) if device.type == "cuda" else 0  # the CPU's profiler is slow
     step_s = sorted(times)[TIMED_STEPS // 2]
     rel = abs(loss_compiled.item() - loss_eager) / abs(loss_eager)
     return {"compile_s": round(compile_s, 1), "step_ms": step_s * 1e3, "loss_compiled": loss_compiled.item(),
@@ -213,7 +210,7 @@ def train_step_report(cfg8: ModelConfig, batch: int, seq: int, device: torch.dev
     with training_precision(device):
         for n, mode in ((1, "sequential"), (8, "sequential"), (8, "stacked")):
             cfg = ModelConfig(**{**cfg8.to_dict(), "n_future": n})
-            case = step_case(cfg, mode, ids, device)
+            case = step_case(cfg, mode, ids, seq, device)
             step_s = case.pop("_step_s")
             case["bytes_per_s"] = batch * seq / step_s
             case["mfu"] = flops_per_byte(cfg, seq) * case["bytes_per_s"] / peak if peak else None

@@ -1,15 +1,11 @@
-"""The multi-byte objective: the sequential head schedule against the naive summed loss."""
+"""The multi-byte objective: the sequential and stacked head schedules against the naive summed loss."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 from bytemtp import VOCAB
 from bytemtp.model.config import HEAD_KINDS, ModelConfig
@@ -17,8 +13,7 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.train import objective
 from bytemtp.train.objective import LN2, multihead_loss, split_batch
 from bytemtp.train.parallel import MTPObjective
-
-
+from bytemtp.train.step_timing import peak_step_bytes
 
 
 def make_model(head_kind: str, n_future: int, d_model: int = 32, **overrides) -> ByteMTP:
@@ -163,16 +158,7 @@ def test_unknown_mode_is_an_error():
         multihead_loss(make_model("linear", 2), padded_batch(2), "parallel")
 
 
-def peak_cpu_bytes(fn, trace: Path) -> int:
-    """Peak of torch's CPU allocations while ``fn`` runs, from the profiler's allocation log."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
-    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-
-
-def test_sequential_keeps_one_head_alive(tmp_path):
+def test_sequential_keeps_one_head_alive():
     """Transformer heads: the sequential step's peak memory is well below the naive one's."""
     model = make_model("transformer", 8, d_model=64)
     ids = torch.randint(0, VOCAB, (4, 64 + 8))
@@ -181,8 +167,8 @@ def test_sequential_keeps_one_head_alive(tmp_path):
         model.zero_grad(set_to_none=True)
         multihead_loss(model, ids, mode).loss.backward()
 
-    naive = peak_cpu_bytes(lambda: step("naive"), tmp_path / "naive.json")
-    seq = peak_cpu_bytes(lambda: step("sequential"), tmp_path / "seq.json")
+    naive = peak_step_bytes(lambda: step("naive"), torch.device("cpu"))
+    seq = peak_step_bytes(lambda: step("sequential"), torch.device("cpu"))
     assert seq < 0.6 * naive
 
 

@@ -1,4 +1,4 @@
-"""Timing one training step, for the demo's step planning and the step benchmark.
+"""Measuring one training step (time, peak memory), for the demo's step planning and the benchmarks.
 
 A step's wall time on a GPU is only known after the device has finished it, so
 the clock is read between two synchronisations; on the CPU they cost nothing.
@@ -6,8 +6,11 @@ the clock is read between two synchronisations; on the CPU they cost nothing.
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -47,3 +50,27 @@ def timed(step: Callable[[], None], device: torch.device, clock: Callable[[], fl
     step()
     synchronize(device)
     return clock() - start
+
+
+def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during one step, above what was allocated before it.
+
+    CPU allocations are invisible to tracemalloc and blurred in RSS by the allocator's
+    caching, so on the CPU they come from the profiler's allocation log.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
