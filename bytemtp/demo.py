@@ -23,7 +23,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.config import TrainConfig
-from bytemtp.train.objective import default_loss_mode
+from bytemtp.train.objective import resolve_loss_mode
 from bytemtp.train.optim import build_optimizer
 from bytemtp.train.precision import training_precision
 from bytemtp.train.step_timing import timed, training_step
@@ -87,8 +87,8 @@ def measure_step(model_cfg: ModelConfig, train_cfg: TrainConfig, device: torch.d
     on the CPU: the eager fp32 step)."""
     model = ByteMTP(model_cfg).to(device)
     compiled = compile_model(model, train_cfg.compile)
-    mode = default_loss_mode(device) if train_cfg.loss_mode == "auto" else train_cfg.loss_mode
     ids = torch.randint(0, 256, (train_cfg.batch_size, train_cfg.seq_len + model_cfg.n_future), device=device)
+    mode = resolve_loss_mode(train_cfg.loss_mode, device)
     step = training_step(model, ids, mode, build_optimizer(model, train_cfg, device))
     with training_precision(device):
         times = [timed(step, device) for _ in range(trials + 1)]

@@ -19,7 +19,7 @@ from bytemtp.train import loop
 from bytemtp.train.config import TrainConfig
 from bytemtp.train.flops import PEAK_BF16_FLOPS, flops_per_byte, peak_flops
 from bytemtp.train.loop import CHECK_EVERY, train
-from bytemtp.train.objective import multihead_loss
+from bytemtp.train.objective import multihead_loss, resolve_loss_mode
 from bytemtp.train.parallel import MTPObjective, fsdp_mixed_precision, shard
 from bytemtp.train.precision import training_precision
 from train_support import MICRO, micro_train
@@ -174,3 +174,10 @@ def test_demo_calibrates_with_the_training_step():
     cfg = ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=2, max_seq_len=32)
     cost = measure_step(cfg, TrainConfig(batch_size=2, device="cpu").resolved(cfg), torch.device("cpu"))
     assert cost.per_step > 0 and cost.warmup == 0.0  # eager on the CPU: nothing compiled
+
+
+def test_auto_head_schedule_per_device():
+    assert resolve_loss_mode("auto", torch.device("cpu")) == "sequential"  # measured faster on the CPU
+    assert resolve_loss_mode("auto", torch.device("cuda")) == "stacked"
+    assert resolve_loss_mode("naive", torch.device("cuda")) == "naive"
+    assert TrainConfig().loss_mode == "auto"

@@ -57,7 +57,7 @@ from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
 from bytemtp.train.metrics import METRICS, MetricsLog
 from bytemtp.train.nonfinite import NonFiniteWatch
-from bytemtp.train.objective import LN2, default_loss_mode
+from bytemtp.train.objective import LN2, resolve_loss_mode
 from bytemtp.train.optim import build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
 from bytemtp.train.precision import autocast, training_precision
@@ -144,8 +144,7 @@ class _Run:
             load_weights(self.model, ckpt)
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
-        mode = default_loss_mode(env.device) if cfg.loss_mode == "auto" else cfg.loss_mode
-        self.wrapped = wrap(MTPObjective(self.model, mode), env, cfg.fsdp)
+        self.wrapped = wrap(MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device)), env, cfg.fsdp)
         self.objective = unwrap(self.wrapped)
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)

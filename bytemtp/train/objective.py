@@ -203,9 +203,9 @@ def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch
     return losses.mean(), losses.detach()
 
 
-def default_loss_mode(device: torch.device) -> str:
-    """The head schedule ``loss_mode="auto"`` means on ``device`` (``DEFAULT_LOSS_MODE``)."""
-    return DEFAULT_LOSS_MODE.get(device.type, "sequential")
+def resolve_loss_mode(mode: str, device: torch.device) -> str:
+    """``mode``, or for ``"auto"`` the device's default head schedule (``DEFAULT_LOSS_MODE``)."""
+    return DEFAULT_LOSS_MODE.get(device.type, "sequential") if mode == "auto" else mode
 
 
 def multihead_loss(model: ByteMTP, ids: torch.Tensor, mode: str = "sequential") -> LossOutput:
