@@ -1,0 +1,129 @@
+"""Tree speculative sampling driven by a trained model's heads samples what autoregressive sampling does.
+
+Monte Carlo, so marked slow: 20,000 four-byte continuations of one prompt drawn
+with ``verify_tree`` on trees shaped by ``best_shape`` (ranked and sampled
+candidates), 20,000 drawn autoregressively from head 1, and a two-sample
+chi-square test per byte position, Bonferroni-corrected over the positions. The
+exact, analytic check is ``test_tree_sampling``; this one shows the pieces agree
+with a real model's heads (processed distributions over 257 ids, top-k, BOS).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from bytemtp import BOS
+from bytemtp.decode.sampling import SamplingConfig, probabilities
+from bytemtp.decode.tree_sampling import ranked_candidates, sampled_candidates, verify_tree
+from bytemtp.decode.tree_shape import best_shape, rank_log_probs
+from bytemtp.model.transformer import ByteMTP
+from fixtures_train import trained_model
+
+N_ROWS = 20_000
+N_BYTES = 4
+PROMPT = b"    'Alpha;': '"  # html/entities.py, the text the fixture model learnt
+ALPHA = 1e-3  # family-wise, over the positions
+
+
+class PrefixOracle:
+    """Head 1's and the first ``n_drafts`` draft heads' processed distributions (float64) after
+    BOS + prompt + a path of bytes, computed once per path: rows sampling the same prefix share
+    one forward."""
+
+    def __init__(self, model: ByteMTP, prompt: bytes, cfg: SamplingConfig, n_drafts: int):
+        self.model, self.prompt, self.cfg, self.n_drafts = model, [BOS, *prompt], cfg, n_drafts
+        self.memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, paths: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> head 1's [len(paths), V] and the draft heads' [len(paths), n_drafts, V]."""
+        missing = sorted({z for z in paths if z not in self.memo}, key=len)
+        for _, same_length in itertools.groupby(missing, key=len):
+            group = list(same_length)
+            for start in range(0, len(group), 4096):
+                chunk = group[start : start + 4096]
+                z = self.model.trunk(torch.tensor([self.prompt + list(path) for path in chunk]))[:, -1:]
+                logits = torch.cat([self.model.head_logits(z, k) for k in range(1 + self.n_drafts)], dim=1)
+                probs = probabilities(logits, self.cfg).double()
+                probs = probs / probs.sum(-1, keepdim=True)
+                self.memo.update((path, (p[0], p[1:])) for path, p in zip(chunk, probs))
+        p, q = zip(*(self.memo[z] for z in paths))
+        return torch.stack(p), torch.stack(q)
+
+
+def autoregressive(oracle: PrefixOracle, gen: torch.Generator) -> torch.Tensor:
+    out = torch.empty(N_ROWS, 0, dtype=torch.long)
+    for _ in range(N_BYTES):
+        p, _ = oracle([tuple(row) for row in out.tolist()])
+        out = torch.cat((out, torch.multinomial(p, 1, generator=gen)), dim=1)
+    return out
+
+
+def speculative(
+    oracle: PrefixOracle, n_rows: int, n_nodes: int, sampled: bool, gen: torch.Generator
+) -> tuple[torch.Tensor, float]:
+    """``N_BYTES`` per row by tree steps -> (the bytes [n_rows, N_BYTES], mean accepted drafts per step)."""
+    rows: list[tuple] = [()] * n_rows
+    accepted, steps = 0, 0
+    while any(len(row) < N_BYTES for row in rows):
+        live = [i for i, row in enumerate(rows) if len(row) < N_BYTES]
+        ctx = [rows[i] for i in live]
+        p_root, q = oracle(ctx)
+        b, v = len(live), q.shape[-1]
+        shape = best_shape(rank_log_probs(q, 8), n_nodes)
+        if sampled:
+            gumbel = -(-torch.rand(b, n_nodes + 1, v, generator=gen, dtype=torch.float64).log()).log()
+            tokens, q_nodes = sampled_candidates(q, shape.parent, shape.depth, gumbel)
+        else:
+            tokens, q_nodes = ranked_candidates(q, shape.depth, shape.rank)
+        paths = [[c] for c in ctx]
+        for r, (parents, bytes_) in enumerate(zip(shape.parent.tolist(), tokens.tolist())):
+            for a, x in zip(parents, bytes_):
+                paths[r].append(paths[r][a] + (x,))
+        p_nodes, _ = oracle([z for row in paths for z in row[1:]])
+        target = torch.cat((p_root[:, None], p_nodes.view(b, n_nodes, v)), dim=1)
+        uniforms = torch.rand(b, n_nodes + 1, generator=gen, dtype=torch.float64)
+        most_children = torch.nn.functional.one_hot(shape.parent, n_nodes + 1).sum(1).max().item()
+        verdict = verify_tree(shape.parent, tokens, q_nodes, target, uniforms, oracle.n_drafts, most_children)
+        for r, i in enumerate(live):
+            end = verdict.path[r, verdict.length[r] - 1].item() if verdict.length[r] else 0
+            rows[i] = paths[r][end] + (verdict.next_byte[r].item(),)
+        accepted, steps = accepted + verdict.length.sum().item(), steps + b
+    return torch.tensor([row[:N_BYTES] for row in rows]), accepted / steps
+
+
+def two_sample_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Chi-square test that two equally many samples of ids come from one distribution; ids seen
+    fewer than 10 times in both together share one bin (dropped if still under 10)."""
+    ids, pooled = torch.cat((a, b)).unique(return_counts=True)
+    count_a = (a[:, None] == ids).sum(0)
+    rare = pooled < 10
+    table = torch.stack((count_a, pooled - count_a), dim=1).double()
+    table = torch.cat((table[~rare], table[rare].sum(0, keepdim=True)))
+    table = table[table.sum(1) >= 10]
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    stat = ((table - expected) ** 2 / expected).sum()
+    dof = torch.tensor(table.shape[0] - 1.0, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, stat / 2).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "candidates,cfg",
+    [("ranked", SamplingConfig(temperature=1.0)), ("sampled", SamplingConfig(temperature=0.8, top_k=16))],
+    ids=["ranked-T=1", "sampled-T=0.8-top-k=16"],
+)
+def test_tree_sampling_matches_autoregressive(candidates, cfg):
+    oracle = PrefixOracle(trained_model(), PROMPT, cfg, n_drafts=3)
+    gen = torch.Generator().manual_seed(0)
+    reference = autoregressive(oracle, gen)
+    # in blocks of rows: a step's tensors are [rows, nodes, 257] floats
+    blocks = [speculative(oracle, 2000, 7, candidates == "sampled", gen) for _ in range(N_ROWS // 2000)]
+    tree = torch.cat([samples for samples, _ in blocks])
+    mean_accepted = sum(accepted for _, accepted in blocks) / len(blocks)
+    assert mean_accepted > 0.25  # the drafts are doing something: the test is not autoregressive sampling twice
+    p_values = [two_sample_p_value(tree[:, k], reference[:, k]) for k in range(N_BYTES)]
+    assert min(p_values) > ALPHA / N_BYTES, p_values
