@@ -1,6 +1,6 @@
 """The multi-byte training objective and its head schedules: the paper's memory-saving one and a stacked one.
 
-``sequential`` (default): the trunk runs once; then, inside one autograd Function,
+``sequential`` (the CPU's default, ``DEFAULT_LOSS_MODE``): the trunk runs once; then, inside one autograd Function,
 each head in turn runs forward, computes its cross-entropy and is differentiated
 at once, accumulating dL/dz and its parameter gradients, so only one head's
 logits and activations are alive at any time. The Function hands the accumulated
@@ -16,7 +16,7 @@ graph, no padded-logit copies, the matmul-dtype cast of the features done once.
 Transformer heads differentiate only their own block, the shared norm and z;
 the unembedding and cross-entropy use the same hand-written step.
 
-``stacked`` (linear heads only; transformer heads run ``sequential``): the same
+``stacked`` (CUDA's default; linear heads only, transformer heads run ``sequential``): the same
 Function, but all heads' unembeddings stacked into one [n * vocab_padded, d]
 weight, so each chunk of rows is one wide product forward and two backward rather
 than n narrow ones each; chunks of rows bound the logits alive at once
