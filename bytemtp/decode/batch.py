@@ -68,18 +68,20 @@ class Batch:
     device: torch.device
     eager: bool = True
 
-    def room(self, row: Row) -> int:
-        """Drafts that fit after the row's pending byte before the cache ends."""
-        return self.cache_len - 1 - row.length
+    def fits(self, active: list[bool]) -> int:
+        """Drafts that fit after every active row's pending byte before the cache ends. A step is
+        never wider than this: near the end of the window (a generation about to be cut) the
+        step narrows for a few steps, rather than let any position write past the cache, where
+        it could only overwrite a slot in use. A compiled step compiles those widths once too."""
+        return min(self.cache_len - 1 - row.length for r, row in enumerate(self.rows) if active[r])
 
     def slots(self, width: int, active: list[bool]) -> torch.Tensor:
-        """Cache slots [B, width] of a step: an active row writes ``length + 0 .. width-1``, clipped to
-        the cache; a parked row writes its pending byte's slot."""
-        last = self.cache_len - 1
+        """Cache slots [B, width] of a step: an active row writes ``length + 0 .. width-1``; a parked
+        row writes its pending byte's slot (the last slot, if its cache is full: it has stopped)."""
         out = []
         for r, row in enumerate(self.rows):
-            base = min(row.length, last)
-            out.append([min(base + j, last) for j in range(width)] if active[r] else [base] * width)
+            base = min(row.length, self.cache_len - 1)
+            out.append([base + j for j in range(width)] if active[r] else [base] * width)
         return torch.tensor(out, device=self.device)
 
     def kv_len(self, width: int) -> int | None:

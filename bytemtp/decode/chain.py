@@ -1,9 +1,10 @@
 """Chain drafting: each step verifies one block of drafts per row, one per draft head.
 
 The strategy keeps, per row, the drafts of the latest decision and how many of them
-the next step verifies (``n_valid``: all of them, fewer near the end of the cache, or
-as many as pay for themselves under a ``DraftPolicy``); when sampling, the draft
-distributions they were drawn from stay on the device for the step that judges them.
+the next step verifies (``n_valid``: all of them, or as many as pay for themselves
+under a ``DraftPolicy``; fewer when the step is narrower, see ``Batch.fits``); when
+sampling, the draft distributions they were drawn from stay on the device for the
+step that judges them.
 Autoregressive decoding is the chain of no drafts.
 """
 
@@ -38,10 +39,6 @@ class ChainDrafts:
         self.n_valid: list[int] = []
         self.draft_probs: torch.Tensor | None = None
 
-    @property
-    def width(self) -> int:
-        return 1 + self.n_drafts
-
     def start(self, batch: Batch) -> None:
         """Fresh per-row state for ``batch``."""
         n = len(batch.rows)
@@ -54,15 +51,18 @@ class ChainDrafts:
         """Nothing is pending between steps (a tree's cache moves are)."""
 
     def uniforms(self, batch: Batch, active: list[bool], k: int) -> Uniforms | None:
-        """The step's random numbers, from each active row's own generator (zeros for the others)."""
+        """The random numbers of a step judging ``k`` drafts, from each active row's own generator
+        (zeros for the others). A row draws as many every step, however wide the step (which
+        depends on the other rows): its stream of numbers is its own."""
         if self.rule.sampling.greedy:
             return None
-        u = torch.zeros(len(batch.rows), k + 1 + self.n_drafts)
+        m = self.n_drafts
+        u = torch.zeros(len(batch.rows), 2 * m + 1)
         for r, row in enumerate(batch.rows):
             if active[r]:
-                u[r] = torch.rand(k + 1 + self.n_drafts, generator=row.generator)
+                u[r] = torch.rand(2 * m + 1, generator=row.generator)
         u = u.to(batch.device)
-        return Uniforms(u[:, :k], u[:, k], u[:, k + 1 :])
+        return Uniforms(u[:, :k], u[:, m], u[:, m + 1 :])
 
     def first(
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
@@ -77,8 +77,9 @@ class ChainDrafts:
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
         """One forward of ``[pending, drafts]`` for the active rows."""
-        n_valid = [self._fit(batch, r) if active[r] else 0 for r in range(len(batch.rows))]
-        width = 1 + (max(n_valid) if self.policy is not None else self.n_drafts)
+        most = max(self.n_valid) if self.policy is not None else self.n_drafts
+        width = 1 + min(most, batch.fits(active))
+        n_valid = [min(self.n_valid[r], width - 1) if active[r] else 0 for r in range(len(batch.rows))]
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
         ids = torch.tensor(ids, device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
@@ -89,12 +90,6 @@ class ChainDrafts:
         else:
             out = self.step_fn(*args)
         return self._read(batch, active, out, n_valid, fed=True)
-
-    def _fit(self, batch: Batch, r: int) -> int:
-        """Drafts row ``r`` verifies: its chosen number, within the cache. When they do not all fit,
-        the positions past them write the cache's last slot, so the drafts keep clear of it."""
-        room = batch.room(batch.rows[r])
-        return self.n_valid[r] if room >= self.n_drafts else min(self.n_valid[r], max(0, room - 1))
 
     def _read(
         self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool

@@ -35,9 +35,6 @@ class DraftStrategy(Protocol):
 
     n_drafts: int
 
-    @property
-    def width(self) -> int: ...  # P: positions per row of a step
-
     def start(self, batch: Batch) -> None: ...
 
     def flush(self) -> None: ...  # anything left between steps that a prompt's forward must not overtake

@@ -45,7 +45,7 @@ class Decoder:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
             step = functools.partial(tree_step, model, self.n_drafts)
         else:
-            self.rule = ChainRule(config.sampling)
+            self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 

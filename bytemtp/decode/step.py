@@ -27,8 +27,9 @@ RANKS = 8  # runner-ups a tree considers per draft head: a head's 9th choice is 
 
 def nonfinite(logits: torch.Tensor) -> torch.Tensor:
     """[B, ..., V] -> [B] bool: the row has a NaN or +inf logit (broken weights: report, never decode).
-    A logit of -inf is a byte ruled out, which is fine."""
-    return (torch.isnan(logits) | (logits == float("inf"))).flatten(1).any(dim=1)
+    The maximum of a position's logits is NaN or +inf exactly then (a logit of -inf is a byte
+    ruled out, which is fine): one reduction instead of a test of every logit."""
+    return ~torch.isfinite(logits.amax(dim=-1)).flatten(1).all(dim=1)
 
 
 @dataclass
@@ -66,7 +67,8 @@ def chain_decide(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Verify ``drafts`` [B, P-1] against head-1 ``logits`` [B, P, V] and draft the next block at
     the accepted position (``decode`` ``features`` [B, P, F, d]) -> (the ``StepOutput`` tensor,
-    the new drafts' distributions when sampling, the draft heads' confidence [B, m])."""
+    the new drafts' distributions when sampling, and when the rule asks for it the draft heads'
+    confidence [B, m])."""
     accepted, next_byte = rule.verify(logits, drafts, n_valid, draft_probs, u)
     broken = nonfinite(logits)
     new = confidence = drafts.new_zeros(drafts.shape[0], 0)
@@ -75,7 +77,8 @@ def chain_decide(
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
         draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
         new, q = rule.propose(draft_logits, u)
-        confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
+        if rule.confidence:
+            confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
         broken = broken | nonfinite(draft_logits)
     out = torch.cat((accepted[:, None], next_byte[:, None], new, broken[:, None].long()), dim=1)
     return out, q, confidence

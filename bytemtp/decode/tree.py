@@ -165,19 +165,15 @@ class TreeDrafts:
     at the accepted byte (the strategy ``bytemtp.decode.engine`` drives).
 
     Per row: the tree verified next, its rank statistics, and the cache move of the path it
-    accepted last, applied by the next step. Near the end of the cache a row verifies the
-    prefix of its tree that fits (nodes come in topological order, so a prefix is a tree);
-    the positions past it write the cache's last slot, which the prefix keeps clear of.
+    accepted last, applied by the next step. Near the end of the cache the rows verify the
+    prefix of their trees that fits (``Batch.fits``; nodes come in topological order, so a
+    prefix is a tree).
     """
 
     def __init__(self, model: torch.nn.Module, n_nodes: int, n_drafts: int, step=None):
         self.model, self.n_nodes, self.n_drafts = model, n_nodes, n_drafts
         self.step_fn = step  # a compiled ``tree_step`` bound to model and n_drafts; None: eager
         self.max_path = min(n_nodes, n_drafts)
-
-    @property
-    def width(self) -> int:
-        return 1 + self.n_nodes
 
     def start(self, batch: Batch) -> None:
         n = len(batch.rows)
@@ -208,7 +204,8 @@ class TreeDrafts:
         return self.read(batch, active, host, fed=False)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
-        n_rows, width, S = len(batch.rows), self.width, batch.cache_len
+        n_rows, S = len(batch.rows), batch.cache_len
+        width = 1 + min(self.n_nodes, batch.fits(active))
         ids = np.zeros((n_rows, width), np.int64)
         depth = np.zeros((n_rows, width), np.int64)
         mask = np.zeros((n_rows, width, S), np.bool_)
@@ -217,13 +214,10 @@ class TreeDrafts:
             if not active[r]:
                 mask[r, :, : L + 1] = True  # parked: attends what it overwrites, nothing is read back
                 continue
-            room = batch.room(row)
-            tree = self.trees[r].prefix(self.n_nodes if room >= self.n_nodes else max(0, room - 1))
-            self.verified[r] = tree
-            ids[r, : tree.size + 1] = [row.pending, *tree.tokens]
-            depth[r, 1 : tree.size + 1] = tree.depth
-            mask[r, : tree.size + 1] = tree_mask(tree, L, S)
-            mask[r, tree.size + 1 :, : L + 1] = True  # unused positions: write the last slot, read the context
+            tree = self.verified[r] = self.trees[r].prefix(width - 1)
+            ids[r] = [row.pending, *tree.tokens]
+            depth[r, 1:] = tree.depth
+            mask[r] = tree_mask(tree, L, S)
         lengths = np.array([min(row.length, S - 1) for row in batch.rows])
         slots = batch.slots(width, active)
         rope = torch.from_numpy(np.where(np.array(active)[:, None], lengths[:, None] + depth, lengths[:, None]))

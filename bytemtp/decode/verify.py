@@ -50,9 +50,11 @@ def accepted_run(agree: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ChainRule:
-    """How drafts are judged and the next byte chosen: greedily (temperature 0) or by sampling."""
+    """How drafts are judged and the next byte chosen: greedily (temperature 0) or by sampling.
+    ``confidence``: the step also reports the draft heads' top probabilities (for a ``DraftPolicy``)."""
 
     sampling: SamplingConfig
+    confidence: bool = False
 
     def verify(
         self,
