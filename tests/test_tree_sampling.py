@@ -381,3 +381,42 @@ def test_best_shape_is_the_best_tree(m, k, n):
             if all(len(z) == 1 or z[:-1] in chosen for z in chosen)
         )
         assert sum(score(row, z) for z in paths) == pytest.approx(best, rel=1e-12)
+
+
+def random_step(b: int, device: str = "cpu", seed: int = 3):
+    """A batch of verification inputs: a tree of 6 per row from random draft distributions, sampled candidates."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, 3, 9, generator=gen) * 2).softmax(-1)
+    shape = best_shape(rank_log_probs(q, 4), 6)
+    gumbel = -(-torch.rand(b, 7, 9, generator=gen).log()).log()
+    tokens, rows = sampled_candidates(q, shape.parent, shape.depth, gumbel)
+    p = (torch.randn(b, 7, 9, generator=gen) * 2).softmax(-1)
+    args = (shape.parent, tokens, rows, p, torch.rand(b, 7, generator=gen))
+    return tuple(x.to(device) for x in args)
+
+
+def test_verification_is_one_graph():
+    """No host synchronisation or data-dependent Python: it traces whole, and the graph computes the same."""
+    args = random_step(32)
+    compiled = torch.compile(verify_tree, backend="eager", fullgraph=True, dynamic=False)
+    for got, want in zip(compiled(*args, max_depth=3, max_children=4), verify_tree(*args, max_depth=3, max_children=4)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_verification_captures_in_a_cuda_graph():
+    static = random_step(32, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        verify_tree(*static, max_depth=3, max_children=4)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = verify_tree(*static, max_depth=3, max_children=4)
+    fresh = random_step(32, "cuda", seed=4)
+    for x, y in zip(static, fresh):
+        x.copy_(y)
+    graph.replay()
+    for got, ref in zip(out, verify_tree(*fresh, max_depth=3, max_children=4)):
+        assert torch.equal(got, ref)

@@ -143,9 +143,10 @@ def verify_tree(
     for slot in range(children.shape[-1]):  # every parent's slot-th child at once
         child = children[..., slot]  # [B, N+1]
         q = _gather_rows(q_at, child)
+        x = tokens_at.gather(1, child)[..., None]
         mass = residual.sum(-1)
-        scale = mass * q.gather(-1, tokens_at.gather(1, child)[..., None]).squeeze(-1)
-        r_x = residual.gather(-1, tokens_at.gather(1, child)[..., None]).squeeze(-1)
+        scale = mass * q.gather(-1, x).squeeze(-1)
+        r_x = residual.gather(-1, x).squeeze(-1)
         accept.scatter_(1, child, torch.where(scale > 0, r_x / scale, 0.0).clamp(max=1.0))
         rejected = after_rejection(residual, mass, q)
         # Everything rejected where the target was exactly q has probability zero; rounding can
@@ -191,7 +192,9 @@ def expected_accepted(parent: torch.Tensor, accept_prob: torch.Tensor, max_depth
     return reach[:, 1:].sum(1)
 
 
-def ranked_candidates(draft_probs: torch.Tensor, depth: torch.Tensor, rank: torch.Tensor):
+def ranked_candidates(
+    draft_probs: torch.Tensor, depth: torch.Tensor, rank: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic candidates: node i holds the ``rank[i]``-th likeliest byte of its depth's
     draft distribution (``draft_probs`` [B, m, V], depth 1 = the first draft head; ties go to
     the lower byte) and is judged under the point mass on it. -> (tokens [B, N], q [B, N, V])."""
@@ -200,7 +203,9 @@ def ranked_candidates(draft_probs: torch.Tensor, depth: torch.Tensor, rank: torc
     return tokens, torch.nn.functional.one_hot(tokens, draft_probs.shape[-1]).to(draft_probs.dtype)
 
 
-def sampled_candidates(draft_probs: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, gumbel: torch.Tensor):
+def sampled_candidates(
+    draft_probs: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, gumbel: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled candidates: the children of each parent drawn from their depth's draft distribution
     (``draft_probs`` [B, m, V]) without replacement, as the top bytes of ``log q + g`` for
     standard Gumbel noise ``gumbel`` [B, N+1, V] (one row per parent, drawn beforehand). A
