@@ -12,7 +12,9 @@ per rank and depth (``bytemtp.decode.tree.RankStats``, which also tell a first
 choice above apart) fit the heads better, and are just as legitimate as long as
 they come from earlier steps. Either way the score is the sum of log-rates along
 the path and never exceeds the parent's, so the ``n`` best paths form a tree and a
-beam of ``n`` per depth finds them.
+beam of ``n`` per depth finds them. Sampled candidates draw a node's byte instead of
+taking a rank, but the same shapes serve them: a rank path's score still says roughly how
+likely the walk is to get that far, and which depths deserve siblings.
 
 The shape comes from probabilities known before the step's random numbers are
 drawn, never from the bytes drawn or from the uniforms that judge them: a tree
