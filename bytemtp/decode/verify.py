@@ -67,6 +67,8 @@ class ChainRule:
         """Head-1 ``logits`` [B, P, V], ``drafts`` [B, P-1] of which the first ``n_valid`` [B] count,
         their draft distributions [B, P-1, V] (sampling) -> (accepted [B], next byte [B])."""
         k = drafts.shape[1]
+        if k == 0 and self.sampling.greedy:  # autoregressive: nothing to judge
+            return n_valid.new_zeros(n_valid.shape), logits[:, 0].argmax(dim=-1)
         valid = torch.arange(k, device=drafts.device) < n_valid[:, None]
         if self.sampling.greedy:
             choice = logits.argmax(dim=-1)  # [B, P]
