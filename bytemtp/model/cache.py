@@ -53,12 +53,19 @@ class KVCache:
             n_layers, batch_size, max_len, dtype, torch.device(device)
         )
 
+    def slot_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """The scatter/gather index [B, H, P, hd] (an expanded view) of ``slots`` ([B, P] per row,
+        or [P] for every row). A forward builds it once for all its layers' ``write``s: building
+        it costs several small ops, more than the write itself."""
+        B, H, _, hd = self.k[0].shape
+        P = slots.shape[-1]
+        return torch.broadcast_to(slots, (B, P))[:, None, :, None].expand(B, H, P, hd)
+
     def write(
-        self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k`` and ``v`` [B, H, P, hd] of ``layer`` at slots ``input_pos`` ([B, P] per row,
-        or [P] for every row) and return the layer's whole buffers."""
-        index = torch.broadcast_to(input_pos, (k.shape[0], k.shape[2]))[:, None, :, None].expand_as(k)
+        """Store ``k`` and ``v`` [B, H, P, hd] of ``layer`` at the slots of ``index`` (``slot_index``)
+        and return the layer's whole buffers."""
         self.k[layer].scatter_(2, index, k.detach().to(self.k[layer].dtype))
         self.v[layer].scatter_(2, index, v.detach().to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
@@ -69,9 +76,6 @@ class KVCache:
         context. All entries are read before any is written, so the two may overlap; within a
         row the ``dst`` slots must be distinct (a row that moves fewer entries than the others
         pads with ``src = dst`` = a slot no other entry writes)."""
-        B, H, _, hd = self.k[0].shape
-        rows, shape = (B, src.shape[-1]), (B, H, src.shape[-1], hd)
-        src = torch.broadcast_to(src, rows)[:, None, :, None].expand(shape)
-        dst = torch.broadcast_to(dst, rows)[:, None, :, None].expand(shape)
+        src, dst = self.slot_index(src), self.slot_index(dst)
         for buf in (*self.k, *self.v):
             buf.scatter_(2, dst, buf.gather(2, src))

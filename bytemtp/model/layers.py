@@ -44,7 +44,7 @@ class PosContext:
     cos: torch.Tensor  # [T, hd/2] or [B, 1, T, hd/2]
     sin: torch.Tensor
     cache: KVCache | None = None  # decoding: the cache every attention layer reads and writes
-    input_pos: torch.Tensor | None = None  # [T] or [B, T]: the cache slots written
+    slot_index: torch.Tensor | None = None  # the cache slots written (``KVCache.slot_index``)
     mask: torch.Tensor | None = None  # [T, S] or [B, 1, T, S] bool: which slots each position attends to
 
 
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         (q, k), v = apply_rope(qkv[:2], pos.cos, pos.sin), qkv[2]  # q and k rotated in one go: half the small ops
         if pos.cache is not None:
-            k, v = pos.cache.write(self.cache_layer, pos.input_pos, k, v)
+            k, v = pos.cache.write(self.cache_layer, pos.slot_index, k, v)
             live = pos.mask.shape[-1]  # the mask may cover only the cache's first slots (``kv_len``)
             k, v = k[:, :, :live].to(q.dtype), v[:, :, :live].to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask)

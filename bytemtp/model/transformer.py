@@ -95,7 +95,7 @@ class ByteMTP(nn.Module):
         if kv_len is not None:
             mask = mask[..., :kv_len]
         cos, sin, mask = (_heads_axis(t) for t in (self.rope_cos[rope_pos], self.rope_sin[rope_pos], mask))
-        return PosContext(cos, sin, self.kv_cache, input_pos, mask)
+        return PosContext(cos, sin, self.kv_cache, self.kv_cache.slot_index(input_pos), mask)
 
     # -- pieces ----------------------------------------------------------------
     def trunk(self, ids: torch.Tensor, pos: PosContext | None = None) -> torch.Tensor:
@@ -162,8 +162,9 @@ class ByteMTP(nn.Module):
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One cached decoding forward of ids [B, P]: head 1's logits [B, P, vocab] at every
-        position, and the features the next ``n_heads - 1`` draft heads read, [B, P, F, d].
+        """One cached decoding forward of ids [B, P] (B: the cache's rows): head 1's logits
+        [B, P, vocab] at every position, and the features the next ``n_heads - 1`` draft heads
+        read, [B, P, F, d].
 
         Per row b and fed id j: ``input_pos[b, j]`` is the cache slot its keys and values are
         written to, ``rope_pos[b, j]`` its RoPE position (default: the slot) and ``mask[b, j]``
