@@ -38,14 +38,6 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()
 
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
     def fits(self, n_layers: int, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Whether this cache already has the asked-for shape, dtype and device (and can be reused)."""
         k = self.k[0]
