@@ -11,6 +11,11 @@ position do not depend on how many positions the forward holds. The panel kernel
 that so by construction on the CPU; elsewhere, float32 products of different row counts
 differ in the last bits and bfloat16 ones in more, so a near tie between the two likeliest
 bytes can resolve differently (rarely, and only where the model hardly prefers one byte).
+Measured with bfloat16 on the CPU: on the test suite's trained models (linear and
+transformer heads, 12 prompts each, 100 bytes, all draft heads) speculative greedy equals
+autoregressive greedy in 24 runs of 24; on a random-weight model, whose logits are nearly
+uniform, in 31 of 32. What bfloat16 does change is the model: its greedy continuation
+equals the float32 one in 10 of those 24 runs.
 """
 
 from __future__ import annotations
