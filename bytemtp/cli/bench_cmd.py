@@ -19,7 +19,8 @@ from bytemtp.cli.options import decode_threads_option, device_option
               help="Bytes generated per prompt and mode.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="0 benchmarks greedy decoding (outputs must be identical); >0 benchmarks sampling.")
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Top-k when sampling (0 = off).")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Top-k when sampling (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Top-p when sampling.")
 @click.option("--seed", default=0, show_default=True, help="Seed for prompt choice and sampling.")
