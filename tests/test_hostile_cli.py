@@ -47,6 +47,14 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
         (["prepare", "-", "--out", "OUT", "--shard-bytes", "-5"], "--shard-bytes"),
         (["train", "--data", "RUN", "--out", "OUT", "--bogus"], "--bogus"),
         (["info"], "DIR"),
+        (["sample", "RUN", "--temperature", "nan"], "--temperature"),
+        (["sample", "RUN", "--top-p", "nan"], "--top-p"),
+        (["train", "--data", "RUN", "--out", "OUT", "--lr", "nan"], "--lr"),
+        (["train", "--data", "RUN", "--out", "OUT", "--time-budget", "inf"], "--time-budget"),
+        (["sample", "RUN", "--seed", "99999999999999999999999"], "--seed"),
+        (["bench", "RUN", "--data", "RUN", "--seed", "99999999999999999999999"], "--seed"),
+        (["train", "--data", "RUN", "--out", "OUT", "--seed", "99999999999999999999999"], "--seed"),
+        (["distill", "RUN", "--data", "RUN", "--out", "OUT", "--seed", "-1"], "--seed"),
     ],
 )
 def test_flag_errors_are_one_line_with_status_1(tmp_path, args, flag):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from bytemtp.cli.options import decode_threads_option, device_option
+from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device_option
 
 
 @click.command("bench")
@@ -17,13 +17,13 @@ from bytemtp.cli.options import decode_threads_option, device_option
 @click.option("--prompt-bytes", default=64, show_default=True, type=click.IntRange(min=1), help="Bytes per prompt.")
 @click.option("--max-bytes", default=256, show_default=True, type=click.IntRange(min=1),
               help="Bytes generated per prompt and mode.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="0 benchmarks greedy decoding (outputs must be identical); >0 benchmarks sampling.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
               help="Top-k when sampling (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(0, 1, min_open=True),
               help="Top-p when sampling.")
-@click.option("--seed", default=0, show_default=True, help="Seed for prompt choice and sampling.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for prompt choice and sampling.")
 @click.option("--sweep", is_flag=True, help="One row per number of draft heads (1, 3, 7 for n = 8).")
 @click.option("--adaptive", is_flag=True,
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")

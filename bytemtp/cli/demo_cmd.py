@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from bytemtp.cli.options import device_option
+from bytemtp.cli.options import FiniteFloat, SEED, device_option
 
 
 @click.command("demo")
-@click.option("--minutes", type=float, default=None,
+@click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Training wall time. Default: 7 on a CPU (the whole demo then fits in 10), 10 on a GPU.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the prepared corpus is cached. Default: ~/.cache/bytemtp/python-stdlib.")

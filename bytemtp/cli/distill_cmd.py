@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from bytemtp.cli.options import device_option
+from bytemtp.cli.options import FiniteFloat, SEED, device_option
 
 
 @click.command("distill")
@@ -27,11 +27,12 @@ from bytemtp.cli.options import device_option
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Sequences generated (and encoded) together.")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1), help="Passes of the fit.")
-@click.option("--lr", default=1e-3, show_default=True, type=float, help="Adam learning rate of the fit.")
+@click.option("--lr", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="Adam learning rate of the fit.")
 @click.option("--holdout", default=64, show_default=True, type=click.IntRange(min=0),
               help="Continuations (and text windows) kept out of the fit to report the draft heads' "
                    "agreement with head 1.")
-@click.option("--seed", default=0, show_default=True, help="Seed for the prompts and the fit's order.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the prompts and the fit's order.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's).")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")

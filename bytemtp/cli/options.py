@@ -38,3 +38,24 @@ decode_threads_option = click.option(
     "threads only add synchronisation, and stall badly on a busy machine); a small model's do "
     "(2 threads: 1.9x the bytes/s of 1 on a 2-core CPU).",
 )
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities: NaN passes every range check
+    (all its comparisons are false), and a NaN temperature or learning rate would otherwise
+    travel on until it silently corrupts a run."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+# Seeds go to torch.Generator.manual_seed, which takes a 64-bit integer: a larger one would
+# fail deep inside torch with an overflow, so the flag refuses it.
+SEED = click.IntRange(0, 2**62)  # headroom for per-sample seeds (seed + i)

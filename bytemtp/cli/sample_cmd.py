@@ -27,7 +27,7 @@ from typing import BinaryIO, TextIO
 
 import click
 
-from bytemtp.cli.options import decode_threads_option, device_option
+from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device_option
 
 
 class ByteSink:
@@ -81,12 +81,12 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               help="Outputs decoded together.")
 @click.option("--max-bytes", type=click.IntRange(min=0), default=256, show_default=True,
               help="Bytes to generate at most.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.8, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Sample among the k likeliest bytes (0 = off).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
               help="Sample among the likeliest bytes holding this much probability (1 = off).")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling (default: fresh).")
+@click.option("--seed", type=SEED, default=None, help="Random seed for sampling (default: fresh).")
 @click.option("--stop", multiple=True, callback=_stop_string,
               help="End at this string, which is not printed (repeatable; escapes like \\n and \\x00 work).")
 @click.option("--speculative/--no-speculative", default=None,

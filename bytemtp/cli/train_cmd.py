@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from bytemtp.cli.options import SEED, FiniteFloat
+
 from bytemtp.model.config import HEAD_KINDS, PRESETS
 from bytemtp.train.config import LOADER_MODES
 
@@ -29,26 +31,26 @@ from bytemtp.train.config import LOADER_MODES
 @click.option("--batch-size", type=int, default=None, help="Rows per micro-batch per process.")
 @click.option("--seq-len", type=int, default=None, help="Bytes per row (default: the model's max_seq_len).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=None, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warmup steps.")
 @click.option("--decay-steps", type=int, default=None,
               help="Step where the cosine reaches its floor (default: --steps).")
 @click.option("--n-future", type=int, default=None, help="Number of future-byte heads (1: next-byte baseline).")
 @click.option("--head-kind", type=click.Choice(HEAD_KINDS), default=None,
               help="linear: one unembedding per head; transformer: a block per head.")
-@click.option("--seed", type=int, default=None, help="Seeds the initial weights and the data order.")
+@click.option("--seed", type=SEED, default=None, help="Seeds the initial weights and the data order.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile (default: on for CUDA only).")
 @click.option("--eval-every", type=int, default=None, help="Steps between val evals (0: none).")
 @click.option("--log-every", type=int, default=None, help="Steps between metrics.jsonl lines.")
 @click.option("--ckpt-every", type=int, default=None, help="Steps between checkpoints (0: only at the end).")
 @click.option("--keep", type=int, default=None, help="Checkpoints kept (0: all).")
-@click.option("--time-budget", type=float, default=None, metavar="MINUTES",
+@click.option("--time-budget", type=FiniteFloat(min=0, min_open=True), default=None, metavar="MINUTES",
               help="Stop cleanly, with a checkpoint, after this many minutes.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:N.")
 @click.option("--loader-mode", type=click.Choice(LOADER_MODES), default=None,
               help="concat: documents back to back; best-fit: short documents kept whole.")
 @click.option("--fsdp/--ddp", default=None, help="Under torchrun: FSDP2 sharding instead of DDP.")
-@click.option("--peak-tflops", type=float, default=None,
+@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
               help="The GPU's dense bf16 peak for the MFU figure (default: known H100/H200/A100 values).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def command(data_dir: Path, out_dir: Path, preset: str | None, config_file: Path | None, resume: bool,
