@@ -106,3 +106,10 @@ def test_sample_with_stdout_closed_runs_quietly(tmp_path):
                          preexec_fn=lambda: os.close(1))
     assert res.returncode == 0, res.stderr.decode()
     assert "Traceback" not in res.stderr.decode() and "8 bytes" in res.stderr.decode()
+
+
+def test_train_refuses_an_out_inside_a_dataset(micro_data):
+    res = CliRunner().invoke(main, ["train", "--data", str(micro_data), "--out", str(micro_data / "run"), "--steps", "1"])
+    assert res.exit_code == 1
+    assert_one_error_line(res.stderr, "--out", "inside the prepared dataset")
+    assert not (micro_data / "run").exists()
