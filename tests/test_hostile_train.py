@@ -19,16 +19,8 @@ from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
 from bytemtp.train.checkpoint import CONFIG, TRAIN_STATE, latest_checkpoint, list_checkpoints
 from bytemtp.train.loop import train
-from train_support import MICRO, config_file, micro_train
+from train_support import MICRO, cli_error, config_file, micro_train
 
-
-def cli_error(*args: str) -> str:
-    """``bytemtp ARGS`` in-process: it must fail with exactly one ``Error:`` line on stderr."""
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

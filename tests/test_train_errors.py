@@ -7,24 +7,13 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import bytemtp.train.checkpoint
-from bytemtp.cli import main
 from bytemtp.errors import BytemtpError
 from bytemtp.train.checkpoint import latest_checkpoint, list_checkpoints, load_model
 from bytemtp.train.loop import train
 from bytemtp.train.parallel import MTPObjective
-from train_support import MICRO, config_file, metrics, micro_train
-
-
-def cli_error(*args: str) -> str:
-    """Run ``bytemtp ARGS`` in-process; it must fail with exactly one line on stderr."""
-    result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
+from train_support import MICRO, cli_error, config_file, metrics, micro_train
 
 
 def test_missing_or_unprepared_dataset(tmp_path):

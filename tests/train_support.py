@@ -70,3 +70,16 @@ def run_ok(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def cli_error(*args: str) -> str:
+    """Run ``bytemtp ARGS`` in-process; it must fail with exactly one ``Error:`` line on stderr."""
+    from click.testing import CliRunner
+
+    from bytemtp.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
