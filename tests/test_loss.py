@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from bytemtp import VOCAB
@@ -14,6 +13,7 @@ from bytemtp.train import objective
 from bytemtp.train.objective import LN2, multihead_loss, split_batch
 from bytemtp.train.parallel import MTPObjective
 from bytemtp.train.step_timing import peak_step_bytes
+from train_support import gloo_group  # noqa: F401 (a fixture)
 
 
 def make_model(head_kind: str, n_future: int, d_model: int = 32, **overrides) -> ByteMTP:
@@ -173,15 +173,6 @@ def test_sequential_keeps_one_head_alive():
 
 
 # -- DDP ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gloo_group(tmp_path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
@@ -22,7 +21,7 @@ from bytemtp.train.loop import CHECK_EVERY, train
 from bytemtp.train.objective import multihead_loss, resolve_loss_mode
 from bytemtp.train.parallel import MTPObjective, fsdp_mixed_precision, shard
 from bytemtp.train.precision import training_precision
-from train_support import MICRO, metrics, micro_train
+from train_support import MICRO, gloo_group, metrics, micro_train  # noqa: F401 (gloo_group: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The newest API each torch version the code relies on first offered: the floor in pyproject.toml must cover them.
@@ -130,15 +129,6 @@ def test_fsdp_precision_policy():
     assert fsdp_mixed_precision(torch.device("cpu")) is None
     policy = fsdp_mixed_precision(torch.device("cuda"))
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
-
-
-@pytest.fixture
-def gloo_group(tmp_path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])

@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from bytemtp.train.checkpoint import WEIGHTS, resolve_checkpoint
@@ -83,3 +85,13 @@ def cli_error(*args: str) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0]
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-process gloo group, so DDP and FSDP2 wrap and run on the CPU in the test process."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
