@@ -12,7 +12,8 @@ Two things are compiled, and both default to on for CUDA and off for the CPU
   compilation keeps the eager model's state-dict keys, so checkpoints do not care
   whether a run was compiled. The per-head cross-entropy of the sequential schedule is
   a chain of memory-bound passes over [B*T, vocab] that compilation fuses into a couple
-  of kernels; ``ByteMTP.compiled`` tells the objective to use the compiled version.
+  of kernels; it lives outside the blocks, so the objective asks ``training_kernel``,
+  which follows the model's decision (``ByteMTP.compiled``).
 - **Decoding** (``compile_decode_step``): the decode step, with static shapes, in
   ``reduce-overhead`` mode on CUDA (CUDA graphs: one launch per step) and inductor's
   default mode on the CPU (``--compile``).
@@ -20,6 +21,7 @@ Two things are compiled, and both default to on for CUDA and off for the CPU
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -55,6 +57,18 @@ def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:
             module.compile()
     model.compiled = True
     return True
+
+
+@functools.cache
+def _compiled_static(fn: F) -> F:
+    """One compiled wrapper per kernel and process, so its graphs are built once and reused."""
+    return torch.compile(fn, dynamic=False)  # a static graph per shape met (sequential, stacked chunks)
+
+
+def training_kernel(model: ByteMTP, fn: F) -> F:
+    """``fn``, a hand-written training kernel outside the blocks, compiled when ``model``'s
+    blocks are (``compile_model``) and eager otherwise."""
+    return _compiled_static(fn) if model.compiled else fn
 
 
 def compile_decode_step(step: F, device: torch.device, enabled: bool | None = None) -> F | None:

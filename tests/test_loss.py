@@ -10,6 +10,7 @@ from bytemtp import VOCAB
 from bytemtp.model.config import HEAD_KINDS, ModelConfig
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train import objective
+from bytemtp.train.cross_entropy import cross_entropy_fn, unembed_cross_entropy
 from bytemtp.train.objective import LN2, multihead_loss, split_batch
 from bytemtp.train.parallel import MTPObjective
 from bytemtp.train.step_timing import peak_step_bytes
@@ -156,6 +157,19 @@ def test_second_backward_is_refused():
 def test_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="mode"):
         multihead_loss(make_model("linear", 2), padded_batch(2), "parallel")
+
+
+def test_cross_entropy_is_compiled_with_the_blocks():
+    """The compile policy decides for the cross-entropy too: eager for an eager model, one
+    compiled wrapper (built once, graphs reused) once the model's blocks are compiled."""
+    model = make_model("linear", 2)
+    assert cross_entropy_fn(model) is unembed_cross_entropy
+    model.compiled = True  # what compile_model sets; nothing runs, so nothing is compiled here
+    compiled = cross_entropy_fn(model)
+    assert compiled is not unembed_cross_entropy and callable(compiled)
+    other = make_model("linear", 3)
+    other.compiled = True
+    assert cross_entropy_fn(other) is compiled
 
 
 def test_sequential_keeps_one_head_alive():

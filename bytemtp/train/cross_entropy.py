@@ -12,11 +12,11 @@ stacked schedule: one wide product instead of a narrow one per head).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 
 import torch
 
+from bytemtp.compile import training_kernel
 from bytemtp.model.transformer import ByteMTP
 
 
@@ -54,14 +54,9 @@ def unembed_cross_entropy(
     return nll, logits @ weight, logits.T @ features
 
 
-@functools.cache
-def _compiled_unembed_cross_entropy() -> Callable:
-    return torch.compile(unembed_cross_entropy, dynamic=False)  # a static graph per shape: sequential, stacked chunks
-
-
 def cross_entropy_fn(model: ByteMTP) -> Callable:
-    """``unembed_cross_entropy``, compiled when the model's blocks are (``bytemtp.compile``)."""
-    return _compiled_unembed_cross_entropy() if model.compiled else unembed_cross_entropy
+    """``unembed_cross_entropy``, compiled or not as ``bytemtp.compile`` decides for ``model``."""
+    return training_kernel(model, unembed_cross_entropy)
 
 
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
