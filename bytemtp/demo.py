@@ -28,7 +28,7 @@ from bytemtp.compile import compile_model
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
-from bytemtp.train.config import TrainConfig
+from bytemtp.train.config import TRAIN_PRESETS, TrainConfig
 from bytemtp.train.objective import resolve_loss_mode
 from bytemtp.train.optim import build_optimizer
 from bytemtp.train.precision import training_precision
@@ -132,6 +132,7 @@ def demo_schedule(model_cfg: ModelConfig, steps: int, device: torch.device, minu
     of the val split costs as much as ~25 training steps) and saved five times, the newest
     kept; ``minutes`` > 0 also stops it at that time budget."""
     return TrainConfig(
+        **TRAIN_PRESETS["tiny"],
         steps=steps,
         warmup_steps=min(100, steps // 10),
         eval_every=steps,

@@ -15,7 +15,7 @@ from bytemtp import VOCAB
 from bytemtp.errors import BytemtpError, require_at_least_one
 
 HEAD_KINDS = ("linear", "transformer")
-FFN_KINDS = ("swiglu", "gelu")
+FFN_KINDS = ("swiglu", "gelu", "relu2")
 
 
 def round_up_64(n: int) -> int:
@@ -32,6 +32,12 @@ class ModelConfig:
     final norm (the paper's byte-level models). ``"transformer"``: ``head_layers``
     blocks per head, then the shared final norm and shared unembedding (the paper's
     main architecture). ``n_future=1`` is the next-byte baseline, same code.
+
+    Recipe options (each off by default, so a config saved before they existed builds
+    the same model): ``ffn="relu2"`` is relu(x)^2 (modded-nanogpt's MLP), ``qk_norm``
+    RMS-normalises queries and keys per head before RoPE (with learned gains), and
+    ``zero_init_out`` starts every residual output projection (attention's ``wo``, the
+    MLP's ``w_out``) at zero, so each block starts as the identity.
     """
 
     d_model: int = 128
@@ -41,11 +47,13 @@ class ModelConfig:
     head_layers: int = 1
     head_kind: str = "linear"
     ffn: str = "swiglu"
-    d_ff: int = 0  # 0: derived from d_model (8/3 d for SwiGLU, 4 d for GELU, rounded up to 64)
+    d_ff: int = 0  # 0: derived from d_model (8/3 d for SwiGLU, 4 d for GELU and ReLU², rounded up to 64)
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     vocab: int = VOCAB
     norm_eps: float = 1e-5
+    qk_norm: bool = False
+    zero_init_out: bool = False
 
     def __post_init__(self) -> None:
         if self.head_kind not in HEAD_KINDS:

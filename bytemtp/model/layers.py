@@ -57,12 +57,14 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.head_dim
         self.wqkv = PanelLinear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = PanelLinear(cfg.d_model, cfg.d_model, bias=False)
+        self.qk_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.cache_layer = 0
 
     def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        (q, k), v = apply_rope(qkv[:2], pos.cos, pos.sin), qkv[2]  # q and k rotated in one go: half the small ops
+        qk = qkv[:2] if self.qk_norm is None else self.qk_norm(qkv[:2])
+        (q, k), v = apply_rope(qk, pos.cos, pos.sin), qkv[2]  # q and k rotated in one go: half the small ops
         if pos.cache is not None:
             k, v = pos.cache.write(self.cache_layer, pos.slot_index, k, v)
             live = pos.mask.shape[-1]  # the mask may cover only the cache's first slots (``kv_len``)
@@ -76,6 +78,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.kind = cfg.ffn
         self.swiglu = cfg.ffn == "swiglu"
         self.w_in = PanelLinear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ffn_dim, bias=False)
         self.w_out = PanelLinear(cfg.ffn_dim, cfg.d_model, bias=False)
@@ -85,6 +88,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)
         return self.w_out(h)

@@ -61,13 +61,17 @@ class ByteMTP(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """GPT-2 style: N(0, 0.02), residual output projections scaled by depth."""
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by depth (or zero, with
+        ``zero_init_out``)."""
         depth = self.cfg.n_layers + (self.cfg.head_layers if self.cfg.head_kind == "transformer" else 0)
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue
-            std = 0.02 / math.sqrt(2 * depth) if name.endswith(("wo.weight", "w_out.weight")) else 0.02
+            output = name.endswith(("wo.weight", "w_out.weight"))
+            std = 0.02 / math.sqrt(2 * depth) if output else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
+            if output and self.cfg.zero_init_out:
+                nn.init.zeros_(p)
 
     # -- positions -------------------------------------------------------------
     def pos_context(

@@ -28,6 +28,7 @@ from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
+OPTIMIZERS = ("adamw", "muon")
 
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE_CHANGES = frozenset(
@@ -51,6 +52,10 @@ class TrainConfig:
     with ``--resume --steps`` continues at the floor unless ``decay_steps`` was set
     for the longer run from the start. One optimizer step sees
     ``world_size * grad_accum * batch_size`` rows of ``seq_len`` bytes.
+
+    ``optimizer="muon"`` moves the blocks' matrices to Muon (``muon_lr``,
+    ``muon_momentum``; see ``bytemtp.train.optim``); ``"adamw"`` (the default, and what
+    a config saved before the field existed means) trains everything with AdamW.
     """
 
     steps: int = 200
@@ -65,6 +70,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -83,8 +91,15 @@ class TrainConfig:
         for name in ("seq_len", "warmup_steps", "decay_steps", "eval_every", "ckpt_every", "keep", "weight_decay"):
             if getattr(self, name) < 0:
                 raise BytemtpError(f"{name}: must not be negative, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise BytemtpError(f"lr: must be positive, got {self.lr}")
+        for name in ("lr", "muon_lr"):
+            if not getattr(self, name) > 0:
+                raise BytemtpError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.muon_momentum < 1:
+            raise BytemtpError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BytemtpError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "muon" and self.fsdp:
+            raise BytemtpError("optimizer: muon needs whole matrices; it does not run under --fsdp")
         if not 0 <= self.min_lr_ratio <= 1:
             raise BytemtpError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not self.grad_clip > 0:

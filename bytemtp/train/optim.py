@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay on the matrices only, and a warmup-cosine schedule.
+"""AdamW with decoupled weight decay on the matrices only (or Muon for the blocks' matrices),
+and a warmup-cosine schedule.
 
 Weight decay (``TrainConfig.weight_decay``, 0.1) applies to every matrix that
 multiplies activations: attention and MLP projections, the heads' unembeddings.
@@ -10,6 +11,15 @@ whose natural value is 1, and pulling it towards 0 fights the normalisation.
 The schedule is the usual one for transformer language models (the paper's
 Table S13 style): linear warmup to the peak lr, cosine decay to a floor of
 ``min_lr_ratio * lr``, then flat.
+
+With ``TrainConfig.optimizer="muon"`` every 2-D weight inside a transformer block
+(attention and MLP projections, the trunk's and transformer heads') is trained by
+``torch.optim.Muon`` (momentum orthogonalised by Newton-Schulz, at ``muon_lr``, no
+weight decay), and the rest (embedding, unembeddings, norm gains) by AdamW as above:
+Muon is meant for hidden matrices, whose update direction matters more than each
+entry's scale; the embedding is a lookup and an unembedding's rows are per-byte
+classifiers. Both live in one ``MuonAdamW`` so the loop, the scheduler and the
+checkpoints see one optimizer.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from bytemtp.model.layers import Block
 from bytemtp.train.config import TrainConfig
 
 _NO_DECAY_MODULES = (nn.Embedding, nn.RMSNorm, nn.LayerNorm)
@@ -34,18 +45,59 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``model``'s parameters as they are now (after any FSDP sharding).
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optimizer`` over ``model``'s parameters as they are now (after
+    any FSDP sharding).
 
-    The fused kernel on CUDA (one launch for all parameters); the default
+    AdamW uses the fused kernel on CUDA (one launch for all parameters), the default
     multi-tensor implementation elsewhere.
     """
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        fused=True if device.type == "cuda" else None,
+    fused = True if device.type == "cuda" else None
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
+        )
+    hidden = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.dim() == 2}
+    adamw_groups = [
+        {**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in param_groups(model, cfg.weight_decay)
+    ]
+    muon = torch.optim.Muon(
+        [p for p in model.parameters() if id(p) in hidden], lr=cfg.muon_lr, weight_decay=0.0,
+        momentum=cfg.muon_momentum,
     )
+    adamw = torch.optim.AdamW(
+        [g for g in adamw_groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
+    )
+    return MuonAdamW(muon, adamw)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon and AdamW as one optimizer: its param groups are theirs (Muon's first) and its
+    state holds both, so an lr scheduler scales every group and a state dict (saved or
+    loaded, keyed by parameter name in checkpoints) covers every parameter."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        """Point the two optimizers at this one's groups and state (after ``load_state_dict``
+        replaced them)."""
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
+        self.muon.step()
+        self.adamw.step()
 
 
 @dataclass
