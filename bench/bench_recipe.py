@@ -6,7 +6,9 @@ same dataset with the same seed for the same number of steps; a variant must not
 the FLOPs of a step (``bytemtp.train.flops``, checked: a ReLU² MLP of 4 d has 0.9x a
 SwiGLU's weights and is allowed within ``--flops-tolerance``), so equal steps is equal
 compute, and val bits per byte at equal steps does not depend on how busy the machine
-is. The runs are interleaved in ``--segments`` pieces (each resumed from its checkpoint,
+is. With ``--equal-flops`` variants may differ in FLOPs per byte (n = 1 vs n = 8 heads):
+each then trains ``--steps`` scaled by the first variant's FLOPs per byte over its own
+(its schedule planned for that many), so every variant spends the same training FLOPs. The runs are interleaved in ``--segments`` pieces (each resumed from its checkpoint,
 the schedule planned for the whole run), so wall-clock drift of a shared machine falls
 on every variant alike.
 
@@ -34,6 +36,7 @@ from bytemtp.data.loader import iter_eval_batches
 from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.generate import generate
 from bytemtp.decode.prompts import sample_prompts
+from bytemtp.model.config import ModelConfig
 from bytemtp.train.checkpoint import load_model
 from bytemtp.train.config import build_configs
 from bytemtp.train.flops import flops_per_byte
@@ -73,6 +76,12 @@ def bytes_per_forward(model: torch.nn.Module, prompts: list[bytes], max_bytes: i
     return gen.stats.bytes_per_forward
 
 
+def _resolved(preset: str, overrides: dict) -> tuple[ModelConfig, int]:
+    """The model config and row length of a variant."""
+    model_cfg, train_cfg = build_configs(preset=preset, overrides=overrides)
+    return model_cfg, train_cfg.resolved(model_cfg).seq_len
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -85,34 +94,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-bytes", type=int, default=128)
     ap.add_argument("--flops-tolerance", type=float, default=0.1)
+    ap.add_argument("--equal-flops", action="store_true", help="scale each variant's steps to equal FLOPs")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
     common = json.loads(args.common)
     variants = [parse_variant(v) for v in args.variant]
-    configs = {}
-    for name, overrides in variants:
-        fields = {**common, **overrides, "steps": args.steps, "eval_every": 0, "log_every": 50}
-        fields.setdefault("decay_steps", args.steps)
-        fields.setdefault("ckpt_every", args.steps)
-        configs[name] = build_configs(preset=args.preset, overrides=fields)
-    flops = {name: flops_per_byte(m, t.resolved(m).seq_len) for name, (m, t) in configs.items()}
+    overrides = {name: {**common, **fields} for name, fields in variants}
+    flops = {name: flops_per_byte(*_resolved(args.preset, fields)) for name, fields in overrides.items()}
     ref = next(iter(flops.values()))
+    configs, steps = {}, {}
     for name, f in flops.items():
-        if abs(f / ref - 1) > args.flops_tolerance:
+        if not args.equal_flops and abs(f / ref - 1) > args.flops_tolerance:
             sys.exit(f"{name}: {f / ref:.2f}x the FLOPs per byte of the first variant; not an equal-compute comparison")
+        steps[name] = round(args.steps * ref / f) if args.equal_flops else args.steps
+        run = {"steps": steps[name], "eval_every": 0, "log_every": 50, "decay_steps": steps[name],
+               "ckpt_every": steps[name]}
+        configs[name] = build_configs(preset=args.preset, overrides={**overrides[name], **run})
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_recipe-"))
     seconds = dict.fromkeys(configs, 0.0)
     for seg in range(1, args.segments + 1):
-        upto = math.ceil(args.steps * seg / args.segments)
         for name, (model_cfg, train_cfg) in configs.items():
+            upto = math.ceil(steps[name] * seg / args.segments)
             start = time.monotonic()
             train_cfg.steps = upto
             train(train_cfg, model_cfg if seg == 1 else None, args.data, root / name, resume=seg > 1, progress=False)
             seconds[name] += time.monotonic() - start
-            print(f"[{name}] step {upto}/{args.steps}", file=sys.stderr, flush=True)
+            print(f"[{name}] step {upto}/{steps[name]}", file=sys.stderr, flush=True)
 
     torch.set_num_threads(1)
     rows = []
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         bpb = val_bpb(model, args.data, train_cfg.batch_size, train_cfg.resolved(model_cfg).seq_len, args.eval_batches)
         torch.set_num_threads(1)
         prompts = sample_prompts(args.data, args.prompts, 64, seed=0)
-        rows.append({"variant": name, "overrides": dict(variants)[name], "steps": args.steps,
+        rows.append({"variant": name, "overrides": dict(variants)[name], "steps": steps[name],
                      "flops_per_byte": flops[name], "train_s": round(seconds[name], 1), "val_bpb_heads": bpb,
                      "bytes_per_forward": bytes_per_forward(model, prompts, args.max_bytes)})
         r = rows[-1]

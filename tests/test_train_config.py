@@ -24,7 +24,7 @@ def test_precedence_preset_then_file_then_flags(tmp_path):
     assert (model.d_model, model.n_layers, model.n_future) == (256, PRESETS["small"].n_layers, 4)
     assert (train.lr, train.batch_size, train.warmup_steps) == (5e-4, 3, TRAIN_PRESETS["small"]["warmup_steps"])
     model, train = build_configs()
-    assert model == PRESETS["tiny"] and train == TrainConfig()
+    assert model == PRESETS["tiny"] and train == TrainConfig(**TRAIN_PRESETS["tiny"])
 
 
 def test_resume_starts_from_the_saved_configs():

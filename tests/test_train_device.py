@@ -95,7 +95,7 @@ def test_flops_per_byte_of_tiny_by_hand():
     d, layers, ffn, vocab_padded, heads, T = 128, 4, 384, 320, 8, 256
     block = 4 * d * d + 3 * d * ffn  # q, k, v, o; SwiGLU in (2 ffn) and out (ffn)
     matmul = layers * block + heads * d * vocab_padded
-    assert flops_per_byte(preset("tiny"), T) == 6 * matmul + 12 * layers * d * T == 8_650_752
+    assert flops_per_byte(preset("tiny", ffn="swiglu"), T) == 6 * matmul + 12 * layers * d * T == 8_650_752
 
 
 @pytest.mark.parametrize("head_kind", ["linear", "transformer"])

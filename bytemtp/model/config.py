@@ -104,8 +104,11 @@ def from_dict(cls, d: dict[str, Any], where: str = "config"):
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # ~1.1M parameters: trains to readable Python in a few CPU minutes.
-    "tiny": ModelConfig(d_model=128, n_layers=4, n_attn_heads=4, max_seq_len=256),
+    # ~1.1M parameters: trains to readable Python in a few CPU minutes. ReLU², QK-norm and
+    # zero-initialised output projections, with Muon (TRAIN_PRESETS): 3.50 val bits per byte
+    # after 80 steps where the plain recipe had 4.23 and Muon alone 3.62 (bench/bench_recipe.py).
+    "tiny": ModelConfig(d_model=128, n_layers=4, n_attn_heads=4, max_seq_len=256, ffn="relu2", qk_norm=True,
+                        zero_init_out=True),
     # ~26M parameters: a long CPU run or a short GPU run.
     "small": ModelConfig(d_model=512, n_layers=8, n_attn_heads=8, max_seq_len=1024),
     # ~115M parameters: GPU.
