@@ -8,16 +8,17 @@ SwiGLU's weights and is allowed within ``--flops-tolerance``), so equal steps is
 compute, and val bits per byte at equal steps does not depend on how busy the machine
 is. With ``--equal-flops`` variants may differ in FLOPs per byte (n = 1 vs n = 8 heads):
 each then trains ``--steps`` scaled by the first variant's FLOPs per byte over its own
-(its schedule planned for that many), so every variant spends the same training FLOPs. The runs are interleaved in ``--segments`` pieces (each resumed from its checkpoint,
-the schedule planned for the whole run), so wall-clock drift of a shared machine falls
-on every variant alike.
+(its schedule planned for that many), so every variant spends the same training FLOPs.
+The runs are interleaved in ``--segments`` pieces (each resumed from its checkpoint, the
+schedule planned for the whole run), so wall-clock drift of a shared machine falls on
+every variant alike.
 
 Evaluation reads the first ``--eval-batches`` batches of the val split (all of it with
 0); bytes per forward is greedy self-speculative decoding (every draft head, chain) of
 ``--prompts`` held-out prompts of the dataset (``bytemtp.decode.prompts``).
 
-    nice -n 19 python bench/bench_recipe.py --data data/stdlib --steps 150 \\
-        --variant old= --variant muon='{"optimizer": "muon"}' --json runs/recipe.json
+    OMP_NUM_THREADS=1 nice -n 19 python bench/bench_recipe.py --data data/stdlib --steps 80 \\
+        --variant adamw='{"optimizer": "adamw"}' --variant muon= --json runs/recipe.json
 """
 
 from __future__ import annotations
