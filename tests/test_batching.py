@@ -51,7 +51,7 @@ def test_greedy_rows_equal_single_row_across_window_cuts(decoder):
     assert all(row.stats.window_cuts > 0 for row in gen.rows)
 
 
-@pytest.mark.parametrize("decoder", [{"speculative": False}, {}])
+@pytest.mark.parametrize("decoder", [{"speculative": False}, {}, {"tree_nodes": 7}])
 def test_sampled_row_does_not_depend_on_the_batch(decoder):
     """Same prompt, seed and settings: the same bytes alone or among 15 other rows."""
     model = trained_model()
@@ -80,8 +80,9 @@ def test_non_finite_logits_are_an_error_not_bytes():
     with torch.no_grad():
         model.blocks[0].mlp.w_out.weight.fill_(float("nan"))
     for decoder in ({"speculative": False}, {}, {"tree_nodes": 4}):
-        with pytest.raises(BytemtpError, match="logits are not finite"):
-            run(model, prompt=b"x", max_new_bytes=10, temperature=0, **decoder)
+        for temperature in (0, 0.8):
+            with pytest.raises(BytemtpError, match="logits are not finite"):
+                run(model, prompt=b"x", max_new_bytes=10, temperature=temperature, seed=1, **decoder)
 
 
 @pytest.mark.slow  # inductor builds C++ kernels for each step shape

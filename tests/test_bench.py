@@ -85,11 +85,16 @@ def test_bench_tree_rows_come_last_and_are_identical(run, data):
     assert report["bytes_per_forward"] == report["rows"][-1]["bytes_per_forward"] > 1.0
 
 
-def test_bench_tree_refuses_sampling(run, data):
+def test_bench_tree_samples(run, data):
     result = CliRunner().invoke(
-        main, ["bench", str(run), "--data", str(data), "--tree", "4", "--temperature", "0.5"]
+        main,
+        ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "32", "--tree", "4",
+         "--temperature", "0.5", "--json"],
     )
-    assert result.exit_code != 0 and "--tree: draft trees verify greedy decoding only" in result.output
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["draft_heads"], r["tree"]) for r in rows] == [(0, 0), (7, 0), (7, 4)]
+    assert rows[-1]["bytes_per_forward"] > 1.0
 
 
 def test_bench_sampling_has_no_identity_claim(run, data):

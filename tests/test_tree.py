@@ -197,7 +197,6 @@ def test_rank_stats_prior_is_a_distribution_over_ranks():
 @pytest.mark.parametrize(
     "kw, flag",
     [
-        ({"tree_nodes": 4, "temperature": 0.8}, "--tree"),
         ({"tree_nodes": 4, "draft_costs": (1.0, 1.1)}, "--tree"),
         ({"tree_nodes": 100_000}, "--tree: a draft tree has 1 to 128 nodes"),
     ],

@@ -28,6 +28,7 @@ from bytemtp.decode import tree_sampling
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import expected_accepted, ranked_candidates, sampled_candidates, verify_tree
 from bytemtp.decode.tree_shape import best_shape, rank_log_probs
+from bytemtp_native.tree_sampling_ops import draw_children, walk_tree
 
 CHAIN7 = [0, 1, 2, 3, 4, 5, 6]
 BUSH = [0, 0, 0, 1, 1, 2]  # three children at the root, two below the first
@@ -227,6 +228,11 @@ def output_law(model, parent, rank, sampled, judge=None, keep=None, probe=True) 
         got = verify_tree(par[index], tokens[index], rows[index], targets[index], uniforms, max_depth)
         walks = torch.tensor([walk for _, _, walk in probes])
         assert torch.equal(torch.cat((got.path, got.next_byte[:, None]), dim=1), walks)
+        for (o, u, walk) in probes:  # the host walk the eager engine runs decides the same in every cell
+            path, length, byte = walk_tree(
+                np.asarray(parent), tokens[o].numpy(), rows[o].numpy(), targets[o].numpy(), u, max_depth
+            )
+            assert [*path, byte] == walk
         mean = (weight * expected_accepted(par, verdict.accept_prob, max_depth)).sum().item()
         assert mean_length == pytest.approx(mean, abs=1e-12)
     return law
@@ -420,3 +426,22 @@ def test_verification_captures_in_a_cuda_graph():
     graph.replay()
     for got, ref in zip(out, verify_tree(*fresh, max_depth=3, max_children=4)):
         assert torch.equal(got, ref)
+
+
+def test_host_draw_is_the_tensor_draw():
+    """The eager engine draws siblings on the host: the same bytes and conditionals as
+    ``sampled_candidates`` from the same noise, for children within q's support."""
+    g = torch.Generator().manual_seed(3)
+    for parent in (CHAIN7, BUSH, DEEP, [0] * 6):
+        n, m, v = len(parent), max(depths(parent)), 6
+        logits = torch.randn(1, m, v, generator=g, dtype=torch.float64)
+        logits[0, 0, :3] = float("-inf")  # a head with support 3: a bush's fourth sibling gets nothing
+        q = logits.softmax(-1)
+        par, dep = torch.tensor([parent]), torch.tensor([depths(parent)])
+        noise = torch.rand(1, n + 1, v, generator=g, dtype=torch.float64)
+        tokens, node_q = sampled_candidates(q, par, dep, -torch.log(-torch.log(noise)))
+        host_tokens, host_q = draw_children(q[0].numpy(), par[0].numpy(), dep[0].numpy(), noise[0].numpy())
+        live = node_q[0].sum(-1) > 0
+        assert torch.equal(torch.from_numpy(host_q).sum(-1) > 0, live)
+        assert torch.equal(torch.from_numpy(host_tokens)[live], tokens[0][live])
+        assert (torch.from_numpy(host_q) - node_q[0]).abs().max() < 1e-12

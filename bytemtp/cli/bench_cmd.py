@@ -29,7 +29,7 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
-                   "(greedy only; repeatable).")
+                   "(any temperature; repeatable).")
 @click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1),
               help="Decode this many prompts together; every decoder runs at each batch size given, and the "
                    "table shows aggregate bytes/s side by side (repeatable; default 1).")

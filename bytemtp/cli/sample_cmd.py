@@ -95,7 +95,7 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--adaptive", is_flag=True,
               help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Verify a tree of this many draft bytes per step instead of a chain (greedy only; 0 = chain).")
+              help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
 @device_option
 @decode_threads_option
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")

@@ -37,7 +37,7 @@ class BenchConfig:
     warmup: int = 1
     adaptive: bool = False  # add a row that verifies only the drafts worth their cost (bytemtp.decode.drafting)
     panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.model.panels)
-    trees: tuple[int, ...] = ()  # a row per draft tree size (nodes verified per step, bytemtp.decode.tree); greedy
+    trees: tuple[int, ...] = ()  # a row per draft tree size (nodes verified per step, bytemtp.decode.tree)
     batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
 
     def __post_init__(self) -> None:
@@ -47,7 +47,7 @@ class BenchConfig:
         if min(self.batches) < 1:
             raise BytemtpError(f"--batch: must be at least 1, got {min(self.batches)}")
         for n in self.trees:
-            check_tree_request(n, self.temperature)
+            check_tree_request(n)
 
 
 def draft_rows(n_future: int, sweep: bool) -> list[int]:

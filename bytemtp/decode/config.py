@@ -26,7 +26,7 @@ class GenerationConfig:
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
     forward of 1, 2, ... positions (``bytemtp.decode.drafting.measure_step_costs``); given,
     each step verifies only the drafts expected to pay for their cost, otherwise all.
-    ``tree_nodes``: greedy speculative decoding verifies a tree of that many
+    ``tree_nodes``: speculative decoding verifies a tree of that many
     candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.
     ``seed=None`` draws a fresh seed. ``prompt`` and ``seed`` are the defaults of
     ``generate``, which can also take a list of prompts and seeds.
@@ -58,7 +58,7 @@ class GenerationConfig:
             if not self.draft_costs or not all(c > 0 for c in self.draft_costs):
                 raise BytemtpError(f"draft_costs: need positive relative costs, got {self.draft_costs}")
         if self.tree_nodes:
-            check_tree_request(self.tree_nodes, self.temperature)
+            check_tree_request(self.tree_nodes)
             if self.draft_costs is not None:
                 raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
         self.sampling  # validates temperature, top-k, top-p

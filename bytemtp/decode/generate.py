@@ -25,7 +25,8 @@ from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig, GenerationStats
 from bytemtp.decode.context import generation_cache_length, prompt_context
 from bytemtp.decode.engine import DraftStrategy, Engine
-from bytemtp.decode.step import chain_step, tree_step
+from bytemtp.decode.sampled_tree import SampledTreeDrafts
+from bytemtp.decode.step import chain_step, sampled_tree_step, tree_step
 from bytemtp.decode.stops import StopMatcher
 from bytemtp.decode.tree import TreeDrafts, check_tree_size
 from bytemtp.decode.verify import ChainRule
@@ -43,7 +44,11 @@ class Decoder:
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
-            step = functools.partial(tree_step, model, self.n_drafts)
+            if config.sampling.greedy:
+                step = functools.partial(tree_step, model, self.n_drafts)
+            else:
+                max_path = min(self.tree_nodes, self.n_drafts)
+                step = functools.partial(sampled_tree_step, model, config.sampling, self.n_drafts, max_path)
         else:
             self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
@@ -51,8 +56,10 @@ class Decoder:
 
     def strategy(self, n_rows: int) -> DraftStrategy:
         """Fresh drafting state for a generation of ``n_rows`` rows."""
-        if self.tree_nodes:
+        if self.tree_nodes and self.config.sampling.greedy:
             return TreeDrafts(self.model, self.tree_nodes, self.n_drafts, self.step)
+        if self.tree_nodes:
+            return SampledTreeDrafts(self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step)
         policy = self.config.draft_policy(self.n_drafts, self.device)
         return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step)
 

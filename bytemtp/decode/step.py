@@ -8,8 +8,8 @@ host in one transfer for the whole batch; the few float tensors the next step ne
 (sampling's draft distributions) stay on the device.
 
 ``P = 1 + drafts``: a chain step feeds ``[pending, d_1 .. d_k]`` (``chain_step``), a tree
-step ``[pending, node_1 .. node_n]`` (``tree_step``); ``P = 1`` is autoregressive decoding,
-the same code. The first decision of a generation comes from the prompt's forward instead
+step ``[pending, node_1 .. node_n]`` (``tree_step`` greedy, ``sampled_tree_step`` sampling,
+which draws the nodes' bytes itself); ``P = 1`` is autoregressive decoding, the same code. The first decision of a generation comes from the prompt's forward instead
 (``chain_decide`` and ``tree_decide`` on its last position), which is why deciding is a
 function of its own.
 """
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bytemtp.decode.sampling import SamplingConfig, probabilities
+from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
 
 RANKS = 8  # runner-ups a tree considers per draft head: a head's 9th choice is right too rarely to pay for a node
@@ -130,3 +132,98 @@ def tree_step(
     model.move_cache(move_src, move_dst)
     logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
     return tree_decide(model, n_drafts, logits, features)
+
+
+def sampled_tree_decide(
+    model: torch.nn.Module,
+    sampling: SamplingConfig,
+    n_drafts: int,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    parent: torch.Tensor,
+    tokens: torch.Tensor,
+    node_q: torch.Tensor,
+    uniforms: torch.Tensor,
+    max_depth: int,
+    max_children: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verify a tree of sampled drafts (``parent``, ``tokens`` [B, N], each drawn from ``node_q``
+    [B, N, V]) against head 1's ``logits`` [B, N+1, V] by recursive rejection sampling
+    (``bytemtp.decode.tree_sampling.verify_tree``, with ``uniforms`` [B, N+1]), and draft at the
+    node it stops at -> (ints [B, N + max_depth + 3 + m * RANKS]: the tokens, the accepted path,
+    its length, the next byte, the draft heads' ``RANKS`` likeliest bytes there (the host's rank
+    statistics learn from them), the non-finite flag; and the new draft distributions [B, m, V])."""
+    p = probabilities(logits, sampling)
+    verdict = verify_tree(parent, tokens, node_q, p, uniforms, max_depth, max_children)
+    last = verdict.path.gather(1, (verdict.length - 1).clamp_min(0)[:, None])[:, 0] if max_depth else verdict.length
+    at = last[:, None, None, None].expand(-1, 1, *features.shape[2:])
+    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
+    q = probabilities(draft_logits, sampling)
+    ranked = q.topk(RANKS, dim=-1).indices.flatten(1)
+    broken = nonfinite(logits) | nonfinite(draft_logits)
+    columns = (tokens, verdict.path, verdict.length[:, None], verdict.next_byte[:, None], ranked, broken[:, None])
+    return torch.cat([c.long() for c in columns], dim=1), q
+
+
+def sampled_tree_step(
+    model: torch.nn.Module,
+    sampling: SamplingConfig,
+    n_drafts: int,
+    max_depth: int,
+    ids: torch.Tensor,
+    input_pos: torch.Tensor,
+    rope_pos: torch.Tensor,
+    mask: torch.Tensor,
+    move_src: torch.Tensor,
+    move_dst: torch.Tensor,
+    parent: torch.Tensor,
+    depth: torch.Tensor,
+    draft_probs: torch.Tensor,
+    noise: torch.Tensor,
+    kv_len: int | None = None,
+    max_children: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the previous accepted path into place, draw the tree's bytes (siblings from their
+    depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick), forward
+    ``[pending, nodes]`` (``ids[:, 0]`` the pending byte) and verify (``sampled_tree_decide``).
+
+    ``noise`` [B, N+1, V+1]: uniforms drawn before the step, per parent a row of Gumbel
+    noise and, in the last column, the number that judges node i (0: draws the next byte)."""
+    model.move_cache(move_src, move_dst)
+    gumbel = -torch.log(-torch.log(noise[..., :-1]))
+    tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel)
+    ids = torch.cat((ids[:, :1], tokens), dim=1)
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    return sampled_tree_decide(
+        model, sampling, n_drafts, logits, features, parent, tokens, node_q, noise[..., -1], max_depth, max_children
+    )
+
+
+def tree_distributions(
+    model: torch.nn.Module, sampling: SamplingConfig, n_drafts: int, logits: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head 1's processed distributions [B, P, V] and the draft heads' [B, P, m, V] at every
+    position, and the non-finite flag [B]: what a host-side tree sampler verifies and drafts
+    from (``bytemtp.decode.sampled_tree``), whichever node the walk stops at."""
+    draft_logits = model.draft_logits(features, n_drafts)
+    broken = nonfinite(logits) | nonfinite(draft_logits)
+    return probabilities(logits, sampling), probabilities(draft_logits, sampling), broken
+
+
+def tree_distributions_step(
+    model: torch.nn.Module,
+    sampling: SamplingConfig,
+    n_drafts: int,
+    ids: torch.Tensor,
+    input_pos: torch.Tensor,
+    rope_pos: torch.Tensor,
+    mask: torch.Tensor,
+    move_src: torch.Tensor,
+    move_dst: torch.Tensor,
+    kv_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``tree_step``'s forward of a tree whose bytes the host drew, returning the distributions
+    (``tree_distributions``) instead of greedy choices."""
+    model.move_cache(move_src, move_dst)
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    return tree_distributions(model, sampling, n_drafts, logits, features)

@@ -29,9 +29,8 @@ choices and the draft heads' rankings at every position in one transfer for the 
 batch, and gets back plain arrays; the accepted paths' cache moves run at the start of
 the next step.
 
-Sampling keeps the chain (``bytemtp.decode.verify.SamplingVerifier``): verifying a
-tree of samples without changing head 1's distribution needs a multi-draft
-acceptance rule that this module does not implement.
+Sampling verifies trees too: ``bytemtp.decode.sampled_tree`` keeps these shapes
+and draws the nodes' bytes, verified by recursive rejection sampling.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.batch import Batch, Decision, Row
 from bytemtp.decode.step import RANKS, tree_decide, tree_step
 from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_ops import accept, ancestors, best_paths, observe_ranks
@@ -84,12 +83,10 @@ def tree_candidates(n_nodes: int, n_drafts: int, n_ranks: int) -> int:
     return total
 
 
-def check_tree_request(n_nodes: int, temperature: float) -> None:
-    """A tree of ``n_nodes`` asked for decoding at ``temperature``: checked before anything runs."""
+def check_tree_request(n_nodes: int) -> None:
+    """A tree of ``n_nodes`` asked for: checked before anything runs."""
     if not 1 <= n_nodes <= MAX_TREE_NODES:
         raise BytemtpError(f"--tree: a draft tree has 1 to {MAX_TREE_NODES} nodes, got {n_nodes}")
-    if temperature != 0:
-        raise BytemtpError("--tree: draft trees verify greedy decoding only (use --temperature 0)")
 
 
 def check_tree_size(n_nodes: int, n_drafts: int, window: int) -> None:
@@ -167,12 +164,13 @@ class TreeDrafts:
     Per row: the tree verified next, its rank statistics, and the cache move of the path it
     accepted last, applied by the next step. Near the end of the cache the rows verify the
     prefix of their trees that fits (``Batch.fits``; nodes come in topological order, so a
-    prefix is a tree).
+    prefix is a tree). ``SampledTreeDrafts`` (``bytemtp.decode.sampled_tree``) shares all of
+    this and verifies on the device instead.
     """
 
     def __init__(self, model: torch.nn.Module, n_nodes: int, n_drafts: int, step=None):
         self.model, self.n_nodes, self.n_drafts = model, n_nodes, n_drafts
-        self.step_fn = step  # a compiled ``tree_step`` bound to model and n_drafts; None: eager
+        self.step_fn = step  # a compiled step bound to model and n_drafts; None: eager
         self.max_path = min(n_nodes, n_drafts)
 
     def start(self, batch: Batch) -> None:
@@ -198,12 +196,19 @@ class TreeDrafts:
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
         host = tree_decide(self.model, self.n_drafts, logits, features).cpu().numpy()
-        for r in range(len(batch.rows)):
-            if active[r]:
-                self.verified[r] = None
+        self._forget(active)
         return self.read(batch, active, host, fed=False)
 
-    def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
+    def _forget(self, active: list[bool]) -> None:
+        """A prompt's forward verified no tree for the ``active`` rows."""
+        for r, on in enumerate(active):
+            if on:
+                self.verified[r] = None
+
+    def layout(self, batch: Batch, active: list[bool]) -> tuple[int, dict[str, torch.Tensor]]:
+        """The width of this step's forward and its inputs: ``ids`` ``[pending, tree bytes]``,
+        cache slots, RoPE positions (each node at its depth), masks (each node sees the context
+        and its ancestors), the pending cache moves. Sets each active row's ``verified`` tree."""
         n_rows, S = len(batch.rows), batch.cache_len
         width = 1 + min(self.n_nodes, batch.fits(active))
         ids = np.zeros((n_rows, width), np.int64)
@@ -218,16 +223,25 @@ class TreeDrafts:
             ids[r] = [row.pending, *tree.tokens]
             depth[r, 1:] = tree.depth
             mask[r] = tree_mask(tree, L, S)
-        lengths = np.array([min(row.length, S - 1) for row in batch.rows])
-        slots = batch.slots(width, active)
-        rope = torch.from_numpy(np.where(np.array(active)[:, None], lengths[:, None] + depth, lengths[:, None]))
-        tensors = [torch.from_numpy(a).to(batch.device) for a in (ids, mask, self.moves[:, 0], self.moves[:, 1])]
-        ids_t, mask_t, src, dst = tensors
-        args = (ids_t, slots, rope.to(batch.device), mask_t, src, dst)
+        lengths = np.array([min(row.length, S - 1) for row in batch.rows])[:, None]
+        rope = np.where(np.array(active)[:, None], lengths + depth, lengths)
+        device = batch.device
+        inputs = {
+            "ids": torch.from_numpy(ids).to(device),
+            "input_pos": batch.slots(width, active),
+            "rope_pos": torch.from_numpy(rope).to(device),
+            "mask": torch.from_numpy(mask).to(device),
+            "move_src": torch.from_numpy(self.moves[:, 0]).to(device),
+            "move_dst": torch.from_numpy(self.moves[:, 1]).to(device),
+        }
+        return width, inputs
+
+    def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
+        width, inputs = self.layout(batch, active)
         if self.step_fn is None:
-            out = tree_step(self.model, self.n_drafts, *args, kv_len=batch.kv_len(width))
+            out = tree_step(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
         else:
-            out = self.step_fn(*args)
+            out = self.step_fn(**inputs)
         return self.read(batch, active, out.cpu().numpy(), fed=True)  # the step's one host transfer
 
     def read(self, batch: Batch, active: list[bool], host: np.ndarray, fed: bool) -> dict[int, Decision]:
@@ -245,19 +259,44 @@ class TreeDrafts:
                 path, length = np.zeros(self.max_path, np.int64), 0
             else:
                 path, length = accepted_path(tree, choice[: tree.size + 1], self.max_path)
-                self.stats[r].observe(self.ranked[r], choice, path, length)
             last = path[length - 1] if length else 0
-            self.ranked[r] = ranked[r, last]
-            shape = build_tree(self.stats[r].log_rates(), self.n_nodes)  # tokens are ranks; ~30 us
-            self.trees[r] = DraftTree(
-                self.ranked[r][shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors
+            decisions[r] = self.advance(
+                r, row, path, length, int(choice[last]), choice, ranked[r, last], bool(host[r, -1]), fed
             )
-            path_bytes = tree.tokens[path[:length] - 1].tolist() if length else []
-            judged = int(tree.depth.max()) if tree is not None and tree.size else 0
-            entered = [row.pending, *path_bytes] if fed else []
-            decisions[r] = Decision(entered, [*path_bytes, int(choice[last])], judged, bool(host[r, -1]))
-            if length and path[length - 1] != length:  # node numbers grow with depth: in place iff they are 1..a
-                L = row.length
-                self.moves[r, 0, :length] = L + path[:length]
-                self.moves[r, 1, :length] = L + 1 + np.arange(length)
         return decisions
+
+    def advance(
+        self,
+        r: int,
+        row: Row,
+        path: np.ndarray,
+        length: int,
+        next_byte: int,
+        choice: np.ndarray,
+        ranked: np.ndarray,
+        broken: bool,
+        fed: bool,
+    ) -> Decision:
+        """Row ``r`` accepted ``path[:length]`` of its verified tree and decided ``next_byte``;
+        ``choice`` [n+1] holds the byte decided after the root and after each accepted node,
+        ``ranked`` [m, RANKS] the draft heads' likeliest bytes after the last of them. Learn,
+        shape the next tree, plan the cache move -> the row's ``Decision``."""
+        tree = self.verified[r]
+        if tree is not None and tree.size:
+            self.stats[r].observe(self.ranked[r], choice, path, length)
+        self.ranked[r] = ranked
+        shape = build_tree(self.stats[r].log_rates(), self.n_nodes)  # tokens are ranks; ~30 us
+        self.trees[r] = self.shaped(r, shape)
+        path_bytes = tree.tokens[path[:length] - 1].tolist() if length else []
+        judged = int(tree.depth.max()) if tree is not None and tree.size else 0
+        entered = [row.pending, *path_bytes] if fed else []
+        if length and path[length - 1] != length:  # node numbers grow with depth: in place iff they are 1..a
+            L = row.length
+            self.moves[r, 0, :length] = L + path[:length]
+            self.moves[r, 1, :length] = L + 1 + np.arange(length)
+        return Decision(entered, [*path_bytes, next_byte], judged, broken)
+
+    def shaped(self, r: int, shape: DraftTree) -> DraftTree:
+        """Row ``r``'s next tree of ``shape`` (whose tokens are ranks): greedy, each node holds
+        its rank's byte."""
+        return DraftTree(self.ranked[r][shape.depth - 1, shape.tokens], shape.parent, shape.depth, shape.ancestors)

@@ -133,7 +133,8 @@ def verify_tree(
     """
     b, n = parent.shape
     v = target_p.shape[-1]
-    children = children_table(parent, n if max_children is None else max_children)
+    # At least one slot, so that a tree of no nodes (a step at the very end of the cache) still walks.
+    children = children_table(parent, max(1, n if max_children is None else max_children))
     # Index 0 of these stands for "no child": its q is zero, so it is never accepted and
     # rejecting it leaves the residual as it was.
     tokens_at = torch.cat((tokens.new_zeros(b, 1), tokens), dim=1)

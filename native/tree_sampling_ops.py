@@ -1,0 +1,96 @@
+"""Tree speculative sampling on the host, one row at a time (see ``bytemtp.decode.sampled_tree``).
+
+The same maths as ``bytemtp.decode.tree_sampling`` (which states and proves it as
+batched tensor code): siblings drawn without replacement by the Gumbel trick,
+recursive rejection sampling down the tree. Tensor code must evaluate every
+node's acceptance threshold and residual, in some 150 small operations a step;
+a CPU pays a framework dispatch for each, more than the verifying forward's extra
+positions cost. Here a row's walk touches only the nodes it visits, in one
+compiled call. Tests check that both give the same bytes from the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def draw_children(q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: np.ndarray):
+    """A tree's bytes, each parent's children drawn from their depth's draft distribution ``q``
+    [m, V] without replacement: child s holds the s-th largest ``log q + g`` for Gumbel noise
+    ``g = -log(-log u)`` from the parent's row of uniforms ``noise`` [n+1, V]. -> (tokens [n],
+    each child's distribution given its earlier siblings [n, V]: q without their bytes,
+    renormalised; zero when nothing is left, so such a child is never accepted)."""
+    n, v = parent.size, q.shape[1]
+    tokens = np.zeros(n, np.int64)
+    node_q = np.zeros((n, v))
+    taken = np.zeros(v, np.bool_)
+    for a in range(n + 1):
+        first = True
+        for i in range(n):
+            if parent[i] != a:
+                continue
+            dist = q[depth[i] - 1]
+            if first:  # the parent's first child: every byte still available
+                taken[:] = False
+                first = False
+            best, key = -1, -np.inf
+            mass = 0.0
+            for x in range(v):
+                if taken[x] or dist[x] <= 0:
+                    continue
+                mass += dist[x]
+                k = np.log(dist[x]) - np.log(-np.log(noise[a, x]))
+                if best < 0 or k > key:
+                    best, key = x, k
+            if best < 0:  # the support is used up: a child that can never be accepted
+                continue
+            tokens[i] = best
+            for x in range(v):
+                if not taken[x] and dist[x] > 0:
+                    node_q[i, x] = dist[x] / mass
+            taken[best] = True
+    return tokens, node_q
+
+
+@njit(cache=True)
+def walk_tree(
+    parent: np.ndarray, tokens: np.ndarray, node_q: np.ndarray, p: np.ndarray, uniforms: np.ndarray, max_depth: int
+):
+    """Recursive rejection sampling down one row's tree: at the current node (the root first,
+    target its head-1 distribution ``p[node]``), child i (in node order) is accepted when
+    ``uniforms[i+1] < min(1, r(x) / (|r| q_i(x)))`` for the target ``r`` left by its rejected
+    elder siblings, each rejection leaving ``max(0, r - |r| q_i)``; past the last child (or at
+    depth ``max_depth``) the next byte is drawn from the target at ``uniforms[0]``.
+    -> (the accepted nodes [max_depth], 1-based, 0 past the end; their number; the next byte)."""
+    n, v = parent.size, p.shape[1]
+    path = np.zeros(max_depth, np.int64)
+    length, node = 0, 0
+    target = p[0].astype(np.float64)
+    while length < max_depth:
+        moved = False
+        for i in range(n):
+            if parent[i] != node:
+                continue
+            x = tokens[i]
+            mass = target.sum()
+            scale = mass * node_q[i, x]
+            if scale > 0 and uniforms[i + 1] < min(1.0, target[x] / scale):
+                node = i + 1
+                path[length] = node
+                length += 1
+                target = p[node].astype(np.float64)
+                moved = True
+                break
+            rejected = np.maximum(target - mass * node_q[i], 0.0)
+            if rejected.sum() > 0:  # else: rejection had probability zero, rounding got here
+                target = rejected
+        if not moved:
+            break
+    cdf = np.cumsum(target)
+    byte = int(np.sum(cdf <= uniforms[0] * cdf[-1]))
+    last = v - 1
+    while last > 0 and target[last] <= 0:  # rounding must not pick a byte of probability zero
+        last -= 1
+    return path, length, min(byte, last)
