@@ -31,6 +31,7 @@ from bytemtp.decode.stops import StopMatcher
 from bytemtp.decode.tree import TreeDrafts, check_tree_size
 from bytemtp.decode.verify import ChainRule
 from bytemtp.errors import BytemtpError
+from bytemtp.model.decode_dtype import cast_for_decoding
 
 
 class Decoder:
@@ -38,7 +39,9 @@ class Decoder:
     compiled (None: as ``bytemtp.compile.compile_by_default`` decides for the device)."""
 
     def __init__(self, model: torch.nn.Module, config: GenerationConfig, compile: bool | None = False):
-        self.model, self.config = model, config
+        # bfloat16 weights and cache on CUDA (a step's time there is memory traffic), float32 elsewhere
+        self.model = model = cast_for_decoding(model)
+        self.config = config
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
