@@ -39,10 +39,11 @@ def cast_for_decoding(model: ByteMTP, dtype: torch.dtype | None = None) -> ByteM
     weights; drop the original to free its memory. The RoPE tables stay float32 whatever
     the weights: a position's angle needs more bits than bfloat16 has.
     """
-    device = model.embed.weight.device
-    dtype = dtype or decoding_dtype(device)
-    if model.embed.weight.dtype == dtype:
+    weight = next(model.parameters())
+    dtype = dtype or decoding_dtype(weight.device)
+    if weight.dtype == dtype:
         return model
+    device = weight.device
     with torch.device(device):
         copy = ByteMTP(model.cfg)
     params = dict(model.named_parameters())
