@@ -49,9 +49,11 @@ class SampledTreeDrafts(TreeDrafts):
     def start(self, batch: Batch) -> None:
         super().start(batch)
         n, shape = len(batch.rows), (self.n_drafts, self.vocab)
-        self.draft_probs = torch.zeros(n, *shape, device=batch.device)  # compiled: stays on the device
-        self.host_q = np.zeros((n, *shape), np.float32)  # eager: each row's draft distributions
-        self.node_q: list[np.ndarray | None] = [None] * n  # eager: the tree's nodes' distributions
+        if self.step_fn is None:  # eager: each row's draft distributions and its tree's nodes', on the host
+            self.host_q = np.zeros((n, *shape), np.float32)
+            self.node_q: list[np.ndarray | None] = [None] * n
+        else:  # compiled: the draft distributions stay on the device
+            self.draft_probs = torch.zeros(n, *shape, device=batch.device)
 
     def noise(self, batch: Batch, active: list[bool]) -> torch.Tensor:
         """[B, n+1, V+1] uniforms of a step: per possible parent a row of Gumbel noise, and each

@@ -115,6 +115,24 @@ def tree_decide(model: torch.nn.Module, n_drafts: int, logits: torch.Tensor, fea
     return torch.cat((choice, ranked, broken[:, None].long()), dim=1)
 
 
+def tree_forward(
+    model: torch.nn.Module,
+    n_drafts: int,
+    ids: torch.Tensor,
+    input_pos: torch.Tensor,
+    rope_pos: torch.Tensor,
+    mask: torch.Tensor,
+    move_src: torch.Tensor,
+    move_dst: torch.Tensor,
+    kv_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move the previous step's accepted paths into place in the cache (``move_src`` ->
+    ``move_dst`` [B, m]), then forward ``[pending, nodes]`` with the tree's RoPE positions and
+    mask -> ``decode``'s head-1 logits and draft features at every position."""
+    model.move_cache(move_src, move_dst)
+    return model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+
+
 def tree_step(
     model: torch.nn.Module,
     n_drafts: int,
@@ -126,11 +144,8 @@ def tree_step(
     move_dst: torch.Tensor,
     kv_len: int | None = None,
 ) -> torch.Tensor:
-    """Move the previous step's accepted paths into place in the cache (``move_src`` ->
-    ``move_dst`` [B, m]), then forward ``[pending, nodes]`` with the tree's RoPE positions and
-    mask, and decide (``tree_decide``)."""
-    model.move_cache(move_src, move_dst)
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``)."""
+    logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return tree_decide(model, n_drafts, logits, features)
 
 
@@ -189,11 +204,10 @@ def sampled_tree_step(
 
     ``noise`` [B, N+1, V+1]: uniforms drawn before the step, per parent a row of Gumbel
     noise and, in the last column, the number that judges node i (0: draws the next byte)."""
-    model.move_cache(move_src, move_dst)
     gumbel = -torch.log(-torch.log(noise[..., :-1]))
     tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel)
     ids = torch.cat((ids[:, :1], tokens), dim=1)
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return sampled_tree_decide(
         model, sampling, n_drafts, logits, features, parent, tokens, node_q, noise[..., -1], max_depth, max_children
     )
@@ -222,8 +236,7 @@ def tree_distributions_step(
     move_dst: torch.Tensor,
     kv_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``tree_step``'s forward of a tree whose bytes the host drew, returning the distributions
+    """Forward a tree whose bytes the host drew (``tree_forward``) -> the distributions
     (``tree_distributions``) instead of greedy choices."""
-    model.move_cache(move_src, move_dst)
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return tree_distributions(model, sampling, n_drafts, logits, features)
