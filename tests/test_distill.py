@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 
+from bytemtp import BOS
 from bytemtp.train.checkpoint import load_model, save_checkpoint
 from bytemtp.cli import main
 from bytemtp.model.config import ModelConfig
@@ -85,6 +86,24 @@ def test_greedy_continuations_are_autoregressive_decoding():
         g = generate(model, GenerationConfig(prompt=prompt, max_new_bytes=40, speculative=False))
         out = g.read()
         assert bytes(seq[21 : 21 + len(out)]) == out  # up to a generated BOS, where decoding stops
+    # and on through any BOS: each continuation id is head 1's choice given all ids before it
+    with torch.no_grad():
+        choice = model.head_logits(model.trunk(seqs), 0).argmax(-1)
+    assert torch.equal(seqs[:, 21:], choice[:, 20:-1])
+
+
+def test_greedy_continuations_run_on_through_a_generated_bos():
+    model = copy.deepcopy(trained_model())
+    decode = model.decode
+
+    def decode_ending_every_document(*args, **kw):  # head 1 now always ends the document
+        logits, features = decode(*args, **kw)
+        return logits.index_fill(-1, torch.tensor([BOS]), 1e4), features
+
+    model.decode = decode_ending_every_document
+    seqs = greedy_continuations(model, corpus_prompts(3, 8, seed=4), 12, batch_size=2)
+    assert seqs.shape == (3, 1 + 8 + 12)
+    assert (seqs[:, 9:] == BOS).all()
 
 
 def test_draft_loss_matches_a_per_position_reference():

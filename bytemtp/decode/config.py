@@ -29,7 +29,9 @@ class GenerationConfig:
     ``tree_nodes``: speculative decoding verifies a tree of that many
     candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.
     ``seed=None`` draws a fresh seed. ``prompt`` and ``seed`` are the defaults of
-    ``generate``, which can also take a list of prompts and seeds.
+    ``generate``, which can also take a list of prompts and seeds. ``stop_at_bos=False``
+    decodes on through a generated BOS (it counts toward ``max_new_bytes`` but is no output
+    byte): for callers that want every row's ids to the same length (``distill``).
     """
 
     prompt: bytes = b""
@@ -43,6 +45,7 @@ class GenerationConfig:
     draft_heads: int | None = None
     draft_costs: tuple[float, ...] | None = None
     tree_nodes: int = 0
+    stop_at_bos: bool = True
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)

@@ -47,10 +47,19 @@ class DraftStrategy(Protocol):
 
 
 class Engine:
-    """Decodes ``batch`` with ``strategy`` and a byte budget ``max_new_bytes`` per row."""
+    """Decodes ``batch`` with ``strategy`` and a byte budget ``max_new_bytes`` per row; a
+    generated BOS ends a row's document unless ``stop_at_bos`` is False."""
 
-    def __init__(self, model: torch.nn.Module, strategy: DraftStrategy, batch: Batch, max_new_bytes: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        strategy: DraftStrategy,
+        batch: Batch,
+        max_new_bytes: int,
+        stop_at_bos: bool = True,
+    ):
         self.model, self.strategy, self.batch, self.max_new_bytes = model, strategy, batch, max_new_bytes
+        self.stop_at_bos = stop_at_bos
 
     @torch.inference_mode()
     def run(self) -> Iterator[tuple[int, bytes]]:
@@ -119,11 +128,12 @@ class Engine:
         row.pending = decision.decided[-1]
         stats, out = row.stats, bytearray()
         for b in decision.decided:
-            if b == BOS:
+            if b == BOS and self.stop_at_bos:
                 stats.stop_reason = "end_of_document"
                 break
             stats.bytes += 1
-            out += row.stops.push(bytes((b,)))
+            if b != BOS:  # decoding on through a BOS: it takes budget, but is no byte to output
+                out += row.stops.push(bytes((b,)))
             if row.stops.hit:
                 stats.stop_reason = "stop_string"
                 break

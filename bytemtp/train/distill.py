@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from bytemtp import BOS
+from bytemtp.decode.config import GenerationConfig
+from bytemtp.decode.generate import Decoder
 from bytemtp.decode.prompts import sample_prompts
 from bytemtp.errors import BytemtpError, require_at_least_one
-from bytemtp.model.config import round_up_64
 from bytemtp.model.transformer import ByteMTP
 
 
@@ -68,36 +69,28 @@ class DistillConfig:
             raise BytemtpError(f"--holdout: must be at least 0 and below --prompts and --text, got {self.holdout}")
 
 
-@torch.inference_mode()
 def greedy_continuations(
     model: ByteMTP, prompts: list[bytes], new_bytes: int, batch_size: int, progress: bool = False
 ) -> torch.Tensor:
-    """``BOS + prompt`` and its ``new_bytes`` greedy bytes under head 1, [N, 1 + P + new_bytes]:
-    batches of equally long prompts share one KV cache and one forward per byte."""
-    device = model.embed.weight.device
+    """``BOS + prompt`` and its ``new_bytes`` greedy ids under head 1, [N, 1 + P + new_bytes],
+    decoded by the decode engine ``batch_size`` prompts at a time. A generated BOS does not
+    end a continuation here: every row runs to the same length, as the fit wants."""
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
         raise BytemtpError(f"greedy_continuations: prompts must have one length, got {sorted(lengths)}")
     total = 1 + lengths.pop() + new_bytes
     if total > model.cfg.max_seq_len:
         raise BytemtpError(f"--prompt-bytes + --new-bytes: {total - 1} exceeds max_seq_len={model.cfg.max_seq_len}")
-    out = []
-    bar = tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress)
-    for i in range(0, len(prompts), batch_size):
-        ids = torch.tensor([[BOS, *p] for p in prompts[i : i + batch_size]], device=device)
-        model.setup_cache(ids.shape[0], round_up_64(total))
-        try:
-            logits, _ = model.decode(ids, torch.arange(ids.shape[1], device=device), 1)
-            columns = [ids]
-            for t in range(ids.shape[1], total):
-                columns.append(logits[:, -1].argmax(-1, keepdim=True))
-                logits, _ = model.decode(columns[-1], torch.tensor([t], device=device), 1)
-                bar.update(ids.shape[0])
-        finally:
-            model.clear_cache()
-        out.append(torch.cat(columns, dim=1))
-    bar.close()
-    return torch.cat(out)
+    decoder = Decoder(model, GenerationConfig(max_new_bytes=new_bytes, stop_at_bos=False))
+    seqs = []
+    with tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress) as bar:
+        for i in range(0, len(prompts), batch_size):
+            generation = decoder.generate(prompts[i : i + batch_size])
+            for _, chunk in generation.stream():
+                bar.update(len(chunk))
+            # a row's ids: its context, every id that entered the cache, then its last decided one
+            seqs += [(row.window + [row.pending])[:total] for row in generation.rows]
+    return torch.tensor(seqs, device=next(model.parameters()).device)
 
 
 @torch.no_grad()  # not inference_mode: the fit's autograd must be able to save these
