@@ -63,6 +63,23 @@ def test_sequential_gradients_equal_naive(head_kind, n_future, mode):
     assert seq.head_losses.shape == (n_future,) and not seq.head_losses.requires_grad
 
 
+@pytest.mark.parametrize("mode", ["sequential", "stacked"])
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_soft_capped_gradients_equal_naive(head_kind, mode):
+    """The hand-written cross-entropy's soft-cap and its slope against autograd through
+    ``head_logits``; a cap small enough to bend random-init logits, so it changes the loss."""
+    model = make_model(head_kind, 8, logit_cap=0.1)
+    ids = padded_batch(8)
+    naive, want = grads_of(model, ids, "naive")
+    capped, got = grads_of(model, ids, mode)
+    assert_grads_close(got, want, rtol=1e-5)
+    torch.testing.assert_close(capped.head_losses, naive.head_losses, rtol=1e-6, atol=1e-6)
+    uncapped = multihead_loss(make_model(head_kind, 8), ids, mode)
+    assert (uncapped.head_losses - capped.head_losses.detach()).abs().max() > 1e-3
+    with torch.no_grad():
+        assert model.head_logits(model.trunk(ids.clamp_min(0)), 0).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
 def test_incoming_gradient_scales_and_accumulates(head_kind):
     """loss * c backward (gradient accumulation, loss scaling) reaches the heads scaled by c."""

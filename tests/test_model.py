@@ -181,11 +181,13 @@ def test_cache_rolls_back(head_kind):
     torch.testing.assert_close(rerun, full[:, 14:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("logit_cap", [0.0, 0.1])
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
 @pytest.mark.parametrize("n_heads", [1, 2, 4])
-def test_decode_and_draft_logits_equal_forward(head_kind, n_heads):
-    """Decoding's split forward: head 1 at every position, draft heads at any one position."""
-    model = small_model(head_kind, n_future=4)
+def test_decode_and_draft_logits_equal_forward(head_kind, n_heads, logit_cap):
+    """Decoding's split forward: head 1 at every position, draft heads at any one position
+    (soft-capped as in training when the model has a cap)."""
+    model = small_model(head_kind, n_future=4, logit_cap=logit_cap)
     ids = torch.randint(0, VOCAB, (1, 20))
     full = model(ids)
     model.setup_cache(1, 24)

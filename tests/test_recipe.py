@@ -47,7 +47,7 @@ def test_demo_minutes_fit_the_steps_to_the_budget(monkeypatch):
 # -- recipe options: old configs keep their meaning, new ones round-trip ---------------------
 
 RECIPE_MODEL = {"qk_norm": True, "zero_init_out": True, "ffn": "relu2"}
-NEW_MODEL_FIELDS = ("qk_norm", "zero_init_out")
+NEW_MODEL_FIELDS = ("qk_norm", "zero_init_out", "logit_cap")
 NEW_TRAIN_FIELDS = ("optimizer", "muon_lr", "muon_momentum")
 
 
@@ -85,7 +85,9 @@ def test_old_config_without_the_recipe_fields_loads_and_decodes_identically(tmp_
     assert _greedy(loaded) == _greedy(model)
 
 
-@pytest.mark.parametrize("options", [RECIPE_MODEL, {"qk_norm": True}, {"ffn": "relu2"}, {"zero_init_out": True}])
+@pytest.mark.parametrize(
+    "options", [RECIPE_MODEL, {"qk_norm": True}, {"ffn": "relu2"}, {"zero_init_out": True}, {"logit_cap": 0.1}]
+)
 def test_recipe_configs_round_trip(tmp_path, options):
     model = _model(**options).eval()
     assert ModelConfig.from_dict(json.loads(json.dumps(model.cfg.to_dict()))) == model.cfg
@@ -102,7 +104,7 @@ def test_recipe_configs_round_trip(tmp_path, options):
 def test_recipe_options_change_the_model():
     ids = torch.randint(0, 256, (2, 20))
     base = _model()
-    for options in ({"qk_norm": True}, {"ffn": "relu2"}, {"zero_init_out": True}):
+    for options in ({"qk_norm": True}, {"ffn": "relu2"}, {"zero_init_out": True}, {"logit_cap": 0.1}):
         assert not torch.allclose(_model(**options)(ids), base(ids)), options
     zero = _model(zero_init_out=True)
     outputs = [p for n, p in zero.named_parameters() if n.endswith(("wo.weight", "w_out.weight"))]

@@ -37,7 +37,9 @@ class ModelConfig:
     the same model): ``ffn="relu2"`` is relu(x)^2 (modded-nanogpt's MLP), ``qk_norm``
     RMS-normalises queries and keys per head before RoPE (with learned gains), and
     ``zero_init_out`` starts every residual output projection (attention's ``wo``, the
-    MLP's ``w_out``) at zero, so each block starts as the identity.
+    MLP's ``w_out``) at zero, so each block starts as the identity. ``logit_cap > 0`` soft-caps
+    every head's logits at ``cap * tanh(logits / cap)`` (Gemma 2, modded-nanogpt), in training
+    and decoding alike.
     """
 
     d_model: int = 128
@@ -54,6 +56,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: bool = False
     zero_init_out: bool = False
+    logit_cap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.head_kind not in HEAD_KINDS:
@@ -67,6 +70,8 @@ class ModelConfig:
             raise BytemtpError(
                 f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"
             )
+        if not self.logit_cap >= 0:
+            raise BytemtpError(f"logit_cap: must be >= 0 (0 = off), got {self.logit_cap}")
         if self.vocab != VOCAB:
             raise BytemtpError(f"vocab: must be {VOCAB} (256 bytes + BOS), got {self.vocab}")
 

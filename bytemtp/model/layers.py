@@ -27,6 +27,11 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(logits / cap)``; ``cap == 0``: the logits as they are."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate halves of ``x`` [..., T, hd] by the angles of its positions (cos/sin broadcastable to [..., T, hd/2])."""
     x1, x2 = x.float().chunk(2, dim=-1)

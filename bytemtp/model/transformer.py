@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from bytemtp.errors import BytemtpError
 from bytemtp.model.cache import KVCache
 from bytemtp.model.config import ModelConfig
-from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables
+from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
 from bytemtp.model.panels import PanelLinear
 
 
@@ -138,7 +138,7 @@ class ByteMTP(nn.Module):
         return self._logits(self.head_features(z, k, pos), k)
 
     def _logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
-        return self.unembedding_layer(k)(features)[..., : self.cfg.vocab]
+        return soft_cap(self.unembedding_layer(k)(features)[..., : self.cfg.vocab], self.cfg.logit_cap)
 
     def forward(
         self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None
@@ -209,8 +209,8 @@ class ByteMTP(nn.Module):
         if self.linear_heads:
             vocab = self.cfg.vocab
             logits = F.linear(features, self.draft_weight[: n_drafts * vocab])
-            return logits.view(*features.shape[:-2], n_drafts, vocab)
-        return F.linear(features[..., :n_drafts, :], self.draft_weight)
+            return soft_cap(logits.view(*features.shape[:-2], n_drafts, vocab), self.cfg.logit_cap)
+        return soft_cap(F.linear(features[..., :n_drafts, :], self.draft_weight), self.cfg.logit_cap)
 
     # -- inference cache -------------------------------------------------------
     def attention_layers(self) -> list[Attention]:

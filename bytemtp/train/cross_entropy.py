@@ -21,7 +21,12 @@ from bytemtp.model.transformer import ByteMTP
 
 
 def unembed_cross_entropy(
-    features: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, scales: torch.Tensor
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab: int,
+    scales: torch.Tensor,
+    cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``h`` heads stacked in ``weight`` and the gradients of
     ``sum_k scales[k] * nll_k`` w.r.t. features and weight, without autograd.
@@ -30,24 +35,31 @@ def unembed_cross_entropy(
     k * vocab_padded ...) come in the matmul dtype; targets are [N, h], scales [h].
     Only the first ``vocab`` logit columns of each head are real (padding ids get no
     probability mass and no gradient). The softmax runs in fp32 whatever the matmul
-    dtype. Targets of -1 are ignored.
+    dtype. Targets of -1 are ignored. ``cap > 0`` soft-caps the logits (``cap * tanh(l / cap)``,
+    ``bytemtp.model.layers.soft_cap``) before the softmax.
     Returns (nll sums [h] fp32, grad_features [N, d], grad_weight [h * vocab_padded, d]).
 
     The logits buffer is reused for dlogits, padding columns zeroed, so the backward
     matmuls stay on the aligned padded width and nothing the size of the logits is
-    allocated twice.
+    allocated twice (with a cap, once more: the tanh's slope, which the gradient needs).
     """
     n_rows, heads = targets.shape
     logits = features @ weight.T
     per_head = logits.view(n_rows, heads, -1)
     real = per_head[..., :vocab]
     lf = real.float()  # the very same tensor when the matmul ran in fp32
+    if cap:  # tanh kept in lf; d capped / d raw = 1 - tanh^2 scales dlogits below
+        lf = lf.div_(cap).tanh_()
+        slope = 1 - lf.square()
+        lf = lf.mul_(cap)
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     valid = targets >= 0
     t = targets.clamp_min(0).unsqueeze(-1)
     nll = ((lse - lf.gather(-1, t)).squeeze(-1) * valid).sum(0)
     row_scale = (valid * scales).unsqueeze(-1)
     dlogits = lf.sub_(lse).exp_().mul_(row_scale).scatter_add_(-1, t, -row_scale)
+    if cap:
+        dlogits = dlogits.mul_(slope)
     if dlogits is not real:
         real.copy_(dlogits)
     per_head[..., vocab:].zero_()

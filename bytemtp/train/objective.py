@@ -93,7 +93,7 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Ten
         for k in range(n):
             w = model.unembedding(k)
             nll_k, g_f, g_w = ce(feats, w.to(dt), targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab,
-                                 scales[k : k + 1])
+                                 scales[k : k + 1], model.cfg.logit_cap)
             grad_h = _sum_into(grad_h, [g_f], [h])
             grad_ws.append(g_w.to(w.dtype))
             nll.append(nll_k)
@@ -115,7 +115,7 @@ def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Te
     with no_autocast(h):
         for start in range(0, feats.shape[0], rows):
             part = slice(start, start + rows)
-            nll_part, g_f, g_w = ce(feats[part], stacked, flat_targets[part], model.cfg.vocab, scales)
+            nll_part, g_f, g_w = ce(feats[part], stacked, flat_targets[part], model.cfg.vocab, scales, model.cfg.logit_cap)
             nll = nll + nll_part
             grad_h.append(g_f.to(h.dtype))
             grad_w = _sum_into(grad_w, [g_w], weights[:1])
@@ -133,7 +133,8 @@ def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosCo
         f = model.head_features(zd, k, pos)
     with no_autocast(zd):
         nll, g_f, g_u = cross_entropy_fn(model)(
-            f.detach().flatten(0, 1).to(unembed.dtype), unembed, targets_k.reshape(-1, 1), model.cfg.vocab, scale
+            f.detach().flatten(0, 1).to(unembed.dtype), unembed, targets_k.reshape(-1, 1), model.cfg.vocab, scale,
+            model.cfg.logit_cap,
         )
         g_z, g_norm, *g_params = torch.autograd.grad(f, [zd, model.norm.weight, *params], g_f.view_as(f).to(f.dtype))
     return nll, [g_z, g_norm, g_u], g_params
