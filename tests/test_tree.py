@@ -20,6 +20,7 @@ from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.config import GenerationStats
 from bytemtp.decode.generate import GenerationConfig, generate
 from bytemtp.decode.stops import StopMatcher
+from bytemtp.decode.step import accepted_node
 from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeDrafts, accepted_path, build_tree, tree_mask
 
 
@@ -95,6 +96,41 @@ def test_accepted_path_follows_head_one(choice, path, length):
     assert got_path.tolist() == path and got_len == length
 
 
+def step_inputs(tree: DraftTree, start: int, cache_len: int, pending: int = 5) -> tuple[torch.Tensor, ...]:
+    """A tree step's ids, cache slots, RoPE positions and mask for one row, as ``TreeDrafts.layout``."""
+    ids = torch.tensor([pending, *tree.tokens.tolist()])
+    slots = start + torch.arange(tree.size + 1)
+    rope = start + torch.tensor([0, *tree.depth.tolist()])
+    return ids, slots, rope, torch.from_numpy(tree_mask(tree, start, cache_len))
+
+
+def test_accepted_node_on_the_device_is_the_end_of_the_host_path():
+    """Rows of random trees (and prefixes of them) at different cache lengths, with head 1's
+    choices agreeing with a random share of the nodes: the device finds the node the host's
+    path ends at."""
+    rng = np.random.default_rng(0)
+    rows, wanted = [], []
+    for r in range(64):
+        log_scores = np.log(rng.dirichlet(np.ones(RANKS + 1), size=(4, 2))[..., :RANKS])
+        tree = build_tree(log_scores, 12).prefix(12 - r % 3)
+        tree = DraftTree(tree.tokens + 40, tree.parent, tree.depth, tree.ancestors)
+        choice = rng.integers(0, 50, tree.size + 1)
+        for j in rng.permutation(tree.size)[: rng.integers(0, tree.size + 1)]:
+            choice[tree.parent[j]] = tree.tokens[j]  # head 1 agrees with node j + 1
+        path, length = accepted_path(tree, choice, 4)
+        wanted.append(int(path[length - 1]) if length else 0)
+        ids, slots, rope, mask = step_inputs(tree, 10 + 3 * r, 256)
+        pad = 13 - ids.numel()  # narrower trees: padded as a parked row's positions would be
+        rows.append((
+            torch.cat((ids, ids.new_zeros(pad))), torch.cat((slots, slots[-1:].expand(pad))),
+            torch.cat((rope, rope[:1].expand(pad))), torch.cat((mask, mask[:1].expand(pad, -1))),
+            torch.cat((torch.from_numpy(choice), torch.zeros(pad, dtype=torch.long))),
+        ))
+    ids, slots, rope, mask, choice = (torch.stack(t) for t in zip(*rows))
+    assert accepted_node(ids, choice, slots, rope, mask).tolist() == wanted
+    assert len(set(wanted)) > 5  # roots, shallow and deep ends all occur
+
+
 @pytest.mark.parametrize("head_kind", ["linear", "transformer"])
 def test_tree_forward_equals_the_chain_forward_of_every_path(head_kind):
     """Every node's head-1 logits are those of a plain cached forward of its path after the context."""
@@ -149,8 +185,8 @@ def test_tree_greedy_matches_autoregressive_trained_and_accepts_more(head_kind):
 
 def step_output(choice: list[int], ranked: np.ndarray) -> np.ndarray:
     """A tree step's host output for one row: head 1's ``choice`` at each position, the draft
-    heads' ``ranked`` bytes [m, RANKS] (the same at every position), no non-finite flag."""
-    return np.array([[*choice, *np.tile(ranked.ravel(), len(choice)), 0]])
+    heads' ``ranked`` bytes [m, RANKS] at the accepted node, no non-finite flag."""
+    return np.array([[*choice, *ranked.ravel(), 0]])
 
 
 def test_rank_stats_count_head_ones_bytes_at_every_depth_reached():

@@ -103,16 +103,36 @@ def chain_step(
     return chain_decide(model, rule, n_drafts, logits, features, ids[:, 1:], n_valid, draft_probs, u)
 
 
-def tree_decide(model: torch.nn.Module, n_drafts: int, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Head 1's choice at every position and each draft head's ``RANKS`` likeliest bytes there:
-    [B, P + P * m * RANKS + 1], the last column the non-finite flag. The tree's verification and
-    next shape are host bookkeeping on these (``bytemtp.decode.tree``): drafting at every
-    position, not only the accepted one, keeps the step to one launch and one transfer."""
+def tree_decide(
+    model: torch.nn.Module, n_drafts: int, logits: torch.Tensor, features: torch.Tensor, at: torch.Tensor
+) -> torch.Tensor:
+    """Head 1's choice at every position and each draft head's ``RANKS`` likeliest bytes at
+    position ``at`` [B] (the accepted node, ``accepted_node``): [B, P + m * RANKS + 1], the last
+    column the non-finite flag. The host walks the same accepted path (``bytemtp.decode.tree``)
+    and shapes the next tree from these rankings."""
     choice = logits.argmax(dim=-1)
-    draft_logits = model.draft_logits(features, n_drafts)  # [B, P, m, V]
+    at = at[:, None, None, None].expand(-1, 1, *features.shape[2:])
+    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
     ranked = draft_logits.topk(RANKS, dim=-1).indices.flatten(1)
     broken = nonfinite(logits) | nonfinite(draft_logits)
     return torch.cat((choice, ranked, broken[:, None].long()), dim=1)
+
+
+def accepted_node(
+    ids: torch.Tensor, choice: torch.Tensor, input_pos: torch.Tensor, rope_pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The deepest node of each row's greedy tree whose whole path head 1 agrees with -> [B]
+    (0: the root, the pending byte). The tree's structure is read off the forward's own
+    inputs: node k is an ancestor of node j (or j itself) when j attends to k's cache slot,
+    and a node's depth is its RoPE position past the root's. A few tensor ops on [B, P, P],
+    so the draft heads run at that one node instead of at every position."""
+    P = ids.shape[1]
+    above = mask.gather(2, input_pos[:, None, :].expand(-1, P, -1))  # [B, P, P]: k is j or above it
+    depth = rope_pos - rope_pos[:, :1]
+    parent = (above & (depth[:, None, :] == depth[:, :, None] - 1)).long().argmax(dim=-1)  # root: 0
+    agrees = (ids == choice.gather(1, parent)) | (depth == 0)  # its byte is head 1's choice after its parent
+    accepted = ~(above & ~agrees[:, None, :]).any(dim=-1)
+    return (accepted * (depth + 1)).argmax(dim=-1)  # siblings hold distinct bytes: one per depth
 
 
 def tree_forward(
@@ -122,14 +142,16 @@ def tree_forward(
     input_pos: torch.Tensor,
     rope_pos: torch.Tensor,
     mask: torch.Tensor,
-    move_src: torch.Tensor,
-    move_dst: torch.Tensor,
+    move_src: torch.Tensor | None,
+    move_dst: torch.Tensor | None,
     kv_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the previous step's accepted paths into place in the cache (``move_src`` ->
-    ``move_dst`` [B, m]), then forward ``[pending, nodes]`` with the tree's RoPE positions and
-    mask -> ``decode``'s head-1 logits and draft features at every position."""
-    model.move_cache(move_src, move_dst)
+    ``move_dst`` [B, m]; None: no row moves, an eager step skips the copy), then forward
+    ``[pending, nodes]`` with the tree's RoPE positions and mask -> ``decode``'s head-1 logits
+    and draft features at every position."""
+    if move_src is not None:
+        model.move_cache(move_src, move_dst)
     return model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
 
 
@@ -144,9 +166,11 @@ def tree_step(
     move_dst: torch.Tensor,
     kv_len: int | None = None,
 ) -> torch.Tensor:
-    """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``)."""
+    """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``, drafting at the
+    ``accepted_node``)."""
     logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
-    return tree_decide(model, n_drafts, logits, features)
+    at = accepted_node(ids, logits.argmax(dim=-1), input_pos, rope_pos, mask)
+    return tree_decide(model, n_drafts, logits, features, at)
 
 
 def sampled_tree_decide(

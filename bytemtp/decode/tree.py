@@ -25,9 +25,9 @@ is exactly greedy decoding's, whatever the tree was.
 
 The bookkeeping (verification, statistics, the beam) runs on the host, per row, in
 ``bytemtp_native.tree_ops``: a step (``bytemtp.decode.step.tree_step``) hands it head 1's
-choices and the draft heads' rankings at every position in one transfer for the whole
-batch, and gets back plain arrays; the accepted paths' cache moves run at the start of
-the next step.
+choices at every position and the draft heads' rankings at the accepted node (found on
+the device too, ``accepted_node``) in one transfer for the whole batch, and gets back plain
+arrays; the accepted paths' cache moves run at the start of the next step.
 
 Sampling verifies trees too: ``bytemtp.decode.sampled_tree`` keeps these shapes
 and draws the nodes' bytes, verified by recursive rejection sampling.
@@ -195,7 +195,8 @@ class TreeDrafts:
     def first(
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
-        host = tree_decide(self.model, self.n_drafts, logits, features).cpu().numpy()
+        root = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
+        host = tree_decide(self.model, self.n_drafts, logits, features, root).cpu().numpy()
         self._forget(active)
         return self.read(batch, active, host, fed=False)
 
@@ -234,6 +235,8 @@ class TreeDrafts:
             "move_src": torch.from_numpy(self.moves[:, 0]).to(device),
             "move_dst": torch.from_numpy(self.moves[:, 1]).to(device),
         }
+        if batch.eager and (self.moves == self.still).all():  # nothing to move: skip the copy
+            inputs["move_src"] = inputs["move_dst"] = None
         return width, inputs
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
@@ -246,9 +249,9 @@ class TreeDrafts:
 
     def read(self, batch: Batch, active: list[bool], host: np.ndarray, fed: bool) -> dict[int, Decision]:
         """Per row: verify the tree against head 1's choices, learn, build the next tree, plan the move."""
-        width = (host.shape[1] - 1) // (1 + self.n_drafts * RANKS)
+        width = host.shape[1] - 1 - self.n_drafts * RANKS
         choices = host[:, :width]
-        ranked = host[:, width:-1].reshape(-1, width, self.n_drafts, RANKS)
+        ranked = host[:, width:-1].reshape(-1, self.n_drafts, RANKS)  # at each row's accepted node
         decisions = {}
         self.moves[:] = self.still
         for r, row in enumerate(batch.rows):
@@ -261,7 +264,7 @@ class TreeDrafts:
                 path, length = accepted_path(tree, choice[: tree.size + 1], self.max_path)
             last = path[length - 1] if length else 0
             decisions[r] = self.advance(
-                r, row, path, length, int(choice[last]), choice, ranked[r, last], bool(host[r, -1]), fed
+                r, row, path, length, int(choice[last]), choice, ranked[r], bool(host[r, -1]), fed
             )
         return decisions
 
