@@ -32,7 +32,7 @@ import torch
 
 from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.sampling import SamplingConfig
-from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_distributions, tree_distributions_step
+from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_distributions, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
 from bytemtp_native.tree_sampling_ops import draw_children, walk_tree
 
@@ -92,9 +92,8 @@ class SampledTreeDrafts(TreeDrafts):
                     self.trees[r] = DraftTree(tokens, tree.parent, tree.depth, tree.ancestors)
         width, inputs = self.layout(batch, active)
         if self.step_fn is None:
-            out = tree_distributions_step(
-                self.model, self.sampling, self.n_drafts, **inputs, kv_len=batch.kv_len(width)
-            )
+            logits, features = tree_forward(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
+            out = tree_distributions(self.model, self.sampling, self.n_drafts, logits, features)
             return self.walk(batch, active, out, noise[..., -1].numpy(), fed=True)
         parent = np.zeros((len(batch.rows), width - 1), np.int64)  # a parked row: a star, never read
         depth = np.ones_like(parent)

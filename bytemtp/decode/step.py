@@ -162,8 +162,8 @@ def tree_step(
     input_pos: torch.Tensor,
     rope_pos: torch.Tensor,
     mask: torch.Tensor,
-    move_src: torch.Tensor,
-    move_dst: torch.Tensor,
+    move_src: torch.Tensor | None,
+    move_dst: torch.Tensor | None,
     kv_len: int | None = None,
 ) -> torch.Tensor:
     """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``, drafting at the
@@ -246,21 +246,3 @@ def tree_distributions(
     draft_logits = model.draft_logits(features, n_drafts)
     broken = nonfinite(logits) | nonfinite(draft_logits)
     return probabilities(logits, sampling), probabilities(draft_logits, sampling), broken
-
-
-def tree_distributions_step(
-    model: torch.nn.Module,
-    sampling: SamplingConfig,
-    n_drafts: int,
-    ids: torch.Tensor,
-    input_pos: torch.Tensor,
-    rope_pos: torch.Tensor,
-    mask: torch.Tensor,
-    move_src: torch.Tensor,
-    move_dst: torch.Tensor,
-    kv_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward a tree whose bytes the host drew (``tree_forward``) -> the distributions
-    (``tree_distributions``) instead of greedy choices."""
-    logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
-    return tree_distributions(model, sampling, n_drafts, logits, features)
