@@ -6,6 +6,8 @@ over an autoregressive step's). This splits each decoder's step into the model's
 host's bookkeeping, the cache moves of a tree), so a ratio above 1 can be read as extra
 positions in the forward or as work around it. The decoders run interleaved on the same
 prompts, ``--rounds`` times after a warm-up; the figures are totals over the timed rounds.
+With ``--batch`` above 1, bytes per forward is the batch's bytes per forward over the rows,
+lower than a row's own once some rows have stopped.
 
     .venv/bin/python bench/bench_step_cost.py runs/demo --data D --prompts 4 --batch 1
 """

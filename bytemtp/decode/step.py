@@ -104,13 +104,17 @@ def chain_step(
 
 
 def tree_decide(
-    model: torch.nn.Module, n_drafts: int, logits: torch.Tensor, features: torch.Tensor, at: torch.Tensor
+    model: torch.nn.Module,
+    n_drafts: int,
+    logits: torch.Tensor,
+    choice: torch.Tensor,
+    features: torch.Tensor,
+    at: torch.Tensor,
 ) -> torch.Tensor:
-    """Head 1's choice at every position and each draft head's ``RANKS`` likeliest bytes at
-    position ``at`` [B] (the accepted node, ``accepted_node``): [B, P + m * RANKS + 1], the last
-    column the non-finite flag. The host walks the same accepted path (``bytemtp.decode.tree``)
-    and shapes the next tree from these rankings."""
-    choice = logits.argmax(dim=-1)
+    """Head 1's ``choice`` at every position (``logits.argmax(-1)``) and each draft head's
+    ``RANKS`` likeliest bytes at position ``at`` [B] (the accepted node, ``accepted_node``):
+    [B, P + m * RANKS + 1], the last column the non-finite flag. The host walks the same
+    accepted path (``bytemtp.decode.tree``) and shapes the next tree from these rankings."""
     at = at[:, None, None, None].expand(-1, 1, *features.shape[2:])
     draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
     ranked = draft_logits.topk(RANKS, dim=-1).indices.flatten(1)
@@ -169,8 +173,9 @@ def tree_step(
     """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``, drafting at the
     ``accepted_node``)."""
     logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
-    at = accepted_node(ids, logits.argmax(dim=-1), input_pos, rope_pos, mask)
-    return tree_decide(model, n_drafts, logits, features, at)
+    choice = logits.argmax(dim=-1)
+    at = accepted_node(ids, choice, input_pos, rope_pos, mask)
+    return tree_decide(model, n_drafts, logits, choice, features, at)
 
 
 def sampled_tree_decide(

@@ -196,7 +196,8 @@ class TreeDrafts:
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
         root = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
-        host = tree_decide(self.model, self.n_drafts, logits, features, root).cpu().numpy()
+        choice = logits.argmax(dim=-1)
+        host = tree_decide(self.model, self.n_drafts, logits, choice, features, root).cpu().numpy()
         self._forget(active)
         return self.read(batch, active, host, fed=False)
 
@@ -227,16 +228,16 @@ class TreeDrafts:
         lengths = np.array([min(row.length, S - 1) for row in batch.rows])[:, None]
         rope = np.where(np.array(active)[:, None], lengths + depth, lengths)
         device = batch.device
+        moving = not batch.eager or (self.moves != self.still).any()  # eager and nothing to move: skip the copy
+        src, dst = (torch.from_numpy(self.moves[:, i]).to(device) if moving else None for i in (0, 1))
         inputs = {
             "ids": torch.from_numpy(ids).to(device),
             "input_pos": batch.slots(width, active),
             "rope_pos": torch.from_numpy(rope).to(device),
             "mask": torch.from_numpy(mask).to(device),
-            "move_src": torch.from_numpy(self.moves[:, 0]).to(device),
-            "move_dst": torch.from_numpy(self.moves[:, 1]).to(device),
+            "move_src": src,
+            "move_dst": dst,
         }
-        if batch.eager and (self.moves == self.still).all():  # nothing to move: skip the copy
-            inputs["move_src"] = inputs["move_dst"] = None
         return width, inputs
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:

@@ -86,8 +86,8 @@ def greedy_continuations(
     with tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
             generation = decoder.generate(prompts[i : i + batch_size])
-            for _, chunk in generation.stream():
-                bar.update(len(chunk))
+            generation.read_all()
+            bar.update(sum(row.stats.bytes for row in generation.rows))  # a generated BOS counts too
             # a row's ids: its context, every id that entered the cache, then its last decided one
             seqs += [(row.window + [row.pending])[:total] for row in generation.rows]
     return torch.tensor(seqs, device=next(model.parameters()).device)
