@@ -35,9 +35,9 @@ def padded_batch(n_future: int, B: int = 3, T: int = 20, seed: int = 1) -> torch
     return ids
 
 
-def grads_of(model: ByteMTP, ids: torch.Tensor, mode: str, scale: float = 1.0):
+def grads_of(model: ByteMTP, ids: torch.Tensor, mode: str, scale: float = 1.0, draft_loss_weight: float = 1.0):
     model.zero_grad(set_to_none=True)
-    out = multihead_loss(model, ids, mode)
+    out = multihead_loss(model, ids, mode, draft_loss_weight)
     (out.loss * scale).backward()
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -61,6 +61,47 @@ def test_sequential_gradients_equal_naive(head_kind, n_future, mode):
     torch.testing.assert_close(seq.head_losses, naive.head_losses, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(seq.loss, naive.loss)
     assert seq.head_losses.shape == (n_future,) and not seq.head_losses.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["naive", "sequential", "stacked"])
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_weighted_draft_losses_match_the_reference_objective(head_kind, mode):
+    """With draft heads weighted w, the objective is (L1 + w * sum of the draft heads' L) / (1 + w (n-1)):
+    every schedule's loss and gradients equal autograd through that formula, written out here."""
+    w, n = 0.3, 8
+    model = make_model(head_kind, n)
+    ids = padded_batch(n)
+    inputs, targets = split_batch(ids, n)
+    model.zero_grad(set_to_none=True)
+    z = model.trunk(inputs)
+    ce = [F.cross_entropy(model.head_logits(z, k).flatten(0, 1), targets[..., k].flatten(), ignore_index=-1)
+          for k in range(n)]
+    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
+    reference.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    out, got = grads_of(model, ids, mode, draft_loss_weight=w)
+    torch.testing.assert_close(out.loss, reference.detach(), rtol=1e-6, atol=1e-6)
+    assert_grads_close(got, want, rtol=1e-5)
+    plain = multihead_loss(model, ids, mode)
+    assert (plain.loss - out.loss).abs() > 1e-4  # the weights change the objective, not the head losses
+    torch.testing.assert_close(plain.head_losses.detach(), out.head_losses, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "stacked"])
+def test_draft_loss_weight_zero_trains_head_one_alone(mode):
+    """Weight 0: the trunk's gradients are head 1's alone, as in a next-byte model with the same
+    trunk, and the draft heads' unembeddings get none."""
+    model = make_model("linear", 4)
+    ids = padded_batch(4)
+    _, got = grads_of(model, ids, mode, draft_loss_weight=0.0)
+    inputs, targets = split_batch(ids, 4)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model.head_logits(model.trunk(inputs), 0).flatten(0, 1), targets[..., 0].flatten(),
+                    ignore_index=-1).backward()
+    for name, p in model.named_parameters():
+        want = torch.zeros_like(got[name]) if p.grad is None else p.grad
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-7, msg=name)
+    assert all(got[f"heads.{k}.weight"].abs().max() == 0 for k in (1, 2, 3))
 
 
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])

@@ -48,7 +48,7 @@ def test_demo_minutes_fit_the_steps_to_the_budget(monkeypatch):
 
 RECIPE_MODEL = {"qk_norm": True, "zero_init_out": True, "ffn": "relu2"}
 NEW_MODEL_FIELDS = ("qk_norm", "zero_init_out", "logit_cap")
-NEW_TRAIN_FIELDS = ("optimizer", "muon_lr", "muon_momentum")
+NEW_TRAIN_FIELDS = ("optimizer", "muon_lr", "muon_momentum", "draft_loss_weight")
 
 
 def _model(**overrides) -> ByteMTP:
@@ -75,6 +75,7 @@ def test_old_config_without_the_recipe_fields_loads_and_decodes_identically(tmp_
     assert not any("qk_norm" in name for name, _ in model.named_parameters())
     train_dict = {k: v for k, v in TrainConfig().to_dict().items() if k not in NEW_TRAIN_FIELDS}
     assert TrainConfig.from_dict(train_dict).optimizer == "adamw"
+    assert TrainConfig.from_dict(train_dict).draft_loss_weight == 1.0  # the paper's plain mean over heads
     path = save_checkpoint(tmp_path, 1, model, train_config=TrainConfig().to_dict())
     _strip_new_fields(path)
     loaded, _ = load_model(tmp_path)
@@ -91,7 +92,7 @@ def test_old_config_without_the_recipe_fields_loads_and_decodes_identically(tmp_
 def test_recipe_configs_round_trip(tmp_path, options):
     model = _model(**options).eval()
     assert ModelConfig.from_dict(json.loads(json.dumps(model.cfg.to_dict()))) == model.cfg
-    train_cfg = TrainConfig(optimizer="muon", muon_lr=0.05)
+    train_cfg = TrainConfig(optimizer="muon", muon_lr=0.05, draft_loss_weight=0.25)
     assert TrainConfig.from_dict(json.loads(json.dumps(train_cfg.to_dict()))) == train_cfg
     save_checkpoint(tmp_path, 1, model, train_config=train_cfg.to_dict())
     loaded, meta = load_model(tmp_path)
@@ -99,6 +100,12 @@ def test_recipe_configs_round_trip(tmp_path, options):
     assert loaded.cfg == model.cfg and meta["train"]["optimizer"] == "muon"
     assert torch.equal(loaded(ids), model(ids))
     assert _greedy(loaded) == _greedy(model)
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan")])
+def test_negative_draft_loss_weight_is_refused(value):
+    with pytest.raises(BytemtpError, match="draft_loss_weight: must be >= 0"):
+        TrainConfig(draft_loss_weight=value)
 
 
 def test_recipe_options_change_the_model():

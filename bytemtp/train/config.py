@@ -56,6 +56,10 @@ class TrainConfig:
     ``optimizer="muon"`` moves the blocks' matrices to Muon (``muon_lr``,
     ``muon_momentum``; see ``bytemtp.train.optim``); ``"adamw"`` (the default, and what
     a config saved before the field existed means) trains everything with AdamW.
+
+    ``draft_loss_weight`` weighs each draft head's loss against head 1's in the objective
+    (``bytemtp.train.objective.head_weights``); 1, the default and what an older config
+    means, is the paper's plain mean over heads.
     """
 
     steps: int = 200
@@ -73,6 +77,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    draft_loss_weight: float = 1.0
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -94,6 +99,8 @@ class TrainConfig:
         for name in ("lr", "muon_lr"):
             if not getattr(self, name) > 0:
                 raise BytemtpError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not self.draft_loss_weight >= 0:
+            raise BytemtpError(f"draft_loss_weight: must be >= 0, got {self.draft_loss_weight}")
         if not 0 <= self.muon_momentum < 1:
             raise BytemtpError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer not in OPTIMIZERS:

@@ -148,7 +148,9 @@ class _Run:
             load_weights(self.model, ckpt)
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
-        self.wrapped = wrap(MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device)), env, cfg.fsdp)
+        self.wrapped = wrap(
+            MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device), cfg.draft_loss_weight), env, cfg.fsdp
+        )
         self.objective = unwrap(self.wrapped)
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)

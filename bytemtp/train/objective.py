@@ -25,9 +25,10 @@ than n narrow ones each; chunks of rows bound the logits alive at once
 ``naive``: sum the head losses and backward once (all logits alive together); the
 reference the other schedules are tested against.
 
-The objective is the mean over heads of each head's mean cross-entropy; targets of
--1 (padding) are ignored (a head with no real target contributes 0, not NaN).
-Losses are reported in bits per byte.
+The objective is a weighted mean over heads of each head's mean cross-entropy: head 1
+weighs 1 and every draft head ``draft_loss_weight`` (1: the paper's plain mean), normalised
+to sum to 1 (``head_weights``). Targets of -1 (padding) are ignored (a head with no real
+target contributes 0, not NaN). Losses are reported in bits per byte.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ def split_batch(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.T
     return inputs, targets
 
 
+def head_weights(n_future: int, draft_loss_weight: float, device: torch.device | None = None) -> torch.Tensor:
+    """[n] weights of the heads' losses in the objective: 1 for head 1, ``draft_loss_weight`` for each
+    draft head, normalised to sum 1. Below 1 the shared trunk serves head 1 first (the
+    draft heads then only propose, and head 1 alone decides every output byte)."""
+    w = torch.full((n_future,), float(draft_loss_weight), dtype=torch.float32, device=device)
+    w[0] = 1.0
+    return w / w.sum()
+
+
 def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like: list[torch.Tensor]):
     """Running sum of per-head gradients, kept in the dtypes of ``like`` (fp32 under autocast)."""
     if total is None:
@@ -83,10 +93,11 @@ def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like:
     return total
 
 
-def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Tensor, h: torch.Tensor):
-    """LossAndGradients over (h = norm(z), *head weights): the features are shared, only weights differ."""
+def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                        h: torch.Tensor):
+    """LossAndGradients over (h = norm(z), *unembeddings): the features are shared, only weights differ."""
     n, dt = targets.shape[-1], matmul_dtype(h)
-    ce, scales = cross_entropy_fn(model), 1.0 / (n * counts)
+    ce, scales = cross_entropy_fn(model), weights / counts
     feats = h.detach().flatten(0, 1).to(dt)
     nll, grad_h, grad_ws = [], None, []
     with no_autocast(h):
@@ -98,18 +109,19 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Ten
             grad_ws.append(g_w.to(w.dtype))
             nll.append(nll_k)
     losses = torch.cat(nll) / counts
-    return losses.mean(), losses, [grad_h[0].view_as(h), *grad_ws]
+    return (weights * losses).sum(), losses, [grad_h[0].view_as(h), *grad_ws]
 
 
-def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Tensor, h: torch.Tensor):
-    """LossAndGradients over (h = norm(z), *head weights) with all heads' unembeddings stacked:
+def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                         h: torch.Tensor):
+    """LossAndGradients over (h = norm(z), *unembeddings) with all heads' unembeddings stacked:
     one [d, n * vocab_padded] product per chunk of rows instead of n narrow ones, each chunk's
     logits (at most ``STACKED_LOGITS`` elements) freed before the next."""
     n, dt, vp = targets.shape[-1], matmul_dtype(h), model.cfg.vocab_padded
-    ce, scales = cross_entropy_fn(model), 1.0 / (n * counts)
+    ce, scales = cross_entropy_fn(model), weights / counts
     feats, flat_targets = h.detach().flatten(0, 1).to(dt), targets.flatten(0, 1)
-    weights = [model.unembedding(k) for k in range(n)]
-    stacked = torch.cat(weights).to(dt)
+    unembeds = [model.unembedding(k) for k in range(n)]
+    stacked = torch.cat(unembeds).to(dt)
     rows = max(1, STACKED_LOGITS // (n * vp))
     nll, grad_h, grad_w = 0.0, [], None
     with no_autocast(h):
@@ -118,10 +130,10 @@ def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Te
             nll_part, g_f, g_w = ce(feats[part], stacked, flat_targets[part], model.cfg.vocab, scales, model.cfg.logit_cap)
             nll = nll + nll_part
             grad_h.append(g_f.to(h.dtype))
-            grad_w = _sum_into(grad_w, [g_w], weights[:1])
+            grad_w = _sum_into(grad_w, [g_w], unembeds[:1])
     losses = nll / counts
-    grad_ws = [g.to(w.dtype) for g, w in zip(grad_w[0].split(vp), weights)]
-    return losses.mean(), losses, [torch.cat(grad_h).view_as(h), *grad_ws]
+    grad_ws = [g.to(w.dtype) for g, w in zip(grad_w[0].split(vp), unembeds)]
+    return (weights * losses).sum(), losses, [torch.cat(grad_h).view_as(h), *grad_ws]
 
 
 def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosContext, unembed: torch.Tensor,
@@ -140,9 +152,10 @@ def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosCo
     return nll, [g_z, g_norm, g_u], g_params
 
 
-def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torch.Tensor, z: torch.Tensor):
+def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                             z: torch.Tensor):
     """LossAndGradients over (z, norm weight, unembedding, *head params): one head's graph alive at a time."""
-    n, scales = targets.shape[-1], 1.0 / (targets.shape[-1] * counts)
+    n, scales = targets.shape[-1], weights / counts
     pos = model.pos_context(z.shape[1])
     zd = z.detach().requires_grad_()
     norm_w, unembed_w = model.norm.weight, model.unembedding(0)
@@ -155,7 +168,7 @@ def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, counts: torc
         head_grads += g_params
         nll.append(nll_k)
     losses = torch.cat(nll) / counts
-    return losses.mean(), losses, [*shared, *head_grads]
+    return (weights * losses).sum(), losses, [*shared, *head_grads]
 
 
 class _GradientsFromForward(torch.autograd.Function):
@@ -182,18 +195,19 @@ class _GradientsFromForward(torch.autograd.Function):
         return (None, *(g.mul_(grad_objective) for g in grads))
 
 
-def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor, stacked: bool):
+def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+                stacked: bool):
     if model.linear_heads:
-        weights = [model.unembedding(k) for k in range(model.cfg.n_future)]
+        unembeds = [model.unembedding(k) for k in range(model.cfg.n_future)]
         heads = _stacked_heads_grads if stacked else _linear_heads_grads
-        compute = functools.partial(heads, model, targets, counts)
-        return _GradientsFromForward.apply(compute, model.head_features(z, 0), *weights)
+        compute = functools.partial(heads, model, targets, weights, counts)
+        return _GradientsFromForward.apply(compute, model.head_features(z, 0), *unembeds)
     params = [model.norm.weight, model.unembedding(0), *model.heads.parameters()]
-    compute = functools.partial(_transformer_heads_grads, model, targets, counts)
+    compute = functools.partial(_transformer_heads_grads, model, targets, weights, counts)
     return _GradientsFromForward.apply(compute, z, *params)
 
 
-def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor):
+def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor):
     nll = [
         F.cross_entropy(
             model.head_logits(z, k).flatten(0, 1).float(), targets[..., k].flatten(), ignore_index=-1, reduction="sum"
@@ -201,7 +215,7 @@ def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, counts: torch
         for k in range(targets.shape[-1])
     ]
     losses = torch.stack(nll) / counts
-    return losses.mean(), losses.detach()
+    return (weights * losses).sum(), losses.detach()
 
 
 def resolve_loss_mode(mode: str, device: torch.device) -> str:
@@ -209,8 +223,11 @@ def resolve_loss_mode(mode: str, device: torch.device) -> str:
     return DEFAULT_LOSS_MODE.get(device.type, "sequential") if mode == "auto" else mode
 
 
-def multihead_loss(model: ByteMTP, ids: torch.Tensor, mode: str = "sequential") -> LossOutput:
-    """Objective of batch ``ids`` [B, T+n]; call ``.loss.backward()`` on the result.
+def multihead_loss(
+    model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float = 1.0
+) -> LossOutput:
+    """Objective of batch ``ids`` [B, T+n] (draft heads weighted ``draft_loss_weight``, see ``head_weights``);
+    call ``.loss.backward()`` on the result.
 
     Without grad mode (evaluation) every mode computes the same losses head by head.
     """
@@ -218,7 +235,8 @@ def multihead_loss(model: ByteMTP, ids: torch.Tensor, mode: str = "sequential") 
         raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
     inputs, targets = split_batch(ids, model.cfg.n_future)
     counts = (targets >= 0).sum((0, 1)).clamp_min(1)
+    weights = head_weights(model.cfg.n_future, draft_loss_weight, ids.device)
     z = model.trunk(inputs)
     if mode == "naive" or not torch.is_grad_enabled():
-        return LossOutput(*_naive(model, z, targets, counts))
-    return LossOutput(*_sequential(model, z, targets, counts, stacked=mode == "stacked"))
+        return LossOutput(*_naive(model, z, targets, weights, counts))
+    return LossOutput(*_sequential(model, z, targets, weights, counts, stacked=mode == "stacked"))

@@ -27,12 +27,12 @@ if TYPE_CHECKING:
 class MTPObjective(nn.Module):
     """Model + objective as one module, so DDP/FSDP wrap a forward that returns the loss."""
 
-    def __init__(self, model: ByteMTP, mode: str = "sequential"):
+    def __init__(self, model: ByteMTP, mode: str = "sequential", draft_loss_weight: float = 1.0):
         super().__init__()
-        self.model, self.mode = model, mode
+        self.model, self.mode, self.draft_loss_weight = model, mode, draft_loss_weight
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = multihead_loss(self.model, ids, self.mode)
+        out = multihead_loss(self.model, ids, self.mode, self.draft_loss_weight)
         return out.loss, out.head_losses
 
 
