@@ -16,7 +16,7 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from bytemtp import BOS
 from bytemtp.train.checkpoint import load_model, save_checkpoint
 from bytemtp.cli import main
-from bytemtp.model.config import ModelConfig
+from bytemtp.model.config import PRESETS, ModelConfig
 from bytemtp.train.distill import DistillConfig, distill, draft_loss, greedy_continuations, trunk_and_choices
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.generate import GenerationConfig, generate
@@ -127,8 +127,14 @@ def test_distill_rejects_bad_settings():
         DistillConfig(text=2, holdout=2)
     with pytest.raises(BytemtpError, match="n_future=1"):
         distilled(ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=1, max_seq_len=64)))
-    with pytest.raises(BytemtpError, match="exceeds max_seq_len"):
+    with pytest.raises(BytemtpError, match="BOS and 200 bytes need 201 positions, more than the model's max_seq_len"):
         distilled(trained_model(), prompt_bytes=100, new_bytes=100)
+
+
+def test_default_continuations_fit_the_tiny_preset():
+    """``bytemtp distill runs/tiny`` with no flags must not ask for more positions than tiny has."""
+    cfg = DistillConfig()
+    assert 1 + cfg.prompt_bytes + cfg.new_bytes == PRESETS["tiny"].max_seq_len
 
 
 def test_cli_writes_a_distilled_checkpoint(tmp_path):

@@ -22,7 +22,7 @@ from bytemtp.cli.options import FiniteFloat, SEED, device_option
               help="Train-split text windows (--prompt-bytes + --new-bytes long) fitted alongside the "
                    "continuations, so the heads keep agreeing with head 1 on ordinary text (0: none).")
 @click.option("--prompt-bytes", default=64, show_default=True, type=click.IntRange(min=1), help="Bytes per prompt.")
-@click.option("--new-bytes", default=192, show_default=True, type=click.IntRange(min=1),
+@click.option("--new-bytes", default=191, show_default=True, type=click.IntRange(min=1),
               help="Greedy bytes generated per prompt.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Sequences generated (and encoded) together.")

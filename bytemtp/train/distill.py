@@ -50,7 +50,7 @@ class DistillConfig:
     prompts: int = 1024
     text: int = 1024
     prompt_bytes: int = 64
-    new_bytes: int = 192
+    new_bytes: int = 191  # with BOS and a 64-byte prompt: the tiny preset's 256 positions
     batch_size: int = 64
     epochs: int = 3
     lr: float = 1e-3
@@ -80,7 +80,10 @@ def greedy_continuations(
         raise BytemtpError(f"greedy_continuations: prompts must have one length, got {sorted(lengths)}")
     total = 1 + lengths.pop() + new_bytes
     if total > model.cfg.max_seq_len:
-        raise BytemtpError(f"--prompt-bytes + --new-bytes: {total - 1} exceeds max_seq_len={model.cfg.max_seq_len}")
+        raise BytemtpError(
+            f"--prompt-bytes + --new-bytes: BOS and {total - 1} bytes need {total} positions, more than the "
+            f"model's max_seq_len={model.cfg.max_seq_len}"
+        )
     decoder = Decoder(model, GenerationConfig(max_new_bytes=new_bytes, stop_at_bos=False))
     seqs = []
     with tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress) as bar:
