@@ -64,7 +64,7 @@ def walk_tree(
     elder siblings, each rejection leaving ``max(0, r - |r| q_i)``; past the last child (or at
     depth ``max_depth``) the next byte is drawn from the target at ``uniforms[0]``.
     -> (the accepted nodes [max_depth], 1-based, 0 past the end; their number; the next byte)."""
-    n, v = parent.size, p.shape[1]
+    n = parent.size
     path = np.zeros(max_depth, np.int64)
     length, node = 0, 0
     target = p[0].astype(np.float64)
@@ -88,9 +88,25 @@ def walk_tree(
                 target = rejected
         if not moved:
             break
-    cdf = np.cumsum(target)
-    byte = int(np.sum(cdf <= uniforms[0] * cdf[-1]))
-    last = v - 1
-    while last > 0 and target[last] <= 0:  # rounding must not pick a byte of probability zero
+    return path, length, draw_byte(target, uniforms[0])
+
+
+@njit(cache=True)
+def draw_byte(dist: np.ndarray, u: float) -> int:
+    """One byte from ``dist`` [V] (not necessarily normalised) by inverting its cumulative sum at
+    ``u`` in [0, 1), as ``bytemtp.decode.sampling.draw`` does; never a byte of probability zero."""
+    cdf = np.cumsum(dist.astype(np.float64))
+    byte = int(np.sum(cdf <= u * cdf[-1]))
+    last = dist.size - 1
+    while last > 0 and dist[last] <= 0:  # rounding must not pick a byte of probability zero
         last -= 1
-    return path, length, min(byte, last)
+    return min(byte, last)
+
+
+@njit(cache=True)
+def draw_bytes(dists: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """``draw_byte`` for each row of ``dists`` [m, V] at ``uniforms`` [m] -> [m] int64."""
+    out = np.zeros(dists.shape[0], np.int64)
+    for j in range(dists.shape[0]):
+        out[j] = draw_byte(dists[j], uniforms[j])
+    return out

@@ -1,5 +1,8 @@
 """Chain drafting: each step verifies one block of drafts per row, one per draft head.
 
+Compiled, a step is ``chain_step``: forward and decision in one graph. Eager, the
+forward runs alone and the decision is taken on the host (``host_chain_decide``).
+
 The strategy keeps, per row, the drafts of the latest decision and how many of them
 the next step verifies (``n_valid``: all of them, or as many as pay for themselves
 under a ``DraftPolicy``; fewer when the step is narrower, see ``Batch.fits``); when
@@ -16,7 +19,8 @@ import torch
 
 from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.drafting import DraftPolicy
-from bytemtp.decode.step import StepOutput, chain_decide, chain_step
+from bytemtp.decode.host_chain import host_chain_decide
+from bytemtp.decode.step import StepOutput, chain_decide
 from bytemtp.decode.verify import ChainRule, Uniforms
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
@@ -35,6 +39,7 @@ class ChainDrafts:
     ):
         self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
+        self.decide = chain_decide if step is not None else host_chain_decide  # eager: on the host
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
         self.draft_probs: torch.Tensor | None = None
@@ -72,7 +77,7 @@ class ChainDrafts:
         none = torch.zeros(len(batch.rows), 0, dtype=torch.long, device=batch.device)
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
         u = self.uniforms(batch, active, 0)
-        out = chain_decide(self.model, self.rule, self.n_drafts, logits, features, none, zeros, None, u)
+        out = self.decide(self.model, self.rule, self.n_drafts, logits, features, none, zeros, None, u)
         return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
@@ -84,11 +89,13 @@ class ChainDrafts:
         ids = torch.tensor(ids, device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
         u = self.uniforms(batch, active, width - 1)
-        args = (ids, batch.slots(width, active), n_valid_t, self.draft_probs, u)
+        slots = batch.slots(width, active)
         if self.step_fn is None:
-            out = chain_step(self.model, self.rule, self.n_drafts, *args, kv_len=batch.kv_len(width))
+            logits, features = self.model.decode(ids, slots, self.n_drafts + 1, kv_len=batch.kv_len(width))
+            args = (self.n_drafts, logits, features, ids[:, 1:], n_valid_t, self.draft_probs, u)
+            out = self.decide(self.model, self.rule, *args)
         else:
-            out = self.step_fn(*args)
+            out = self.step_fn(ids, slots, n_valid_t, self.draft_probs, u)
         return self._read(batch, active, out, n_valid, fed=True)
 
     def _read(

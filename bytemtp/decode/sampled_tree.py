@@ -16,9 +16,11 @@ of its byte, so when a draft head is close to head 1 the tree reaches deeper.
 
 Eager, the walk runs on the host (``bytemtp_native.tree_sampling_ops``: it visits only
 the nodes it reaches, where tensor code pays a dispatch for every node's threshold
-and residual), on head 1's and the draft heads' distributions at every position,
-which the step returns; compiled, the whole verification runs inside the step
-(``bytemtp.decode.step.sampled_tree_step``), one graph with no host round trip.
+and residual), on head 1's distributions at every position; the draft heads then run
+at the one node each row stopped at (running them at all 16 positions of a tree of 15,
+as the walk's input, was a fifth of the step); compiled, the whole verification runs
+inside the step (``bytemtp.decode.step.sampled_tree_step``), one graph with no host
+round trip.
 
 Every row draws the same count of uniforms from its own generator every step (a
 Gumbel row per possible parent and one number per node), however wide the step,
@@ -31,8 +33,8 @@ import numpy as np
 import torch
 
 from bytemtp.decode.batch import Batch, Decision
-from bytemtp.decode.sampling import SamplingConfig
-from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_distributions, tree_forward
+from bytemtp.decode.sampling import SamplingConfig, probabilities
+from bytemtp.decode.step import RANKS, nonfinite, sampled_tree_decide, sampled_tree_step, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
 from bytemtp_native.tree_sampling_ops import draw_children, walk_tree
 
@@ -71,8 +73,7 @@ class SampledTreeDrafts(TreeDrafts):
         noise = self.noise(batch, active)
         self._forget(active)
         if self.step_fn is None:
-            out = tree_distributions(self.model, self.sampling, self.n_drafts, logits, features)
-            return self.walk(batch, active, out, noise[..., -1].numpy(), fed=False)
+            return self.walk(batch, active, logits, features, noise[..., -1].numpy(), fed=False)
         none = torch.zeros(len(batch.rows), 0, dtype=torch.long, device=batch.device)
         node_q = features.new_zeros(len(batch.rows), 0, self.vocab)
         uniforms = noise[:, :1, -1].to(batch.device)
@@ -93,8 +94,7 @@ class SampledTreeDrafts(TreeDrafts):
         width, inputs = self.layout(batch, active)
         if self.step_fn is None:
             logits, features = tree_forward(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
-            out = tree_distributions(self.model, self.sampling, self.n_drafts, logits, features)
-            return self.walk(batch, active, out, noise[..., -1].numpy(), fed=True)
+            return self.walk(batch, active, logits, features, noise[..., -1].numpy(), fed=True)
         parent = np.zeros((len(batch.rows), width - 1), np.int64)  # a parked row: a star, never read
         depth = np.ones_like(parent)
         for r, on in enumerate(active):
@@ -106,26 +106,39 @@ class SampledTreeDrafts(TreeDrafts):
         inputs["noise"] = noise[:, :width].to(batch.device)
         return self.read(batch, active, self.step_fn(**inputs), fed=True)
 
-    def walk(self, batch: Batch, active: list[bool], out: tuple, uniforms: np.ndarray, fed: bool) -> dict[int, Decision]:
-        """Eager: verify each row's tree on the host from the step's distributions (``out``: head 1's
-        [B, P, V], the draft heads' [B, P, m, V], the non-finite flag), one transfer for the batch."""
-        p, q, broken = (t.cpu().numpy() for t in out)
-        decisions = {}
-        self.moves[:] = self.still
-        for r, row in enumerate(batch.rows):
-            if not active[r]:
-                continue
+    def walk(
+        self,
+        batch: Batch,
+        active: list[bool],
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        uniforms: np.ndarray,
+        fed: bool,
+    ) -> dict[int, Decision]:
+        """Eager: verify each row's tree on the host from head 1's distributions at every position
+        (the step's ``logits``), then run the draft heads at the node each row stopped at only."""
+        p = probabilities(logits, self.sampling).cpu().numpy()
+        rows = [r for r in range(len(batch.rows)) if active[r]]
+        verdicts = {}
+        for r in rows:
             tree = self.verified[r]
             n = tree.size if tree is not None else 0
             parent, tokens = (tree.parent, tree.tokens) if n else (np.zeros(0, np.int64),) * 2
             node_q = self.node_q[r][:n] if n else np.zeros((0, self.vocab))
             path, length, byte = walk_tree(parent, tokens, node_q, p[r, : n + 1], uniforms[r, : n + 1], self.max_path)
-            last = path[length - 1] if length else 0
-            self.host_q[r] = q[r, last]
-            ranked = np.argsort(-q[r, last], axis=-1, kind="stable")[:, :RANKS]
-            decisions[r] = self.advance(
-                r, row, path, length, byte, observed(tokens, path, length, byte, n), ranked, bool(broken[r]), fed
-            )
+            verdicts[r] = (path, length, byte, tokens, n)
+        last = torch.tensor([path[length - 1] if length else 0 for path, length, *_ in verdicts.values()])
+        at = torch.tensor(rows), last.to(features.device)
+        draft_logits = self.model.draft_logits(features[at], self.n_drafts)  # [rows, m, V]
+        q = probabilities(draft_logits, self.sampling).cpu().numpy()
+        broken = (nonfinite(logits[at[0]]) | nonfinite(draft_logits)).tolist()
+        decisions = {}
+        self.moves[:] = self.still
+        for i, (r, (path, length, byte, tokens, n)) in enumerate(verdicts.items()):
+            self.host_q[r] = q[i]
+            ranked = np.argsort(-q[i], axis=-1, kind="stable")[:, :RANKS]
+            choice = observed(tokens, path, length, byte, n)
+            decisions[r] = self.advance(r, batch.rows[r], path, length, byte, choice, ranked, broken[i], fed)
         return decisions
 
     def read(self, batch: Batch, active: list[bool], out: tuple, fed: bool) -> dict[int, Decision]:

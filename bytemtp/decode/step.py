@@ -240,14 +240,3 @@ def sampled_tree_step(
     return sampled_tree_decide(
         model, sampling, n_drafts, logits, features, parent, tokens, node_q, noise[..., -1], max_depth, max_children
     )
-
-
-def tree_distributions(
-    model: torch.nn.Module, sampling: SamplingConfig, n_drafts: int, logits: torch.Tensor, features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Head 1's processed distributions [B, P, V] and the draft heads' [B, P, m, V] at every
-    position, and the non-finite flag [B]: what a host-side tree sampler verifies and drafts
-    from (``bytemtp.decode.sampled_tree``), whichever node the walk stops at."""
-    draft_logits = model.draft_logits(features, n_drafts)
-    broken = nonfinite(logits) | nonfinite(draft_logits)
-    return probabilities(logits, sampling), probabilities(draft_logits, sampling), broken

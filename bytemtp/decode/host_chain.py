@@ -1,0 +1,62 @@
+"""Eager chain decisions on the host: ``chain_decide``'s rules in two compiled calls.
+
+Written as tensor code (``bytemtp.decode.verify``), a chain step's decision is some
+50 operations on a handful of bytes when sampling and 20 when greedy. Eager on a CPU,
+each pays a dispatch, and right after a forward (which has pushed their code and data
+out of the caches) several microseconds of it: the decision cost a sampled step of the
+``tiny`` model 276 µs, a sixth of it. Eager steps are not captured in any graph, so
+nothing is lost by deciding on the host instead (``bytemtp_native.chain_ops``): head
+1's processed distributions (``probabilities``, the one place temperature, top-k and
+top-p are applied) come over once, a sampled chain is verified by the host tree walk
+(a chain is a tree with one child per node; ``bytemtp.decode.tree_sampling`` proves its
+maths exact), and the next drafts are drawn by inverting their cumulative
+distributions. Same uniforms, same rules, same bytes as the tensor code (tests compare
+the two); compiled steps keep the tensor code, which traces whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bytemtp.decode.sampling import probabilities
+from bytemtp.decode.verify import ChainRule, Uniforms
+from bytemtp_native.chain_ops import chain_output, greedy_chain, sampled_chain
+
+# the sampling arguments of a greedy step, and the draft distributions of a step that judges no drafts
+_NONE, _NONE_2D = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float32)
+
+
+def host_chain_decide(
+    model: torch.nn.Module,
+    rule: ChainRule,
+    n_drafts: int,
+    logits: torch.Tensor,
+    features: torch.Tensor,
+    drafts: torch.Tensor,
+    n_valid: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    u: Uniforms | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results."""
+    host_logits, host_drafts, host_valid = (t.cpu().numpy() for t in (logits.float(), drafts, n_valid))
+    greedy = rule.sampling.greedy
+    if greedy:
+        accepted, next_byte, broken = greedy_chain(host_logits, host_drafts, host_valid)
+    else:
+        p = probabilities(logits, rule.sampling).cpu().numpy()
+        q = draft_probs.cpu().numpy() if draft_probs is not None else _NONE
+        uniforms = u.accept.cpu().numpy(), u.next.cpu().numpy()
+        accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
+    n_rows = len(accepted)
+    draft_logits = logits.new_zeros(n_rows, 0, logits.shape[-1])
+    if n_drafts:
+        at = torch.from_numpy(accepted).to(features.device)
+        draft_logits = model.draft_logits(features[torch.arange(n_rows, device=features.device), at], n_drafts)
+    q = None if greedy else probabilities(draft_logits, rule.sampling)
+    host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
+    out = chain_output(accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy)
+    confidence = torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)
+    if rule.confidence and n_drafts:
+        confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
+    return torch.from_numpy(out).to(logits.device), q if n_drafts else None, confidence

@@ -1,0 +1,87 @@
+"""The eager engine's host-side chain decision equals the tensor code compiled steps run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bytemtp.decode.host_chain import host_chain_decide
+from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
+from bytemtp.decode.step import chain_decide
+from bytemtp.decode.verify import ChainRule, Uniforms
+from bytemtp.model.config import ModelConfig
+from bytemtp.model.transformer import ByteMTP
+
+SAMPLINGS = [
+    {"temperature": 0.0},
+    {"temperature": 1.0},
+    {"temperature": 0.8},
+    {"temperature": 0.7, "top_k": 5},
+    {"temperature": 1.2, "top_p": 0.8},
+]
+
+
+def draft_model(n_future: int) -> ByteMTP:
+    torch.manual_seed(0)
+    model = ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=n_future, max_seq_len=32)).eval()
+    model.setup_cache(1, 32)  # also stacks the draft heads' unembeddings
+    return model
+
+
+def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
+    """One step's decision inputs with drafts that head 1 often accepts: greedy, each row's drafts
+    are head 1's choices up to a random point; sampling, they are drawn from draft distributions
+    that are head 1's own plus noise of a per-row size. So every accepted-run length and both
+    outcomes of a judgement occur."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n_rows, k + 1, 256, generator=gen) * 3
+    features = torch.randn(n_rows, k + 1, 1, 32, generator=gen)
+    noise = torch.randn(n_rows, m, 256, generator=gen) * torch.rand(n_rows, 1, 1, generator=gen) * 6
+    q = probabilities(torch.cat((logits[:, :k], logits[:, : m - k]), dim=1) + noise, rule.sampling) if m else None
+    if rule.sampling.greedy:
+        right = torch.arange(k) < torch.randint(0, k + 1, (n_rows, 1), generator=gen)
+        drafts = torch.where(right, logits[:, :k].argmax(-1), torch.randint(0, 256, (n_rows, k), generator=gen))
+        u = None
+    else:
+        drafts = draw(q[:, :k], torch.rand(n_rows, k, generator=gen))
+        u = Uniforms(*(torch.rand(n_rows, w, generator=gen) for w in (k, 1, m)))
+        u.next = u.next[:, 0]
+    n_valid = torch.randint(0, k + 1, (n_rows,), generator=gen)
+    n_valid[: n_rows // 2] = k  # half the rows verify every draft
+    return logits, features, drafts, n_valid, q, u
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("k", [0, 3, 7])
+def test_host_decision_is_the_tensor_decision(sampling, k):
+    """Same inputs, same uniforms: the same accepted runs, next bytes, drafts, flags and draft
+    distributions, over many rows."""
+    m = 7
+    model = draft_model(m + 1)
+    rule = ChainRule(SamplingConfig(**sampling), confidence=True)
+    accepted = []
+    with torch.inference_mode():
+        for seed in range(4):
+            args = chain_inputs(rule, 64, k, m, seed)
+            logits, features, drafts, n_valid, q, u = args
+            want = chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
+            got = host_chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
+            assert torch.equal(got[0], want[0])
+            for a, b in zip(got[1:], want[1:]):
+                assert (a is None and b is None) or torch.equal(a, b)
+            accepted += want[0][:, 0].tolist()
+    if k:  # the comparison covered short and long runs
+        assert min(accepted) == 0 and max(accepted) == k
+
+
+def test_host_decision_flags_non_finite_logits():
+    model = draft_model(4)
+    rule = ChainRule(SamplingConfig(temperature=0.8))
+    with torch.inference_mode():
+        logits, features, drafts, n_valid, q, u = chain_inputs(rule, 3, 3, 3, seed=0)
+        logits[0, 1] = float("-inf")  # a position with no byte left
+        logits[1, 2, 7] = float("nan")
+        features[2] = float("inf")  # the draft heads' logits come out non-finite
+        want = chain_decide(model, rule, 3, logits, features, drafts, n_valid, q, u)[0][:, -1]
+        got = host_chain_decide(model, rule, 3, logits, features, drafts, n_valid, q, u)[0][:, -1]
+    assert got.tolist() == want.tolist() == [1, 1, 1]
