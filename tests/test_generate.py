@@ -25,6 +25,7 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_step
 from bytemtp.decode.stops import StopMatcher
+from bytemtp.decode.verify import Uniforms
 
 
 class Result(NamedTuple):
@@ -421,6 +422,9 @@ def test_draw_follows_the_distribution():
         ({"max_new_bytes": -1}, "--max-bytes"),
         ({"draft_heads": 0}, "--draft-heads"),
         ({"stop": (b"",)}, "--stop"),
+        ({"draft_temperature": 0.0}, "--draft-temperature"),
+        ({"draft_temperature": float("inf")}, "--draft-temperature"),
+        ({"draft_temperature": 0.5, "tree_nodes": 7}, "--draft-temperature: applies to chains"),
     ],
 )
 def test_bad_generation_config_names_the_flag(kw, flag):
@@ -517,9 +521,31 @@ def sampling_matches_head_one(stub: StubLM, sampling: dict, **kw) -> None:
     assert naive_stat > 10 * chi_squared_bound(dof)
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.7, "top_p": 0.8},
+        {"temperature": 1.0, "draft_temperature": 1.0},  # the default draws drafts at 0.8 x the temperature
+        {"temperature": 1.0, "draft_temperature": 0.3},
+    ],
+)
 def test_speculative_sampling_is_exactly_head_one(sampling):
-    sampling_matches_head_one(random_logits_stub(), sampling)
+    """Whatever temperature the drafts are drawn at, the output is head 1's at ``temperature``."""
+    draft = {k: sampling.pop(k) for k in ("draft_temperature",) if k in sampling}
+    sampling_matches_head_one(random_logits_stub(), sampling, **draft)
+
+
+def test_drafts_are_drawn_at_the_draft_temperature():
+    """A sampling chain's drafts come from the draft heads at ``draft_temperature`` (default: 0.8 x
+    the temperature), and are judged by those same distributions."""
+    logits = torch.randn(2, 3, VOCAB)
+    u = Uniforms(torch.zeros(2, 0), torch.zeros(2), torch.rand(2, 3))
+    for kw, want in (({}, 0.8), ({"draft_temperature": 0.5}, 0.5), ({"draft_temperature": 2.0}, 2.0)):
+        rule = Decoder(random_logits_stub(), GenerationConfig(temperature=1.0, **kw)).rule
+        drafts, q = rule.propose(logits, u)
+        assert torch.equal(q, probabilities(logits, SamplingConfig(temperature=want)))
+        assert torch.equal(drafts, draw(q, u.drafts))
 
 
 def test_speculative_sampling_matches_autoregressive_on_a_model():

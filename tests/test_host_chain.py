@@ -37,7 +37,7 @@ def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
     logits = torch.randn(n_rows, k + 1, 256, generator=gen) * 3
     features = torch.randn(n_rows, k + 1, 1, 32, generator=gen)
     noise = torch.randn(n_rows, m, 256, generator=gen) * torch.rand(n_rows, 1, 1, generator=gen) * 6
-    q = probabilities(torch.cat((logits[:, :k], logits[:, : m - k]), dim=1) + noise, rule.sampling) if m else None
+    q = probabilities(torch.cat((logits[:, :k], logits[:, : m - k]), dim=1) + noise, rule.draft_sampling)
     if rule.sampling.greedy:
         right = torch.arange(k) < torch.randint(0, k + 1, (n_rows, 1), generator=gen)
         drafts = torch.where(right, logits[:, :k].argmax(-1), torch.randint(0, 256, (n_rows, k), generator=gen))
@@ -51,25 +51,32 @@ def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
     return logits, features, drafts, n_valid, q, u
 
 
+@pytest.mark.parametrize("draft_scale", [1.0, 0.6])
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("k", [0, 3, 7])
-def test_host_decision_is_the_tensor_decision(sampling, k):
+def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale):
     """Same inputs, same uniforms: the same accepted runs, next bytes, drafts, flags and draft
-    distributions, over many rows."""
+    distributions, over many rows; also with drafts drawn at a lower temperature than head 1's."""
     m = 7
     model = draft_model(m + 1)
-    rule = ChainRule(SamplingConfig(**sampling), confidence=True)
-    accepted = []
+    cfg = SamplingConfig(**sampling)
+    draft = SamplingConfig(cfg.temperature * draft_scale, cfg.top_k, cfg.top_p) if not cfg.greedy else None
+    rule = ChainRule(cfg, confidence=True, draft=draft)
+    accepted, draws, moved = [], 0, 0
     with torch.inference_mode():
         for seed in range(4):
             args = chain_inputs(rule, 64, k, m, seed)
             logits, features, drafts, n_valid, q, u = args
             want = chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
             got = host_chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
-            assert torch.equal(got[0], want[0])
+            assert torch.equal(got[0][:, [0, -1]], want[0][:, [0, -1]])  # accepted runs, flags
+            # Drawn bytes: the host sums cumulative distributions in float64, torch rounds them to
+            # float32, so a uniform within rounding of a boundary may land on the neighbouring byte.
+            draws, moved = draws + want[0][:, 1:-1].numel(), moved + (got[0] != want[0]).sum().item()
             for a, b in zip(got[1:], want[1:]):
                 assert (a is None and b is None) or torch.equal(a, b)
             accepted += want[0][:, 0].tolist()
+    assert moved <= draws / 2000
     if k:  # the comparison covered short and long runs
         assert min(accepted) == 0 and max(accepted) == k
 

@@ -27,6 +27,8 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @click.option("--sweep", is_flag=True, help="One row per number of draft heads (1, 3, 7 for n = 8).")
 @click.option("--adaptive", is_flag=True,
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
+@click.option("--draft-temperature", default=None, type=FiniteFloat(min=0),
+              help="Temperature the chains' drafts are drawn at when sampling [default: 0.8 x --temperature].")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(any temperature; repeatable).")
@@ -42,8 +44,8 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @device_option
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive, trees,
-            batches, warmup, compile_, panels, device, as_json) -> None:
+def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive,
+            draft_temperature, trees, batches, warmup, compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
     Prompts are drawn (seeded) from the val split of --data. Prints bytes/s of each
@@ -58,7 +60,7 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
 
     cfg = BenchConfig(
         prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees,
-        batches,
+        batches, draft_temperature,
     )
     model, _ = load_model(ckpt, device)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)

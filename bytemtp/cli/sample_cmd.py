@@ -94,6 +94,9 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--adaptive", is_flag=True,
               help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
+@click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
+              help="Temperature a sampling chain's drafts are drawn at; the output stays exactly head 1's "
+                   "[default: 0.8 x --temperature].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
 @device_option
@@ -116,6 +119,7 @@ def command(
     speculative: bool | None,
     draft_heads: int | None,
     adaptive: bool,
+    draft_temperature: float | None,
     tree: int,
     device,
     stats: bool,
@@ -143,6 +147,7 @@ def command(
         speculative=speculative,
         draft_heads=draft_heads,
         tree_nodes=tree,
+        draft_temperature=draft_temperature,
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):

@@ -53,7 +53,8 @@ class Decoder:
                 max_path = min(self.tree_nodes, self.n_drafts)
                 step = functools.partial(sampled_tree_step, model, config.sampling, self.n_drafts, max_path)
         else:
-            self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None)
+            draft = config.draft_sampling if not config.sampling.greedy else None
+            self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None, draft=draft)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 

@@ -53,7 +53,7 @@ def host_chain_decide(
     if n_drafts:
         at = torch.from_numpy(accepted).to(features.device)
         draft_logits = model.draft_logits(features[torch.arange(n_rows, device=features.device), at], n_drafts)
-    q = None if greedy else probabilities(draft_logits, rule.sampling)
+    q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
     out = chain_output(accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy)
     confidence = torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bytemtp.decode.config import GenerationStats
+from bytemtp.decode.config import GenerationConfig, GenerationStats
 
 if TYPE_CHECKING:
     from bytemtp.decode.bench import BenchConfig
@@ -114,6 +114,7 @@ class BenchReport:
             "prompt_bytes": self.config.prompt_bytes,
             "max_bytes": self.config.max_bytes,
             "temperature": self.config.temperature,
+            "draft_temperature": self.draft_temperature,
             "ar_bytes_per_s": self.ar.median_bytes_per_s,
             "spec_bytes_per_s": main.median_bytes_per_s,
             "speedup": self.speedup(main),
@@ -124,9 +125,17 @@ class BenchReport:
             "rows": [row(m) for rows in self.batches for m in rows],
         }
 
+    @property
+    def draft_temperature(self) -> float | None:
+        """The temperature the chains' drafts were drawn at (None: greedy)."""
+        if self.config.temperature == 0:
+            return None
+        c = GenerationConfig(temperature=self.config.temperature, draft_temperature=self.config.draft_temperature)
+        return c.draft_sampling.temperature
+
     def table(self) -> str:
         c = self.config
-        how = "greedy" if c.temperature == 0 else f"temperature {c.temperature}"
+        how = f"temperature {c.temperature} (chain drafts {self.draft_temperature:g})" if c.temperature else "greedy"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "

@@ -14,11 +14,12 @@ draft is judged, and how the byte after the accepted run is chosen.
 - Greedy: drafts are accepted while they equal head 1's argmax: output is exactly greedy
   decoding.
 - Sampling: speculative sampling (Leviathan et al. 2023; Chen et al. 2023). Draft d_j was
-  drawn from q_j, head j+1's processed distribution at the position the block was drafted
-  from; head 1's processed distribution there is p_j. d_j is accepted with probability
-  min(1, p_j(d_j) / q_j(d_j)); at the first rejection the byte is drawn from
-  norm(max(0, p_j - q_j)) instead, and after the last accepted draft straight from p. Each
-  output byte is then distributed exactly as head 1 says, whatever the drafts were.
+  drawn from q_j, head j+1's distribution at the position the block was drafted from,
+  processed as ``ChainRule.draft_sampling`` says; head 1's processed distribution there is
+  p_j. d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection
+  the byte is drawn from norm(max(0, p_j - q_j)) instead, and after the last accepted draft
+  straight from p. Each output byte is then distributed exactly as head 1 says, whatever
+  the drafts were.
 
 Random numbers come in as arguments (``Uniforms``), drawn per row before the step, so
 these functions are pure and a row's draws do not depend on the other rows.
@@ -51,10 +52,18 @@ def accepted_run(agree: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ChainRule:
     """How drafts are judged and the next byte chosen: greedily (temperature 0) or by sampling.
-    ``confidence``: the step also reports the draft heads' top probabilities (for a ``DraftPolicy``)."""
+    ``confidence``: the step also reports the draft heads' top probabilities (for a ``DraftPolicy``).
+    ``draft``: how the draft heads' logits become the distributions drafts are drawn from and
+    judged by (default: ``sampling``). Any choice keeps the output exactly head 1's; a lower
+    temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``)."""
 
     sampling: SamplingConfig
     confidence: bool = False
+    draft: SamplingConfig | None = None
+
+    @property
+    def draft_sampling(self) -> SamplingConfig:
+        return self.draft or self.sampling
 
     def verify(
         self,
@@ -96,5 +105,5 @@ class ChainRule:
         sampling their distributions q [B, m, V], which the next step judges them by)."""
         if self.sampling.greedy:
             return draft_logits.argmax(dim=-1), None
-        q = probabilities(draft_logits, self.sampling)
+        q = probabilities(draft_logits, self.draft_sampling)
         return draw(q, u.drafts), q
