@@ -12,26 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from bytemtp_native.tree_sampling_ops import draw_byte, walk_tree
-
-
-@njit(cache=True)
-def nonfinite_rows(logits: np.ndarray) -> np.ndarray:
-    """[B, P, V] -> [B] bool, as ``bytemtp.decode.step.nonfinite``: some position's largest logit
-    is NaN or infinite (a single -inf only rules a byte out)."""
-    out = np.zeros(logits.shape[0], np.bool_)
-    for b in range(logits.shape[0]):
-        for j in range(logits.shape[1]):
-            top = -np.inf
-            for x in range(logits.shape[2]):
-                v = logits[b, j, x]
-                if v != v:  # NaN
-                    top = np.nan
-                    break
-                top = max(top, v)
-            if not np.isfinite(top):
-                out[b] = True
-    return out
+from bytemtp_native.tree_sampling_ops import draw_byte, nonfinite_rows, walk_tree
 
 
 @njit(cache=True)

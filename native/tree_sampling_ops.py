@@ -110,3 +110,41 @@ def draw_bytes(dists: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     for j in range(dists.shape[0]):
         out[j] = draw_byte(dists[j], uniforms[j])
     return out
+
+
+@njit(cache=True)
+def top_ranks(q: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` likeliest bytes, likeliest first, ties to the lower byte (a stable sort of
+    ``-q``): ``q`` [m, V] -> [m, k] int64. A few hundred comparisons per row, where a full sort
+    of the row costs as much as the rest of the walk."""
+    m, v = q.shape
+    out = np.zeros((m, k), np.int64)
+    for j in range(m):
+        taken = np.zeros(v, np.bool_)
+        for r in range(k):
+            best = -1
+            for x in range(v):
+                if not taken[x] and (best < 0 or q[j, x] > q[j, best]):
+                    best = x
+            out[j, r] = best
+            taken[best] = True
+    return out
+
+
+@njit(cache=True)
+def nonfinite_rows(logits: np.ndarray) -> np.ndarray:
+    """[B, P, V] -> [B] bool, as ``bytemtp.decode.step.nonfinite``: some position's largest logit
+    is NaN or infinite (a single -inf only rules a byte out)."""
+    out = np.zeros(logits.shape[0], np.bool_)
+    for b in range(logits.shape[0]):
+        for j in range(logits.shape[1]):
+            top = -np.inf
+            for x in range(logits.shape[2]):
+                v = logits[b, j, x]
+                if v != v:  # NaN
+                    top = np.nan
+                    break
+                top = max(top, v)
+            if not np.isfinite(top):
+                out[b] = True
+    return out

@@ -26,9 +26,10 @@ import torch
 
 from bytemtp.decode import tree_sampling
 from bytemtp.decode.sampling import SamplingConfig, probabilities
+from bytemtp.decode.step import nonfinite
 from bytemtp.decode.tree_sampling import expected_accepted, ranked_candidates, sampled_candidates, verify_tree
 from bytemtp.decode.tree_shape import best_shape, rank_log_probs
-from bytemtp_native.tree_sampling_ops import draw_children, walk_tree
+from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_ranks, walk_tree
 
 CHAIN7 = [0, 1, 2, 3, 4, 5, 6]
 BUSH = [0, 0, 0, 1, 1, 2]  # three children at the root, two below the first
@@ -445,3 +446,21 @@ def test_host_draw_is_the_tensor_draw():
         assert torch.equal(torch.from_numpy(host_q).sum(-1) > 0, live)
         assert torch.equal(torch.from_numpy(host_tokens)[live], tokens[0][live])
         assert (torch.from_numpy(host_q) - node_q[0]).abs().max() < 1e-12
+
+
+def test_host_ranks_are_a_stable_sort():
+    """``top_ranks``: the likeliest bytes first, ties to the lower byte, as a stable sort of ``-q``."""
+    rng = np.random.default_rng(0)
+    for q in (rng.random((7, 256)), rng.integers(0, 4, (7, 256)).astype(np.float32) / 4):  # the second: ties
+        assert np.array_equal(top_ranks(q, 8), np.argsort(-q, axis=-1, kind="stable")[:, :8])
+
+
+def test_host_non_finite_flag_is_the_tensor_flag():
+    """``nonfinite_rows`` flags a row exactly when ``bytemtp.decode.step.nonfinite`` does."""
+    logits = torch.randn(6, 3, 9)
+    logits[1, 0, 4] = float("nan")
+    logits[2, 2, 0] = float("inf")
+    logits[3, 1] = float("-inf")  # a position with no byte left
+    logits[4, 1, :8] = float("-inf")  # one byte left: fine
+    logits[5, 0, 3] = float("-inf")
+    assert nonfinite_rows(logits.numpy()).tolist() == nonfinite(logits).tolist() == [0, 1, 1, 1, 0, 0]

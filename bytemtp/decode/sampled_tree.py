@@ -34,9 +34,9 @@ import torch
 
 from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.sampling import SamplingConfig, probabilities
-from bytemtp.decode.step import RANKS, nonfinite, sampled_tree_decide, sampled_tree_step, tree_forward
+from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
-from bytemtp_native.tree_sampling_ops import draw_children, walk_tree
+from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_ranks, walk_tree
 
 
 class SampledTreeDrafts(TreeDrafts):
@@ -131,14 +131,15 @@ class SampledTreeDrafts(TreeDrafts):
         at = torch.tensor(rows), last.to(features.device)
         draft_logits = self.model.draft_logits(features[at], self.n_drafts)  # [rows, m, V]
         q = probabilities(draft_logits, self.sampling).cpu().numpy()
-        broken = (nonfinite(logits[at[0]]) | nonfinite(draft_logits)).tolist()
+        host_logits, host_drafts = (t.float().cpu().numpy() for t in (logits[at[0]], draft_logits))
+        broken = nonfinite_rows(host_logits) | nonfinite_rows(host_drafts)
         decisions = {}
         self.moves[:] = self.still
         for i, (r, (path, length, byte, tokens, n)) in enumerate(verdicts.items()):
             self.host_q[r] = q[i]
-            ranked = np.argsort(-q[i], axis=-1, kind="stable")[:, :RANKS]
+            ranked = top_ranks(q[i], RANKS)
             choice = observed(tokens, path, length, byte, n)
-            decisions[r] = self.advance(r, batch.rows[r], path, length, byte, choice, ranked, broken[i], fed)
+            decisions[r] = self.advance(r, batch.rows[r], path, length, byte, choice, ranked, bool(broken[i]), fed)
         return decisions
 
     def read(self, batch: Batch, active: list[bool], out: tuple, fed: bool) -> dict[int, Decision]:
