@@ -4,8 +4,9 @@ Prepare ``builtin:python-stdlib`` (reused when the cached copy is current), trai
 the ``tiny`` preset, sample a completion, and measure the self-speculative speedup.
 
 By default training runs a fixed number of steps per device type
-(``DEMO_STEPS``), so the same seed trains the same model on every machine of that
-kind and only the time it takes varies: a time budget made a slower or busier
+(``DEMO_STEPS``), so the same seed trains the same model on every machine with the
+same CPU (another CPU rounds differently: a slightly different model) and only the
+time it takes varies: a time budget made a slower or busier
 machine train fewer steps and show a worse model and a smaller speedup (557 steps
 and 2.86 bits per byte on one 2-core machine, 757 and 2.38 on a faster day).
 ``minutes`` is the explicit override: the step count is then calibrated from a
@@ -39,7 +40,8 @@ CORPUS = "builtin:python-stdlib"
 # The demo's fixed schedule, by device type. CPU: about 7 minutes of training on an idle
 # 2-core CPU: the plain AdamW step of 16 x 256 bytes took 0.58 s there, the tiny recipe's
 # (Muon, ReLU², QK-norm) 1.15x that measured side by side, and the one evaluation of the
-# val split at the end ~15 s; so the whole demo fits in 10. CUDA: not measured (no GPU
+# val split at the end ~15 s; so the whole demo fits in 10 (a faster 2-core Xeon trains the
+# 600 steps in 2 min 17 s). CUDA: not measured (no GPU
 # was at hand); more steps, still under one pass over the corpus (5000 x 4096 bytes of
 # its 31 MB).
 DEMO_STEPS: dict[str, int] = {"cpu": 600, "cuda": 5000}
