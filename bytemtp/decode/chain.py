@@ -103,9 +103,9 @@ class ChainDrafts:
     ) -> dict[int, Decision]:
         """Keep the new drafts (and their distributions) and read the decisions: one transfer for all rows."""
         ints, q, confidence = out
-        active_t = torch.tensor(active, device=batch.device) if q is not None or self.policy is not None else None
+        keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
+        active_t = torch.tensor(active, device=batch.device) if keep or self.policy is not None else None
         if q is not None:
-            keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
             self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q
         if self.policy is not None:
             judged_t = torch.tensor(n_judged, device=batch.device)

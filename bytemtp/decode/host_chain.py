@@ -37,8 +37,9 @@ def host_chain_decide(
     n_valid: torch.Tensor,
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
+    (the draft heads' confidence only when the rule asks for it)."""
     host_logits, host_drafts, host_valid = (t.cpu().numpy() for t in (logits.float(), drafts, n_valid))
     greedy = rule.sampling.greedy
     if greedy:
@@ -48,15 +49,24 @@ def host_chain_decide(
         q = draft_probs.cpu().numpy() if draft_probs is not None else _NONE
         uniforms = u.accept.cpu().numpy(), u.next.cpu().numpy()
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
-    n_rows = len(accepted)
-    draft_logits = logits.new_zeros(n_rows, 0, logits.shape[-1])
-    if n_drafts:
-        at = torch.from_numpy(accepted).to(features.device)
-        draft_logits = model.draft_logits(features[torch.arange(n_rows, device=features.device), at], n_drafts)
+    if not n_drafts:  # autoregressive: nothing to draft
+        no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
+        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True)
+        return torch.from_numpy(out).to(logits.device), None, None
+    draft_logits = model.draft_logits(_accepted_features(features, accepted), n_drafts)
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
     out = chain_output(accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy)
-    confidence = torch.zeros(n_rows, 0, dtype=torch.long, device=logits.device)
-    if rule.confidence and n_drafts:
+    confidence = None  # read only by a DraftPolicy, which asks for it
+    if rule.confidence:
         confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
-    return torch.from_numpy(out).to(logits.device), q if n_drafts else None, confidence
+    return torch.from_numpy(out).to(logits.device), q, confidence
+
+
+def _accepted_features(features: torch.Tensor, accepted: np.ndarray) -> torch.Tensor:
+    """Each row's draft features at its accepted position, [B, F, d]: picked on the host when the
+    features live there in float32 (one NumPy index instead of four dispatched operations)."""
+    rows = np.arange(len(accepted))
+    if features.device.type == "cpu" and features.dtype == torch.float32:
+        return torch.from_numpy(features.numpy()[rows, accepted])
+    return features[torch.from_numpy(rows).to(features.device), torch.from_numpy(accepted).to(features.device)]
