@@ -9,9 +9,11 @@ host in one transfer for the whole batch; the few float tensors the next step ne
 
 ``P = 1 + drafts``: a chain step feeds ``[pending, d_1 .. d_k]`` (``chain_step``), a tree
 step ``[pending, node_1 .. node_n]`` (``tree_step`` greedy, ``sampled_tree_step`` sampling,
-which draws the nodes' bytes itself); ``P = 1`` is autoregressive decoding, the same code. The first decision of a generation comes from the prompt's forward instead
+which draws the nodes' bytes itself); ``P = 1`` is autoregressive decoding, the same code.
+The first decision of a generation comes from the prompt's forward instead
 (``chain_decide`` and ``tree_decide`` on its last position), which is why deciding is a
-function of its own.
+function of its own. Eager chain steps take that decision on the host instead
+(``bytemtp.decode.host_chain``).
 """
 
 from __future__ import annotations
