@@ -424,7 +424,6 @@ def test_draw_follows_the_distribution():
         ({"stop": (b"",)}, "--stop"),
         ({"draft_temperature": 0.0}, "--draft-temperature"),
         ({"draft_temperature": float("inf")}, "--draft-temperature"),
-        ({"draft_temperature": 0.5, "tree_nodes": 7}, "--draft-temperature: applies to chains"),
     ],
 )
 def test_bad_generation_config_names_the_flag(kw, flag):
@@ -548,8 +547,12 @@ def test_drafts_are_drawn_at_the_draft_temperature():
         assert torch.equal(drafts, draw(q, u.drafts))
 
 
-def test_speculative_sampling_matches_autoregressive_on_a_model():
-    """First two bytes from the trained model, both modes, against the exact distribution."""
+@pytest.mark.parametrize(
+    "decoder", [{"draft_heads": 1}, {"tree_nodes": 5, "draft_temperature": 0.3}], ids=["chain", "tree-drafts-at-0.3"]
+)
+def test_speculative_sampling_matches_autoregressive_on_a_model(decoder):
+    """First two bytes from the trained model, both modes, against the exact distribution; the
+    tree draws its drafts far colder than head 1 samples."""
     model = trained_model()
     sampling = {"temperature": 1.0, "top_k": 3}
     cfg = SamplingConfig(**sampling)
@@ -572,7 +575,7 @@ def test_speculative_sampling_matches_autoregressive_on_a_model():
         accepted = 0
         for seed in range(n):
             gen = run(model, prompt=bytes(ctx[1:]), max_new_bytes=2, seed=seed, speculative=speculative,
-                      draft_heads=1 if speculative else None, **sampling)
+                      **(decoder if speculative else {}), **sampling)
             counts[speculative][gen.output] += 1
             accepted += sum(gen.stats.accepted)
         stat, dof = chi_squared(counts[speculative], exact, n)

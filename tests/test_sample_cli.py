@@ -113,7 +113,6 @@ def test_bad_options_are_click_errors(run_dir, args, message):
         (["--draft-heads", "8"], "Error: --draft-heads: the model has 7 draft heads (n_future=8), got 8"),
         (["--device", "tpu9"], "Error: --device: 'tpu9' is not a device"),
         (["--draft-temperature", "0"], "Error: --draft-temperature: must be positive, got 0.0"),
-        (["--tree", "3", "--draft-temperature", "0.5"], "Error: --draft-temperature: applies to chains"),
         (["--draft-temperature", "nan"], "Error: Invalid value for '--draft-temperature'"),
     ],
 )

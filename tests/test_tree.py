@@ -19,6 +19,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.config import GenerationStats
 from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.decode.sampling import probabilities
 from bytemtp.decode.stops import StopMatcher
 from bytemtp.decode.step import accepted_node
 from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeDrafts, accepted_path, build_tree, tree_mask
@@ -260,3 +261,22 @@ def test_compiled_tree_step_matches_eager():
 def test_tree_that_leaves_no_room_for_context_is_an_error():
     with pytest.raises(BytemtpError, match="--tree: a tree of 100 nodes does not fit the model's window of 64"):
         run(random_model(n_future=4, max_seq_len=64), max_new_bytes=4, tree_nodes=100)
+
+
+def test_sampled_tree_draws_its_drafts_at_the_draft_temperature(monkeypatch):
+    """Every eager step processes head 1's logits at --temperature and the draft heads' at
+    --draft-temperature (the distribution the tree's bytes are then drawn from and judged by)."""
+    from bytemtp.decode import sampled_tree
+
+    seen = []
+
+    def spy(logits, cfg):
+        seen.append(cfg.temperature)
+        return probabilities(logits, cfg)
+
+    monkeypatch.setattr(sampled_tree, "probabilities", spy)
+    for kw, drafts in (({"draft_temperature": 0.3}, 0.3), ({}, 0.8)):  # default: 0.8 x the temperature
+        seen.clear()
+        config = GenerationConfig(max_new_bytes=40, temperature=1.0, tree_nodes=5, seed=0, **kw)
+        generate(trained_model(), config).read()
+        assert len(seen) >= 4 and seen == [1.0, drafts] * (len(seen) // 2)

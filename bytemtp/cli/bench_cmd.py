@@ -28,7 +28,7 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @click.option("--adaptive", is_flag=True,
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
 @click.option("--draft-temperature", default=None, type=FiniteFloat(min=0),
-              help="Temperature the chains' drafts are drawn at when sampling [default: 0.8 x --temperature].")
+              help="Temperature drafts are drawn at when sampling [default: 0.8 x --temperature].")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(any temperature; repeatable).")

@@ -95,7 +95,7 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--adaptive", is_flag=True,
               help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
 @click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
-              help="Temperature a sampling chain's drafts are drawn at; the output stays exactly head 1's "
+              help="Temperature sampled drafts are drawn at; the output stays exactly head 1's "
                    "[default: 0.8 x --temperature].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")

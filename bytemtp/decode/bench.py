@@ -39,7 +39,7 @@ class BenchConfig:
     panels: bool = True  # CPU steps multiply on bytemtp_native.panels, not BLAS (bytemtp.model.panels)
     trees: tuple[int, ...] = ()  # a row per draft tree size (nodes verified per step, bytemtp.decode.tree)
     batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
-    draft_temperature: float | None = None  # chains' drafts (GenerationConfig.draft_temperature); None: its default
+    draft_temperature: float | None = None  # sampled drafts (GenerationConfig.draft_temperature); None: its default
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
@@ -121,5 +121,5 @@ def decoder_config(
         draft_heads=draft_heads or None,
         draft_costs=costs if adaptive else None,
         tree_nodes=tree,
-        draft_temperature=None if tree else config.draft_temperature,
+        draft_temperature=config.draft_temperature,
     )

@@ -51,7 +51,10 @@ class Decoder:
                 step = functools.partial(tree_step, model, self.n_drafts)
             else:
                 max_path = min(self.tree_nodes, self.n_drafts)
-                step = functools.partial(sampled_tree_step, model, config.sampling, self.n_drafts, max_path)
+                step = functools.partial(
+                    sampled_tree_step, model, config.sampling, self.n_drafts, max_path,
+                    draft_sampling=config.draft_sampling,
+                )
         else:
             draft = config.draft_sampling if not config.sampling.greedy else None
             self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None, draft=draft)
@@ -63,7 +66,9 @@ class Decoder:
         if self.tree_nodes and self.config.sampling.greedy:
             return TreeDrafts(self.model, self.tree_nodes, self.n_drafts, self.step)
         if self.tree_nodes:
-            return SampledTreeDrafts(self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step)
+            return SampledTreeDrafts(
+                self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step, self.config.draft_sampling
+            )
         policy = self.config.draft_policy(self.n_drafts, self.device)
         return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step)
 

@@ -127,7 +127,7 @@ class BenchReport:
 
     @property
     def draft_temperature(self) -> float | None:
-        """The temperature the chains' drafts were drawn at (None: greedy)."""
+        """The temperature the drafts were drawn at (None: greedy)."""
         if self.config.temperature == 0:
             return None
         c = GenerationConfig(temperature=self.config.temperature, draft_temperature=self.config.draft_temperature)
@@ -135,7 +135,7 @@ class BenchReport:
 
     def table(self) -> str:
         c = self.config
-        how = f"temperature {c.temperature} (chain drafts {self.draft_temperature:g})" if c.temperature else "greedy"
+        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g})" if c.temperature else "greedy"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "

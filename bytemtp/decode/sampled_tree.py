@@ -40,12 +40,21 @@ from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_
 
 
 class SampledTreeDrafts(TreeDrafts):
-    """Tree speculative sampling at ``sampling``'s temperature, top-k and top-p. ``step``: the
+    """Tree speculative sampling at ``sampling``'s temperature, top-k and top-p, the drafts drawn
+    from the draft heads processed by ``draft_sampling`` (default: ``sampling``). ``step``: the
     compiled ``sampled_tree_step`` (verification on the device); None: eager, walked on the host."""
 
-    def __init__(self, model: torch.nn.Module, sampling: SamplingConfig, n_nodes: int, n_drafts: int, step=None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sampling: SamplingConfig,
+        n_nodes: int,
+        n_drafts: int,
+        step=None,
+        draft_sampling: SamplingConfig | None = None,
+    ):
         super().__init__(model, n_nodes, n_drafts, step)
-        self.sampling = sampling
+        self.sampling, self.draft_sampling = sampling, draft_sampling or sampling
         self.vocab = model.cfg.vocab
 
     def start(self, batch: Batch) -> None:
@@ -78,7 +87,8 @@ class SampledTreeDrafts(TreeDrafts):
         node_q = features.new_zeros(len(batch.rows), 0, self.vocab)
         uniforms = noise[:, :1, -1].to(batch.device)
         out = sampled_tree_decide(
-            self.model, self.sampling, self.n_drafts, logits, features, none, none, node_q, uniforms, 0
+            self.model, self.sampling, self.n_drafts, logits, features, none, none, node_q, uniforms, 0,
+            draft_sampling=self.draft_sampling,
         )
         return self.read(batch, active, out, fed=False)
 
@@ -130,7 +140,7 @@ class SampledTreeDrafts(TreeDrafts):
         last = torch.tensor([path[length - 1] if length else 0 for path, length, *_ in verdicts.values()])
         at = torch.tensor(rows), last.to(features.device)
         draft_logits = self.model.draft_logits(features[at], self.n_drafts)  # [rows, m, V]
-        q = probabilities(draft_logits, self.sampling).cpu().numpy()
+        q = probabilities(draft_logits, self.draft_sampling).cpu().numpy()
         host_logits, host_drafts = (t.float().cpu().numpy() for t in (logits[at[0]], draft_logits))
         broken = nonfinite_rows(host_logits) | nonfinite_rows(host_drafts)
         decisions = {}

@@ -192,19 +192,21 @@ def sampled_tree_decide(
     uniforms: torch.Tensor,
     max_depth: int,
     max_children: int | None = None,
+    draft_sampling: SamplingConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify a tree of sampled drafts (``parent``, ``tokens`` [B, N], each drawn from ``node_q``
     [B, N, V]) against head 1's ``logits`` [B, N+1, V] by recursive rejection sampling
     (``bytemtp.decode.tree_sampling.verify_tree``, with ``uniforms`` [B, N+1]), and draft at the
     node it stops at -> (ints [B, N + max_depth + 3 + m * RANKS]: the tokens, the accepted path,
     its length, the next byte, the draft heads' ``RANKS`` likeliest bytes there (the host's rank
-    statistics learn from them), the non-finite flag; and the new draft distributions [B, m, V])."""
+    statistics learn from them), the non-finite flag; and the new draft distributions [B, m, V],
+    processed by ``draft_sampling`` (default: ``sampling``))."""
     p = probabilities(logits, sampling)
     verdict = verify_tree(parent, tokens, node_q, p, uniforms, max_depth, max_children)
     last = verdict.path.gather(1, (verdict.length - 1).clamp_min(0)[:, None])[:, 0] if max_depth else verdict.length
     at = last[:, None, None, None].expand(-1, 1, *features.shape[2:])
     draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
-    q = probabilities(draft_logits, sampling)
+    q = probabilities(draft_logits, draft_sampling or sampling)
     ranked = q.topk(RANKS, dim=-1).indices.flatten(1)
     broken = nonfinite(logits) | nonfinite(draft_logits)
     columns = (tokens, verdict.path, verdict.length[:, None], verdict.next_byte[:, None], ranked, broken[:, None])
@@ -228,6 +230,7 @@ def sampled_tree_step(
     noise: torch.Tensor,
     kv_len: int | None = None,
     max_children: int | None = None,
+    draft_sampling: SamplingConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the previous accepted path into place, draw the tree's bytes (siblings from their
     depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick), forward
@@ -240,5 +243,6 @@ def sampled_tree_step(
     ids = torch.cat((ids[:, :1], tokens), dim=1)
     logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return sampled_tree_decide(
-        model, sampling, n_drafts, logits, features, parent, tokens, node_q, noise[..., -1], max_depth, max_children
+        model, sampling, n_drafts, logits, features, parent, tokens, node_q, noise[..., -1], max_depth, max_children,
+        draft_sampling,
     )
