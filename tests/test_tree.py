@@ -258,6 +258,16 @@ def test_compiled_tree_step_matches_eager():
         assert eager == run(model, prompt=prompt, max_new_bytes=64, speculative=False).output
 
 
+@pytest.mark.slow  # inductor builds C++ kernels for the step shapes
+@pytest.mark.parametrize("decoder", [{"tree_nodes": 5}, {}], ids=["tree", "chain"])
+def test_compiled_sampling_step_matches_eager(decoder):
+    """Compiled, the sampled step decides with tensor code; eager, on the host: from the same seed,
+    with drafts at the default 0.8x the temperature, the same bytes."""
+    model = copy.deepcopy(trained_model())
+    config = GenerationConfig(prompt=b"    '", max_new_bytes=40, temperature=0.8, seed=3, **decoder)
+    assert generate(model, config, compile=True).read() == generate(model, config).read()
+
+
 def test_tree_that_leaves_no_room_for_context_is_an_error():
     with pytest.raises(BytemtpError, match="--tree: a tree of 100 nodes does not fit the model's window of 64"):
         run(random_model(n_future=4, max_seq_len=64), max_new_bytes=4, tree_nodes=100)
