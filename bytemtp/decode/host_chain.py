@@ -4,14 +4,16 @@ Written as tensor code (``bytemtp.decode.verify``), a chain step's decision is s
 50 operations on a handful of bytes when sampling and 20 when greedy. Eager on a CPU,
 each pays a dispatch, and right after a forward (which has pushed their code and data
 out of the caches) several microseconds of it: the decision cost a sampled step of the
-``tiny`` model 276 µs, a sixth of it. Eager steps are not captured in any graph, so
+``tiny`` model about 280 µs, a sixth of it (170 µs now). Eager steps are not captured in any graph, so
 nothing is lost by deciding on the host instead (``bytemtp_native.chain_ops``): head
 1's processed distributions (``probabilities``, the one place temperature, top-k and
 top-p are applied) come over once, a sampled chain is verified by the host tree walk
 (a chain is a tree with one child per node; ``bytemtp.decode.tree_sampling`` proves its
 maths exact), and the next drafts are drawn by inverting their cumulative
 distributions. Same uniforms, same rules, same bytes as the tensor code (tests compare
-the two); compiled steps keep the tensor code, which traces whole.
+the two; a draw can differ only where its uniform falls within float32 rounding of a
+boundary of the cumulative distribution, which the host sums in float64); compiled steps
+keep the tensor code, which traces whole.
 """
 
 from __future__ import annotations
