@@ -104,15 +104,6 @@ def draw_byte(dist: np.ndarray, u: float) -> int:
 
 
 @njit(cache=True)
-def draw_bytes(dists: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """``draw_byte`` for each row of ``dists`` [m, V] at ``uniforms`` [m] -> [m] int64."""
-    out = np.zeros(dists.shape[0], np.int64)
-    for j in range(dists.shape[0]):
-        out[j] = draw_byte(dists[j], uniforms[j])
-    return out
-
-
-@njit(cache=True)
 def top_ranks(q: np.ndarray, k: int) -> np.ndarray:
     """Each row's ``k`` likeliest bytes, likeliest first, ties to the lower byte (a stable sort of
     ``-q``): ``q`` [m, V] -> [m, k] int64. A few hundred comparisons per row, where a full sort

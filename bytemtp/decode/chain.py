@@ -23,7 +23,7 @@ from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.step import StepOutput, chain_decide
 from bytemtp.decode.verify import ChainRule, Uniforms
 
-StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
 
 
 class ChainDrafts:

@@ -56,8 +56,8 @@ class Decoder:
                     draft_sampling=config.draft_sampling,
                 )
         else:
-            draft = config.draft_sampling if not config.sampling.greedy else None
-            self.rule = ChainRule(config.sampling, confidence=config.draft_costs is not None, draft=draft)
+            confidence = config.draft_costs is not None
+            self.rule = ChainRule(config.sampling, confidence=confidence, draft=config.draft_sampling)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 

@@ -55,7 +55,8 @@ def host_chain_decide(
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
         out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True)
         return torch.from_numpy(out).to(logits.device), None, None
-    draft_logits = model.draft_logits(_accepted_features(features, accepted), n_drafts)
+    rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
+    draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
     out = chain_output(accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy)
@@ -64,11 +65,3 @@ def host_chain_decide(
         confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
     return torch.from_numpy(out).to(logits.device), q, confidence
 
-
-def _accepted_features(features: torch.Tensor, accepted: np.ndarray) -> torch.Tensor:
-    """Each row's draft features at its accepted position, [B, F, d]: picked on the host when the
-    features live there in float32 (one NumPy index instead of four dispatched operations)."""
-    rows = np.arange(len(accepted))
-    if features.device.type == "cpu" and features.dtype == torch.float32:
-        return torch.from_numpy(features.numpy()[rows, accepted])
-    return features[torch.from_numpy(rows).to(features.device), torch.from_numpy(accepted).to(features.device)]
