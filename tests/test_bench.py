@@ -14,7 +14,8 @@ from conftest import write_dataset
 from fixtures_train import stdlib_corpus, trained_model
 from torch._dynamo.utils import counters
 
-from bytemtp.decode.bench import draft_rows
+from bytemtp import BOS
+from bytemtp.decode.bench import BenchConfig, draft_rows, run_bench
 from bytemtp.decode.prompts import sample_prompts
 from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
@@ -51,13 +52,50 @@ def test_bench_json_reports_identical_greedy_outputs(run, data):
     for key in ("ar_bytes_per_s", "spec_bytes_per_s", "speedup", "bytes_per_forward", "identical",
                 "head_acceptance", "device"):
         assert key in report
-    assert report["identical"] is True
+    assert report["identical"] is report["rows"][-1]["identical"]  # decided below, byte by byte
     assert report["speedup"] == pytest.approx(report["spec_bytes_per_s"] / report["ar_bytes_per_s"])
     assert [r["draft_heads"] for r in report["rows"]] == [0, 1, 3, 7]
-    assert all(r["identical"] for r in report["rows"][1:])
     assert report["rows"][0]["bytes_per_forward"] == pytest.approx(1.0, abs=0.05)  # prompt forward aside
     assert report["bytes_per_forward"] > 1.0  # a trained model's drafts do get accepted
     assert len(report["head_acceptance"]) == 7 and all(0 <= a <= 1 for a in report["head_acceptance"])
+
+
+def parting_is_a_float_tie(model: torch.nn.Module, prompt: bytes, a: bytes, b: bytes) -> bool:
+    """Whether greedy outputs ``a`` and ``b`` of ``prompt`` part only where head 1's two best bytes
+    tie to within float32 rounding: its logits there, recomputed in float64, put the two bytes
+    they chose first and second, less than 1e-4 apart. A single-position forward (BLAS's
+    matrix-vector product) and a verifying one (its matrix product) round differently in the
+    last bits, so on such a tie the two decoders may each keep a different byte."""
+    at = next(i for i in range(min(len(a), len(b)) + 1) if i == len(a) or i == len(b) or a[i] != b[i])
+    if at == len(a) or at == len(b):
+        return False  # one stopped where the other went on: no tie explains that
+    reference = copy.deepcopy(model).double()
+    ids = torch.tensor([[BOS, *prompt, *a[:at]]])
+    with torch.inference_mode():
+        logits = reference(ids, n_heads=1)[0, -1, 0]
+    best = logits.topk(2)
+    chosen = {a[at], b[at]}
+    return set(best.indices.tolist()) == chosen and float(best.values[0] - best.values[1]) < 1e-4
+
+
+def test_bench_greedy_outputs_part_from_autoregressive_only_at_float_ties(data):
+    """Every greedy decoder's output equals autoregressive decoding's, but for ties of head 1's two
+    best logits to within float rounding (the fixture's weakly trained model has one in these
+    prompts: 2.9064250 against 2.9064245)."""
+    model = trained_model()
+    prompts = sample_prompts(data, 3, 64, 0, "val")
+    report = run_bench(model, prompts, BenchConfig(max_bytes=48, sweep=True, trees=(4,)))
+    ar, *spec = report.batches[0]
+    parted = 0
+    for mode in spec:
+        for prompt, want, got in zip(prompts, ar.outputs, mode.outputs):
+            if got != want:
+                parted += 1
+                assert parting_is_a_float_tie(model, prompt, want, got), (mode.kind, prompt)
+    assert parted <= len(spec)  # a tie, not a habit
+    # The check itself: a byte swapped for one head 1 does not rank first or second is no tie.
+    out = ar.outputs[0]
+    assert not parting_is_a_float_tie(model, prompts[0], out, out[:5] + bytes([(out[5] + 1) % 256]) + out[6:])
 
 
 def test_bench_adaptive_row_is_last_and_identical(run, data):

@@ -66,41 +66,47 @@ def test_pack_panels_pads_columns_with_zeros():
     assert not panels[0, :, 3:].any()
 
 
-def test_linear_uses_the_kernel_for_small_inference_products_on_big_weights_only():
+def test_linear_routes_few_row_inference_products_by_weight_size():
+    """Big weights go to the panel kernel, small ones to a transposed copy; everything else to F.linear."""
     torch.manual_seed(0)
     n_out = MIN_WEIGHT // 96 + 1
-    layer, tiny = PanelLinear(96, n_out), PanelLinear(96, 64)
-    small, large = torch.randn(1, 3, 96), torch.randn(2, MAX_ROWS, 96)
+    big, small = PanelLinear(96, n_out), PanelLinear(96, 64)
+    few, many = torch.randn(1, 3, 96), torch.randn(2, MAX_ROWS, 96)
     with torch.inference_mode():
-        y = layer(small)
-        assert layer._panels is not None  # packed on the first eligible call
-        torch.testing.assert_close(y, F.linear(small, layer.weight), rtol=1e-5, atol=1e-5)
-        assert torch.equal(layer(large), F.linear(large, layer.weight))
-        with panels_enabled(False):
-            assert torch.equal(layer(small), F.linear(small, layer.weight))
-        tiny(small)
-        assert tiny._panels is None
+        for layer in (big, small):
+            y = layer(few)
+            torch.testing.assert_close(y, F.linear(few, layer.weight), rtol=1e-5, atol=1e-5)
+            assert y.shape == (1, 3, layer.out_features)
+            assert torch.equal(layer(many), F.linear(many, layer.weight))
+            with panels_enabled(False):
+                assert torch.equal(layer(few), F.linear(few, layer.weight))
+        assert isinstance(big._packed, np.ndarray)  # packed on the first eligible call
+        assert torch.equal(small._packed, small.weight.t())
+        assert small._packed.is_contiguous()
     # With autograd the product stays on F.linear, so gradients flow to the weight.
-    layer(small).sum().backward()
-    torch.testing.assert_close(layer.weight.grad, small.reshape(3, 96).sum(0).expand(n_out, -1))
+    for layer in (big, small):
+        layer(few).sum().backward()
+        torch.testing.assert_close(layer.weight.grad, few.reshape(3, 96).sum(0).expand(layer.out_features, -1))
 
 
-def test_linear_repacks_after_the_weight_changes():
-    """A model can alternate training and sampling: an optimizer step must not leave stale panels."""
+@pytest.mark.parametrize("n_in", [512, 64])
+def test_linear_repacks_after_the_weight_changes(n_in):
+    """A model can alternate training and sampling: an optimizer step must not leave a stale copy
+    (panels of a big weight, or the transposed copy of a small one)."""
     torch.manual_seed(0)
-    layer = PanelLinear(512, 512)
-    x = torch.randn(1, 512)
+    layer = PanelLinear(n_in, 512)
+    x = torch.randn(1, n_in)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     with torch.inference_mode():
         before = layer(x)
-    assert layer._panels is not None
-    layer(torch.randn(4, 512)).square().sum().backward()
+    assert layer._packed is not None
+    layer(torch.randn(4, n_in)).square().sum().backward()
     opt.step()
     with torch.inference_mode():
         after = layer(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, F.linear(x, layer.weight), rtol=1e-4, atol=1e-4)
-    layer.load_state_dict({"weight": torch.zeros(512, 512)})
+    layer.load_state_dict({"weight": torch.zeros(512, n_in)})
     with torch.inference_mode():
         assert not layer(x).any()
 
@@ -113,7 +119,7 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
         "from bytemtp.model.panels import PanelLinear\n"
         "layer = PanelLinear(512, 512)\n"
         "with torch.inference_mode(): layer(torch.randn(2, 512))\n"
-        "assert layer._panels is not None\n"
+        "assert layer._packed is not None\n"
         "print(torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
