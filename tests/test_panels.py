@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bytemtp.model.config import ModelConfig
 from bytemtp.model.panels import MAX_ROWS, MIN_WEIGHT, PanelLinear, panels_enabled
+from bytemtp.model.transformer import ByteMTP
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
 
@@ -131,3 +133,35 @@ def test_panel_linear_state_dict_is_nn_linears():
     plain = torch.nn.Linear(8, 4, bias=False)
     plain.load_state_dict(layer.state_dict())
     assert list(layer.state_dict()) == ["weight"]
+
+
+def test_compiled_graphs_read_the_copy_only_while_armed():
+    """A compiled step cannot check the copy's freshness: it multiplies by the copy while a decoding
+    session has armed the layer (arming refreshes it) and by the weight itself otherwise."""
+    torch.manual_seed(0)
+    layer = PanelLinear(64, 96)
+    x = torch.randn(1, 8, 64)
+    compiled = torch.compile(layer, backend="eager", dynamic=False)
+    with torch.no_grad():
+        layer.arm(True)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        before = F.linear(x, layer.weight)
+        layer.weight.mul_(2)  # changed behind the armed copy's back: the graph still reads the copy
+        torch.testing.assert_close(compiled(x), before, rtol=1e-5, atol=1e-5)
+        layer.arm(True)  # a new session refreshes it
+        torch.testing.assert_close(compiled(x), 2 * before, rtol=1e-5, atol=1e-5)
+        layer.arm(False)
+        layer.weight.mul_(2)
+        torch.testing.assert_close(compiled(x), 4 * before, rtol=1e-5, atol=1e-5)  # disarmed: the weight
+        big = PanelLinear(512, 512)
+        big.arm(True)
+        assert not big._armed  # big weights have panels, which a graph cannot call
+
+
+def test_the_models_cache_arms_its_layers():
+    model = ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=2, max_seq_len=16))
+    layers = [m for m in model.modules() if isinstance(m, PanelLinear)]
+    model.setup_cache(1, 16)
+    assert all(layer._armed for layer in layers)
+    model.clear_cache()
+    assert not any(layer._armed for layer in layers)

@@ -66,11 +66,26 @@ class PanelLinear(nn.Linear):
         self._packed: np.ndarray | torch.Tensor | None = None  # panels (big weights) or the transposed weight
         self._packed_from: tuple[int, int] | None = None
         self._big = in_features * out_features >= MIN_WEIGHT
+        self._armed = False  # a decoding session holds a fresh transposed copy (``arm``)
+
+    def arm(self, armed: bool) -> None:
+        """Decoding starts (True) or ends (False). A compiled decoding step cannot check that
+        the transposed copy of a small weight is fresh, so it uses the copy only while armed,
+        and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
+        weight = self._parameters["weight"]
+        cpu_float = weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
+        self._armed = armed and cpu_float and not self._big and _enabled
+        if self._armed:
+            self._decoding_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 17 times per forward of a small model, whose whole forward is under a
         # millisecond: the weight is looked up once and the cheap tests come first.
         weight = self._parameters["weight"]
+        if torch.compiler.is_compiling():  # the copy is a graph input, fresh while armed
+            if self._armed and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
+                return torch.matmul(x, self._packed)
+            return F.linear(x, weight)
         if not self._eligible(x, weight):
             return F.linear(x, weight)
         if self._big:
@@ -85,7 +100,6 @@ class PanelLinear(nn.Linear):
             and weight.dtype == torch.float32
             and x.numel() <= MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling()
             and not weight.is_inference()  # no version counter to notice a change by
         )
 

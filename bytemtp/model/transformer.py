@@ -238,6 +238,9 @@ class ByteMTP(nn.Module):
             kept = KVCache(n_layers, batch_size, self.cfg.n_attn_heads, max_len, self.cfg.head_dim, dtype, device)
             self._kept_cache = kept
         self.kv_cache = kept
+        for layer in self.modules():
+            if isinstance(layer, PanelLinear):
+                layer.arm(True)
         # The draft heads' unembeddings stacked for ``draft_logits``, rebuilt every time
         # (the weights may have changed since, e.g. between training and sampling).
         drafts = range(1, self.cfg.n_future)
@@ -261,6 +264,9 @@ class ByteMTP(nn.Module):
         ``max_seq_len`` positions)."""
         self.kv_cache = None
         self.draft_weight = None
+        for layer in self.modules():
+            if isinstance(layer, PanelLinear):
+                layer.arm(False)
 
     # -- bookkeeping -----------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
