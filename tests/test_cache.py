@@ -129,6 +129,26 @@ def test_every_layer_has_its_own_buffers_written_in_place():
 
 
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "every-row"])
+def test_compiled_writes_are_the_eager_writes(per_row):
+    """A compiled step writes with an indexed assignment, an eager one with ``scatter_``: same slots,
+    same values, the same buffers (traced by dynamo, run by its eager backend)."""
+    torch.manual_seed(0)
+    eager, traced = (KVCache(2, ROWS, 4, SLOTS, 8, torch.float32, torch.device("cpu")) for _ in range(2))
+    for a, b in zip(eager.k + eager.v, traced.k + traced.v):
+        b.copy_(a.normal_())
+    slots = torch.tensor([[3, 4, 5], [0, 7, 9], [20, 21, 40]]) if per_row else torch.tensor([1, 2, 30])
+    k, v = torch.randn(2, ROWS, 4, 3, 8).unbind(0)
+    buffers = [t.data_ptr() for t in traced.k + traced.v]
+    eager.write(1, eager.slot_index(slots), k, v)
+    torch.compile(lambda s, k, v: traced.write(1, traced.slot_index(s), k, v), backend="eager", fullgraph=True)(
+        slots, k, v
+    )
+    assert [t.data_ptr() for t in traced.k + traced.v] == buffers
+    for a, b in zip(eager.k + eager.v, traced.k + traced.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "every-row"])
 def test_move_copies_each_rows_slots(per_row):
     cache = KVCache(2, ROWS, 2, 16, 4, torch.float32, torch.device("cpu"))
     for t in cache.k + cache.v:
