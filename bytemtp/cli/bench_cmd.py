@@ -40,7 +40,8 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
               help="Compile the decode step, autoregressive and speculative alike (CUDA graphs on a GPU). "
                    "Default: on for CUDA, off for CPU.")
 @click.option("--panels/--no-panels", default=True, show_default=True,
-              help="CPU decoding steps multiply on bytemtp's panel kernel (--no-panels: on BLAS, as torch does).")
+              help="CPU decoding steps multiply by weights kept in decoding layouts: panels for big weights, "
+                   "transposed copies for small ones (--no-panels: F.linear, as torch does).")
 @device_option
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")

@@ -159,4 +159,4 @@ def describe_device(device: torch.device, panels: bool, compiled: bool | None) -
     how = ", compiled step" if compiled else ""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)}{how})"
-    return f"cpu ({torch.get_num_threads()} threads, {'panel' if panels else 'BLAS'} matmuls{how})"
+    return f"cpu ({torch.get_num_threads()} threads, {'prepacked' if panels else 'F.linear'} matmuls{how})"
