@@ -9,11 +9,12 @@ on CPU float32 inference take one of two routes:
   (``bytemtp_native.panels``), which reads the weights once whatever the number of rows
   and gives every row the same result it would get alone;
 - **small weights**, which stay in cache and where a Numba call's fixed cost would
-  dominate, are multiplied by a transposed copy [in, out] with ``torch.mm``. On a
+  dominate, are multiplied by a transposed copy [in, out] with ``torch.matmul``. On a
   128-wide model that halves one row's product and takes 8 rows' from 11 to 5 µs,
-  so a forward over 8 positions costs 1.18x one over a single position instead of 1.35x.
+  so a forward over 8 positions costs 1.2x one over a single position instead of 1.36x.
 
-Everything else (training, evaluation, prompts, GPUs, compiled graphs, other dtypes)
+Compiled decoding steps use the transposed copy too, while a decoding session has armed
+the layer (``arm``). Everything else (training, evaluation, prompts, GPUs, other dtypes)
 stays on ``F.linear``. The state dict is ``nn.Linear``'s, so checkpoints do not care.
 
 The decoding copy of the weight is made on the first eligible call and again whenever

@@ -238,9 +238,7 @@ class ByteMTP(nn.Module):
             kept = KVCache(n_layers, batch_size, self.cfg.n_attn_heads, max_len, self.cfg.head_dim, dtype, device)
             self._kept_cache = kept
         self.kv_cache = kept
-        for layer in self.modules():
-            if isinstance(layer, PanelLinear):
-                layer.arm(True)
+        self._arm_layers(True)
         # The draft heads' unembeddings stacked for ``draft_logits``, rebuilt every time
         # (the weights may have changed since, e.g. between training and sampling).
         drafts = range(1, self.cfg.n_future)
@@ -264,9 +262,15 @@ class ByteMTP(nn.Module):
         ``max_seq_len`` positions)."""
         self.kv_cache = None
         self.draft_weight = None
+        self._arm_layers(False)
+
+    def _arm_layers(self, armed: bool) -> None:
+        """Arm (or disarm) every layer's decoding copy for compiled steps (``PanelLinear.arm``):
+        a decoding session lasts from ``setup_cache`` to ``clear_cache``, and the weights do
+        not change within one."""
         for layer in self.modules():
             if isinstance(layer, PanelLinear):
-                layer.arm(False)
+                layer.arm(armed)
 
     # -- bookkeeping -----------------------------------------------------------
     def param_counts(self) -> dict[str, int]:
