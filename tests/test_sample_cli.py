@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from fixtures_train import trained_model
 
+import bytemtp.decode.generate as generate_module
 from bytemtp.train.checkpoint import save_checkpoint
 from bytemtp.cli import main
 from bytemtp.cli.sample_cmd import ByteSink
@@ -187,3 +188,23 @@ def test_prompts_file_errors_name_the_flag(run_dir, tmp_path):
     res = sample(run_dir, "--prompts-file", tmp_path / "bad.jsonl")
     assert res.exit_code == 1 and "--prompts-file" in res.stderr
     assert "record 2 has no string field 'prompt'" in res.stderr
+
+
+@pytest.mark.parametrize("flag, want", [([], None), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_decode_step(run_dir, monkeypatch, flag, want):
+    """--compile decides whether the step is compiled; unset, the device decides (on for CUDA)."""
+    asked = []
+    monkeypatch.setattr(generate_module, "compile_decode_step", lambda step, device, enabled: asked.append(enabled))
+    result = sample(run_dir, "--prompt", "def ", "--max-bytes", "8", "--temperature", "0", *flag)
+    assert result.exit_code == 0, result.output
+    assert asked == [want]
+
+
+@pytest.mark.slow  # inductor compiles the steps: about half a minute
+def test_compiled_sampling_prints_the_eager_bytes(run_dir):
+    common = [run_dir, "--prompt", "def ", "--max-bytes", "60"]
+    for temperature in ("0", "0.8"):
+        eager = sample(*common, "--temperature", temperature, "--seed", "3", "--no-compile")
+        compiled = sample(*common, "--temperature", temperature, "--seed", "3", "--compile")
+        assert eager.exit_code == compiled.exit_code == 0, compiled.output
+        assert compiled.stdout_bytes == eager.stdout_bytes and len(eager.stdout_bytes) == 60

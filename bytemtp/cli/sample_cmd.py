@@ -99,6 +99,10 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
                    "[default: 0.8 x --temperature].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Compile the decode step: CUDA graphs on a GPU; inductor on the CPU, where compiling "
+                   "takes about half a minute and then pays on long or many generations [default: on for "
+                   "CUDA, off for the CPU].")
 @device_option
 @decode_threads_option
 @click.option("--stats", is_flag=True, help="Print decoding statistics to stderr.")
@@ -121,10 +125,12 @@ def command(
     adaptive: bool,
     draft_temperature: float | None,
     tree: int,
+    compile_: bool | None,
     device,
     stats: bool,
     echo: bool,
 ) -> None:
+    from bytemtp.compile import compile_decode_step
     from bytemtp.decode.context import generation_cache_length, prompt_context
     from bytemtp.decode.drafting import measure_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
@@ -152,7 +158,9 @@ def command(
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):
         cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
-        config = dataclasses.replace(config, draft_costs=measure_step_costs(model, model.cfg.n_future, cache_len))
+        forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
+        costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward)
+        config = dataclasses.replace(config, draft_costs=costs)
     window = model.cfg.max_seq_len
     for p in prompts:
         kept = len(prompt_context(p, window))
@@ -161,7 +169,7 @@ def command(
                 f"note: the prompt's {len(p)} bytes do not fit the model's window of {window}; keeping the last {kept}",
                 err=True,
             )
-    decoder = Decoder(model, config)
+    decoder = Decoder(model, config, compile_)
     if len(prompts) * num_samples == 1:
         _stream(decoder, prompts[0], echo, stats)
     else:
