@@ -61,34 +61,19 @@ class Decision:
 @dataclass
 class Batch:
     """The rows decoded together, their cache length ``cache_len`` and device; ``eager`` steps
-    attend only to the cache slots in use (a compiled step keeps its one shape).
-
-    ``reserve``: the positions a step of all the model's drafts takes (its ``n_future``). A row
-    whose context reaches ``cut_at`` (``cache_len - reserve + 1``) is cut, whatever its decoder
-    (``bytemtp.decode.context``), and no step takes a row past it: every decoder cuts at the
-    same byte, and a chain step keeps its full width to the end of the window (a narrower
-    one would be one more shape to compile)."""
+    attend only to the cache slots in use (a compiled step keeps its one shape)."""
 
     rows: list[Row]
     cache_len: int
     device: torch.device
     eager: bool = True
-    reserve: int = 1
-
-    @property
-    def cut_at(self) -> int:
-        """The context length at which a row's window is cut."""
-        return self.cache_len - self.reserve + 1
-
-    def room(self, r: int) -> int:
-        """Drafts row ``r`` may accept before its context reaches ``cut_at``."""
-        return max(0, self.cut_at - 1 - self.rows[r].length)
 
     def fits(self, active: list[bool]) -> int:
-        """Drafts every active row may accept (``room``): a draft tree is never wider than this,
-        so its nodes stay in the cache, where a position past it could only overwrite a slot in
-        use. (A chain's drafts always fit: at most ``reserve - 1`` of them.)"""
-        return min(self.room(r) for r, row in enumerate(self.rows) if active[r])
+        """Drafts that fit after every active row's pending byte before the cache ends. A step is
+        never wider than this: near the end of the window (a generation about to be cut) the
+        step narrows for a few steps, rather than let any position write past the cache, where
+        it could only overwrite a slot in use. A compiled step compiles those widths once too."""
+        return min(self.cache_len - 1 - row.length for r, row in enumerate(self.rows) if active[r])
 
     def slots(self, width: int, active: list[bool]) -> torch.Tensor:
         """Cache slots [B, width] of a step: an active row writes ``length + 0 .. width-1``; a parked

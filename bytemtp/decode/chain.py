@@ -5,7 +5,7 @@ forward runs alone and the decision is taken on the host (``host_chain_decide``)
 
 The strategy keeps, per row, the drafts of the latest decision and how many of them
 the next step verifies (``n_valid``: all of them, or as many as pay for themselves
-under a ``DraftPolicy``; fewer near the end of the window, see ``Batch.room``); when
+under a ``DraftPolicy``; fewer when the step is narrower, see ``Batch.fits``); when
 sampling, the draft distributions they were drawn from stay on the device for the
 step that judges them.
 Autoregressive decoding is the chain of no drafts.
@@ -82,9 +82,9 @@ class ChainDrafts:
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
         """One forward of ``[pending, drafts]`` for the active rows."""
-        width = 1 + (max(self.n_valid) if self.policy is not None else self.n_drafts)
-        rows = range(len(batch.rows))
-        n_valid = [min(self.n_valid[r], width - 1, batch.room(r)) if active[r] else 0 for r in rows]
+        most = max(self.n_valid) if self.policy is not None else self.n_drafts
+        width = 1 + min(most, batch.fits(active))
+        n_valid = [min(self.n_valid[r], width - 1) if active[r] else 0 for r in range(len(batch.rows))]
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
         ids = torch.tensor(ids, device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)

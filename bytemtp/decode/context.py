@@ -3,12 +3,10 @@ what is kept when the context outgrows the window.
 
 The model has ``max_seq_len`` positions. When the context does not fit (a long prompt,
 or a long generation that fills the window) it is cut to its most recent
-``window_keep(max_seq_len)`` ids (half the window) and re-encoded in one forward. A row
-is cut as soon as its pending byte and all the model's drafts (``n_future`` positions)
-would no longer fit, whatever its decoder uses: the cut happens at the same byte for
-every decoder, so speculative and autoregressive decoding see identical contexts, and a
-chain step never has to narrow near the end of the window (a compiled step would compile
-every narrower width once more); generation never has to stop for lack of room.
+``window_keep(max_seq_len)`` ids (half the window) and re-encoded in one forward. The
+cut happens at the same byte whatever the decoder, because speculative steps never
+write past the window, so speculative and autoregressive decoding still see identical
+contexts; generation never has to stop for lack of room.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class Engine:
                         yield r, out
                     if rows[r].done:
                         rows[r].stats.wall_s = time.perf_counter() - start
-                    elif rows[r].length >= self.batch.cut_at:  # no room for a step of all the drafts
+                    elif rows[r].length == self.batch.cache_len:  # no room for the pending byte
                         cut[r] = True
                 if any(cut):
                     for r in (r for r in range(len(rows)) if cut[r]):

@@ -96,7 +96,7 @@ class Decoder:
                 generator.manual_seed(stats.seed)
             rows.append(Row(i, context, StopMatcher(cfg.stop), stats, generator))
         cache_len = max(generation_cache_length(self.model.cfg, p, cfg.max_new_bytes, self.tree_nodes) for p in prompts)
-        batch = Batch(rows, cache_len, self.device, eager=self.step is None, reserve=self.model.cfg.n_future)
+        batch = Batch(rows, cache_len, self.device, eager=self.step is None)
         engine = Engine(self.model, self.strategy(len(rows)), batch, cfg.max_new_bytes, cfg.stop_at_bos)
         return Generation(engine, rows)
 
