@@ -20,10 +20,10 @@ import torch
 from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
-from bytemtp.decode.step import StepOutput, chain_decide
+from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.verify import ChainRule, Uniforms
 
-StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+StepFn = Callable[..., ChainOutput]
 
 
 class ChainDrafts:
@@ -89,13 +89,12 @@ class ChainDrafts:
         ids = torch.tensor(ids, device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
         u = self.uniforms(batch, active, width - 1)
-        slots = batch.slots(width, active)
+        args = (ids, batch.slots(width, active), n_valid_t, self.draft_probs, u)
         if self.step_fn is None:
-            logits, features = self.model.decode(ids, slots, self.n_drafts + 1, kv_len=batch.kv_len(width))
-            args = (self.n_drafts, logits, features, ids[:, 1:], n_valid_t, self.draft_probs, u)
-            out = self.decide(self.model, self.rule, *args)
+            kv_len = batch.kv_len(width)
+            out = chain_step(self.model, self.rule, self.n_drafts, *args, kv_len=kv_len, decide=self.decide)
         else:
-            out = self.step_fn(ids, slots, n_valid_t, self.draft_probs, u)
+            out = self.step_fn(*args)
         return self._read(batch, active, out, n_valid, fed=True)
 
     def _read(

@@ -18,6 +18,7 @@ function of its own. Eager chain steps take that decision on the host instead
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ import torch
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
+
+# What a chain step returns: the ``StepOutput`` tensor, the new drafts' distributions when
+# sampling, and the draft heads' confidence when the rule asks for it.
+ChainOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 RANKS = 8  # runner-ups a tree considers per draft head: a head's 9th choice is right too rarely to pay for a node
 
@@ -98,11 +103,14 @@ def chain_step(
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
     kv_len: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    decide: Callable[..., ChainOutput] | None = None,
+) -> ChainOutput:
     """Forward ``[pending, drafts]`` (``ids`` [B, P]) at cache slots ``input_pos`` [B, P] and decide
-    (``chain_decide``). ``kv_len``: eager steps read only the cache slots in use."""
+    (``decide``, with ``chain_decide``'s arguments and results; default ``chain_decide``, which
+    traces whole; eager steps pass ``bytemtp.decode.host_chain.host_chain_decide``).
+    ``kv_len``: eager steps read only the cache slots in use."""
     logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len)
-    return chain_decide(model, rule, n_drafts, logits, features, ids[:, 1:], n_valid, draft_probs, u)
+    return (decide or chain_decide)(model, rule, n_drafts, logits, features, ids[:, 1:], n_valid, draft_probs, u)
 
 
 def tree_decide(
