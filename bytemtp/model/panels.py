@@ -57,6 +57,12 @@ def panels_enabled(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
+def _has_layout(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` gets a decoding layout: layouts are on, and it is a CPU float32 tensor
+    with a version counter (an inference tensor has none to notice a change by)."""
+    return _enabled and weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
+
+
 class PanelLinear(nn.Linear):
     """``nn.Linear`` (without bias) with a decoding layout of its weight for few-row CPU float32 inference."""
 
@@ -74,8 +80,7 @@ class PanelLinear(nn.Linear):
         the transposed copy of a small weight is fresh, so it uses the copy only while armed,
         and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
         weight = self._parameters["weight"]
-        cpu_float = weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
-        self._armed = armed and cpu_float and not self._big and _enabled
+        self._armed = armed and not self._big and _has_layout(weight)
         if self._armed:
             self._decoding_weight(weight)
 
@@ -95,13 +100,11 @@ class PanelLinear(nn.Linear):
 
     def _eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
-            _enabled
+            _has_layout(weight)
             and x.is_cpu
             and x.dtype == torch.float32
-            and weight.dtype == torch.float32
             and x.numel() <= MAX_ROWS * self.in_features
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not weight.is_inference()  # no version counter to notice a change by
         )
 
     def _decoding_weight(self, weight: torch.Tensor) -> np.ndarray | torch.Tensor:
