@@ -16,6 +16,7 @@ from test_generate import random_model, run
 
 from bytemtp import BOS
 from bytemtp.errors import BytemtpError
+from bytemtp.decode import sampled_tree
 from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.config import GenerationStats
 from bytemtp.decode.generate import GenerationConfig, generate
@@ -276,8 +277,6 @@ def test_tree_that_leaves_no_room_for_context_is_an_error():
 def test_sampled_tree_draws_its_drafts_at_the_draft_temperature(monkeypatch):
     """Every eager step processes head 1's logits at --temperature and the draft heads' at
     --draft-temperature (the distribution the tree's bytes are then drawn from and judged by)."""
-    from bytemtp.decode import sampled_tree
-
     seen = []
 
     def spy(logits, cfg):

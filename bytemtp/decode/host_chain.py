@@ -64,4 +64,3 @@ def host_chain_decide(
     if rule.confidence:
         confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
     return torch.from_numpy(out).to(logits.device), q, confidence
-
