@@ -16,23 +16,29 @@ from numba import njit
 
 
 @njit(cache=True)
-def draw_children(q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: np.ndarray):
+def draw_children(q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: np.ndarray, root: int, pairs):
     """A tree's bytes, each parent's children drawn from their depth's draft distribution ``q``
     [m, V] without replacement: child s holds the s-th largest ``log q + g`` for Gumbel noise
-    ``g = -log(-log u)`` from the parent's row of uniforms ``noise`` [n+1, V]. -> (tokens [n],
-    each child's distribution given its earlier siblings [n, V]: q without their bytes,
-    renormalised; zero when nothing is left, so such a child is never accepted)."""
+    ``g = -log(-log u)`` from the parent's row of uniforms ``noise`` [n+1, V]. With byte-pair
+    weights ``pairs`` [V, V] (else [0, 0]), a parent's children are drawn from ``q`` times the
+    row of ``pairs`` of the parent's byte (``root``: the root's), renormalised. -> (tokens [n],
+    each child's distribution given its earlier siblings [n, V]: that distribution without their
+    bytes, renormalised; zero when nothing is left, so such a child is never accepted)."""
     n, v = parent.size, q.shape[1]
     tokens = np.zeros(n, np.int64)
     node_q = np.zeros((n, v))
     taken = np.zeros(v, np.bool_)
+    dist = np.zeros(v, q.dtype)
     for a in range(n + 1):
         first = True
         for i in range(n):
             if parent[i] != a:
                 continue
-            dist = q[depth[i] - 1]
             if first:  # the parent's first child: every byte still available
+                dist[:] = q[depth[i] - 1]
+                if pairs.shape[0] > 0:
+                    dist *= pairs[root if a == 0 else tokens[a - 1]]
+                    dist /= dist.sum()
                 taken[:] = False
                 first = False
             best, key = -1, -np.inf

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bytemtp import BOS
+from bytemtp import BOS, VOCAB
 from bytemtp.model.config import ModelConfig
 from bytemtp.train.objective import multihead_loss
 from bytemtp.model.transformer import ByteMTP
@@ -70,6 +70,8 @@ def trained_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
+    # the adjacent-byte counts ``train`` keeps with a checkpoint: sampled drafts are coupled by them
+    model.byte_pairs = torch.bincount(corpus[:-1] * VOCAB + corpus[1:], minlength=VOCAB * VOCAB).view(VOCAB, VOCAB)
     return model.eval()
 
 

@@ -26,7 +26,7 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_step
 from bytemtp.decode.stops import StopMatcher
-from bytemtp.decode.verify import Uniforms
+from bytemtp.decode.verify import ChainRule, Uniforms
 
 
 class Result(NamedTuple):
@@ -65,6 +65,7 @@ class StubLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stub a device
         self.cache: list[list[int]] | None = None
         self.calls: list[tuple[list[int], list[int], int]] = []
+        self.byte_pairs = None  # no training data: sampled drafts go uncoupled
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None) -> None:
         self.cache = [[-1] * max_len for _ in range(batch_size)]
@@ -543,9 +544,26 @@ def test_drafts_are_drawn_at_the_draft_temperature():
     u = Uniforms(torch.zeros(2, 0), torch.zeros(2), torch.rand(2, 3))
     for kw, want in (({}, 0.8), ({"draft_temperature": 0.5}, 0.5), ({"draft_temperature": 2.0}, 2.0)):
         rule = Decoder(random_logits_stub(), GenerationConfig(temperature=1.0, **kw)).rule
-        drafts, q = rule.propose(logits, u)
+        drafts, q = rule.propose(logits, u, torch.zeros(logits.shape[0], dtype=torch.long))
         assert torch.equal(q, probabilities(logits, SamplingConfig(temperature=want)))
         assert torch.equal(drafts, draw(q, u.drafts))
+
+
+def test_coupled_drafts_are_drawn_given_the_byte_before():
+    """With byte-pair weights, draft j is drawn from its head's distribution times the weights of the
+    byte before it (the decided next byte for the first), renormalised, and judged by that."""
+    logits = torch.randn(3, 4, VOCAB)
+    u = Uniforms(torch.zeros(3, 0), torch.zeros(3), torch.rand(3, 4))
+    weights = torch.rand(VOCAB, VOCAB) + 0.01
+    after = torch.tensor([5, 200, 256])
+    rule = ChainRule(SamplingConfig(temperature=1.0), pairs=weights)
+    drafts, q = rule.propose(logits, u, after)
+    base = probabilities(logits, SamplingConfig(temperature=1.0))
+    before = torch.cat((after[:, None], drafts[:, :-1]), dim=1)
+    want = base * weights[before]
+    assert torch.allclose(q, want / want.sum(-1, keepdim=True), rtol=1e-6)
+    assert torch.equal(drafts, draw(q, u.drafts))
+    assert not torch.equal(drafts, draw(base, u.drafts))  # the coupling moved some draws
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from bytemtp.decode import tree_sampling
+from bytemtp.decode.coupling import couple
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import nonfinite
 from bytemtp.decode.tree_sampling import expected_accepted, ranked_candidates, sampled_candidates, verify_tree
@@ -43,8 +44,9 @@ class MadeUpModel:
     ``path_q``). Integer logits make ties (for top-k). All of a kind go through ``probabilities``
     in one call."""
 
-    def __init__(self, v: int, cfg: SamplingConfig, seed: int, horizon: int, ties=False, path_q=False):
+    def __init__(self, v: int, cfg: SamplingConfig, seed: int, horizon: int, ties=False, path_q=False, pairs=None):
         self.v, self.path_q = v, path_q
+        self.pairs = pairs  # (weights [v, v], root byte): drafts coupled to the byte before them
         prefixes = [z for n in range(horizon) for z in itertools.product(range(v), repeat=n)]
         self.index = {z: i for i, z in enumerate(prefixes)}
         rng = np.random.default_rng(seed)
@@ -61,7 +63,11 @@ class MadeUpModel:
         return self.index[prefix if self.path_q else ()]
 
     def draft(self, depth: int, prefix: tuple) -> torch.Tensor:
-        return self.tables[depth][self._at(depth, prefix)]
+        q = self.tables[depth][self._at(depth, prefix)]
+        if self.pairs is None:
+            return q
+        weights, root = self.pairs
+        return couple(q, weights, torch.tensor(prefix[-1] if prefix else root))
 
     def stale_draft(self, depth: int, prefix: tuple) -> torch.Tensor:
         """The draft head's distribution one step earlier (another context): a mutant's q."""
@@ -149,11 +155,12 @@ def path_bytes(parent: list[int], tokens, node: int) -> tuple:
 
 
 def production_candidates(model, parent, rank, sampled, drafts):
-    """The same outcomes built by ``ranked_candidates`` / ``sampled_candidates`` (path-independent q):
-    sampled ones from Gumbel noise chosen so that each parent's children come out as drafted."""
+    """The same outcomes built by ``ranked_candidates`` / ``sampled_candidates`` (q path-independent or
+    coupled to the byte before): sampled ones from Gumbel noise chosen so that each parent's
+    children come out as drafted."""
     n, v, b = len(parent), model.v, len(drafts)
     depth = torch.tensor(depths(parent)).expand(b, n)
-    probs = torch.stack([model.draft(d, ()) for d in range(1, max(depths(parent)) + 1)]).expand(b, -1, -1)
+    probs = torch.stack([model.tables[d][0] for d in range(1, max(depths(parent)) + 1)]).expand(b, -1, -1)
     if not sampled:
         return ranked_candidates(probs, depth, torch.tensor(rank).expand(b, n))
     gumbel = torch.zeros(b, n + 1, v, dtype=torch.float64)
@@ -161,12 +168,16 @@ def production_candidates(model, parent, rank, sampled, drafts):
     live = torch.stack([d[2] for d in drafts]).sum(-1) > 0
     for a, ch in enumerate(children_of(parent)):
         if ch:
-            q = probs[0, depths(parent)[ch[0] - 1] - 1]
+            q = torch.stack([model.draft(depths(parent)[ch[0] - 1], path_bytes(parent, t, a)) for t in tokens.tolist()])
             key = torch.full((b, v), -float(v + 1), dtype=torch.float64)
             for j, c in enumerate(ch):
                 key[live[:, c - 1], tokens[live[:, c - 1], c - 1]] = -float(j)
             gumbel[:, a] = torch.where(q > 0, key - q.log(), 0.0)
-    return sampled_candidates(probs, torch.tensor(parent).expand(b, n), depth, gumbel)
+    coupled = {}
+    if model.pairs is not None:
+        weights, root = model.pairs
+        coupled = {"root": torch.full((b,), root), "pairs": weights, "max_depth": max(depths(parent))}
+    return sampled_candidates(probs, torch.tensor(parent).expand(b, n), depth, gumbel, **coupled)
 
 
 def output_law(model, parent, rank, sampled, judge=None, keep=None, probe=True) -> dict[tuple, float]:
@@ -180,7 +191,7 @@ def output_law(model, parent, rank, sampled, judge=None, keep=None, probe=True) 
     weight = torch.tensor([d[0] for d in drafts], dtype=torch.float64)
     tokens = torch.tensor([d[1] for d in drafts])
     rows = torch.stack([d[2] for d in drafts])
-    if judge is None and keep is None and not model.path_q:
+    if judge is None and keep is None and not model.path_q:  # production code draws these too
         made_tokens, made_rows = production_candidates(model, parent, rank, sampled, drafts)
         live = rows.sum(-1) > 0
         assert torch.equal(made_tokens[live], tokens[live])
@@ -294,6 +305,21 @@ def test_step_then_autoregressive_is_autoregressive(tree, config):
     cfg, ties = CONFIGS[config]
     model = MadeUpModel(v, cfg, seed=1, horizon=max(depths(parent)) + 1, ties=ties, path_q=path_q)
     law = output_law(model, parent, sibling_ranks(parent), sampled)
+    assert identity_gap(model, law, max(depths(parent)) + 1) < 1e-9
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("tree", ["chain of 7, sampled", "bush, sampled", "deep, sampled, q by path"])
+def test_drafts_coupled_to_the_byte_before_are_exact(tree, config):
+    """Byte-pair coupling (``bytemtp.decode.coupling``): each draft drawn from its depth's q times the
+    weights of its parent's byte (the root's for the first depth). ``sampled_candidates`` draws
+    exactly those (checked against the enumeration inside ``output_law``), and the output stays
+    head 1's."""
+    parent, v, _, _ = TREES[tree]
+    cfg, ties = CONFIGS[config]
+    weights = torch.tensor(np.random.default_rng(5).uniform(0.05, 3.0, (v, v)))
+    model = MadeUpModel(v, cfg, seed=2, horizon=max(depths(parent)) + 1, ties=ties, pairs=(weights, 1))
+    law = output_law(model, parent, sibling_ranks(parent), sampled=True)
     assert identity_gap(model, law, max(depths(parent)) + 1) < 1e-9
 
 
@@ -429,9 +455,11 @@ def test_verification_captures_in_a_cuda_graph():
         assert torch.equal(got, ref)
 
 
-def test_host_draw_is_the_tensor_draw():
+@pytest.mark.parametrize("coupled", [False, True], ids=["independent", "coupled"])
+def test_host_draw_is_the_tensor_draw(coupled):
     """The eager engine draws siblings on the host: the same bytes and conditionals as
-    ``sampled_candidates`` from the same noise, for children within q's support."""
+    ``sampled_candidates`` from the same noise, for children within q's support, with and
+    without byte-pair coupling."""
     g = torch.Generator().manual_seed(3)
     for parent in (CHAIN7, BUSH, DEEP, [0] * 6):
         n, m, v = len(parent), max(depths(parent)), 6
@@ -440,8 +468,14 @@ def test_host_draw_is_the_tensor_draw():
         q = logits.softmax(-1)
         par, dep = torch.tensor([parent]), torch.tensor([depths(parent)])
         noise = torch.rand(1, n + 1, v, generator=g, dtype=torch.float64)
-        tokens, node_q = sampled_candidates(q, par, dep, -torch.log(-torch.log(noise)))
-        host_tokens, host_q = draw_children(q[0].numpy(), par[0].numpy(), dep[0].numpy(), noise[0].numpy())
+        pairs = torch.rand(v, v, generator=g, dtype=torch.float64) + 0.1 if coupled else None
+        root = 4
+        gumbel = -torch.log(-torch.log(noise))
+        tokens, node_q = sampled_candidates(q, par, dep, gumbel, torch.tensor([root]), pairs, m)
+        host_pairs = pairs.numpy() if coupled else np.zeros((0, 0))
+        host_tokens, host_q = draw_children(
+            q[0].numpy(), par[0].numpy(), dep[0].numpy(), noise[0].numpy(), root, host_pairs
+        )
         live = node_q[0].sum(-1) > 0
         assert torch.equal(torch.from_numpy(host_q).sum(-1) > 0, live)
         assert torch.equal(torch.from_numpy(host_tokens)[live], tokens[0][live])

@@ -24,6 +24,7 @@ from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig, GenerationStats
 from bytemtp.decode.context import generation_cache_length, prompt_context
+from bytemtp.decode.coupling import pair_weights
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
 from bytemtp.decode.step import chain_step, sampled_tree_step, tree_step
@@ -45,6 +46,9 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
+        self.pairs = None  # sampled drafts coupled to the byte before them (bytemtp.decode.coupling)
+        if config.pair_strength > 0 and model.byte_pairs is not None and self.n_drafts:
+            self.pairs = pair_weights(model.byte_pairs, config.pair_strength).to(self.device)
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
             if config.sampling.greedy:
@@ -53,11 +57,11 @@ class Decoder:
                 max_path = min(self.tree_nodes, self.n_drafts)
                 step = functools.partial(
                     sampled_tree_step, model, config.sampling, self.n_drafts, max_path,
-                    draft_sampling=config.draft_sampling,
+                    draft_sampling=config.draft_sampling, pairs=self.pairs,
                 )
         else:
             confidence = config.draft_costs is not None
-            self.rule = ChainRule(config.sampling, confidence=confidence, draft=config.draft_sampling)
+            self.rule = ChainRule(config.sampling, confidence, config.draft_sampling, self.pairs)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 
@@ -67,7 +71,8 @@ class Decoder:
             return TreeDrafts(self.model, self.tree_nodes, self.n_drafts, self.step)
         if self.tree_nodes:
             return SampledTreeDrafts(
-                self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step, self.config.draft_sampling
+                self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step,
+                self.config.draft_sampling, self.pairs,
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
         return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step)

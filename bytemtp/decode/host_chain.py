@@ -10,7 +10,7 @@ nothing is lost by deciding on the host instead (``bytemtp_native.chain_ops``): 
 top-p are applied) come over once, a sampled chain is verified by the host tree walk
 (a chain is a tree with one child per node; ``bytemtp.decode.tree_sampling`` proves its
 maths exact), and the next drafts are drawn by inverting their cumulative
-distributions. Same uniforms, same rules, same bytes as the tensor code (tests compare
+distributions (each given the byte before it, with byte-pair coupling). Same uniforms, same rules, same bytes as the tensor code (tests compare
 the two; a draw can differ only where its uniform falls within float32 rounding of a
 boundary of the cumulative distribution, which the host sums in float64); compiled steps
 keep the tensor code, which traces whole.
@@ -53,13 +53,19 @@ def host_chain_decide(
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
-        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True)
+        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, _NONE_2D)
         return torch.from_numpy(out).to(logits.device), None, None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
-    out = chain_output(accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy)
+    coupled = rule.pairs is not None and not greedy
+    pairs = rule.pairs.cpu().numpy() if coupled else _NONE_2D
+    out = chain_output(
+        accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, pairs
+    )
+    if coupled:  # host_q now holds the distributions the drafts were drawn from
+        q = torch.from_numpy(host_q).to(logits.device)
     confidence = None  # read only by a DraftPolicy, which asks for it
     if rule.confidence:
         confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)

@@ -115,6 +115,7 @@ class BenchReport:
             "max_bytes": self.config.max_bytes,
             "temperature": self.config.temperature,
             "draft_temperature": self.draft_temperature,
+            "pair_coupling": self.pair_coupling,
             "ar_bytes_per_s": self.ar.median_bytes_per_s,
             "spec_bytes_per_s": main.median_bytes_per_s,
             "speedup": self.speedup(main),
@@ -133,9 +134,16 @@ class BenchReport:
         c = GenerationConfig(temperature=self.config.temperature, draft_temperature=self.config.draft_temperature)
         return c.draft_sampling.temperature
 
+    @property
+    def pair_coupling(self) -> float:
+        """The strength of the drafts' byte-pair coupling in effect (0: none)."""
+        c = GenerationConfig(temperature=self.config.temperature, pair_coupling=self.config.pair_coupling)
+        return c.pair_strength if self.model.get("byte_pairs", False) else 0.0
+
     def table(self) -> str:
         c = self.config
-        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g})" if c.temperature else "greedy"
+        pairs = f", byte pairs {self.pair_coupling:g}" if self.pair_coupling else ""
+        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{pairs})" if c.temperature else "greedy"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "

@@ -52,10 +52,14 @@ class SampledTreeDrafts(TreeDrafts):
         n_drafts: int,
         step=None,
         draft_sampling: SamplingConfig | None = None,
+        pairs: torch.Tensor | None = None,
     ):
         super().__init__(model, n_nodes, n_drafts, step)
         self.sampling, self.draft_sampling = sampling, draft_sampling or sampling
         self.vocab = model.cfg.vocab
+        # eager: the byte-pair weights the host draws with (``bytemtp.decode.coupling``; a compiled
+        # step holds its own); [0, 0]: uncoupled
+        self.host_pairs = np.zeros((0, 0), np.float32) if pairs is None else pairs.cpu().numpy()
 
     def start(self, batch: Batch) -> None:
         super().start(batch)
@@ -99,7 +103,9 @@ class SampledTreeDrafts(TreeDrafts):
             for r, on in enumerate(active):
                 if on:
                     tree = self.trees[r]
-                    tokens, self.node_q[r] = draw_children(self.host_q[r], tree.parent, tree.depth, gumbel[r])
+                    tokens, self.node_q[r] = draw_children(
+                        self.host_q[r], tree.parent, tree.depth, gumbel[r], batch.rows[r].pending, self.host_pairs
+                    )
                     self.trees[r] = DraftTree(tokens, tree.parent, tree.depth, tree.ancestors)
         width, inputs = self.layout(batch, active)
         if self.step_fn is None:

@@ -85,7 +85,7 @@ def chain_decide(
     if n_drafts:
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
         draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
-        new, q = rule.propose(draft_logits, u)
+        new, q = rule.propose(draft_logits, u, next_byte)
         if rule.confidence:
             confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
         broken = broken | nonfinite(draft_logits)
@@ -239,15 +239,17 @@ def sampled_tree_step(
     kv_len: int | None = None,
     max_children: int | None = None,
     draft_sampling: SamplingConfig | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the previous accepted path into place, draw the tree's bytes (siblings from their
-    depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick), forward
-    ``[pending, nodes]`` (``ids[:, 0]`` the pending byte) and verify (``sampled_tree_decide``).
+    depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick; coupled to their
+    parent's byte by ``pairs``, if given), forward ``[pending, nodes]`` (``ids[:, 0]`` the pending
+    byte) and verify (``sampled_tree_decide``).
 
     ``noise`` [B, N+1, V+1]: uniforms drawn before the step, per parent a row of Gumbel
     noise and, in the last column, the number that judges node i (0: draws the next byte)."""
     gumbel = -torch.log(-torch.log(noise[..., :-1]))
-    tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel)
+    tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel, ids[:, 0], pairs, max_depth)
     ids = torch.cat((ids[:, :1], tokens), dim=1)
     logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return sampled_tree_decide(

@@ -59,6 +59,7 @@ from typing import NamedTuple
 
 import torch
 
+from bytemtp.decode.coupling import couple
 
 class TreeVerdict(NamedTuple):
     """What ``verify_tree`` decided, per row.
@@ -205,17 +206,32 @@ def ranked_candidates(
 
 
 def sampled_candidates(
-    draft_probs: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor, gumbel: torch.Tensor
+    draft_probs: torch.Tensor,
+    parent: torch.Tensor,
+    depth: torch.Tensor,
+    gumbel: torch.Tensor,
+    root: torch.Tensor | None = None,
+    pairs: torch.Tensor | None = None,
+    max_depth: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled candidates: the children of each parent drawn from their depth's draft distribution
     (``draft_probs`` [B, m, V]) without replacement, as the top bytes of ``log q + g`` for
     standard Gumbel noise ``gumbel`` [B, N+1, V] (one row per parent, drawn beforehand). A
     child is judged under q without its earlier siblings' bytes, renormalised; a child past
-    the support of q gets a zero q, so it is never accepted. -> (tokens [B, N], q [B, N, V])."""
-    q = _gather_rows(draft_probs, depth - 1)  # [B, N, V]
-    order = (q.log() + _gather_rows(gumbel, parent)).argsort(dim=-1, descending=True)
+    the support of q gets a zero q, so it is never accepted. -> (tokens [B, N], q [B, N, V]).
+
+    With byte-pair weights ``pairs`` [V, V] (``bytemtp.decode.coupling``), a parent's children
+    are drawn from their q coupled to the parent's byte (``root`` [B]: the root's). Those bytes
+    are known depth by depth, so the draw runs ``max_depth`` (>= the tree's depth) times, each
+    settling one more depth; the shapes stay static."""
+    base = _gather_rows(draft_probs, depth - 1)  # [B, N, V]
     slot = sibling_slots(parent)[..., None]
-    tokens = order.gather(-1, slot).squeeze(-1)
+    noise = _gather_rows(gumbel, parent)
+    tokens = parent.new_zeros(parent.shape)
+    for _ in range(max(1, max_depth) if pairs is not None else 1):
+        q = base if pairs is None else couple(base, pairs, torch.cat((root[:, None], tokens), dim=1).gather(1, parent))
+        order = (q.log() + noise).argsort(dim=-1, descending=True)
+        tokens = order.gather(-1, slot).squeeze(-1)
     remaining = q * (order.argsort(dim=-1) >= slot)  # drop the bytes of earlier siblings
     mass = remaining.sum(-1, keepdim=True)
     return tokens, torch.where(mass > 0, remaining / mass, 0.0)

@@ -27,10 +27,11 @@ these functions are pure and a row's draws do not depend on the other rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from bytemtp.decode.coupling import couple
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 
 
@@ -55,11 +56,14 @@ class ChainRule:
     ``confidence``: the step also reports the draft heads' top probabilities (for a ``DraftPolicy``).
     ``draft``: how the draft heads' logits become the distributions drafts are drawn from and
     judged by (default: ``sampling``). Any choice keeps the output exactly head 1's; a lower
-    temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``)."""
+    temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``).
+    ``pairs``: byte-pair weights [V, V] (``bytemtp.decode.coupling``); given, each sampled draft
+    is drawn given the byte before it."""
 
     sampling: SamplingConfig
     confidence: bool = False
     draft: SamplingConfig | None = None
+    pairs: torch.Tensor | None = field(default=None, compare=False)
 
     @property
     def draft_sampling(self) -> SamplingConfig:
@@ -100,10 +104,20 @@ class ChainRule:
         at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
         return accepted, draw(fallback.gather(1, at)[:, 0], u.next)
 
-    def propose(self, draft_logits: torch.Tensor, u: Uniforms | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft heads' logits [B, m, V] at the accepted position -> (drafts [B, m], and when
-        sampling their distributions q [B, m, V], which the next step judges them by)."""
+    def propose(
+        self, draft_logits: torch.Tensor, u: Uniforms | None, after: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft heads' logits [B, m, V] at the accepted position, whose next byte is ``after``
+        [B] -> (drafts [B, m], and when sampling the distributions q [B, m, V] they were drawn
+        from, which the next step judges them by)."""
         if self.sampling.greedy:
             return draft_logits.argmax(dim=-1), None
         q = probabilities(draft_logits, self.draft_sampling)
-        return draw(q, u.drafts), q
+        if self.pairs is None:
+            return draw(q, u.drafts), q
+        drafts, coupled = [], []
+        for j in range(q.shape[1]):  # each draft given the one before it
+            coupled.append(couple(q[:, j], self.pairs, after))
+            after = draw(coupled[-1], u.drafts[:, j])
+            drafts.append(after)
+        return torch.stack(drafts, dim=1), torch.stack(coupled, dim=1)

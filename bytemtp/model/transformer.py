@@ -49,6 +49,10 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("draft_weight", None, persistent=False)
+        # [vocab, vocab] int64 counts of adjacent bytes in the training data
+        # (``bytemtp.data.pairs``): not a weight, carried by checkpoints beside the weights and
+        # read by sampled drafting (``bytemtp.decode.coupling``); None when unknown.
+        self.register_buffer("byte_pairs", None, persistent=False)
         for i, attn in enumerate(self.attention_layers()):
             attn.cache_layer = i
         # The cache cached forwards use (``setup_cache``), and the one kept for reuse after
