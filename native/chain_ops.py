@@ -53,28 +53,31 @@ def sampled_chain(logits, p: np.ndarray, drafts: np.ndarray, n_valid: np.ndarray
 
 
 @njit(cache=True)
-def chain_output(accepted, next_byte, broken, draft_logits, q, u_drafts, greedy: bool, pairs) -> np.ndarray:
+def chain_output(
+    accepted, next_byte, broken, draft_logits, q, u_drafts, greedy: bool, fed, index, weights
+) -> np.ndarray:
     """The step's integer rows [B, 3 + m] (``StepOutput``'s columns): the verdicts, the next drafts
     (greedy: each draft head's argmax in ``draft_logits`` [B, m, V]; else drawn from ``q`` at
     ``u_drafts`` [B, m]) and the non-finite flag, raised by the draft heads' logits too.
-    ``pairs`` [V, V] (or [0, 0]: uncoupled): each sampled draft is drawn from its ``q`` times the
-    row of ``pairs`` of the byte before it (the next byte, then the draft above), renormalised,
+    With a draft context (``index`` [V, V], ``weights`` [R, V]; [0, 0] each: uncoupled), each
+    sampled draft is drawn from its ``q`` times the weights after the two bytes before it (the
+    accepted run's last byte of ``fed`` [B, P], the next byte, then the drafts), renormalised,
     and ``q`` is overwritten by those distributions (the next step judges the drafts by them)."""
     n_rows, m = draft_logits.shape[0], draft_logits.shape[1]
     out = np.zeros((n_rows, 3 + m), np.int64)
     flags = broken | nonfinite_rows(draft_logits)
-    coupled = pairs.shape[0] > 0
+    coupled = index.shape[0] > 0
     for b in range(n_rows):
         out[b, 0], out[b, 1], out[b, 2 + m] = accepted[b], next_byte[b], flags[b]
-        before = next_byte[b]
+        before, after = fed[b, accepted[b]], next_byte[b]
         for j in range(m):
             if greedy:
                 out[b, 2 + j] = np.argmax(draft_logits[b, j])
                 continue
             if coupled:
                 row = q[b, j]
-                row *= pairs[before]
+                row *= weights[index[before, after]]
                 row /= row.sum()
-            before = draw_byte(q[b, j], u_drafts[b, j])
-            out[b, 2 + j] = before
+            before, after = after, draw_byte(q[b, j], u_drafts[b, j])
+            out[b, 2 + j] = after
     return out

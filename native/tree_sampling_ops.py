@@ -16,14 +16,17 @@ from numba import njit
 
 
 @njit(cache=True)
-def draw_children(q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: np.ndarray, root: int, pairs):
+def draw_children(
+    q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: np.ndarray, root: int, before: int, index, weights
+):
     """A tree's bytes, each parent's children drawn from their depth's draft distribution ``q``
     [m, V] without replacement: child s holds the s-th largest ``log q + g`` for Gumbel noise
-    ``g = -log(-log u)`` from the parent's row of uniforms ``noise`` [n+1, V]. With byte-pair
-    weights ``pairs`` [V, V] (else [0, 0]), a parent's children are drawn from ``q`` times the
-    row of ``pairs`` of the parent's byte (``root``: the root's), renormalised. -> (tokens [n],
-    each child's distribution given its earlier siblings [n, V]: that distribution without their
-    bytes, renormalised; zero when nothing is left, so such a child is never accepted)."""
+    ``g = -log(-log u)`` from the parent's row of uniforms ``noise`` [n+1, V]. With a draft
+    context (``index`` [V, V], ``weights`` [R, V]; [0, 0] each: uncoupled), a parent's children
+    are drawn from ``q`` times the weights after its parent's byte and its own (the root's byte
+    is ``root``, the one before it ``before``), renormalised. -> (tokens [n], each child's
+    distribution given its earlier siblings [n, V]: that distribution without their bytes,
+    renormalised; zero when nothing is left, so such a child is never accepted)."""
     n, v = parent.size, q.shape[1]
     tokens = np.zeros(n, np.int64)
     node_q = np.zeros((n, v))
@@ -36,8 +39,10 @@ def draw_children(q: np.ndarray, parent: np.ndarray, depth: np.ndarray, noise: n
                 continue
             if first:  # the parent's first child: every byte still available
                 dist[:] = q[depth[i] - 1]
-                if pairs.shape[0] > 0:
-                    dist *= pairs[root if a == 0 else tokens[a - 1]]
+                if index.shape[0] > 0:
+                    byte = root if a == 0 else tokens[a - 1]
+                    above = before if a == 0 else (root if parent[a - 1] == 0 else tokens[parent[a - 1] - 1])
+                    dist *= weights[index[above, byte]]
                     dist /= dist.sum()
                 taken[:] = False
                 first = False

@@ -70,8 +70,10 @@ def trained_model(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
-    # the adjacent-byte counts ``train`` keeps with a checkpoint: sampled drafts are coupled by them
-    model.byte_pairs = torch.bincount(corpus[:-1] * VOCAB + corpus[1:], minlength=VOCAB * VOCAB).view(VOCAB, VOCAB)
+    # the byte-trigram counts ``train`` keeps with a checkpoint: sampled drafts are coupled by them
+    ids = torch.cat((corpus[:1], corpus, corpus[:1]))  # BOS, BOS, the text, BOS
+    codes, counts = ((ids[:-2] * VOCAB + ids[1:-1]) * VOCAB + ids[2:]).unique(return_counts=True)
+    model.byte_trigrams = torch.stack((codes, counts))
     return model.eval()
 
 

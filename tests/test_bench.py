@@ -138,18 +138,18 @@ def test_bench_tree_samples(run, data):
 
 
 def test_bench_draft_temperature_is_reported(run, data):
-    """--draft-temperature is what the chain and tree rows draw their drafts at, and --pair-coupling
-    how strongly they follow the byte before them (the trained checkpoint carries byte-pair counts):
-    the report says so."""
+    """--draft-temperature is what the chain and tree rows draw their drafts at, and --draft-coupling
+    how strongly they follow the bytes before them (the trained checkpoint carries byte-trigram
+    counts): the report says so."""
     args = ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16", "--tree", "4",
             "--temperature", "0.8", "--draft-temperature", "0.3"]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["draft_temperature"] == pytest.approx(0.3)
-    assert json.loads(result.stdout)["pair_coupling"] == pytest.approx(0.5)
+    assert json.loads(result.stdout)["draft_coupling"] == pytest.approx(0.7)
     table = CliRunner().invoke(main, args)
-    assert "temperature 0.8 (drafts 0.3, byte pairs 0.5)" in table.stdout
-    table = CliRunner().invoke(main, [*args, "--pair-coupling", "0"])
+    assert "temperature 0.8 (drafts 0.3, coupled 0.7)" in table.stdout
+    table = CliRunner().invoke(main, [*args, "--draft-coupling", "0"])
     assert "temperature 0.8 (drafts 0.3)," in table.stdout
 
 

@@ -20,6 +20,7 @@ from bytemtp import BOS, VOCAB
 from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.config import STOP_REASONS, GenerationConfig, GenerationStats
+from bytemtp.decode.coupling import DraftContext
 from bytemtp.decode.context import cache_length, prompt_context, window_keep
 from bytemtp.decode.generate import Decoder, generate
 from bytemtp.model.transformer import ByteMTP
@@ -65,7 +66,7 @@ class StubLM(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stub a device
         self.cache: list[list[int]] | None = None
         self.calls: list[tuple[list[int], list[int], int]] = []
-        self.byte_pairs = None  # no training data: sampled drafts go uncoupled
+        self.byte_trigrams = None  # no training data: sampled drafts go uncoupled
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None) -> None:
         self.cache = [[-1] * max_len for _ in range(batch_size)]
@@ -544,23 +545,25 @@ def test_drafts_are_drawn_at_the_draft_temperature():
     u = Uniforms(torch.zeros(2, 0), torch.zeros(2), torch.rand(2, 3))
     for kw, want in (({}, 0.8), ({"draft_temperature": 0.5}, 0.5), ({"draft_temperature": 2.0}, 2.0)):
         rule = Decoder(random_logits_stub(), GenerationConfig(temperature=1.0, **kw)).rule
-        drafts, q = rule.propose(logits, u, torch.zeros(logits.shape[0], dtype=torch.long))
+        drafts, q = rule.propose(logits, u, *torch.zeros(2, logits.shape[0], dtype=torch.long))
         assert torch.equal(q, probabilities(logits, SamplingConfig(temperature=want)))
         assert torch.equal(drafts, draw(q, u.drafts))
 
 
-def test_coupled_drafts_are_drawn_given_the_byte_before():
-    """With byte-pair weights, draft j is drawn from its head's distribution times the weights of the
-    byte before it (the decided next byte for the first), renormalised, and judged by that."""
+def test_coupled_drafts_are_drawn_given_the_two_bytes_before():
+    """With a draft context, draft j is drawn from its head's distribution times the weights after
+    the two bytes before it (the accepted run's last byte and the decided next byte for the first),
+    renormalised, and judged by that."""
     logits = torch.randn(3, 4, VOCAB)
     u = Uniforms(torch.zeros(3, 0), torch.zeros(3), torch.rand(3, 4))
-    weights = torch.rand(VOCAB, VOCAB) + 0.01
-    after = torch.tensor([5, 200, 256])
-    rule = ChainRule(SamplingConfig(temperature=1.0), pairs=weights)
-    drafts, q = rule.propose(logits, u, after)
+    index = torch.randint(0, 50, (VOCAB, VOCAB))
+    context = DraftContext(index, torch.rand(50, VOCAB) + 0.01)
+    before, after = torch.tensor([7, 9, 256]), torch.tensor([5, 200, 256])
+    rule = ChainRule(SamplingConfig(temperature=1.0), context=context)
+    drafts, q = rule.propose(logits, u, before, after)
     base = probabilities(logits, SamplingConfig(temperature=1.0))
-    before = torch.cat((after[:, None], drafts[:, :-1]), dim=1)
-    want = base * weights[before]
+    history = torch.cat((before[:, None], after[:, None], drafts), dim=1)
+    want = base * context.weights[index[history[:, :-2], history[:, 1:-1]]]
     assert torch.allclose(q, want / want.sum(-1, keepdim=True), rtol=1e-6)
     assert torch.equal(drafts, draw(q, u.drafts))
     assert not torch.equal(drafts, draw(base, u.drafts))  # the coupling moved some draws

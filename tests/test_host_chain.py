@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bytemtp import VOCAB
-from bytemtp.decode.coupling import pair_weights
+from bytemtp.decode.coupling import draft_context
 from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_decide
@@ -50,7 +50,8 @@ def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
         u.next = u.next[:, 0]
     n_valid = torch.randint(0, k + 1, (n_rows,), generator=gen)
     n_valid[: n_rows // 2] = k  # half the rows verify every draft
-    return logits, features, drafts, n_valid, q, u
+    fed = torch.cat((torch.randint(0, 256, (n_rows, 1), generator=gen), drafts), dim=1)  # the pending byte first
+    return logits, features, fed, n_valid, q, u
 
 
 @pytest.mark.parametrize("coupled", [False, True], ids=["independent", "coupled"])
@@ -60,20 +61,23 @@ def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
 def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, coupled):
     """Same inputs, same uniforms: the same accepted runs, next bytes, drafts, flags and draft
     distributions, over many rows; also with drafts drawn at a lower temperature than head 1's,
-    and each drawn given the byte before it (byte-pair coupling)."""
+    and each drawn given the two bytes before it (draft coupling)."""
     m = 7
     model = draft_model(m + 1)
     cfg = SamplingConfig(**sampling)
     draft = SamplingConfig(cfg.temperature * draft_scale, cfg.top_k, cfg.top_p) if not cfg.greedy else None
-    counts = torch.randint(0, 50, (VOCAB, VOCAB), generator=torch.Generator().manual_seed(1))
-    rule = ChainRule(cfg, confidence=True, draft=draft, pairs=pair_weights(counts, 0.5) if coupled else None)
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, VOCAB**3, (200_000,), generator=gen).unique()  # some pairs kept as contexts, some not
+    trigrams = torch.stack((codes, torch.randint(1, 500, codes.shape, generator=gen)))
+    context = draft_context(trigrams, 0.7, VOCAB) if coupled else None
+    rule = ChainRule(cfg, confidence=True, draft=draft, context=context)
     accepted, draws, moved = [], 0, 0
     with torch.inference_mode():
         for seed in range(4):
             args = chain_inputs(rule, 64, k, m, seed)
-            logits, features, drafts, n_valid, q, u = args
-            want = chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
-            got = host_chain_decide(model, rule, m, logits, features, drafts, n_valid, q, u)
+            logits, features, fed, n_valid, q, u = args
+            want = chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)
+            got = host_chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)
             assert torch.equal(got[0][:, [0, -1]], want[0][:, [0, -1]])  # accepted runs, flags
             # Drawn bytes: the host sums cumulative distributions in float64, torch rounds them to
             # float32, so a uniform within rounding of a boundary may land on the neighbouring byte.
@@ -93,10 +97,10 @@ def test_host_decision_flags_non_finite_logits():
     model = draft_model(4)
     rule = ChainRule(SamplingConfig(temperature=0.8))
     with torch.inference_mode():
-        logits, features, drafts, n_valid, q, u = chain_inputs(rule, 3, 3, 3, seed=0)
+        logits, features, fed, n_valid, q, u = chain_inputs(rule, 3, 3, 3, seed=0)
         logits[0, 1] = float("-inf")  # a position with no byte left
         logits[1, 2, 7] = float("nan")
         features[2] = float("inf")  # the draft heads' logits come out non-finite
-        want = chain_decide(model, rule, 3, logits, features, drafts, n_valid, q, u)[0][:, -1]
-        got = host_chain_decide(model, rule, 3, logits, features, drafts, n_valid, q, u)[0][:, -1]
+        want = chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u)[0][:, -1]
+        got = host_chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u)[0][:, -1]
     assert got.tolist() == want.tolist() == [1, 1, 1]

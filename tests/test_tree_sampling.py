@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from bytemtp.decode import tree_sampling
-from bytemtp.decode.coupling import couple
+from bytemtp.decode.coupling import DraftContext, couple
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import nonfinite
 from bytemtp.decode.tree_sampling import expected_accepted, ranked_candidates, sampled_candidates, verify_tree
@@ -44,9 +44,9 @@ class MadeUpModel:
     ``path_q``). Integer logits make ties (for top-k). All of a kind go through ``probabilities``
     in one call."""
 
-    def __init__(self, v: int, cfg: SamplingConfig, seed: int, horizon: int, ties=False, path_q=False, pairs=None):
+    def __init__(self, v: int, cfg: SamplingConfig, seed: int, horizon: int, ties=False, path_q=False, coupling=None):
         self.v, self.path_q = v, path_q
-        self.pairs = pairs  # (weights [v, v], root byte): drafts coupled to the byte before them
+        self.coupling = coupling  # (DraftContext, byte before the root, root byte): drafts follow the bytes before
         prefixes = [z for n in range(horizon) for z in itertools.product(range(v), repeat=n)]
         self.index = {z: i for i, z in enumerate(prefixes)}
         rng = np.random.default_rng(seed)
@@ -64,10 +64,11 @@ class MadeUpModel:
 
     def draft(self, depth: int, prefix: tuple) -> torch.Tensor:
         q = self.tables[depth][self._at(depth, prefix)]
-        if self.pairs is None:
+        if self.coupling is None:
             return q
-        weights, root = self.pairs
-        return couple(q, weights, torch.tensor(prefix[-1] if prefix else root))
+        context, *start = self.coupling
+        a, b = (*start, *prefix)[-2:]
+        return couple(q, context, torch.tensor(a), torch.tensor(b))
 
     def stale_draft(self, depth: int, prefix: tuple) -> torch.Tensor:
         """The draft head's distribution one step earlier (another context): a mutant's q."""
@@ -174,9 +175,10 @@ def production_candidates(model, parent, rank, sampled, drafts):
                 key[live[:, c - 1], tokens[live[:, c - 1], c - 1]] = -float(j)
             gumbel[:, a] = torch.where(q > 0, key - q.log(), 0.0)
     coupled = {}
-    if model.pairs is not None:
-        weights, root = model.pairs
-        coupled = {"root": torch.full((b,), root), "pairs": weights, "max_depth": max(depths(parent))}
+    if model.coupling is not None:
+        context, before, root = model.coupling
+        coupled = {"root": torch.full((b,), root), "before": torch.full((b,), before), "context": context,
+                   "max_depth": max(depths(parent))}
     return sampled_candidates(probs, torch.tensor(parent).expand(b, n), depth, gumbel, **coupled)
 
 
@@ -310,15 +312,17 @@ def test_step_then_autoregressive_is_autoregressive(tree, config):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("tree", ["chain of 7, sampled", "bush, sampled", "deep, sampled, q by path"])
-def test_drafts_coupled_to_the_byte_before_are_exact(tree, config):
-    """Byte-pair coupling (``bytemtp.decode.coupling``): each draft drawn from its depth's q times the
-    weights of its parent's byte (the root's for the first depth). ``sampled_candidates`` draws
-    exactly those (checked against the enumeration inside ``output_law``), and the output stays
-    head 1's."""
+def test_drafts_coupled_to_the_bytes_before_are_exact(tree, config):
+    """Draft coupling (``bytemtp.decode.coupling``): each draft drawn from its depth's q times the
+    weights after its grandparent's and parent's bytes (the byte before the root and the root's for
+    the first depth). ``sampled_candidates`` draws exactly those (checked against the enumeration
+    inside ``output_law``), and the output stays head 1's."""
     parent, v, _, _ = TREES[tree]
     cfg, ties = CONFIGS[config]
-    weights = torch.tensor(np.random.default_rng(5).uniform(0.05, 3.0, (v, v)))
-    model = MadeUpModel(v, cfg, seed=2, horizon=max(depths(parent)) + 1, ties=ties, pairs=(weights, 1))
+    rng = np.random.default_rng(5)
+    index = torch.tensor(rng.integers(0, 2 * v, (v, v)))  # some pairs share a row
+    context = DraftContext(index, torch.tensor(rng.uniform(0.05, 3.0, (2 * v, v))))
+    model = MadeUpModel(v, cfg, seed=2, horizon=max(depths(parent)) + 1, ties=ties, coupling=(context, 2, 1))
     law = output_law(model, parent, sibling_ranks(parent), sampled=True)
     assert identity_gap(model, law, max(depths(parent)) + 1) < 1e-9
 
@@ -459,7 +463,7 @@ def test_verification_captures_in_a_cuda_graph():
 def test_host_draw_is_the_tensor_draw(coupled):
     """The eager engine draws siblings on the host: the same bytes and conditionals as
     ``sampled_candidates`` from the same noise, for children within q's support, with and
-    without byte-pair coupling."""
+    without draft coupling."""
     g = torch.Generator().manual_seed(3)
     for parent in (CHAIN7, BUSH, DEEP, [0] * 6):
         n, m, v = len(parent), max(depths(parent)), 6
@@ -468,13 +472,15 @@ def test_host_draw_is_the_tensor_draw(coupled):
         q = logits.softmax(-1)
         par, dep = torch.tensor([parent]), torch.tensor([depths(parent)])
         noise = torch.rand(1, n + 1, v, generator=g, dtype=torch.float64)
-        pairs = torch.rand(v, v, generator=g, dtype=torch.float64) + 0.1 if coupled else None
-        root = 4
+        index = torch.randint(0, 2 * v, (v, v), generator=g)
+        context = DraftContext(index, torch.rand(2 * v, v, generator=g, dtype=torch.float64) + 0.1)
+        before, root = 5, 4
         gumbel = -torch.log(-torch.log(noise))
-        tokens, node_q = sampled_candidates(q, par, dep, gumbel, torch.tensor([root]), pairs, m)
-        host_pairs = pairs.numpy() if coupled else np.zeros((0, 0))
+        coupling = (torch.tensor([root]), torch.tensor([before]), context if coupled else None, m)
+        tokens, node_q = sampled_candidates(q, par, dep, gumbel, *coupling)
+        host_context = tuple(t.numpy() for t in context) if coupled else (np.zeros((0, 0), np.int64), np.zeros((0, 0)))
         host_tokens, host_q = draw_children(
-            q[0].numpy(), par[0].numpy(), dep[0].numpy(), noise[0].numpy(), root, host_pairs
+            q[0].numpy(), par[0].numpy(), dep[0].numpy(), noise[0].numpy(), root, before, *host_context
         )
         live = node_q[0].sum(-1) > 0
         assert torch.equal(torch.from_numpy(host_q).sum(-1) > 0, live)

@@ -2,7 +2,7 @@
 
 Monte Carlo, so marked slow: 20,000 four-byte continuations of one prompt drawn
 with ``verify_tree`` on trees shaped by ``best_shape`` (ranked and sampled
-candidates, the latter also coupled to their parent's byte), 20,000 drawn autoregressively from head 1, and a two-sample
+candidates, the latter also coupled to the bytes before them), 20,000 drawn autoregressively from head 1, and a two-sample
 chi-square test per byte position, Bonferroni-corrected over the positions. The
 exact, analytic check is ``test_tree_sampling``; this one shows the pieces agree
 with a real model's heads (processed distributions over 257 ids, top-k, BOS).
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bytemtp import BOS
-from bytemtp.decode.coupling import pair_weights
+from bytemtp.decode.coupling import DraftContext, draft_context
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import ranked_candidates, sampled_candidates, verify_tree
 from bytemtp.decode.tree_shape import best_shape, rank_log_probs
@@ -64,10 +64,10 @@ def autoregressive(oracle: PrefixOracle, gen: torch.Generator) -> torch.Tensor:
 
 
 def speculative(
-    oracle: PrefixOracle, n_rows: int, n_nodes: int, sampled: bool, gen: torch.Generator, pairs=None
+    oracle: PrefixOracle, n_rows: int, n_nodes: int, sampled: bool, gen: torch.Generator, context=None
 ) -> tuple[torch.Tensor, float]:
     """``N_BYTES`` per row by tree steps -> (the bytes [n_rows, N_BYTES], mean accepted drafts per step).
-    ``pairs``: sampled candidates coupled to their parent's byte by these weights."""
+    ``context``: sampled candidates coupled to the bytes before them (``bytemtp.decode.coupling``)."""
     rows: list[tuple] = [()] * n_rows
     accepted, steps = 0, 0
     while any(len(row) < N_BYTES for row in rows):
@@ -78,8 +78,11 @@ def speculative(
         shape = best_shape(rank_log_probs(q, 8), n_nodes)
         if sampled:
             gumbel = -(-torch.rand(b, n_nodes + 1, v, generator=gen, dtype=torch.float64).log()).log()
-            root = torch.tensor([c[-1] if c else PROMPT[-1] for c in ctx])  # the byte before the tree
-            coupled = {} if pairs is None else {"root": root, "pairs": pairs, "max_depth": oracle.n_drafts}
+            history = [(*PROMPT, *c) for c in ctx]
+            root, before = (torch.tensor([h[i] for h in history]) for i in (-1, -2))  # the tree's root and before it
+            coupled = {} if context is None else {
+                "root": root, "before": before, "context": context, "max_depth": oracle.n_drafts,
+            }
             tokens, q_nodes = sampled_candidates(q, shape.parent, shape.depth, gumbel, **coupled)
         else:
             tokens, q_nodes = ranked_candidates(q, shape.depth, shape.rank)
@@ -122,16 +125,19 @@ def two_sample_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
         ("sampled", SamplingConfig(temperature=0.8, top_k=16)),
         ("coupled", SamplingConfig(temperature=1.0)),
     ],
-    ids=["ranked-T=1", "sampled-T=0.8-top-k=16", "sampled-coupled-to-byte-pairs-T=1"],
+    ids=["ranked-T=1", "sampled-T=0.8-top-k=16", "sampled-coupled-T=1"],
 )
 def test_tree_sampling_matches_autoregressive(candidates, cfg):
     model = trained_model()
     oracle = PrefixOracle(model, PROMPT, cfg, n_drafts=3)
     gen = torch.Generator().manual_seed(0)
     reference = autoregressive(oracle, gen)
-    pairs = pair_weights(model.byte_pairs, 0.5).double() if candidates == "coupled" else None
+    context = None
+    if candidates == "coupled":
+        context = draft_context(model.byte_trigrams, 0.7, model.cfg.vocab)
+        context = DraftContext(context.index, context.weights.double())
     # in blocks of rows: a step's tensors are [rows, nodes, 257] floats
-    blocks = [speculative(oracle, 2000, 7, candidates != "ranked", gen, pairs) for _ in range(N_ROWS // 2000)]
+    blocks = [speculative(oracle, 2000, 7, candidates != "ranked", gen, context) for _ in range(N_ROWS // 2000)]
     tree = torch.cat([samples for samples, _ in blocks])
     mean_accepted = sum(accepted for _, accepted in blocks) / len(blocks)
     assert mean_accepted > 0.25  # the drafts are doing something: the test is not autoregressive sampling twice

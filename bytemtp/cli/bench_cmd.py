@@ -29,9 +29,9 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
               help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
 @click.option("--draft-temperature", default=None, type=FiniteFloat(min=0),
               help="Temperature drafts are drawn at when sampling [default: 0.8 x --temperature].")
-@click.option("--pair-coupling", default=None, type=FiniteFloat(min=0),
-              help="Strength of the byte-pair coupling of sampled drafts, each drawn given the byte before it "
-                   "(0 = off; needs a checkpoint with the training data's byte_pairs.safetensors) [default: 0.5].")
+@click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
+              help="How strongly sampled drafts follow the two bytes before each, by the training data's byte "
+                   "trigrams (0 = off; needs a checkpoint with byte_trigrams.safetensors) [default: 0.7].")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(any temperature; repeatable).")
@@ -49,7 +49,7 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive,
-            draft_temperature, pair_coupling, trees, batches, warmup, compile_, panels, device, as_json) -> None:
+            draft_temperature, draft_coupling, trees, batches, warmup, compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
     Prompts are drawn (seeded) from the val split of --data. Prints bytes/s of each
@@ -64,7 +64,7 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
 
     cfg = BenchConfig(
         prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees,
-        batches, draft_temperature, pair_coupling,
+        batches, draft_temperature, draft_coupling,
     )
     model, _ = load_model(ckpt, device)
     chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)

@@ -97,10 +97,10 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
               help="Temperature sampled drafts are drawn at; the output stays exactly head 1's "
                    "[default: 0.8 x --temperature].")
-@click.option("--pair-coupling", default=None, type=FiniteFloat(min=0),
-              help="Strength of the byte-pair coupling of sampled drafts, each drawn given the byte before it; the "
-                   "output stays exactly head 1's (0 = off; needs a checkpoint with byte_pairs.safetensors) "
-                   "[default: 0.5].")
+@click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
+              help="How strongly sampled drafts follow the two bytes before each, by the training data's byte "
+                   "trigrams; the output stays exactly head 1's (0 = off; needs a checkpoint with "
+                   "byte_trigrams.safetensors) [default: 0.7].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
 @click.option("--compile/--no-compile", "compile_", default=None,
@@ -128,7 +128,7 @@ def command(
     draft_heads: int | None,
     adaptive: bool,
     draft_temperature: float | None,
-    pair_coupling: float | None,
+    draft_coupling: float | None,
     tree: int,
     compile_: bool | None,
     device,
@@ -159,7 +159,7 @@ def command(
         draft_heads=draft_heads,
         tree_nodes=tree,
         draft_temperature=draft_temperature,
-        pair_coupling=pair_coupling,
+        draft_coupling=draft_coupling,
     )
     model, _ = load_model(ckpt, device)
     if adaptive and config.n_drafts(model.cfg.n_future):

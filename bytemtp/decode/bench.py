@@ -40,7 +40,7 @@ class BenchConfig:
     trees: tuple[int, ...] = ()  # a row per draft tree size (nodes verified per step, bytemtp.decode.tree)
     batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
     draft_temperature: float | None = None  # sampled drafts (GenerationConfig.draft_temperature); None: its default
-    pair_coupling: float | None = None  # byte-pair coupling of sampled drafts (GenerationConfig.pair_coupling)
+    draft_coupling: float | None = None  # sampled drafts follow the bytes before them (GenerationConfig)
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
@@ -105,7 +105,7 @@ def run_bench(
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
-        "byte_pairs": model.byte_pairs is not None,
+        "byte_trigrams": model.byte_trigrams is not None,
     }
     return BenchReport(config, describe_device(device, config.panels, compile), info, rows, costs)
 
@@ -124,5 +124,5 @@ def decoder_config(
         draft_costs=costs if adaptive else None,
         tree_nodes=tree,
         draft_temperature=config.draft_temperature,
-        pair_coupling=config.pair_coupling,
+        draft_coupling=config.draft_coupling,
     )

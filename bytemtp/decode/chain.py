@@ -74,10 +74,10 @@ class ChainDrafts:
     ) -> dict[int, Decision]:
         """Decide from the prompts' forwards: head-1 ``logits`` [B, 1, V] and draft ``features``
         [B, 1, F, d] at each row's last id."""
-        none = torch.zeros(len(batch.rows), 0, dtype=torch.long, device=batch.device)
+        last = torch.tensor([[row.window[-1]] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
         u = self.uniforms(batch, active, 0)
-        out = self.decide(self.model, self.rule, self.n_drafts, logits, features, none, zeros, None, u)
+        out = self.decide(self.model, self.rule, self.n_drafts, logits, features, last, zeros, None, u)
         return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:

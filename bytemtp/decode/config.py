@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bytemtp.decode.coupling import PAIR_COUPLING
+from bytemtp.decode.coupling import DRAFT_COUPLING
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.tree import check_tree_request
@@ -46,9 +46,9 @@ class GenerationConfig:
     ``prompt`` and ``seed`` are the defaults of ``generate``, which can also take a list of
     prompts and seeds. ``stop_at_bos=False`` decodes on through a generated BOS (it counts
     toward ``max_new_bytes`` but is no output byte): for callers that want every row's ids
-    to the same length (``distill``). ``pair_coupling``: the strength of the byte-pair coupling
-    of sampled drafts (``bytemtp.decode.coupling``; 0: off; None: ``PAIR_COUPLING``), used when
-    the model carries its training data's byte-pair counts.
+    to the same length (``distill``). ``draft_coupling``: how strongly sampled drafts follow the
+    two bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING``), where
+    the model carries its training data's byte-trigram counts.
     """
 
     prompt: bytes = b""
@@ -64,7 +64,7 @@ class GenerationConfig:
     tree_nodes: int = 0
     stop_at_bos: bool = True
     draft_temperature: float | None = None
-    pair_coupling: float | None = None
+    draft_coupling: float | None = None
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)
@@ -86,8 +86,8 @@ class GenerationConfig:
         if self.draft_temperature is not None:
             if not 0 < self.draft_temperature < math.inf:
                 raise BytemtpError(f"--draft-temperature: must be positive, got {self.draft_temperature}")
-        if self.pair_coupling is not None and not 0 <= self.pair_coupling < math.inf:
-            raise BytemtpError(f"--pair-coupling: must be >= 0 (0 = off), got {self.pair_coupling}")
+        if self.draft_coupling is not None and not 0 <= self.draft_coupling < math.inf:
+            raise BytemtpError(f"--draft-coupling: must be >= 0 (0 = off), got {self.draft_coupling}")
         self.sampling  # validates temperature, top-k, top-p
 
     @property
@@ -101,11 +101,11 @@ class GenerationConfig:
         return SamplingConfig(t, self.top_k, self.top_p)
 
     @property
-    def pair_strength(self) -> float:
-        """The byte-pair coupling's strength when sampling (0: off)."""
+    def coupling_strength(self) -> float:
+        """The draft coupling's strength when sampling (0: off)."""
         if self.sampling.greedy:
             return 0.0
-        return PAIR_COUPLING if self.pair_coupling is None else self.pair_coupling
+        return DRAFT_COUPLING if self.draft_coupling is None else self.draft_coupling
 
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""

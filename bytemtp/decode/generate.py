@@ -24,7 +24,7 @@ from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig, GenerationStats
 from bytemtp.decode.context import generation_cache_length, prompt_context
-from bytemtp.decode.coupling import pair_weights
+from bytemtp.decode.coupling import draft_context
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
 from bytemtp.decode.step import chain_step, sampled_tree_step, tree_step
@@ -46,9 +46,10 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
-        self.pairs = None  # sampled drafts coupled to the byte before them (bytemtp.decode.coupling)
-        if config.pair_strength > 0 and model.byte_pairs is not None and self.n_drafts:
-            self.pairs = pair_weights(model.byte_pairs, config.pair_strength).to(self.device)
+        self.context = None  # sampled drafts coupled to the bytes before them (bytemtp.decode.coupling)
+        if config.coupling_strength > 0 and model.byte_trigrams is not None and self.n_drafts:
+            context = draft_context(model.byte_trigrams.cpu(), config.coupling_strength, model.cfg.vocab)
+            self.context = context.to(self.device)
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
             if config.sampling.greedy:
@@ -57,11 +58,11 @@ class Decoder:
                 max_path = min(self.tree_nodes, self.n_drafts)
                 step = functools.partial(
                     sampled_tree_step, model, config.sampling, self.n_drafts, max_path,
-                    draft_sampling=config.draft_sampling, pairs=self.pairs,
+                    draft_sampling=config.draft_sampling, context=self.context,
                 )
         else:
             confidence = config.draft_costs is not None
-            self.rule = ChainRule(config.sampling, confidence, config.draft_sampling, self.pairs)
+            self.rule = ChainRule(config.sampling, confidence, config.draft_sampling, self.context)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 
@@ -72,7 +73,7 @@ class Decoder:
         if self.tree_nodes:
             return SampledTreeDrafts(
                 self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step,
-                self.config.draft_sampling, self.pairs,
+                self.config.draft_sampling, self.context,
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
         return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step)

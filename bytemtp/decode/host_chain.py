@@ -10,7 +10,7 @@ nothing is lost by deciding on the host instead (``bytemtp_native.chain_ops``): 
 top-p are applied) come over once, a sampled chain is verified by the host tree walk
 (a chain is a tree with one child per node; ``bytemtp.decode.tree_sampling`` proves its
 maths exact), and the next drafts are drawn by inverting their cumulative
-distributions (each given the byte before it, with byte-pair coupling). Same uniforms, same rules, same bytes as the tensor code (tests compare
+distributions (each given the two bytes before it, with draft coupling). Same uniforms, same rules, same bytes as the tensor code (tests compare
 the two; a draw can differ only where its uniform falls within float32 rounding of a
 boundary of the cumulative distribution, which the host sums in float64); compiled steps
 keep the tensor code, which traces whole.
@@ -27,6 +27,7 @@ from bytemtp_native.chain_ops import chain_output, greedy_chain, sampled_chain
 
 # the sampling arguments of a greedy step, and the draft distributions of a step that judges no drafts
 _NONE, _NONE_2D = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float32)
+_UNCOUPLED = np.zeros((0, 0), np.int64), _NONE_2D  # no draft context (``bytemtp.decode.coupling``)
 
 
 def host_chain_decide(
@@ -35,14 +36,15 @@ def host_chain_decide(
     n_drafts: int,
     logits: torch.Tensor,
     features: torch.Tensor,
-    drafts: torch.Tensor,
+    fed: torch.Tensor,
     n_valid: torch.Tensor,
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
     (the draft heads' confidence only when the rule asks for it)."""
-    host_logits, host_drafts, host_valid = (t.cpu().numpy() for t in (logits.float(), drafts, n_valid))
+    host_logits, host_fed, host_valid = (t.cpu().numpy() for t in (logits.float(), fed, n_valid))
+    host_drafts = host_fed[:, 1:]
     greedy = rule.sampling.greedy
     if greedy:
         accepted, next_byte, broken = greedy_chain(host_logits, host_drafts, host_valid)
@@ -53,16 +55,16 @@ def host_chain_decide(
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
-        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, _NONE_2D)
+        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *_UNCOUPLED)
         return torch.from_numpy(out).to(logits.device), None, None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
-    coupled = rule.pairs is not None and not greedy
-    pairs = rule.pairs.cpu().numpy() if coupled else _NONE_2D
+    coupled = rule.context is not None and not greedy
+    context = tuple(t.cpu().numpy() for t in rule.context) if coupled else _UNCOUPLED
     out = chain_output(
-        accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, pairs
+        accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context
     )
     if coupled:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)

@@ -115,7 +115,7 @@ class BenchReport:
             "max_bytes": self.config.max_bytes,
             "temperature": self.config.temperature,
             "draft_temperature": self.draft_temperature,
-            "pair_coupling": self.pair_coupling,
+            "draft_coupling": self.draft_coupling,
             "ar_bytes_per_s": self.ar.median_bytes_per_s,
             "spec_bytes_per_s": main.median_bytes_per_s,
             "speedup": self.speedup(main),
@@ -135,15 +135,15 @@ class BenchReport:
         return c.draft_sampling.temperature
 
     @property
-    def pair_coupling(self) -> float:
-        """The strength of the drafts' byte-pair coupling in effect (0: none)."""
-        c = GenerationConfig(temperature=self.config.temperature, pair_coupling=self.config.pair_coupling)
-        return c.pair_strength if self.model.get("byte_pairs", False) else 0.0
+    def draft_coupling(self) -> float:
+        """The strength of the drafts' coupling to the bytes before them in effect (0: none)."""
+        c = GenerationConfig(temperature=self.config.temperature, draft_coupling=self.config.draft_coupling)
+        return c.coupling_strength if self.model.get("byte_trigrams", False) else 0.0
 
     def table(self) -> str:
         c = self.config
-        pairs = f", byte pairs {self.pair_coupling:g}" if self.pair_coupling else ""
-        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{pairs})" if c.temperature else "greedy"
+        coupled = f", coupled {self.draft_coupling:g}" if self.draft_coupling else ""
+        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{coupled})" if c.temperature else "greedy"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "

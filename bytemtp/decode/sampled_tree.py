@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.coupling import DraftContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
@@ -52,14 +53,15 @@ class SampledTreeDrafts(TreeDrafts):
         n_drafts: int,
         step=None,
         draft_sampling: SamplingConfig | None = None,
-        pairs: torch.Tensor | None = None,
+        context: DraftContext | None = None,
     ):
         super().__init__(model, n_nodes, n_drafts, step)
         self.sampling, self.draft_sampling = sampling, draft_sampling or sampling
         self.vocab = model.cfg.vocab
-        # eager: the byte-pair weights the host draws with (``bytemtp.decode.coupling``; a compiled
-        # step holds its own); [0, 0]: uncoupled
-        self.host_pairs = np.zeros((0, 0), np.float32) if pairs is None else pairs.cpu().numpy()
+        # eager: the draft context the host draws with (``bytemtp.decode.coupling``; a compiled step
+        # holds its own); [0, 0] each: uncoupled
+        uncoupled = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+        self.host_context = uncoupled if context is None else tuple(t.cpu().numpy() for t in context)
 
     def start(self, batch: Batch) -> None:
         super().start(batch)
@@ -103,8 +105,10 @@ class SampledTreeDrafts(TreeDrafts):
             for r, on in enumerate(active):
                 if on:
                     tree = self.trees[r]
+                    row = batch.rows[r]
                     tokens, self.node_q[r] = draw_children(
-                        self.host_q[r], tree.parent, tree.depth, gumbel[r], batch.rows[r].pending, self.host_pairs
+                        self.host_q[r], tree.parent, tree.depth, gumbel[r], row.pending, row.window[-1],
+                        *self.host_context,
                     )
                     self.trees[r] = DraftTree(tokens, tree.parent, tree.depth, tree.ancestors)
         width, inputs = self.layout(batch, active)
@@ -120,6 +124,7 @@ class SampledTreeDrafts(TreeDrafts):
         inputs["depth"] = torch.from_numpy(depth).to(batch.device)
         inputs["draft_probs"] = self.draft_probs
         inputs["noise"] = noise[:, :width].to(batch.device)
+        inputs["before"] = torch.tensor([row.window[-1] for row in batch.rows], device=batch.device)
         return self.read(batch, active, self.step_fn(**inputs), fed=True)
 
     def walk(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bytemtp.decode.coupling import DraftContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
@@ -69,15 +70,16 @@ def chain_decide(
     n_drafts: int,
     logits: torch.Tensor,
     features: torch.Tensor,
-    drafts: torch.Tensor,
+    fed: torch.Tensor,
     n_valid: torch.Tensor,
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Verify ``drafts`` [B, P-1] against head-1 ``logits`` [B, P, V] and draft the next block at
-    the accepted position (``decode`` ``features`` [B, P, F, d]) -> (the ``StepOutput`` tensor,
-    the new drafts' distributions when sampling, and when the rule asks for it the draft heads'
-    confidence [B, m])."""
+    """Verify the drafts of ``fed`` [B, P] (the pending byte, then the drafts; a prompt's forward:
+    its last id) against head-1 ``logits`` [B, P, V] and draft the next block at the accepted
+    position (``decode`` ``features`` [B, P, F, d]) -> (the ``StepOutput`` tensor, the new drafts'
+    distributions when sampling, and when the rule asks for it the draft heads' confidence [B, m])."""
+    drafts = fed[:, 1:]
     accepted, next_byte = rule.verify(logits, drafts, n_valid, draft_probs, u)
     broken = nonfinite(logits)
     new = confidence = drafts.new_zeros(drafts.shape[0], 0)
@@ -85,7 +87,7 @@ def chain_decide(
     if n_drafts:
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
         draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
-        new, q = rule.propose(draft_logits, u, next_byte)
+        new, q = rule.propose(draft_logits, u, fed.gather(1, accepted[:, None])[:, 0], next_byte)
         if rule.confidence:
             confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
         broken = broken | nonfinite(draft_logits)
@@ -110,7 +112,7 @@ def chain_step(
     traces whole; eager steps pass ``bytemtp.decode.host_chain.host_chain_decide``).
     ``kv_len``: eager steps read only the cache slots in use."""
     logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len)
-    return (decide or chain_decide)(model, rule, n_drafts, logits, features, ids[:, 1:], n_valid, draft_probs, u)
+    return (decide or chain_decide)(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u)
 
 
 def tree_decide(
@@ -236,20 +238,22 @@ def sampled_tree_step(
     depth: torch.Tensor,
     draft_probs: torch.Tensor,
     noise: torch.Tensor,
+    before: torch.Tensor,
     kv_len: int | None = None,
     max_children: int | None = None,
     draft_sampling: SamplingConfig | None = None,
-    pairs: torch.Tensor | None = None,
+    context: DraftContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the previous accepted path into place, draw the tree's bytes (siblings from their
-    depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick; coupled to their
-    parent's byte by ``pairs``, if given), forward ``[pending, nodes]`` (``ids[:, 0]`` the pending
-    byte) and verify (``sampled_tree_decide``).
+    depth's ``draft_probs`` [B, m, V] without replacement, by the Gumbel trick; with a draft
+    ``context``, coupled to their parent's and grandparent's bytes, ``before`` [B] being the byte
+    before the root), forward ``[pending, nodes]`` (``ids[:, 0]`` the pending byte) and verify
+    (``sampled_tree_decide``).
 
     ``noise`` [B, N+1, V+1]: uniforms drawn before the step, per parent a row of Gumbel
     noise and, in the last column, the number that judges node i (0: draws the next byte)."""
     gumbel = -torch.log(-torch.log(noise[..., :-1]))
-    tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel, ids[:, 0], pairs, max_depth)
+    tokens, node_q = sampled_candidates(draft_probs, parent, depth, gumbel, ids[:, 0], before, context, max_depth)
     ids = torch.cat((ids[:, :1], tokens), dim=1)
     logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
     return sampled_tree_decide(

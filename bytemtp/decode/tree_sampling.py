@@ -59,7 +59,7 @@ from typing import NamedTuple
 
 import torch
 
-from bytemtp.decode.coupling import couple
+from bytemtp.decode.coupling import DraftContext, couple
 
 class TreeVerdict(NamedTuple):
     """What ``verify_tree`` decided, per row.
@@ -211,7 +211,8 @@ def sampled_candidates(
     depth: torch.Tensor,
     gumbel: torch.Tensor,
     root: torch.Tensor | None = None,
-    pairs: torch.Tensor | None = None,
+    before: torch.Tensor | None = None,
+    context: DraftContext | None = None,
     max_depth: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled candidates: the children of each parent drawn from their depth's draft distribution
@@ -220,16 +221,23 @@ def sampled_candidates(
     child is judged under q without its earlier siblings' bytes, renormalised; a child past
     the support of q gets a zero q, so it is never accepted. -> (tokens [B, N], q [B, N, V]).
 
-    With byte-pair weights ``pairs`` [V, V] (``bytemtp.decode.coupling``), a parent's children
-    are drawn from their q coupled to the parent's byte (``root`` [B]: the root's). Those bytes
-    are known depth by depth, so the draw runs ``max_depth`` (>= the tree's depth) times, each
-    settling one more depth; the shapes stay static."""
+    With a draft ``context`` (``bytemtp.decode.coupling``), a parent's children are drawn from
+    their q coupled to the parent's byte and the one above it (``root`` [B]: the root's byte,
+    ``before`` [B] the one before the root). Those bytes are known depth by depth, so the draw
+    runs ``max_depth`` (>= the tree's depth) times, each settling one more depth; the shapes
+    stay static."""
     base = _gather_rows(draft_probs, depth - 1)  # [B, N, V]
     slot = sibling_slots(parent)[..., None]
     noise = _gather_rows(gumbel, parent)
     tokens = parent.new_zeros(parent.shape)
-    for _ in range(max(1, max_depth) if pairs is not None else 1):
-        q = base if pairs is None else couple(base, pairs, torch.cat((root[:, None], tokens), dim=1).gather(1, parent))
+    if context is not None:  # [before, root, nodes]: each node's parent and grandparent there
+        at_parent = parent + 1
+        above = torch.cat((parent.new_zeros(parent.shape[0], 1), parent + 1), dim=1).gather(1, parent)
+    for _ in range(max(1, max_depth) if context is not None else 1):
+        q = base
+        if context is not None:
+            history = torch.cat((before[:, None], root[:, None], tokens), dim=1)
+            q = couple(base, context, history.gather(1, above), history.gather(1, at_parent))
         order = (q.log() + noise).argsort(dim=-1, descending=True)
         tokens = order.gather(-1, slot).squeeze(-1)
     remaining = q * (order.argsort(dim=-1) >= slot)  # drop the bytes of earlier siblings

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bytemtp.decode.coupling import couple
+from bytemtp.decode.coupling import DraftContext, couple
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 
 
@@ -57,13 +57,13 @@ class ChainRule:
     ``draft``: how the draft heads' logits become the distributions drafts are drawn from and
     judged by (default: ``sampling``). Any choice keeps the output exactly head 1's; a lower
     temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``).
-    ``pairs``: byte-pair weights [V, V] (``bytemtp.decode.coupling``); given, each sampled draft
-    is drawn given the byte before it."""
+    ``context``: given, each sampled draft is drawn given the two bytes before it
+    (``bytemtp.decode.coupling``)."""
 
     sampling: SamplingConfig
     confidence: bool = False
     draft: SamplingConfig | None = None
-    pairs: torch.Tensor | None = field(default=None, compare=False)
+    context: DraftContext | None = field(default=None, compare=False)
 
     @property
     def draft_sampling(self) -> SamplingConfig:
@@ -105,19 +105,19 @@ class ChainRule:
         return accepted, draw(fallback.gather(1, at)[:, 0], u.next)
 
     def propose(
-        self, draft_logits: torch.Tensor, u: Uniforms | None, after: torch.Tensor
+        self, draft_logits: torch.Tensor, u: Uniforms | None, before: torch.Tensor, after: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft heads' logits [B, m, V] at the accepted position, whose next byte is ``after``
-        [B] -> (drafts [B, m], and when sampling the distributions q [B, m, V] they were drawn
-        from, which the next step judges them by)."""
+        """The draft heads' logits [B, m, V] at the accepted position, whose byte is ``before`` [B]
+        and whose next byte is ``after`` [B] -> (drafts [B, m], and when sampling the distributions
+        q [B, m, V] they were drawn from, which the next step judges them by)."""
         if self.sampling.greedy:
             return draft_logits.argmax(dim=-1), None
         q = probabilities(draft_logits, self.draft_sampling)
-        if self.pairs is None:
+        if self.context is None:
             return draw(q, u.drafts), q
         drafts, coupled = [], []
-        for j in range(q.shape[1]):  # each draft given the one before it
-            coupled.append(couple(q[:, j], self.pairs, after))
-            after = draw(coupled[-1], u.drafts[:, j])
+        for j in range(q.shape[1]):  # each draft given the two bytes before it
+            coupled.append(couple(q[:, j], self.context, before, after))
+            before, after = after, draw(coupled[-1], u.drafts[:, j])
             drafts.append(after)
         return torch.stack(drafts, dim=1), torch.stack(coupled, dim=1)

@@ -49,5 +49,5 @@ def cast_for_decoding(model: ByteMTP, dtype: torch.dtype | None = None) -> ByteM
     params = dict(model.named_parameters())
     for name, param in copy.named_parameters():
         param.data = params[name].detach().to(dtype)
-    copy.byte_pairs = model.byte_pairs
+    copy.byte_trigrams = model.byte_trigrams
     return copy.train(model.training)

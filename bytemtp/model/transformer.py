@@ -49,10 +49,10 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("draft_weight", None, persistent=False)
-        # [vocab, vocab] int64 counts of adjacent bytes in the training data
-        # (``bytemtp.data.pairs``): not a weight, carried by checkpoints beside the weights and
+        # [2, n] int64 codes and counts of the byte trigrams of the training data
+        # (``bytemtp.data.trigrams``): not a weight, carried by checkpoints beside the weights and
         # read by sampled drafting (``bytemtp.decode.coupling``); None when unknown.
-        self.register_buffer("byte_pairs", None, persistent=False)
+        self.register_buffer("byte_trigrams", None, persistent=False)
         for i, attn in enumerate(self.attention_layers()):
             attn.cache_layer = i
         # The cache cached forwards use (``setup_cache``), and the one kept for reuse after

@@ -2,8 +2,8 @@
 
 Layout of ``RUN/checkpoints/step-NNNNNNN/``: ``model.safetensors`` (weights),
 ``config.json`` (model config, train config, step, package version),
-``byte_pairs.safetensors`` when the model knows its training data's adjacent-byte counts
-(``bytemtp.data.pairs``; older checkpoints have none) and, for
+``byte_trigrams.safetensors`` when the model knows its training data's byte-trigram counts
+(``bytemtp.data.trigrams``; older checkpoints have none) and, for
 training runs, ``train_state.pt`` (optimizer, scheduler, loader, RNG). Each is
 built in a temporary directory and renamed into place, then ``latest`` (a
 symlink) is switched to it, so a crash at any moment leaves the previous
@@ -33,7 +33,7 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.config import load_config
 
 WEIGHTS, CONFIG, TRAIN_STATE, LATEST = "model.safetensors", "config.json", "train_state.pt", "latest"
-PAIRS = "byte_pairs.safetensors"
+TRIGRAMS = "byte_trigrams.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -84,8 +84,9 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(final, replace=True) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
-            if model.byte_pairs is not None:
-                save_file({"counts": model.byte_pairs.cpu().contiguous()}, str(tmp / PAIRS))
+            if model.byte_trigrams is not None:
+                codes, counts = model.byte_trigrams.cpu()
+                save_file({"codes": codes.clone(), "counts": counts.clone()}, str(tmp / TRIGRAMS))
             meta = {"bytemtp_version": __version__, "step": step, "model": model.cfg.to_dict(), "train": train_config}
             if distill is not None:
                 meta["distill"] = distill
@@ -179,23 +180,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     meta = read_config(ckpt)
     model = ByteMTP(load_config(ModelConfig, meta.get("model"), f"{ckpt / CONFIG} model"))
     load_weights(model, ckpt)
-    model.byte_pairs = load_byte_pairs(ckpt, model.cfg.vocab)
+    model.byte_trigrams = load_byte_trigrams(ckpt, model.cfg.vocab)
     return model.to(device).eval(), meta
 
 
-def load_byte_pairs(ckpt: Path, vocab: int) -> torch.Tensor | None:
-    """Checkpoint ``ckpt``'s adjacent-byte counts [vocab, vocab] (int64), None if it has none."""
-    path = ckpt / PAIRS
+def load_byte_trigrams(ckpt: Path, vocab: int) -> torch.Tensor | None:
+    """Checkpoint ``ckpt``'s byte-trigram codes and counts [2, n] (int64), None if it has none."""
+    path = ckpt / TRIGRAMS
     if not path.is_file():
         return None
     try:
-        counts = load_file(str(path), device="cpu").get("counts")
+        table = load_file(str(path), device="cpu")
     except (OSError, SafetensorError) as e:
-        raise BytemtpError(f"{path}: unreadable byte-pair counts ({e})") from None
-    if counts is None or counts.shape != (vocab, vocab) or counts.dtype != torch.int64 or (counts < 0).any():
-        what = "no 'counts' tensor" if counts is None else f"{counts.dtype} {tuple(counts.shape)}"
-        raise BytemtpError(f"{path}: expected non-negative int64 byte-pair counts [{vocab}, {vocab}], got {what}")
-    return counts
+        raise BytemtpError(f"{path}: unreadable byte-trigram counts ({e})") from None
+    codes, counts = table.get("codes"), table.get("counts")
+    ok = codes is not None and counts is not None and codes.dtype == counts.dtype == torch.int64
+    ok = ok and codes.dim() == 1 and codes.shape == counts.shape
+    ok = ok and bool((counts > 0).all()) and bool((codes.diff() > 0).all())
+    ok = ok and (codes.numel() == 0 or 0 <= codes[0].item() and codes[-1].item() < vocab**3)
+    if not ok:
+        raise BytemtpError(
+            f"{path}: expected int64 'codes' (ascending, below {vocab}^3) and positive int64 'counts' of one length"
+        )
+    return torch.stack((codes, counts))
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bytemtp.compile import compile_model
 from bytemtp.data.loader import BatchLoader, LoaderConfig
-from bytemtp.data.pairs import count_byte_pairs
+from bytemtp.data.trigrams import count_byte_trigrams
 from bytemtp.data.shards import is_dataset_dir
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
@@ -155,7 +155,7 @@ class _Run:
         self.objective = unwrap(self.wrapped)
         # Saved with every checkpoint; set after wrapping, so no process group syncs it (every
         # rank counts the same data) and it stays on the host.
-        self.model.byte_pairs = torch.from_numpy(count_byte_pairs(data_dir))
+        self.model.byte_trigrams = torch.from_numpy(count_byte_trigrams(data_dir))
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
