@@ -29,7 +29,10 @@ temperature, top-k, top-p as the drafts were drawn), drafts and tree shape fixed
 before the uniforms are seen, and the residual clamped at zero.
 
 Two ways to fill a tree (the draft heads predict each offset without the bytes
-drafted before it, so all nodes at depth ``d`` share head d+1's distribution):
+drafted before it, so all nodes at depth ``d`` share head d+1's distribution; with draft
+coupling, ``bytemtp.decode.coupling``, each parent's children share that distribution
+reweighted by the two bytes above them, a ``q`` that depends on the path, which the proof
+allows as it allows siblings):
 
 - ``ranked_candidates``: a node's byte is a fixed rank of its depth's draft
   distribution, ``q`` the point mass on it. Then ``min(1, r(x)/1) = r(x)`` and the
