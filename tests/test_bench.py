@@ -214,8 +214,10 @@ def test_demo_runs_end_to_end(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "speculative (7 drafts, tree of 15)" in result.stdout  # a row of the table
-    assert "speculative (7 drafts): " in result.stdout and "outputs identical: True" in result.stdout
-    assert "speculative (7 drafts, tree of 15): " in result.stdout  # the second headline
+    assert "speculative (7 drafts), greedy: " in result.stdout and "outputs identical: True" in result.stdout
+    assert "speculative (7 drafts, tree of 15), greedy: " in result.stdout  # the second headline
+    assert "speculative (7 drafts), T = 0.7: " in result.stdout  # sampling
+    assert "temperature 0.7 (drafts 0.56, coupled 0.7)" in result.stdout  # its table: trained runs keep trigrams
 
 
 @pytest.mark.parametrize(
