@@ -60,9 +60,10 @@ def chain_output(
     (greedy: each draft head's argmax in ``draft_logits`` [B, m, V]; else drawn from ``q`` at
     ``u_drafts`` [B, m]) and the non-finite flag, raised by the draft heads' logits too.
     With a draft context (``index`` [V, V], ``weights`` [R, V]; [0, 0] each: uncoupled), each
-    sampled draft is drawn from its ``q`` times the weights after the two bytes before it (the
-    accepted run's last byte of ``fed`` [B, P], the next byte, then the drafts), renormalised,
-    and ``q`` is overwritten by those distributions (the next step judges the drafts by them)."""
+    draft follows the two bytes before it (the accepted run's last byte of ``fed`` [B, P], the
+    next byte, then the drafts): greedy, it is the argmax of its logits plus the log-weights
+    after them; sampled, it is drawn from its ``q`` times those weights, renormalised, and ``q``
+    is overwritten by those distributions (the next step judges the drafts by them)."""
     n_rows, m = draft_logits.shape[0], draft_logits.shape[1]
     out = np.zeros((n_rows, 3 + m), np.int64)
     flags = broken | nonfinite_rows(draft_logits)
@@ -71,13 +72,16 @@ def chain_output(
         out[b, 0], out[b, 1], out[b, 2 + m] = accepted[b], next_byte[b], flags[b]
         before, after = fed[b, accepted[b]], next_byte[b]
         for j in range(m):
-            if greedy:
-                out[b, 2 + j] = np.argmax(draft_logits[b, j])
-                continue
-            if coupled:
-                row = q[b, j]
-                row *= weights[index[before, after]]
-                row /= row.sum()
-            before, after = after, draw_byte(q[b, j], u_drafts[b, j])
-            out[b, 2 + j] = after
+            if greedy and coupled:  # the likeliest byte of the head's distribution times the weights
+                draft = np.argmax(draft_logits[b, j] + np.log(weights[index[before, after]]))
+            elif greedy:
+                draft = np.argmax(draft_logits[b, j])
+            else:
+                if coupled:
+                    row = q[b, j]
+                    row *= weights[index[before, after]]
+                    row /= row.sum()
+                draft = draw_byte(q[b, j], u_drafts[b, j])
+            before, after = after, draft
+            out[b, 2 + j] = draft
     return out

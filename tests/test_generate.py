@@ -553,7 +553,7 @@ def test_drafts_are_drawn_at_the_draft_temperature():
 def test_coupled_drafts_are_drawn_given_the_two_bytes_before():
     """With a draft context, draft j is drawn from its head's distribution times the weights after
     the two bytes before it (the accepted run's last byte and the decided next byte for the first),
-    renormalised, and judged by that."""
+    renormalised, and judged by that; greedy, it is the likeliest byte of that product."""
     logits = torch.randn(3, 4, VOCAB)
     u = Uniforms(torch.zeros(3, 0), torch.zeros(3), torch.rand(3, 4))
     index = torch.randint(0, 50, (VOCAB, VOCAB))
@@ -567,6 +567,12 @@ def test_coupled_drafts_are_drawn_given_the_two_bytes_before():
     assert torch.allclose(q, want / want.sum(-1, keepdim=True), rtol=1e-6)
     assert torch.equal(drafts, draw(q, u.drafts))
     assert not torch.equal(drafts, draw(base, u.drafts))  # the coupling moved some draws
+    # greedy: the argmax of the logits plus the log-weights after the two bytes before
+    drafts, q = ChainRule(SamplingConfig(), context=context).propose(logits, None, before, after)
+    history = torch.cat((before[:, None], after[:, None], drafts), dim=1)
+    weights = context.weights[index[history[:, :-2], history[:, 1:-1]]]
+    assert q is None and torch.equal(drafts, (logits + weights.log()).argmax(-1))
+    assert not torch.equal(drafts, logits.argmax(-1))
 
 
 @pytest.mark.parametrize(

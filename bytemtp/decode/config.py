@@ -46,7 +46,7 @@ class GenerationConfig:
     ``prompt`` and ``seed`` are the defaults of ``generate``, which can also take a list of
     prompts and seeds. ``stop_at_bos=False`` decodes on through a generated BOS (it counts
     toward ``max_new_bytes`` but is no output byte): for callers that want every row's ids
-    to the same length (``distill``). ``draft_coupling``: how strongly sampled drafts follow the
+    to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the
     two bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING``), where
     the model carries its training data's byte-trigram counts.
     """
@@ -102,9 +102,7 @@ class GenerationConfig:
 
     @property
     def coupling_strength(self) -> float:
-        """The draft coupling's strength when sampling (0: off)."""
-        if self.sampling.greedy:
-            return 0.0
+        """The draft coupling's strength (0: off)."""
         return DRAFT_COUPLING if self.draft_coupling is None else self.draft_coupling
 
     def n_drafts(self, n_future: int) -> int:

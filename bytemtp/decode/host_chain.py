@@ -61,12 +61,12 @@ def host_chain_decide(
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
-    coupled = rule.context is not None and not greedy
+    coupled = rule.context is not None
     context = tuple(t.cpu().numpy() for t in rule.context) if coupled else _UNCOUPLED
     out = chain_output(
         accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context
     )
-    if coupled:  # host_q now holds the distributions the drafts were drawn from
+    if coupled and not greedy:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)
     confidence = None  # read only by a DraftPolicy, which asks for it
     if rule.confidence:

@@ -142,8 +142,11 @@ class BenchReport:
 
     def table(self) -> str:
         c = self.config
-        coupled = f", coupled {self.draft_coupling:g}" if self.draft_coupling else ""
-        how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{coupled})" if c.temperature else "greedy"
+        coupled = f"coupled {self.draft_coupling:g}" if self.draft_coupling else ""
+        if c.temperature:
+            how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{', ' if coupled else ''}{coupled})"
+        else:
+            how = f"greedy (chain drafts {coupled})" if coupled else "greedy"
         lines = [
             f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "

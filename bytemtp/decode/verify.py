@@ -57,7 +57,7 @@ class ChainRule:
     ``draft``: how the draft heads' logits become the distributions drafts are drawn from and
     judged by (default: ``sampling``). Any choice keeps the output exactly head 1's; a lower
     temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``).
-    ``context``: given, each sampled draft is drawn given the two bytes before it
+    ``context``: given, each draft is drawn (greedy: chosen) given the two bytes before it
     (``bytemtp.decode.coupling``)."""
 
     sampling: SamplingConfig
@@ -110,14 +110,20 @@ class ChainRule:
         """The draft heads' logits [B, m, V] at the accepted position, whose byte is ``before`` [B]
         and whose next byte is ``after`` [B] -> (drafts [B, m], and when sampling the distributions
         q [B, m, V] they were drawn from, which the next step judges them by)."""
-        if self.sampling.greedy:
-            return draft_logits.argmax(dim=-1), None
-        q = probabilities(draft_logits, self.draft_sampling)
+        greedy = self.sampling.greedy
         if self.context is None:
+            if greedy:
+                return draft_logits.argmax(dim=-1), None
+            q = probabilities(draft_logits, self.draft_sampling)
             return draw(q, u.drafts), q
+        q = None if greedy else probabilities(draft_logits, self.draft_sampling)
         drafts, coupled = [], []
-        for j in range(q.shape[1]):  # each draft given the two bytes before it
-            coupled.append(couple(q[:, j], self.context, before, after))
-            before, after = after, draw(coupled[-1], u.drafts[:, j])
-            drafts.append(after)
-        return torch.stack(drafts, dim=1), torch.stack(coupled, dim=1)
+        for j in range(draft_logits.shape[1]):  # each draft given the two bytes before it
+            if greedy:  # the likeliest byte of the head's distribution times the weights
+                draft = (draft_logits[:, j].float() + self.context.after(before, after).log()).argmax(dim=-1)
+            else:
+                coupled.append(couple(q[:, j], self.context, before, after))
+                draft = draw(coupled[-1], u.drafts[:, j])
+            before, after = after, draft
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1), None if greedy else torch.stack(coupled, dim=1)
