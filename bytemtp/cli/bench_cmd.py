@@ -32,7 +32,7 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly chain drafts and sampled tree nodes follow the two bytes before each, by the "
                    "training data's byte trigrams (0 = off; needs a checkpoint with byte_trigrams.safetensors) "
-                   "[default: 0.7].")
+                   "[default: 0.7 sampling, 0.3 greedy].")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(any temperature; repeatable).")

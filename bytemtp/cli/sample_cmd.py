@@ -100,7 +100,7 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly chain drafts and sampled tree nodes follow the two bytes before each, by the "
                    "training data's byte trigrams; the output stays exactly head 1's (0 = off; needs a "
-                   "checkpoint with byte_trigrams.safetensors) [default: 0.7].")
+                   "checkpoint with byte_trigrams.safetensors) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
 @click.option("--compile/--no-compile", "compile_", default=None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bytemtp.decode.coupling import DRAFT_COUPLING
+from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.tree import check_tree_request
@@ -46,9 +46,10 @@ class GenerationConfig:
     ``prompt`` and ``seed`` are the defaults of ``generate``, which can also take a list of
     prompts and seeds. ``stop_at_bos=False`` decodes on through a generated BOS (it counts
     toward ``max_new_bytes`` but is no output byte): for callers that want every row's ids
-    to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the
-    two bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING``), where
-    the model carries its training data's byte-trigram counts.
+    to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the two
+    bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING`` when
+    sampling, ``GREEDY_COUPLING`` greedy), where the model carries its training data's
+    byte-trigram counts.
     """
 
     prompt: bytes = b""
@@ -103,7 +104,9 @@ class GenerationConfig:
     @property
     def coupling_strength(self) -> float:
         """The draft coupling's strength (0: off)."""
-        return DRAFT_COUPLING if self.draft_coupling is None else self.draft_coupling
+        if self.draft_coupling is not None:
+            return self.draft_coupling
+        return GREEDY_COUPLING if self.sampling.greedy else DRAFT_COUPLING
 
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""

@@ -10,10 +10,11 @@ nothing is lost by deciding on the host instead (``bytemtp_native.chain_ops``): 
 top-p are applied) come over once, a sampled chain is verified by the host tree walk
 (a chain is a tree with one child per node; ``bytemtp.decode.tree_sampling`` proves its
 maths exact), and the next drafts are drawn by inverting their cumulative
-distributions (each given the two bytes before it, with draft coupling). Same uniforms, same rules, same bytes as the tensor code (tests compare
-the two; a draw can differ only where its uniform falls within float32 rounding of a
-boundary of the cumulative distribution, which the host sums in float64); compiled steps
-keep the tensor code, which traces whole.
+distributions (each given the two bytes before it, with draft coupling). Same uniforms,
+same rules, same bytes as the tensor code (tests compare the two; a draw can differ only
+where its uniform falls within float32 rounding of a boundary of the cumulative
+distribution, which the host sums in float64); compiled steps keep the tensor code, which
+traces whole.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Per row and step the host picks the tree's *shape* as the greedy tree does (the
 paths of draft ranks that ``RankStats`` rates likeliest to be accepted, learnt from
 earlier steps only); the step then draws the nodes' bytes, each parent's children
 from their depth's draft distribution (coupled to the two bytes above them,
-``bytemtp.decode.coupling``) without replacement, and verifies them by recursive rejection sampling (``bytemtp.decode.tree_sampling``),
-so every output byte is distributed exactly as head 1's processed distribution,
+``bytemtp.decode.coupling``) without replacement, and verifies them by recursive
+rejection sampling (``bytemtp.decode.tree_sampling``), so every output byte is distributed exactly as head 1's processed distribution,
 whatever the drafts were. Shapes never look at the step's random numbers or at the
 bytes drawn with them: that is what keeps the output exact (a tree reshaped after
 seeing its bytes verifies bytes no longer distributed as their ``q``).
