@@ -7,14 +7,14 @@ from pathlib import Path
 
 import click
 
-from bytemtp.cli.options import FiniteFloat, SEED, device_option
+from bytemtp.cli.options import FiniteFloat, device_option
 
 
 @click.command("demo")
 @click.option("--minutes", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Train for this wall time instead of the fixed schedule (steps fitted to it, so the model "
-                   "then depends on the machine's speed). Default: a fixed number of steps, about 7 minutes "
-                   "on an idle 2-core CPU.")
+                   "then depends on the machine's speed). Default: a fixed number of steps, 2 to 8 minutes "
+                   "on a 2-core CPU, depending on the CPU.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the prepared corpus is cached. Default: ~/.cache/bytemtp/python-stdlib.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),

@@ -46,7 +46,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
-        self.context = None  # sampled drafts coupled to the bytes before them (bytemtp.decode.coupling)
+        self.context = None  # drafts coupled to the bytes before them (bytemtp.decode.coupling)
         if config.coupling_strength > 0 and model.byte_trigrams is not None and self.n_drafts:
             context = draft_context(model.byte_trigrams.cpu(), config.coupling_strength, model.cfg.vocab)
             self.context = context.to(self.device)

@@ -64,6 +64,7 @@ import torch
 
 from bytemtp.decode.coupling import DraftContext, couple
 
+
 class TreeVerdict(NamedTuple):
     """What ``verify_tree`` decided, per row.
 
