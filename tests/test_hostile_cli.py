@@ -55,6 +55,8 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
         (["bench", "RUN", "--data", "RUN", "--seed", "99999999999999999999999"], "--seed"),
         (["train", "--data", "RUN", "--out", "OUT", "--seed", "99999999999999999999999"], "--seed"),
         (["distill", "RUN", "--data", "RUN", "--out", "OUT", "--seed", "-1"], "--seed"),
+        (["sample", "RUN", "--draft-coupling", "-0.5"], "--draft-coupling"),
+        (["bench", "RUN", "--data", "RUN", "--draft-coupling", "inf"], "--draft-coupling"),
     ],
 )
 def test_flag_errors_are_one_line_with_status_1(tmp_path, args, flag):

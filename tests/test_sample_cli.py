@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from fixtures_train import trained_model
 
 import bytemtp.decode.generate as generate_module
-from bytemtp.train.checkpoint import save_checkpoint
+from bytemtp.train.checkpoint import TRIGRAMS, latest_checkpoint, save_checkpoint
 from bytemtp.cli import main
 from bytemtp.cli.sample_cmd import ByteSink
 from bytemtp.model.config import ModelConfig
@@ -120,6 +121,25 @@ def test_bad_options_are_click_errors(run_dir, args, message):
 def test_bad_values_for_the_model_are_one_line_errors(run_dir, args, message):
     res = sample(run_dir, *args)
     assert res.exit_code == 1 and res.stderr.startswith(message) and res.stderr.count("\n") == 1
+
+
+def test_draft_coupling_changes_drafts_not_greedy_output(run_dir):
+    """The checkpoint carries byte trigrams, so chain drafts are coupled by default; greedy output
+    is head 1's either way, and the trigram file is what the coupling reads."""
+    common = [run_dir, "--prompt", "def ", "--temperature", "0", "--max-bytes", "120", "--stats"]
+    on, off = sample(*common), sample(*common, "--draft-coupling", "0")
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    assert on.stdout_bytes == off.stdout_bytes
+
+
+def test_damaged_trigram_counts_are_a_one_line_error(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, symlinks=True)
+    path = latest_checkpoint(run) / TRIGRAMS
+    path.write_bytes(b"garbage")
+    res = sample(run, "--prompt", "def ", "--max-bytes", "8")
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith(f"Error: {path}: unreadable byte-trigram counts")
 
 
 def test_missing_checkpoint(tmp_path):
