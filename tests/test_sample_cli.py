@@ -130,6 +130,16 @@ def test_draft_coupling_changes_drafts_not_greedy_output(run_dir):
     on, off = sample(*common), sample(*common, "--draft-coupling", "0")
     assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
     assert on.stdout_bytes == off.stdout_bytes
+    # --stats says which it was
+    assert on.stderr.splitlines()[-1] == "drafts coupled to the two bytes before each (strength 0.3)"
+    assert off.stderr.splitlines()[-1] == "drafts uncoupled (--draft-coupling 0)"
+
+
+def test_stats_say_a_checkpoint_without_trigrams_drafts_uncoupled(random_run):
+    run, _ = random_run
+    res = sample(run, "--prompt", "a", "--max-bytes", "8", "--stats")
+    assert res.exit_code == 0, res.output
+    assert "drafts uncoupled: the checkpoint has no byte_trigrams.safetensors" in res.stderr.splitlines()[-1]
 
 
 def test_damaged_trigram_counts_are_a_one_line_error(run_dir, tmp_path):

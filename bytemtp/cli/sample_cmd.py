@@ -180,6 +180,18 @@ def command(
         _stream(decoder, prompts[0], echo, stats)
     else:
         _json_lines(decoder, prompts, num_samples, batch, stats)
+    if stats and decoder.n_drafts:
+        click.echo(_coupling_note(decoder, model.byte_trigrams is not None), err=True)
+
+
+def _coupling_note(decoder, has_trigrams: bool) -> str:
+    """Whether the drafts followed the bytes before them, and if not why: a checkpoint from before
+    ``train`` kept byte trigrams drafts uncoupled, with fewer bytes per forward."""
+    if decoder.context is not None:
+        return f"drafts coupled to the two bytes before each (strength {decoder.config.coupling_strength:g})"
+    if not has_trigrams:
+        return "drafts uncoupled: the checkpoint has no byte_trigrams.safetensors (it predates them)"
+    return "drafts uncoupled (--draft-coupling 0)"
 
 
 def _stream(decoder, prompt: bytes, echo: bool, stats: bool) -> None:
