@@ -554,10 +554,11 @@ def test_coupled_drafts_are_drawn_given_the_two_bytes_before():
     """With a draft context, draft j is drawn from its head's distribution times the weights after
     the two bytes before it (the accepted run's last byte and the decided next byte for the first),
     renormalised, and judged by that; greedy, it is the likeliest byte of that product."""
-    logits = torch.randn(3, 4, VOCAB)
-    u = Uniforms(torch.zeros(3, 0), torch.zeros(3), torch.rand(3, 4))
-    index = torch.randint(0, 50, (VOCAB, VOCAB))
-    context = DraftContext(index, torch.rand(50, VOCAB) + 0.01)
+    gen = torch.Generator().manual_seed(0)  # fixed data: the "moved some draws" checks below hold for it
+    logits = torch.randn(3, 4, VOCAB, generator=gen)
+    u = Uniforms(torch.zeros(3, 0), torch.zeros(3), torch.rand(3, 4, generator=gen))
+    index = torch.randint(0, 50, (VOCAB, VOCAB), generator=gen)
+    context = DraftContext(index, torch.rand(50, VOCAB, generator=gen) + 0.01)
     before, after = torch.tensor([7, 9, 256]), torch.tensor([5, 200, 256])
     rule = ChainRule(SamplingConfig(temperature=1.0), context=context)
     drafts, q = rule.propose(logits, u, before, after)
