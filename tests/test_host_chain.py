@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bytemtp import VOCAB
-from bytemtp.decode.coupling import draft_context
+from bytemtp.decode.coupling import UNCOUPLED, draft_context, host_arrays
 from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_decide
@@ -77,7 +77,7 @@ def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, coupled)
             args = chain_inputs(rule, 64, k, m, seed)
             logits, features, fed, n_valid, q, u = args
             want = chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)
-            got = host_chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)
+            got = host_chain_decide(model, rule, m, logits, features, fed, n_valid, q, u, context=host_arrays(context))
             assert torch.equal(got[0][:, [0, -1]], want[0][:, [0, -1]])  # accepted runs, flags
             # Drawn bytes: the host sums cumulative distributions in float64, torch rounds them to
             # float32, so a uniform within rounding of a boundary may land on the neighbouring byte.
@@ -102,5 +102,5 @@ def test_host_decision_flags_non_finite_logits():
         logits[1, 2, 7] = float("nan")
         features[2] = float("inf")  # the draft heads' logits come out non-finite
         want = chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u)[0][:, -1]
-        got = host_chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u)[0][:, -1]
+        got = host_chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u, context=UNCOUPLED)[0][:, -1]
     assert got.tolist() == want.tolist() == [1, 1, 1]

@@ -13,11 +13,13 @@ Autoregressive decoding is the chain of no drafts.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
@@ -36,10 +38,12 @@ class ChainDrafts:
         n_drafts: int,
         policy: DraftPolicy | None = None,
         step: StepFn | None = None,
+        host_context: HostContext = UNCOUPLED,
     ):
         self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
-        self.decide = chain_decide if step is not None else host_chain_decide  # eager: on the host
+        # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
+        self.decide = chain_decide if step is not None else functools.partial(host_chain_decide, context=host_context)
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
         self.draft_probs: torch.Tensor | None = None

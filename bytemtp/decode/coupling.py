@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 DRAFT_COUPLING = 0.7  # strength when sampling: tuned on held-out prompts, see above
@@ -58,6 +59,19 @@ class DraftContext(NamedTuple):
 
     def to(self, device: torch.device) -> "DraftContext":
         return DraftContext(self.index.to(device), self.weights.to(device))
+
+
+# A context as the host kernels (``bytemtp_native``) take it: NumPy ``index`` and ``weights``;
+# [0, 0] each for no coupling.
+HostContext = tuple[np.ndarray, np.ndarray]
+UNCOUPLED: HostContext = (np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
+
+
+def host_arrays(context: DraftContext | None) -> HostContext:
+    """A host-side ``context`` (or None) as NumPy arrays for the eager steps' kernels: made once per
+    ``Decoder`` from the host copy, never per step (on a GPU that would copy up to 17 MB back
+    every step)."""
+    return UNCOUPLED if context is None else (context.index.numpy(), context.weights.numpy())
 
 
 _last: tuple = ()  # (trigrams, its version, strength, vocab, context) of the latest call

@@ -24,7 +24,7 @@ from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig, GenerationStats
 from bytemtp.decode.context import generation_cache_length, prompt_context
-from bytemtp.decode.coupling import draft_context
+from bytemtp.decode.coupling import UNCOUPLED, draft_context, host_arrays
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
 from bytemtp.decode.step import chain_step, sampled_tree_step, tree_step
@@ -46,10 +46,12 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
-        self.context = None  # drafts coupled to the bytes before them (bytemtp.decode.coupling)
+        # drafts coupled to the bytes before them (bytemtp.decode.coupling): the tensors for the steps'
+        # tensor code, the host arrays for the eager steps' kernels
+        self.context, self.host_context = None, UNCOUPLED
         if config.coupling_strength > 0 and model.byte_trigrams is not None and self.n_drafts:
             context = draft_context(model.byte_trigrams.cpu(), config.coupling_strength, model.cfg.vocab)
-            self.context = context.to(self.device)
+            self.context, self.host_context = context.to(self.device), host_arrays(context)
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
             if config.sampling.greedy:
@@ -73,10 +75,10 @@ class Decoder:
         if self.tree_nodes:
             return SampledTreeDrafts(
                 self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step,
-                self.config.draft_sampling, self.context,
+                self.config.draft_sampling, self.host_context,
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
-        return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step)
+        return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step, self.host_context)
 
     def generate(
         self, prompts: Sequence[bytes] | None = None, seeds: Sequence[int | None] | None = None

@@ -22,13 +22,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.sampling import probabilities
 from bytemtp.decode.verify import ChainRule, Uniforms
 from bytemtp_native.chain_ops import chain_output, greedy_chain, sampled_chain
 
 # the sampling arguments of a greedy step, and the draft distributions of a step that judges no drafts
 _NONE, _NONE_2D = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float32)
-_UNCOUPLED = np.zeros((0, 0), np.int64), _NONE_2D  # no draft context (``bytemtp.decode.coupling``)
 
 
 def host_chain_decide(
@@ -41,9 +41,12 @@ def host_chain_decide(
     n_valid: torch.Tensor,
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
+    *,
+    context: HostContext,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
-    (the draft heads' confidence only when the rule asks for it)."""
+    (the draft heads' confidence only when the rule asks for it), and ``context``, the rule's
+    draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once)."""
     host_logits, host_fed, host_valid = (t.cpu().numpy() for t in (logits.float(), fed, n_valid))
     host_drafts = host_fed[:, 1:]
     greedy = rule.sampling.greedy
@@ -56,18 +59,16 @@ def host_chain_decide(
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
-        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *_UNCOUPLED)
+        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED)
         return torch.from_numpy(out).to(logits.device), None, None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
-    coupled = rule.context is not None
-    context = tuple(t.cpu().numpy() for t in rule.context) if coupled else _UNCOUPLED
     out = chain_output(
         accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context
     )
-    if coupled and not greedy:  # host_q now holds the distributions the drafts were drawn from
+    if context[0].size and not greedy:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)
     confidence = None  # read only by a DraftPolicy, which asks for it
     if rule.confidence:

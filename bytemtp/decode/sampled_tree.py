@@ -5,8 +5,8 @@ paths of draft ranks that ``RankStats`` rates likeliest to be accepted, learnt f
 earlier steps only); the step then draws the nodes' bytes, each parent's children
 from their depth's draft distribution (coupled to the two bytes above them,
 ``bytemtp.decode.coupling``) without replacement, and verifies them by recursive
-rejection sampling (``bytemtp.decode.tree_sampling``), so every output byte is distributed exactly as head 1's processed distribution,
-whatever the drafts were. Shapes never look at the step's random numbers or at the
+rejection sampling (``bytemtp.decode.tree_sampling``), so every output byte is
+distributed exactly as head 1's processed distribution, whatever the drafts were. Shapes never look at the step's random numbers or at the
 bytes drawn with them: that is what keeps the output exact (a tree reshaped after
 seeing its bytes verifies bytes no longer distributed as their ``q``).
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bytemtp.decode.batch import Batch, Decision
-from bytemtp.decode.coupling import DraftContext
+from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
@@ -53,15 +53,14 @@ class SampledTreeDrafts(TreeDrafts):
         n_drafts: int,
         step=None,
         draft_sampling: SamplingConfig | None = None,
-        context: DraftContext | None = None,
+        host_context: HostContext = UNCOUPLED,
     ):
         super().__init__(model, n_nodes, n_drafts, step)
         self.sampling, self.draft_sampling = sampling, draft_sampling or sampling
         self.vocab = model.cfg.vocab
-        # eager: the draft context the host draws with (``bytemtp.decode.coupling``; a compiled step
-        # holds its own); [0, 0] each: uncoupled
-        uncoupled = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
-        self.host_context = uncoupled if context is None else tuple(t.cpu().numpy() for t in context)
+        # eager: the draft context the host draws with (``bytemtp.decode.coupling.host_arrays``; a
+        # compiled step holds its own)
+        self.host_context = host_context
 
     def start(self, batch: Batch) -> None:
         super().start(batch)
