@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from bytemtp.compile import compile_model
 from bytemtp.data.loader import BatchLoader, LoaderConfig
-from bytemtp.data.trigrams import count_byte_trigrams
 from bytemtp.data.shards import is_dataset_dir
+from bytemtp.data.trigrams import count_byte_trigrams
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
@@ -153,9 +153,10 @@ class _Run:
             MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device), cfg.draft_loss_weight), env, cfg.fsdp
         )
         self.objective = unwrap(self.wrapped)
-        # Saved with every checkpoint; set after wrapping, so no process group syncs it (every
-        # rank counts the same data) and it stays on the host.
-        self.model.byte_trigrams = torch.from_numpy(count_byte_trigrams(data_dir))
+        # Saved with every checkpoint, so counted where checkpoints are written: on the main rank,
+        # after wrapping, so no process group syncs it, and on the host.
+        if env.is_main:
+            self.model.byte_trigrams = torch.from_numpy(count_byte_trigrams(data_dir))
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
