@@ -29,14 +29,15 @@ from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
 OPTIMIZERS = ("adamw", "muon")
+MUON_DTYPES = ("auto", "bfloat16", "float32")
 
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "eval_every", "log_every", "ckpt_every", "keep", "time_budget", "device", "compile", "fsdp",
-     "peak_tflops"}
+     "peak_tflops", "muon_dtype"}
 )
 # Fields a resumed run does not inherit from the checkpoint (they start from the defaults).
-PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops"})
+PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops", "muon_dtype"})
 # Fields whose 0 means "derive it": seq_len from the model, decay_steps from steps.
 AUTO_ZERO = frozenset({"seq_len", "decay_steps"})
 
@@ -56,6 +57,10 @@ class TrainConfig:
     ``optimizer="muon"`` moves the blocks' matrices to Muon (``muon_lr``,
     ``muon_momentum``; see ``bytemtp.train.optim``); ``"adamw"`` (the default, and what
     a config saved before the field existed means) trains everything with AdamW.
+    ``muon_dtype`` is the dtype of Muon's orthogonalisation: ``"auto"`` (the default) picks
+    bfloat16 where the device multiplies it natively and float32 elsewhere
+    (``bytemtp.train.muon``). Like ``device`` and ``compile`` it says how this machine
+    computes the same update, so a resumed run picks its own.
 
     ``draft_loss_weight`` weighs each draft head's loss against head 1's in the objective
     (``bytemtp.train.objective.head_weights``); 1, the default and what an older config
@@ -77,6 +82,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_dtype: str = "auto"
     draft_loss_weight: float = 1.0
     seed: int = 0
     loader_mode: str = "concat"
@@ -105,6 +111,8 @@ class TrainConfig:
             raise BytemtpError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer not in OPTIMIZERS:
             raise BytemtpError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.muon_dtype not in MUON_DTYPES:
+            raise BytemtpError(f"muon_dtype: {self.muon_dtype!r} is not one of {', '.join(MUON_DTYPES)}")
         if self.optimizer == "muon" and self.fsdp:
             raise BytemtpError("optimizer: muon needs whole matrices; it does not run under --fsdp")
         if not 0 <= self.min_lr_ratio <= 1:

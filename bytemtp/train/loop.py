@@ -60,7 +60,7 @@ from bytemtp.train.full_state import full_model_state, full_optimizer_state, loa
 from bytemtp.train.metrics import METRICS, MetricsLog
 from bytemtp.train.nonfinite import NonFiniteWatch
 from bytemtp.train.objective import LN2, resolve_loss_mode
-from bytemtp.train.optim import build_optimizer, build_scheduler
+from bytemtp.train.optim import MuonAdamW, build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
 from bytemtp.train.precision import autocast, training_precision
 from bytemtp.train.rng import rng_state, set_rng_state
@@ -159,6 +159,7 @@ class _Run:
             self.model.byte_trigrams = torch.from_numpy(count_byte_trigrams(data_dir))
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.muon = self.optimizer.muon if isinstance(self.optimizer, MuonAdamW) else None
         loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
         self.loader = BatchLoader(
             data_dir, loader_cfg, split="train", rank=env.rank, world_size=env.world_size, device=env.device
@@ -202,6 +203,8 @@ class _Run:
             self.metrics = MetricsLog(self.out_dir / METRICS, keep_upto=self.step if self.last_ckpt else None)
         if self.last_ckpt is not None:
             self._say(f"resuming from {self.last_ckpt}")
+        if self.muon is not None:
+            self._say(self.muon.describe())
         self.start = time.monotonic()
         self._reset_throughput()
         val: EvalResult | None = None
@@ -325,6 +328,8 @@ class _Run:
             "bytes": self.step * self.bytes_per_step,
             "bytes_per_s": bytes_per_s,
         }
+        if self.muon is not None:
+            record["muon_dtype"] = self.muon.dtype_name
         if self.env.device.type == "cuda":
             per_gpu = bytes_per_s / self.env.world_size
             record["bytes_per_s_per_gpu"] = per_gpu
