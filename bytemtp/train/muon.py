@@ -3,9 +3,9 @@
 ``torch.optim.Muon`` casts every update to bfloat16 before its five Newton-Schulz steps
 (as the reference implementation does, for GPUs). A CPU with bf16 dot-product
 instructions (AVX512-BF16, AMX-BF16) multiplies bf16 faster than float32, but a CPU
-without them emulates every product: on such a CPU five steps on the ``tiny`` preset's
-512 x 128 matrices took 69 ms against 3 ms in float32, and the optimizer two thirds of a
-training step (bench/RESULTS.md). So ``Muon`` here runs the same iteration (torch's
+without them emulates every product: on a 2-core AVX2 EPYC five steps on the ``tiny``
+preset's 512 x 128 matrices took 69 ms against 3 ms in float32, and the optimizer two thirds
+of a training step (bench/RESULTS.md). So ``Muon`` here runs the same iteration (torch's
 coefficients and step count) in bfloat16 on CUDA and on CPUs with those instructions,
 where it computes bitwise what ``torch.optim.Muon`` does, and in float32 elsewhere, where
 it is also the more exact of the two. ``TrainConfig.muon_dtype`` overrides the choice.
