@@ -123,6 +123,6 @@ def decoder_config(
         draft_heads=draft_heads or None,
         draft_costs=costs if adaptive else None,
         tree_nodes=tree,
-        draft_temperature=config.draft_temperature,
-        draft_coupling=config.draft_coupling,
+        draft_temperature=config.draft_temperature if draft_heads else None,  # the autoregressive row drafts nothing
+        draft_coupling=config.draft_coupling if draft_heads else None,
     )
