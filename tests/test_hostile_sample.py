@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import bytemtp.memory
 from bytemtp import MAX_SEED
 from bytemtp.cli import main
 from bytemtp.decode.generate import GenerationConfig, generate
@@ -213,3 +214,22 @@ def test_outputs_stream_beyond_memory(run):
     )
     assert code == 0 and err == "", err
     assert json.loads(line)["prompt_index"] == 0
+
+
+# -- rows 1 and 4: batches are capped at the work there is and checked against memory ------------
+def test_a_kv_cache_that_cannot_fit_is_refused_before_allocating(run, monkeypatch):
+    monkeypatch.setattr(bytemtp.memory, "available_memory", lambda device="cpu": 1 << 20)  # 1 MiB
+    res = sample(run[0], "--prompt", "x", "--max-bytes", "1", "--num-samples", "1000", "--batch", "1000")
+    assert res.exit_code == 1 and not res.stdout_bytes
+    assert_one_error_line(res.stderr, "--batch", "1,000 rows", "needs at least", "0.0 GiB is available")
+
+
+def test_bench_caps_the_batch_at_the_prompts(run, micro_data, monkeypatch):
+    """``--prompts 2 --batch 100000`` decodes 2 rows (it grew to 100000 copies of the prompts, until
+    the kernel killed it); the memory is forced to 64 MiB, far below 100000 rows' cache."""
+    monkeypatch.setattr(bytemtp.memory, "available_memory", lambda device="cpu": 64 << 20)
+    res = CliRunner().invoke(main, ["bench", str(run[0]), "--data", str(micro_data), "--prompts", "2",
+                                    "--batch", "100000", "--batch", "1", "--prompt-bytes", "8", "--max-bytes", "8",
+                                    "--warmup", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    assert sorted({row["batch"] for row in json.loads(res.stdout)["rows"]}) == [1, 2]
