@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from bytemtp.compile import compile_model
 from bytemtp.data.loader import BatchLoader, LoaderConfig
-from bytemtp.data.shards import is_dataset_dir
 from bytemtp.data.trigrams import count_byte_trigrams
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.size import require_training_memory
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.checkpoint import (
+    check_out_dir,
     latest_checkpoint,
     list_checkpoints,
     load_train_state,
@@ -104,9 +104,7 @@ def train(
     torchrun every rank calls this.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    inside = next((p for p in (out_dir, *out_dir.resolve().parents) if is_dataset_dir(p)), None)
-    if inside is not None:  # a later `prepare --overwrite` of that dataset would delete the run
-        raise BytemtpError(f"--out: {out_dir} is inside the prepared dataset {inside}; pick a directory outside it")
+    check_out_dir(out_dir)
     require_split(data_dir, "train")
     if train_cfg.eval_every:
         require_split(data_dir, "val", " (needed for eval; pass --eval-every 0 to train without it)")
