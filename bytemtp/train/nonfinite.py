@@ -24,7 +24,11 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     The watch sees losses and gradients, which are computed before a step's update: weights an
     update made non-finite (an infinite learning rate) show only in the next step's loss, so the
     weights themselves are looked at before they are saved or resumed from."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return []
+    bad = torch.stack([~torch.isfinite(t).all() for t in floats.values()]).tolist()  # one host read for all
+    return [name for name, b in zip(floats, bad) if b]
 
 
 def refuse_nonfinite_weights(tensors: dict[str, torch.Tensor], what: str, advice: str) -> None:
