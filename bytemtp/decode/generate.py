@@ -102,7 +102,7 @@ class Decoder:
             generator = None
             if not cfg.sampling.greedy:
                 generator = torch.Generator()
-                stats.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed  # one --seed takes
+                stats.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed  # a seed --seed takes back
                 generator.manual_seed(stats.seed)
             rows.append(Row(i, context, StopMatcher(cfg.stop), stats, generator))
         cache_len = max(generation_cache_length(self.model.cfg, p, cfg.max_new_bytes, self.tree_nodes) for p in prompts)
