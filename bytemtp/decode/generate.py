@@ -15,10 +15,12 @@ step, kept for many generations: a compiled step is compiled once per (rows, pos
 from __future__ import annotations
 
 import functools
+import secrets
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from bytemtp import MAX_SEED
 from bytemtp.compile import compile_decode_step
 from bytemtp.decode.batch import Batch, Row
 from bytemtp.decode.chain import ChainDrafts
@@ -100,7 +102,7 @@ class Decoder:
             generator = None
             if not cfg.sampling.greedy:
                 generator = torch.Generator()
-                stats.seed = generator.seed() if seed is None else seed
+                stats.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed  # a seed --seed takes back
                 generator.manual_seed(stats.seed)
             rows.append(Row(i, context, StopMatcher(cfg.stop), stats, generator))
         cache_len = max(generation_cache_length(self.model.cfg, p, cfg.max_new_bytes, self.tree_nodes) for p in prompts)
