@@ -141,7 +141,7 @@ def command(
     read = ReadOptions(max_doc_bytes, text_field, format_, include, exclude, skip_bad_lines)
     config = PrepareConfig(shard_bytes, val_fraction, level, threads, read)
     summary = prepare(
-        sources, out, config, part=Part.parse(part) if part else None, overwrite=overwrite, progress=progress
+        sources, out, config, part=None if part is None else Part.parse(part), overwrite=overwrite, progress=progress
     )
     click.echo(f"prepared {summary.n_bytes():,} bytes in {summary.seconds:.1f} s ({summary.mb_per_s:.1f} MB/s)")
     click.echo(format_dataset(Dataset(out)))
