@@ -29,6 +29,30 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 # --- --part: bounded, never empty -----------------------------------------------------------
 
 
+def test_a_part_count_beyond_any_scheduler_is_refused(corpus, tmp_path):
+    src, _ = corpus
+    fails("prepare", src, "--out", tmp_path / "p", "--part", "0/99999999999999999999999", *PART_ARGS,
+          match=r"--part: 0/99999999999999999999999: at most 1,048,576 parts")
+    assert leftovers(tmp_path, "p") == []
+
+
+def test_merge_names_missing_parts_as_ranges_whatever_the_count(corpus, tmp_path):
+    """A manifest claiming 10**23 parts, or 100,000 parts of which two are given: the message is
+    one short line, built from the parts given (not a list of every missing index)."""
+    src, _ = corpus
+    ok("prepare", src, "--out", tmp_path / "a", "--part", "0/100000", *PART_ARGS)
+    ok("prepare", src, "--out", tmp_path / "b", "--part", "7/100000", *PART_ARGS)
+    result = fails("merge", tmp_path / "a", tmp_path / "b", "--out", tmp_path / "m", "--no-progress",
+                   match=r"PART: part 1-6, 8-99999 of 100000 missing \(given: 0 in .*a, 7 in .*b\)$")
+    assert len(result.stderr) < 400
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    manifest["source"]["part"]["count"] = 10**23
+    (tmp_path / "a" / MANIFEST).write_text(json.dumps(manifest))
+    fails("merge", tmp_path / "a", "--out", tmp_path / "m", "--no-progress",
+          match=r"a: a part of 100,000,000,000,000,000,000,000, more than the 1,048,576 parts allowed")
+    assert leftovers(tmp_path, "m") == []
+
+
 def test_an_empty_part_flag_is_an_error_not_the_whole_dataset(corpus, tmp_path):
     """``--part "$TASK/$N"`` with both unset is ``--part /``; with a variable that holds the whole
     value unset, ``--part ''``: either must fail, not prepare every input in every task."""

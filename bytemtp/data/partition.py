@@ -27,6 +27,11 @@ from bytemtp.data.sources import Entry, Source, StdinSource, entry_documents
 from bytemtp.errors import BytemtpError
 
 
+# Each part is a process of its own and ``merge`` is given every one: far more parts than any
+# scheduler runs (Slurm's largest array is about 4 million tasks) can only be a typo.
+MAX_PARTS = 1 << 20
+
+
 @dataclass(frozen=True)
 class Part:
     """Part ``index`` (from 0) of ``count``."""
@@ -37,6 +42,8 @@ class Part:
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
             raise BytemtpError(f"--part: {self.index}/{self.count} is not I/N with 0 <= I < N")
+        if self.count > MAX_PARTS:
+            raise BytemtpError(f"--part: {self.index}/{self.count}: at most {MAX_PARTS:,} parts")
 
     @classmethod
     def parse(cls, text: str) -> Part:
