@@ -61,3 +61,20 @@ def test_an_empty_part_flag_is_an_error_not_the_whole_dataset(corpus, tmp_path):
         fails("prepare", src, "--out", tmp_path / "p", "--part", value, *PART_ARGS,
               match=rf"--part: '{value}' is not I/N")
     assert leftovers(tmp_path, "p") == []
+
+
+# --- merge: the same inputs, however they were named; changed inputs refused ---------------
+
+
+def test_a_file_edited_between_part_runs_keeping_its_size_is_refused(tmp_path):
+    src = tmp_path / "src"
+    docs = make_inputs(src)
+    ok("prepare", src, "--out", tmp_path / "p0", "--part", "0/2", *PART_ARGS)
+    edited = src / "notes" / "03.txt"
+    text = edited.read_bytes()
+    edited.write_bytes(text.upper())  # the same size, other text
+    assert len(edited.read_bytes()) == len(docs["notes/03.txt"])
+    ok("prepare", src, "--out", tmp_path / "p1", "--part", "1/2", *PART_ARGS)
+    fails("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "m", "--no-progress",
+          match=r"p1: the input files differ from those .*p0 was prepared from")
+    assert leftovers(tmp_path, "m") == []
