@@ -78,3 +78,19 @@ def test_a_file_edited_between_part_runs_keeping_its_size_is_refused(tmp_path):
     fails("merge", tmp_path / "p0", tmp_path / "p1", "--out", tmp_path / "m", "--no-progress",
           match=r"p1: the input files differ from those .*p0 was prepared from")
     assert leftovers(tmp_path, "m") == []
+
+
+def test_parts_naming_the_same_input_by_other_paths_merge(tmp_path, monkeypatch):
+    """One part run from the input's parent as ``mix``, the other from a sibling directory as
+    ``../w/mix`` and through a symlink: the same input, so merge accepts them."""
+    (tmp_path / "w").mkdir()
+    docs = make_inputs(tmp_path / "w" / "mix")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "w")
+    monkeypatch.chdir(tmp_path / "w")
+    ok("prepare", "mix", "--out", tmp_path / "p0", "--part", "0/3", *PART_ARGS)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ok("prepare", "../w/mix", "--out", tmp_path / "p1", "--part", "1/3", *PART_ARGS)
+    ok("prepare", tmp_path / "link" / "mix", "--out", tmp_path / "p2", "--part", "2/3", *PART_ARGS)
+    ok("merge", tmp_path / "p0", tmp_path / "p1", tmp_path / "p2", "--out", tmp_path / "m", "--no-progress")
+    assert contents(tmp_path / "m") == expected(docs)

@@ -61,7 +61,9 @@ class Source(ABC):
 
     @abstractmethod
     def describe(self) -> dict:
-        """What the manifest records about this source."""
+        """What the manifest records about this source. A path is recorded as its real path
+        (``resolve``), so the parts of one ``prepare --part`` run from other directories, or
+        through a symlink, still record the same inputs and ``merge`` accepts them."""
 
     @abstractmethod
     def entries(self) -> Iterator[Entry]:
@@ -78,7 +80,7 @@ class FileSource(Source):
         self.format = format
 
     def describe(self) -> dict:
-        return {"kind": "file", "path": str(self.path.absolute())}
+        return {"kind": "file", "path": str(self.path.resolve())}
 
     def entries(self) -> Iterator[Entry]:
         yield file_entry(self.path.name, self.path, self.format)
@@ -97,7 +99,7 @@ class DirSource(Source):
     def describe(self) -> dict:
         return {
             "kind": "dir",
-            "path": str(self.walk.root.absolute()),
+            "path": str(self.walk.root.resolve()),
             "include": list(self.walk.include),
             "exclude": list(self.walk.exclude),
         }
