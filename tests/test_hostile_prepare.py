@@ -94,3 +94,23 @@ def test_parts_naming_the_same_input_by_other_paths_merge(tmp_path, monkeypatch)
     ok("prepare", tmp_path / "link" / "mix", "--out", tmp_path / "p2", "--part", "2/3", *PART_ARGS)
     ok("merge", tmp_path / "p0", tmp_path / "p1", tmp_path / "p2", "--out", tmp_path / "m", "--no-progress")
     assert contents(tmp_path / "m") == expected(docs)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dir-twice", "file-twice", "file-in-dir", "dir-in-dir", "other-spelling", "symlink"],
+)
+def test_an_input_given_twice_by_any_path_is_refused(corpus, tmp_path, monkeypatch, case):
+    src, _ = corpus
+    monkeypatch.chdir(src.parent)
+    (tmp_path / "link").symlink_to(src)
+    args, match = {
+        "dir-twice": (["src", "src"], r"SOURCE src: the same as SOURCE src \(its documents would be read twice\)"),
+        "file-twice": (["src/dump.jsonl.gz", f"{src}/dump.jsonl.gz"], r"the same as SOURCE src/dump\.jsonl\.gz"),
+        "file-in-dir": (["src", "src/web-1.parquet"], r"SOURCE src/web-1\.parquet: inside SOURCE src, which reads"),
+        "dir-in-dir": (["src/notes", "src"], r"SOURCE src/notes: inside SOURCE src"),
+        "other-spelling": (["src", "src/notes/../"], r"SOURCE src/notes/\.\./: the same as SOURCE src"),
+        "symlink": (["src", str(tmp_path / "link")], r"link: the same as SOURCE src"),
+    }[case]
+    fails("prepare", *args, "--out", tmp_path / "ds", "--no-progress", match=match)
+    assert leftovers(tmp_path, "ds") == []

@@ -192,7 +192,29 @@ def resolve_sources(specs: Sequence[str], options: ReadOptions, stdin: BinaryIO 
                 raise BytemtpError(f"{spec}: cannot read (permission denied)")
             else:
                 sources.append(FileSource(path, options.format))
+    _refuse_overlaps(specs, sources)
     return sources
+
+
+def _refuse_overlaps(specs: Sequence[str], sources: Sequence[Source]) -> None:
+    """Refuse a file or directory given twice, or inside a directory also given, by any
+    spelling of its path (``src src``, ``dir dir/a.parquet``, ``mix ../w/mix``): its
+    documents would be read twice, as stdin given twice would be. Real paths compared,
+    each against its own parents: linear in the number of sources, which a shell glob
+    can make thousands."""
+    seen: dict[Path, str] = {}
+    for spec, source in zip(specs, sources):
+        for path in source.paths():
+            real = path.resolve()
+            if real in seen:
+                raise BytemtpError(
+                    f"SOURCE {spec}: the same as SOURCE {seen[real]} (its documents would be read twice)"
+                )
+            seen[real] = spec
+    for real, spec in seen.items():
+        outer = next((seen[parent] for parent in real.parents if parent in seen), None)
+        if outer is not None:
+            raise BytemtpError(f"SOURCE {spec}: inside SOURCE {outer}, which reads it already")
 
 
 def read_documents(sources: Sequence[Source], options: ReadOptions, stats: ReadStats) -> Iterator[Document]:
