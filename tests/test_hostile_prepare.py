@@ -10,9 +10,11 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from test_merge import CONFIG, contents, expected, make_inputs
-from test_prepare import fails, leftovers, ok
+from test_parquet import save_to_disk_layout, texts
+from test_prepare import fails, leftovers, ok, read_back
 
 from bytemtp.data.shards import MANIFEST
 
@@ -113,4 +115,50 @@ def test_an_input_given_twice_by_any_path_is_refused(corpus, tmp_path, monkeypat
         "symlink": (["src", str(tmp_path / "link")], r"link: the same as SOURCE src"),
     }[case]
     fails("prepare", *args, "--out", tmp_path / "ds", "--no-progress", match=match)
+    assert leftovers(tmp_path, "ds") == []
+
+
+# --- Hugging Face layouts: their metadata is never training text ----------------------------
+
+
+def arrow_rows(path: Path) -> list[bytes]:
+    """The non-empty texts of an Arrow stream file (the documents ``prepare`` makes of it)."""
+    values = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().column("text").to_pylist()
+    return [v.encode() for v in values if v]
+
+
+def test_a_saved_dataset_without_state_json_is_refused_not_read_with_its_metadata(tmp_path):
+    names = save_to_disk_layout(tmp_path / "saved", [texts(50, 1), texts(40, 2)])
+    (tmp_path / "saved" / "state.json").unlink()
+    fails("prepare", tmp_path / "saved", "--out", tmp_path / "ds", "--no-progress",
+          match=r"saved: Hugging Face metadata \(dataset_info\.json\) beside Arrow files, but no state\.json")
+    assert leftovers(tmp_path, "ds") == []
+    ok("prepare", tmp_path / "saved", "--include", "*.arrow", "--out", tmp_path / "ds", "--no-progress")
+    rows = [r for name in names for r in arrow_rows(tmp_path / "saved" / name)]
+    assert sorted(read_back(tmp_path / "ds")["train"] + read_back(tmp_path / "ds")["val"]) == sorted(rows)
+
+
+def test_a_saved_dataset_dict_is_refused_and_one_split_reads_only_its_rows(tmp_path):
+    train, test = texts(40, 7), texts(30, 8)
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["test", "train"]}))
+    save_to_disk_layout(tmp_path / "dd" / "test", [test])
+    [train_file] = save_to_disk_layout(tmp_path / "dd" / "train", [train])
+    fails("prepare", tmp_path / "dd", "--out", tmp_path / "ds", "--no-progress",
+          match=r"dd: a saved Hugging Face DatasetDict \(splits: test, train\); give the split to prepare, "
+          r"e\.g\. .*dd/train,")
+    fails("prepare", tmp_path, "--out", tmp_path.parent / "ds", "--no-progress", match=r"dd: a saved .*DatasetDict")
+    assert leftovers(tmp_path, "ds") == [] and leftovers(tmp_path.parent, "ds") == []
+    ok("prepare", tmp_path / "dd" / "train", "--out", tmp_path / "ds", "--no-progress")
+    got = read_back(tmp_path / "ds")
+    assert sorted(got["train"] + got["val"]) == sorted(arrow_rows(tmp_path / "dd" / "train" / train_file))
+
+
+def test_state_json_listing_a_file_twice_is_refused(tmp_path):
+    [name, _] = save_to_disk_layout(tmp_path / "saved", [texts(50, 1), texts(40, 2)])
+    state = json.loads((tmp_path / "saved" / "state.json").read_text())
+    state["_data_files"].append({"filename": name})
+    (tmp_path / "saved" / "state.json").write_text(json.dumps(state))
+    fails("prepare", tmp_path / "saved", "--out", tmp_path / "ds", "--no-progress",
+          match=rf"saved/state\.json: lists data file '{name}' more than once")
     assert leftovers(tmp_path, "ds") == []
