@@ -7,13 +7,13 @@ text in the training data."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_merge import CONFIG, contents, expected, make_inputs
-from test_parquet import save_to_disk_layout, texts
+from test_parquet import expected_docs, read, save_to_disk_layout, texts, write_arrow
 from test_prepare import fails, leftovers, ok, read_back
 
 from bytemtp.data.shards import MANIFEST
@@ -162,3 +162,24 @@ def test_state_json_listing_a_file_twice_is_refused(tmp_path):
     fails("prepare", tmp_path / "saved", "--out", tmp_path / "ds", "--no-progress",
           match=rf"saved/state\.json: lists data file '{name}' more than once")
     assert leftovers(tmp_path, "ds") == []
+
+
+# --- columnar data: valid but unusual encodings; memory is not corruption -------------------
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+@pytest.mark.parametrize("values", ["string", "binary"])
+def test_a_dictionary_encoded_text_column_is_read_as_its_values(tmp_path, kind, values):
+    """Repeated texts (a categorical column) with nulls: the same documents as a plain column."""
+    rows = [row if i % 5 else texts(40, 3)[i % 7] for i, row in enumerate(texts(200, 2))]
+    column = pa.array(rows if values == "string" else [r.encode() if r is not None else None for r in rows])
+    table = pa.table({"text": column.dictionary_encode()})
+    path = tmp_path / f"cat.{kind}"
+    if kind == "parquet":
+        pq.write_table(table, path, row_group_size=64)
+        assert pa.types.is_dictionary(pq.ParquetFile(path).schema_arrow.field("text").type)
+    else:
+        write_arrow(path, table, batch_rows=64)
+    docs, stats = read([str(path)])
+    assert docs == expected_docs(path.name, rows)
+    assert stats.null_values == rows.count(None) > 0
