@@ -7,6 +7,8 @@ text in the training data."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -183,3 +185,31 @@ def test_a_dictionary_encoded_text_column_is_read_as_its_values(tmp_path, kind, 
     docs, stats = read([str(path)])
     assert docs == expected_docs(path.name, rows)
     assert stats.null_values == rows.count(None) > 0
+
+
+def test_a_row_group_too_big_for_memory_is_reported_as_out_of_memory_not_corrupt(tmp_path):
+    """One row group decoding to about 100 MB, read under an address-space limit of 64 MB above
+    what the process holds once it has imported everything: pyarrow's allocation fails."""
+    path = tmp_path / "big.parquet"
+    table = pa.table({"text": pa.repeat(pa.scalar("x" * 2000), 50_000)})
+    pq.write_table(table, path, row_group_size=50_000, compression="zstd", use_dictionary=False)
+    script = (
+        "import resource, sys\n"
+        "from bytemtp.cli import main\n"
+        "import bytemtp.cli.prepare_cmd, bytemtp.data.columnar\n"
+        "size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20),) * 2)\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = ["prepare", str(path), "--out", str(tmp_path / "ds"), "--threads", "0", "--no-progress"]
+    # one malloc arena: glibc reserves 64 MiB of address space for each thread's own arena
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {path}: out of memory reading row group 0 (its text column is 100 MB, decoded whole at 3-4 "
+        "times that); give the process more memory, or rewrite the file with smaller row groups"
+    ]
+    assert leftovers(tmp_path, "ds") == []

@@ -55,6 +55,13 @@ def read_parquet(
             for batch in pf.iter_batches(row_groups=[group], columns=[options.text_field], use_threads=False):
                 yield from _column_documents(batch.column(0), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
+        except MemoryError:  # pyarrow's ArrowMemoryError is one too, and an ArrowException: not corruption
+            size = meta.row_group(group).column(_leaf_index(pf, name, options.text_field)).total_uncompressed_size
+            raise BytemtpError(
+                f"{name}: out of memory reading row group {group} (its text column is {size / 1e6:,.0f} MB, "
+                "decoded whole at 3-4 times that); give the process more memory, or rewrite the file with "
+                "smaller row groups"
+            ) from None
         except (pa.ArrowException, OSError) as e:
             raise _damaged(name, e, f"corrupt Parquet data in row group {group}") from None
 
@@ -72,6 +79,8 @@ def read_arrow(path: Path, name: str, identity: str, options: ReadOptions, stats
             for batch in batches:
                 yield from _column_documents(batch.column(index), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
+    except MemoryError:
+        raise BytemtpError(f"{name}: out of memory reading a record batch; give the process more memory") from None
     except (pa.ArrowException, OSError) as e:
         raise _damaged(name, e, "not an Arrow IPC stream or file, or truncated") from None
 
