@@ -7,8 +7,11 @@ text in the training data."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -213,3 +216,54 @@ def test_a_row_group_too_big_for_memory_is_reported_as_out_of_memory_not_corrupt
         "times that); give the process more memory, or rewrite the file with smaller row groups"
     ]
     assert leftovers(tmp_path, "ds") == []
+
+
+# --- SIGTERM (a scheduler's time limit or cancel): a message, and nothing left behind ---------
+
+
+def _terminated(args: list, tmp_path: Path, out: str) -> subprocess.CompletedProcess:
+    """Run ``bytemtp ARGS``, which blocks reading a FIFO once its temporary output directory
+    exists, send it SIGTERM there, and return what it did."""
+    proc = subprocess.Popen([sys.executable, "-m", "bytemtp", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not [p for p in leftovers(tmp_path, out) if p.endswith(".tmp")] and proc.poll() is None:
+        assert time.monotonic() < deadline, "no temporary directory appeared"
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the blocking read
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_during_prepare_part_says_so_and_removes_its_temporaries(tmp_path):
+    src = tmp_path / "src"
+    make_inputs(src)
+    os.mkfifo(src / "zz-slow.txt")  # read last: the shards of the files before it are in the temporary
+    result = _terminated(["prepare", src, "--out", tmp_path / "p0", "--part", "0/1", *PART_ARGS], tmp_path, "p0")
+    assert result.returncode == 1, result.stderr
+    message = f"Error: {tmp_path / 'p0'}: stopped by SIGTERM; nothing half-written is left behind"
+    assert result.stderr.strip().splitlines()[-1] == message  # after the progress of the parts before
+    assert "Traceback" not in result.stderr
+    assert leftovers(tmp_path, "p0") == []
+
+
+def test_sigterm_during_merge_says_so_and_removes_its_temporaries(corpus, tmp_path):
+    """The last shard of the last part is made a FIFO (an empty file to the manifest), so merge
+    blocks checking its sha256 once the shards before it are linked into the temporary."""
+    src, _ = corpus
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"p{i}")
+        ok("prepare", src, "--out", parts[-1], "--part", f"{i}/2", *PART_ARGS)
+    manifest = json.loads((parts[1] / MANIFEST).read_text())
+    last = manifest["shards"][-1]
+    (parts[1] / last["file"]).unlink()
+    os.mkfifo(parts[1] / last["file"])
+    last["compressed_bytes"] = 0
+    (parts[1] / MANIFEST).write_text(json.dumps(manifest))
+    result = _terminated(["merge", *parts, "--out", tmp_path / "m", "--no-progress"], tmp_path, "m")
+    assert result.returncode == 1, result.stderr
+    message = f"Error: {tmp_path / 'm'}: stopped by SIGTERM; nothing half-written is left behind"
+    assert result.stderr.strip().splitlines() == [message]
+    assert leftovers(tmp_path, "m") == []
