@@ -239,8 +239,11 @@ def _terminated(args: list, tmp_path: Path, out: str) -> subprocess.CompletedPro
 def test_sigterm_during_prepare_part_says_so_and_removes_its_temporaries(tmp_path):
     src = tmp_path / "src"
     make_inputs(src)
-    os.mkfifo(src / "zz-slow.txt")  # read last: the shards of the files before it are in the temporary
-    result = _terminated(["prepare", src, "--out", tmp_path / "p0", "--part", "0/1", *PART_ARGS], tmp_path, "p0")
+    # a FIFO named as the last input (a directory walk skips FIFOs): prepare blocks reading it
+    # once the shards of the inputs before it are in the temporary
+    os.mkfifo(tmp_path / "slow.txt")
+    args = ["prepare", src, tmp_path / "slow.txt", "--out", tmp_path / "p0", "--part", "0/1", *PART_ARGS]
+    result = _terminated(args, tmp_path, "p0")
     assert result.returncode == 1, result.stderr
     message = f"Error: {tmp_path / 'p0'}: stopped by SIGTERM; nothing half-written is left behind"
     assert result.stderr.strip().splitlines()[-1] == message  # after the progress of the parts before
