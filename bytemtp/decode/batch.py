@@ -155,6 +155,7 @@ class GenerationStats:
     forwards: int = 0  # including the prompt's and any re-encoding of the window
     window_cuts: int = 0
     prompt_bytes_dropped: int = 0
+    drafted: int = 0  # drafts verified, over all steps
     attempted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     wall_s: float = 0.0  # from the start of iteration to its end
@@ -185,11 +186,13 @@ class GenerationStats:
         """Add another generation's counts (bytes, forwards, acceptance) to these: a total over runs."""
         self.bytes += other.bytes
         self.forwards += other.forwards
+        self.drafted += other.drafted
         self.accepted = [a + b for a, b in zip(self.accepted, other.accepted, strict=True)]
         self.attempted = [a + b for a, b in zip(self.attempted, other.attempted, strict=True)]
 
     def record_step(self, n_drafts: int, n_accepted: int) -> None:
         self.forwards += 1
+        self.drafted += n_drafts
         for j in range(min(n_drafts, n_accepted + 1)):
             self.attempted[j] += 1
             self.accepted[j] += j < n_accepted
