@@ -8,3 +8,7 @@ __version__ = "0.1.0"
 
 BOS = 256
 VOCAB = 257  # bytes + BOS; embedding tables are padded past this, padding ids are never sampled
+# The largest seed any command takes (--seed, a config's "seed") or draws itself: seeds reach
+# torch.Generator.manual_seed, which takes 64 bits, and 2^62 leaves headroom for the per-sample
+# seeds seed + i. A drawn seed stays in range so that the seed a run prints can be given back.
+MAX_SEED = 2**62

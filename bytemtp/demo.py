@@ -118,7 +118,7 @@ def plan_steps(cfg: DemoConfig) -> tuple[ModelConfig, TrainConfig]:
     model_cfg = preset("tiny")
     if cfg.minutes is None:
         return model_cfg, demo_schedule(model_cfg, fixed_steps(cfg.device), cfg.device)
-    base = TrainConfig(device=str(cfg.device)).resolved(model_cfg)
+    base = TrainConfig(**TRAIN_PRESETS["tiny"], device=str(cfg.device)).resolved(model_cfg)  # the recipe's optimizer
     cost = measure_step(model_cfg, base, cfg.device)
     steps = max(50, int(0.85 * (cfg.minutes * 60 - cost.warmup) / cost.per_step))
     return model_cfg, demo_schedule(model_cfg, steps, cfg.device, cfg.minutes)

@@ -24,8 +24,6 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a greedy tree of this many draft bytes per step instead of a chain (greedy requests only).")
-@click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
-              help="Temperature sampled drafts are drawn at [default: 0.8 x each request's temperature].")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly drafts follow the two bytes before each (0 = off) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
@@ -37,14 +35,15 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @device_option
 @decode_threads_option
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
-            speculative: bool | None, draft_heads: int | None, tree: int, draft_temperature: float | None,
+            speculative: bool | None, draft_heads: int | None, tree: int,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.serve.server import build_server
     from bytemtp.train.checkpoint import load_model
 
+    # the decoder's own setting is greedy; every request brings its own (sampled drafts at 0.8 x its temperature)
     config = GenerationConfig(temperature=0.0, speculative=speculative, draft_heads=draft_heads, tree_nodes=tree,
-                              draft_temperature=draft_temperature, draft_coupling=draft_coupling)
+                              draft_coupling=draft_coupling)
     model, _ = load_model(ckpt, device)
     decoder = Decoder(model, config, compile_)
     name = model_name or ckpt.resolve().name

@@ -15,11 +15,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from bytemtp import MAX_SEED
+
 MAX_TOKENS = 1 << 16  # bytes one choice may ask for
 MAX_PROMPTS = 64  # prompts in one request
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
-MAX_SEED = 2**62
+
 
 
 class APIError(Exception):
