@@ -9,13 +9,14 @@ in one process, as in the tests, count apart).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from bytemtp.decode.batch import GenerationStats
 
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # no ``*_created`` timestamp beside every counter: dashboards do not read them
         self.registry = r = CollectorRegistry()
         self.requests = Counter("bytemtp_requests", "Completion requests by outcome", ["outcome"], registry=r)
         self.bytes = Counter("bytemtp_generated_bytes", "Bytes generated", registry=r)
