@@ -18,13 +18,13 @@ than a shorter run that finished).
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bytemtp import user_cache_dir
 from bytemtp.compile import compile_model
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
@@ -48,8 +48,7 @@ DEMO_STEPS: dict[str, int] = {"cpu": 600, "cuda": 5000}
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bytemtp" / "python-stdlib"
+    return user_cache_dir() / "python-stdlib"
 
 
 @dataclass

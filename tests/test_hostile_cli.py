@@ -5,6 +5,7 @@ exit status 1 (or quietly, where the user asked for no output), never a tracebac
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,11 +104,13 @@ def test_sample_with_stdout_closed_runs_quietly(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path, 1, ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=2,
                                                      max_seq_len=32)))
-    cmd = [sys.executable, "-m", "bytemtp", "sample", str(tmp_path), "--prompt", "a", "--max-bytes", "8", "--stats"]
+    cmd = [sys.executable, "-m", "bytemtp", "sample", str(tmp_path), "--prompt", "a", "--max-bytes", "8", "--seed", "0",
+           "--stats"]
     res = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
                          preexec_fn=lambda: os.close(1))
     assert res.returncode == 0, res.stderr.decode()
-    assert "Traceback" not in res.stderr.decode() and "8 bytes" in res.stderr.decode()
+    # the random-weight model may end its document (a BOS) before 8 bytes: any byte count will do
+    assert "Traceback" not in res.stderr.decode() and re.search(r"\d+ bytes in \d+ forwards", res.stderr.decode())
 
 
 def test_train_refuses_an_out_inside_a_dataset(micro_data):
