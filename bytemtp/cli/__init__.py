@@ -32,6 +32,7 @@ COMMANDS = {
     "sample": "Generate bytes (self-speculative by default).",
     "distill": "Fit the draft heads to head 1's greedy continuations.",
     "bench": "Autoregressive vs self-speculative decoding, side by side.",
+    "serve": "Serve a checkpoint over OpenAI's completions API.",
     "demo": "Prepare, train, sample and bench on the built-in corpus.",
 }
 

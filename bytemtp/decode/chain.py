@@ -9,6 +9,12 @@ under a ``DraftPolicy``; fewer when the step is narrower, see ``Batch.fits``); w
 sampling, the draft distributions they were drawn from stay on the device for the
 step that judges them.
 Autoregressive decoding is the chain of no drafts.
+
+Rows carry their own sampling settings. A step whose rows all share one setting uses that
+setting's rule (the decoder's own, compiled when it is; greedy rows alone, the greedy
+rule); rows that differ share a step under per-row settings (``RowSampling``), where a
+greedy row is a point mass at head 1's argmax and its drafts point masses too, judged by
+the very rules that judge sampled drafts: its output is still greedy decoding's.
 """
 
 from __future__ import annotations
@@ -22,14 +28,18 @@ from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
+from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.verify import ChainRule, Uniforms
 
 StepFn = Callable[..., ChainOutput]
+# The rule (and its draft context as host arrays) for rows sampled alike, or each row as listed.
+RuleFn = Callable[[SamplingConfig | list[SamplingConfig]], tuple[ChainRule, HostContext]]
 
 
 class ChainDrafts:
-    """Verification of a chain of ``n_drafts`` drafts per row (``bytemtp.decode.verify``)."""
+    """Verification of a chain of ``n_drafts`` drafts per row (``bytemtp.decode.verify``): by
+    ``rule`` where the rows sample as it does, else by the rule ``rules`` makes for theirs."""
 
     def __init__(
         self,
@@ -39,11 +49,11 @@ class ChainDrafts:
         policy: DraftPolicy | None = None,
         step: StepFn | None = None,
         host_context: HostContext = UNCOUPLED,
+        rules: RuleFn | None = None,
     ):
         self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
-        # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
-        self.decide = chain_decide if step is not None else functools.partial(host_chain_decide, context=host_context)
+        self.host_context, self.rules = host_context, rules
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
         self.draft_probs: torch.Tensor | None = None
@@ -56,32 +66,67 @@ class ChainDrafts:
         if self.policy is not None:
             self.policy = DraftPolicy(self.policy.costs, n)
 
+    def admit(self, batch: Batch, r: int) -> None:
+        """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
+        self.drafts[r], self.n_valid[r] = [0] * self.n_drafts, 0
+        if self.policy is not None:
+            self.policy.reset(r)
+
     def flush(self) -> None:
         """Nothing is pending between steps (a tree's cache moves are)."""
 
-    def uniforms(self, batch: Batch, active: list[bool], k: int) -> Uniforms | None:
-        """The random numbers of a step judging ``k`` drafts, from each active row's own generator
-        (zeros for the others). A row draws as many every step, however wide the step (which
-        depends on the other rows): its stream of numbers is its own."""
-        if self.rule.sampling.greedy:
+    def pick(self, batch: Batch, active: list[bool]) -> tuple[ChainRule, Callable, StepFn | None]:
+        """The rule of a step over the ``active`` rows, how it decides, and the compiled step when the
+        rule is the one it was compiled with."""
+        settings = {row.params.sampling for r, row in enumerate(batch.rows) if active[r]}
+        if settings == {self.rule.sampling} or self.rules is None:
+            rule, context, step = self.rule, self.host_context, self.step_fn
+        else:
+            rows = [row.params.sampling for row in batch.rows]
+            rule, context = self.rules(settings.pop() if len(settings) == 1 else rows)
+            step = None
+        # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
+        decide = chain_decide if step is not None else functools.partial(host_chain_decide, context=context)
+        return rule, decide, step
+
+    def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
+        """The random numbers of a step judging ``k`` drafts, from each active sampled row's own
+        generator (zeros for the others). A row draws as many every step, however wide the step
+        (which depends on the other rows): its stream of numbers is its own."""
+        if rule.sampling.greedy:
             return None
         m = self.n_drafts
         u = torch.zeros(len(batch.rows), 2 * m + 1)
         for r, row in enumerate(batch.rows):
-            if active[r]:
+            if active[r] and row.generator is not None:
                 u[r] = torch.rand(2 * m + 1, generator=row.generator)
         u = u.to(batch.device)
         return Uniforms(u[:, :k], u[:, m], u[:, m + 1 :])
+
+    def judged_probs(self, batch: Batch, rule: ChainRule) -> torch.Tensor | None:
+        """The distributions the drafts being judged were drawn from: as kept, and under per-row
+        settings a point mass on each greedy row's draft (a greedy row keeps none)."""
+        if rule.sampling.greedy:
+            return None
+        if not isinstance(rule.sampling, RowSampling) or not self.n_drafts:
+            return self.draft_probs
+        greedy = rule.sampling.temperature == 0
+        drafts = torch.tensor(self.drafts, device=batch.device)
+        point = torch.nn.functional.one_hot(drafts, self.model.cfg.vocab).float()
+        if self.draft_probs is None:
+            return point
+        return torch.where(greedy[:, None, None], point, self.draft_probs)
 
     def first(
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
         """Decide from the prompts' forwards: head-1 ``logits`` [B, 1, V] and draft ``features``
         [B, 1, F, d] at each row's last id."""
-        last = torch.tensor([[row.window[-1]] for row in batch.rows], device=batch.device)  # the prompts' ends
+        last = torch.tensor([[row.last] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
-        u = self.uniforms(batch, active, 0)
-        out = self.decide(self.model, self.rule, self.n_drafts, logits, features, last, zeros, None, u)
+        rule, decide, _ = self.pick(batch, active)
+        u = self.uniforms(batch, active, 0, rule)
+        out = decide(self.model, rule, self.n_drafts, logits, features, last, zeros, None, u)
         return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
@@ -92,13 +137,14 @@ class ChainDrafts:
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
         ids = torch.tensor(ids, device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
-        u = self.uniforms(batch, active, width - 1)
-        args = (ids, batch.slots(width, active), n_valid_t, self.draft_probs, u)
-        if self.step_fn is None:
+        rule, decide, step = self.pick(batch, active)
+        u = self.uniforms(batch, active, width - 1, rule)
+        args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(batch, rule), u)
+        if step is None:
             kv_len = batch.kv_len(width)
-            out = chain_step(self.model, self.rule, self.n_drafts, *args, kv_len=kv_len, decide=self.decide)
+            out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide)
         else:
-            out = self.step_fn(*args)
+            out = step(*args)
         return self._read(batch, active, out, n_valid, fed=True)
 
     def _read(

@@ -1,0 +1,56 @@
+"""A real server on a free loopback port, in a thread of the test process, for the serving tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+
+from bytemtp.decode.generate import Decoder, GenerationConfig
+from bytemtp.serve.server import build_server
+
+
+@contextmanager
+def running_server(model, max_batch: int = 4, max_queue: int = 16, **decoder):
+    """Serve a private copy of ``model`` (the tests decode the original alongside) -> its URL."""
+    decoder = Decoder(copy.deepcopy(model), GenerationConfig(**decoder))
+    server = build_server(decoder, "tiny", "127.0.0.1", 0, max_batch, max_queue, max_body=1 << 16, grace=2.0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.url:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield server.url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def sse_events(lines) -> list:
+    """The ``data:`` payloads of an SSE stream, checking its framing: every event one ``data:`` line
+    then a blank line; JSON except the final ``[DONE]``."""
+    events, expect_blank = [], False
+    for line in lines:
+        if expect_blank:
+            assert line == "", f"an event is not followed by a blank line: {line!r}"
+            expect_blank = False
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        events.append(data if data == "[DONE]" else json.loads(data))
+        expect_blank = True
+    return events
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of the server's Prometheus text (0 when absent)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.split()[-1])
+    return 0.0
