@@ -60,3 +60,18 @@ class FiniteFloat(click.FloatRange):
 # Seeds go to torch.Generator.manual_seed, which takes a 64-bit integer: a larger one would
 # fail deep inside torch with an overflow, so the flag refuses it.
 SEED = click.IntRange(0, 2**62)  # headroom for per-sample seeds (seed + i)
+
+
+def context_drafting_options(command):
+    """``--context-mixing`` and ``--lookup/--no-lookup`` (``bytemtp.decode.incontext``), shared by
+    ``sample`` and ``bench``; the values reach the command as ``context_mixing`` and ``lookup``."""
+    command = click.option(
+        "--lookup/--no-lookup", default=None,
+        help="A chain row whose last bytes occurred before in its text drafts the bytes that followed them "
+             "there (judged by point masses when sampling; the output stays exactly head 1's) [default: on].",
+    )(command)
+    return click.option(
+        "--context-mixing", default=None, type=FiniteFloat(min=0),
+        help="How strongly chain drafts follow each row's own byte trigrams, beside the corpus's "
+             "(0 = off; eager steps) [default: 0.5 sampling, 0.3 greedy].",
+    )(command)

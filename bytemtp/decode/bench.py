@@ -41,6 +41,10 @@ class BenchConfig:
     batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
     draft_temperature: float | None = None  # sampled drafts (GenerationConfig.draft_temperature); None: its default
     draft_coupling: float | None = None  # sampled drafts follow the bytes before them (GenerationConfig)
+    workload: str = "text"  # which prompts (bytemtp.decode.prompts.WORKLOADS)
+    context_mixing: float | None = None  # chain drafts follow the rows' own trigrams (GenerationConfig)
+    lookup: bool | None = None  # chain rows draft from a lookup of their own text (GenerationConfig)
+    compare_plain: bool = False  # add a chain row drafting from the heads and the corpus only
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
@@ -76,9 +80,11 @@ def run_bench(
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
             forward = compile_decode_step(model.decode, device, compile)
             costs = measure_step_costs(model, cfg.n_future, cache_len, forward)
-        kinds = [(0, False, 0)] + [(d, False, 0) for d in draft_rows(cfg.n_future, config.sweep)]
-        kinds += [(cfg.n_future - 1, True, 0)] if config.adaptive else []
-        kinds += [(cfg.n_future - 1, False, n) for n in config.trees]
+        most = cfg.n_future - 1
+        kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
+        kinds += [(most, False, 0, True)] if config.compare_plain else []
+        kinds += [(most, True, 0, False)] if config.adaptive else []
+        kinds += [(most, False, n, False) for n in config.trees]
         decoders = {kind: Decoder(model, decoder_config(config, *kind, costs), compile) for kind in kinds}
         rows = []
         for batch in config.batches:
@@ -111,9 +117,10 @@ def run_bench(
 
 
 def decoder_config(
-    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, costs: tuple[float, ...] | None
+    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: tuple[float, ...] | None
 ) -> GenerationConfig:
-    """The generation settings of one decoder of the benchmark."""
+    """The generation settings of one decoder of the benchmark (``plain``: drafts from the heads and
+    the corpus only, as before drafts from the rows' own text)."""
     return GenerationConfig(
         max_new_bytes=config.max_bytes,
         temperature=config.temperature,
@@ -125,4 +132,6 @@ def decoder_config(
         tree_nodes=tree,
         draft_temperature=config.draft_temperature,
         draft_coupling=config.draft_coupling,
+        context_mixing=0.0 if plain else config.context_mixing,
+        lookup=False if plain else config.lookup,
     )

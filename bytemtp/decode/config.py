@@ -9,6 +9,7 @@ import torch
 
 from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import DraftPolicy
+from bytemtp.decode.incontext import CONTEXT_MIXING, GREEDY_CONTEXT_MIXING, LOOKUP, ContextDrafting
 from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.tree import check_tree_request
 from bytemtp.errors import BytemtpError
@@ -49,7 +50,10 @@ class GenerationConfig:
     to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the two
     bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING`` when
     sampling, ``GREEDY_COUPLING`` greedy), where the model carries its training data's
-    byte-trigram counts.
+    byte-trigram counts. ``context_mixing``: how strongly chain drafts follow each row's own
+    byte trigrams (``bytemtp.decode.incontext``; 0: off; None: ``CONTEXT_MIXING`` or
+    ``GREEDY_CONTEXT_MIXING``); ``lookup``: a chain row whose last bytes occurred before in its
+    text drafts what followed them there (None: ``LOOKUP``).
     """
 
     prompt: bytes = b""
@@ -66,6 +70,8 @@ class GenerationConfig:
     stop_at_bos: bool = True
     draft_temperature: float | None = None
     draft_coupling: float | None = None
+    context_mixing: float | None = None
+    lookup: bool | None = None
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)
@@ -89,6 +95,8 @@ class GenerationConfig:
                 raise BytemtpError(f"--draft-temperature: must be positive, got {self.draft_temperature}")
         if self.draft_coupling is not None and not 0 <= self.draft_coupling < math.inf:
             raise BytemtpError(f"--draft-coupling: must be >= 0 (0 = off), got {self.draft_coupling}")
+        if self.context_mixing is not None and not 0 <= self.context_mixing < math.inf:
+            raise BytemtpError(f"--context-mixing: must be >= 0 (0 = off), got {self.context_mixing}")
         self.sampling  # validates temperature, top-k, top-p
 
     @property
@@ -107,6 +115,14 @@ class GenerationConfig:
         if self.draft_coupling is not None:
             return self.draft_coupling
         return GREEDY_COUPLING if self.sampling.greedy else DRAFT_COUPLING
+
+    @property
+    def context_drafting(self) -> ContextDrafting:
+        """How chain drafts use each row's own text."""
+        mixing = self.context_mixing
+        if mixing is None:
+            mixing = GREEDY_CONTEXT_MIXING if self.sampling.greedy else CONTEXT_MIXING
+        return ContextDrafting(mixing, LOOKUP if self.lookup is None else self.lookup)
 
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""
@@ -184,7 +200,7 @@ class GenerationStats:
 
     def record_step(self, n_drafts: int, n_accepted: int) -> None:
         self.forwards += 1
-        for j in range(min(n_drafts, n_accepted + 1)):
+        for j in range(min(n_drafts, n_accepted + 1, len(self.attempted))):  # a lookup may run past the heads
             self.attempted[j] += 1
             self.accepted[j] += j < n_accepted
 

@@ -78,7 +78,9 @@ class Decoder:
                 self.config.draft_sampling, self.host_context,
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
-        return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step, self.host_context)
+        return ChainDrafts(
+            self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.config.context_drafting
+        )
 
     def generate(
         self, prompts: Sequence[bytes] | None = None, seeds: Sequence[int | None] | None = None

@@ -25,6 +25,7 @@ class DecoderResult:
     draft_heads: int
     adaptive: bool = False
     tree: int = 0  # nodes of the draft tree verified per step (0: a chain)
+    plain: bool = False  # drafts from the heads and the corpus only, not from the rows' own text
     batch: int = 1  # rows decoded together
     bytes_per_s: list[float] = field(default_factory=list)  # per run: all its rows' bytes over its wall time
     outputs: list[bytes] = field(default_factory=list)  # every row of every run, in order
@@ -34,15 +35,15 @@ class DecoderResult:
         self.total = GenerationStats(self.draft_heads)
 
     @property
-    def kind(self) -> tuple[int, bool, int]:
-        return self.draft_heads, self.adaptive, self.tree
+    def kind(self) -> tuple[int, bool, int, bool]:
+        return self.draft_heads, self.adaptive, self.tree, self.plain
 
     @property
     def label(self) -> str:
         if not self.draft_heads:
             return "autoregressive"
         how = ", adaptive" if self.adaptive else f", tree of {self.tree}" if self.tree else ""
-        return f"speculative ({self.draft_heads} drafts{how})"
+        return f"speculative ({self.draft_heads} drafts{how}{', plain' if self.plain else ''})"
 
     @property
     def median_bytes_per_s(self) -> float:
@@ -101,6 +102,7 @@ class BenchReport:
             "draft_heads": m.draft_heads,
             "adaptive": m.adaptive,
             "tree": m.tree,
+            "plain_drafts": m.plain,
             "bytes_per_s": m.median_bytes_per_s,
             "speedup": self.speedup(m),
             "bytes_per_forward": m.bytes_per_forward,
@@ -112,6 +114,7 @@ class BenchReport:
             "model": self.model,
             "prompts": self.config.prompts,
             "prompt_bytes": self.config.prompt_bytes,
+            "workload": self.config.workload,
             "max_bytes": self.config.max_bytes,
             "temperature": self.config.temperature,
             "draft_temperature": self.draft_temperature,
@@ -148,7 +151,8 @@ class BenchReport:
         else:
             how = f"greedy (chain drafts {coupled})" if coupled else "greedy"
         lines = [
-            f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
+            f"{c.prompts} {c.workload} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, "
+            f"on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "
             f"{self.model['params']:,} params",
             f"{'batch':>5}  {'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}"

@@ -1,0 +1,104 @@
+"""Drafts from the text itself: each row's own byte trigrams, and a lookup of its own earlier text.
+
+The corpus's byte trigrams (``bytemtp.decode.coupling``) say what usually follows two bytes;
+a row's own text says what follows them *here*: the names a program defined, the phrase a
+document repeats. Two uses, per row:
+
+- **In-context mixing.** Each draft's coupling weights are multiplied by
+  ``((257 n(c) + k) / (N + k)) ** t``, ``n(c)`` how often byte ``c`` followed the draft's two
+  bytes before it in the row's text so far, ``N`` how often they occurred (``k`` pseudo-counts,
+  strength ``t``): 1 until the pair has been seen, weighing more the more it has.
+- **Lookup.** When the row's last few bytes (``LOOKUP_MIN_MATCH`` or more) occurred earlier in
+  its text, the bytes that followed them there are the next drafts (prompt lookup decoding),
+  as long a run as the step may be wide (``LOOKUP_LENGTH`` in an eager step, which may go past
+  the heads' reach; the heads' count in a compiled one, whose shapes are fixed).
+
+Exactness is untouched. Greedy verification keeps head 1's bytes whatever the drafts. A
+lookup draft is chosen, not drawn: it is judged by the point mass on it (accepted with head 1's
+probability of it, the residual head 1 without it, ``bytemtp.decode.tree_sampling``'s ranked
+candidates), and whether a row looks up depends on its text only, never on the random numbers
+that drew or judge anything. A mixed draft is drawn from, and judged by, the mixed distribution.
+
+The per-row state (text, counts: ``bytemtp_native.context_ops``) is made once per generation,
+filled with each row's context when it is first encoded and extended as bytes are decided
+(not again when a row is re-encoded after its window is cut).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bytemtp_native.context_ops import PAIR_BASE, append, append_step, lookup, reset
+
+CONTEXT_MIXING = 0.5  # in-context strength t when sampling
+GREEDY_CONTEXT_MIXING = 0.3  # greedy
+LOOKUP = True  # chain rows draft from a lookup of their own text when it matches
+LOOKUP_MIN_MATCH = 4  # bytes a lookup needs to match: fewer match by chance too often
+LOOKUP_LENGTH = 15  # bytes an eager step's lookup draft runs to: a 16-position forward
+CONTEXT_PSEUDO = 1.0  # pseudo-counts of the uniform distribution in the in-context factor
+TABLE_PAIRS = 1024  # distinct byte pairs counted per row
+TEXT_BYTES = 4096  # bytes of each row's text kept for lookups (older halves are dropped)
+
+
+@dataclass(frozen=True)
+class ContextDrafting:
+    """How drafts use each row's own text: ``mixing`` the in-context strength ``t`` (0: off),
+    ``lookup`` whether lookup drafts are proposed, when the text's last ``min_match`` bytes or more
+    occurred before, ``length`` bytes of them in an eager step."""
+
+    mixing: float = 0.0
+    lookup: bool = False
+    min_match: int = LOOKUP_MIN_MATCH
+    length: int = LOOKUP_LENGTH
+
+    @property
+    def on(self) -> bool:
+        return self.mixing > 0 or self.lookup
+
+
+class RowTexts:
+    """Each row's text and its byte-trigram counts (host arrays; on a CPU the step reads them in
+    place). ``vocab``: the width of a count row, as the draft heads' logits."""
+
+    def __init__(self, n_rows: int, vocab: int, pairs: int = TABLE_PAIRS, text_bytes: int = TEXT_BYTES):
+        assert vocab >= PAIR_BASE
+        self.history = np.zeros((n_rows, text_bytes), np.int64)
+        self.lengths = np.zeros(n_rows, np.int64)
+        self.keys = np.full((n_rows, pairs), -1, np.int64)
+        self.counts = np.zeros((n_rows, pairs, vocab), np.float32)
+        self.totals = np.zeros((n_rows, pairs), np.float32)
+        self.started = np.zeros(n_rows, np.bool_)
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.history, self.lengths, self.keys, self.counts, self.totals
+
+    def reset(self, r: int) -> None:
+        """Row ``r`` holds a new request: forget its text."""
+        reset(*self.arrays, r)
+        self.started[r] = False
+
+    def begin(self, r: int, context: list[int]) -> None:
+        """Row ``r``'s context as first encoded (``BOS + prompt``); a later re-encoding of the row
+        (after its window was cut) counts nothing again."""
+        if not self.started[r]:
+            append(*self.arrays, r, np.asarray(context, np.int64))
+            self.started[r] = True
+
+    def extend(self, r: int, new: list[int]) -> None:
+        """Bytes decided for row ``r``."""
+        append(*self.arrays, r, np.asarray(new, np.int64))
+
+    def extend_step(self, active: np.ndarray, fed: np.ndarray, accepted: np.ndarray, next_byte: np.ndarray) -> None:
+        """A chain step's decisions, for every ``active`` row at once (``append_step``)."""
+        append_step(*self.arrays, active, fed, accepted, next_byte)
+
+    def lookup(self, r: int, longest: int, min_match: int = LOOKUP_MIN_MATCH) -> list[int]:
+        """Row ``r``'s lookup draft of ``longest`` bytes, or [] when its last bytes have no earlier match."""
+        out = np.zeros(longest, np.int64)
+        return out.tolist() if lookup(self.history, self.lengths, r, min_match, longest, out) else []
+
+    def text(self, r: int) -> list[int]:
+        return self.history[r, : self.lengths[r]].tolist()
