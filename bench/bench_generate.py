@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from bytemtp.decode.prompts import sample_prompts
-from bytemtp.decode.report import DecoderResult
+from bytemtp.decode.bench import DecoderResult
 from bytemtp.train.checkpoint import load_model
 from bytemtp.decode.generate import GenerationConfig, generate
 

@@ -11,10 +11,8 @@ from torch._dynamo.utils import counters
 from fixtures_train import stdlib_corpus, trained_model
 from test_generate import random_model, run
 
-from bytemtp.decode.batch import Batch, Row
-from bytemtp.decode.config import GenerationStats
+from bytemtp.decode.batch import Batch, GenerationStats, Row, RowParams
 from bytemtp.decode.generate import Decoder, GenerationConfig, generate
-from bytemtp.decode.stops import StopMatcher
 from bytemtp.errors import BytemtpError
 
 
@@ -103,7 +101,7 @@ def test_compiled_step_decodes_as_eager_and_compiles_once_per_shape():
 
 def test_a_step_never_writes_past_the_cache():
     """Near the end of the window the step narrows: no position may land on a slot in use."""
-    rows = [Row(r, [0] * n, StopMatcher(()), GenerationStats(7), None) for r, n in enumerate((63, 10, 60))]
+    rows = [Row(r, [0] * n, RowParams(), GenerationStats(7)) for r, n in enumerate((63, 10, 60))]
     batch = Batch(rows, cache_len=64, device=torch.device("cpu"))
     assert batch.fits([True, True, True]) == 0 and batch.fits([False, True, True]) == 3
     slots = batch.slots(1 + batch.fits([False, True, True]), [False, True, True]).tolist()

@@ -19,7 +19,8 @@ from fixtures_train import stdlib_corpus, trained_model, trained_transformer_hea
 from bytemtp import BOS, VOCAB
 from bytemtp.model.config import ModelConfig
 from bytemtp.errors import BytemtpError
-from bytemtp.decode.config import STOP_REASONS, GenerationConfig, GenerationStats
+from bytemtp.decode.batch import STOP_REASONS, GenerationStats
+from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.coupling import DraftContext
 from bytemtp.decode.context import cache_length, prompt_context, window_keep
 from bytemtp.decode.generate import Decoder, generate

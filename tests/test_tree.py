@@ -17,11 +17,9 @@ from test_generate import random_model, run
 from bytemtp import BOS
 from bytemtp.errors import BytemtpError
 from bytemtp.decode import sampled_tree
-from bytemtp.decode.batch import Batch, Row
-from bytemtp.decode.config import GenerationStats
+from bytemtp.decode.batch import Batch, GenerationStats, Row, RowParams
 from bytemtp.decode.generate import GenerationConfig, generate
 from bytemtp.decode.sampling import probabilities
-from bytemtp.decode.stops import StopMatcher
 from bytemtp.decode.step import accepted_node
 from bytemtp.decode.tree import RANKS, DraftTree, RankStats, TreeDrafts, accepted_path, build_tree, tree_mask
 
@@ -196,7 +194,7 @@ def test_rank_stats_count_head_ones_bytes_at_every_depth_reached():
     head 1's correction, whether or not the tree held it), depth 3 is not."""
     ranked = np.tile(np.arange(40, 48), (3, 1))  # every head ranks bytes 40, 41, ..., 47
     drafts = TreeDrafts(None, n_nodes=4, n_drafts=3)
-    batch = Batch([Row(0, [BOS], StopMatcher(()), GenerationStats(3), None)], cache_len=64, device=torch.device("cpu"))
+    batch = Batch([Row(0, [BOS], RowParams(), GenerationStats(3))], cache_len=64, device=torch.device("cpu"))
     drafts.start(batch)
     drafts.read(batch, [True], step_output([0], ranked), fed=False)
     tree = drafts.verified[0] = drafts.trees[0]

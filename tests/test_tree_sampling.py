@@ -29,7 +29,7 @@ from bytemtp.decode.coupling import DraftContext, couple
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import nonfinite
 from bytemtp.decode.tree_sampling import expected_accepted, ranked_candidates, sampled_candidates, verify_tree
-from bytemtp.decode.tree_shape import best_shape, rank_log_probs
+from tree_shape import best_shape, rank_log_probs
 from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_ranks, walk_tree
 
 CHAIN7 = [0, 1, 2, 3, 4, 5, 6]

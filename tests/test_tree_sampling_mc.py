@@ -19,7 +19,7 @@ from bytemtp import BOS
 from bytemtp.decode.coupling import DraftContext, draft_context
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import ranked_candidates, sampled_candidates, verify_tree
-from bytemtp.decode.tree_shape import best_shape, rank_log_probs
+from tree_shape import best_shape, rank_log_probs
 from bytemtp.model.transformer import ByteMTP
 from fixtures_train import trained_model
 

@@ -10,6 +10,12 @@ sampling, the draft distributions they were drawn from stay on the device for th
 step that judges them.
 Autoregressive decoding is the chain of no drafts.
 
+Rows carry their own sampling settings. A step whose rows all share one setting uses that
+setting's rule (the decoder's own, compiled when it is; greedy rows alone, the greedy
+rule); rows that differ share a step under per-row settings (``RowSampling``), where a
+greedy row is a point mass at head 1's argmax and its drafts point masses too, judged by
+the very rules that judge sampled drafts: its output is still greedy decoding's.
+
 With drafts from the rows' own text (``bytemtp.decode.incontext``), the strategy keeps each
 row's text and trigram counts, and a row whose last bytes occurred before in its text drafts
 the bytes that followed there instead of the heads' (``looked_up``); when sampling, those are
@@ -29,14 +35,18 @@ from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.incontext import ContextDrafting, RowTexts
+from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.verify import ChainRule, Uniforms
 
 StepFn = Callable[..., ChainOutput]
+# The rule (and its draft context as host arrays) for rows sampled alike, or each row as listed.
+RuleFn = Callable[[SamplingConfig | list[SamplingConfig]], tuple[ChainRule, HostContext]]
 
 
 class ChainDrafts:
-    """Verification of a chain of ``n_drafts`` drafts per row (``bytemtp.decode.verify``)."""
+    """Verification of a chain of ``n_drafts`` drafts per row (``bytemtp.decode.verify``): by
+    ``rule`` where the rows sample as it does, else by the rule ``rules`` makes for theirs."""
 
     def __init__(
         self,
@@ -46,15 +56,16 @@ class ChainDrafts:
         policy: DraftPolicy | None = None,
         step: StepFn | None = None,
         host_context: HostContext = UNCOUPLED,
+        rules: RuleFn | None = None,
         drafting: ContextDrafting = ContextDrafting(),
     ):
         self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
-        self.host_context, self.drafting = host_context, drafting if n_drafts else ContextDrafting()
+        self.host_context, self.rules = host_context, rules
+        self.drafting = drafting if n_drafts else ContextDrafting()
         # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step only
         # (a compiled one keeps its shapes)
         self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
-        self.decide = chain_decide
         self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
@@ -70,43 +81,87 @@ class ChainDrafts:
         if self.policy is not None:
             self.policy = DraftPolicy(self.policy.costs, n)
         self.texts = RowTexts(n, self.model.cfg.vocab) if self.drafting.on else None
-        if self.step_fn is None:  # eager: decided on the host, the draft context as host arrays (``host_arrays``)
-            self.decide = functools.partial(
-                host_chain_decide, context=self.host_context, texts=self.texts, mixing=self.drafting.mixing
-            )
+
+    def admit(self, batch: Batch, r: int) -> None:
+        """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
+        self.drafts[r], self.n_valid[r], self.looked_up[r] = [0] * self.n_drafts, 0, False
+        if self.policy is not None:
+            self.policy.reset(r)
+        if self.texts is not None:
+            self.texts.reset(r)
 
     def flush(self) -> None:
         """Nothing is pending between steps (a tree's cache moves are)."""
 
-    def uniforms(self, batch: Batch, active: list[bool], k: int) -> Uniforms | None:
-        """The random numbers of a step judging ``k`` drafts, from each active row's own generator
-        (zeros for the others). A row draws as many every step, however wide the step (which
-        depends on the other rows): its stream of numbers is its own."""
-        if self.rule.sampling.greedy:
+    def pick(self, batch: Batch, active: list[bool]) -> tuple[ChainRule, Callable, StepFn | None]:
+        """The rule of a step over the ``active`` rows, how it decides, and the compiled step when the
+        rule is the one it was compiled with. An eager decision appends the active rows' decided
+        bytes to their texts itself, before drafting from them."""
+        if self.texts is not None:
+            self.texts.active = np.array(active)
+        settings = {row.params.sampling for r, row in enumerate(batch.rows) if active[r]}
+        if settings == {self.rule.sampling} or self.rules is None:
+            rule, context, step = self.rule, self.host_context, self.step_fn
+        else:
+            rows = [row.params.sampling for row in batch.rows]
+            rule, context = self.rules(settings.pop() if len(settings) == 1 else rows)
+            step = None
+        # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
+        decide = chain_decide
+        if step is None:
+            mixing = self.drafting.mixing
+            decide = functools.partial(host_chain_decide, context=context, texts=self.texts, mixing=mixing)
+        return rule, decide, step
+
+    def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
+        """The random numbers of a step judging ``k`` drafts, from each active sampled row's own
+        generator (zeros for the others). A row draws as many every step, however wide the step
+        (which depends on the other rows): its stream of numbers is its own."""
+        if rule.sampling.greedy:
             return None
-        m, w = self.n_drafts, self.longest
+        m, w = self.n_drafts, self.longest  # a lookup may judge more drafts than the heads make
         u = torch.zeros(len(batch.rows), w + 1 + m)
         for r, row in enumerate(batch.rows):
-            if active[r]:
+            if active[r] and row.generator is not None:
                 u[r] = torch.rand(w + 1 + m, generator=row.generator)
         u = u.to(batch.device)
         return Uniforms(u[:, :k], u[:, w], u[:, w + 1 :])
+
+    def judged_probs(self, rule: ChainRule, ids: torch.Tensor, active: list[bool]) -> torch.Tensor | None:
+        """The distributions the drafts of ``ids`` [B, P] being judged were drawn from: as kept, and
+        a point mass on each draft that was chosen, not drawn: a looked-up row's, and under per-row
+        settings a greedy row's (which keeps none) -> [B, P-1, V]."""
+        if rule.sampling.greedy or not self.n_drafts:
+            return None
+        chosen = torch.tensor([on and looked for on, looked in zip(active, self.looked_up)], device=ids.device)
+        if isinstance(rule.sampling, RowSampling):
+            chosen = chosen | (rule.sampling.temperature == 0)
+        q = self.draft_probs
+        if q is not None and not chosen.any():
+            return q
+        k = ids.shape[1] - 1
+        points = torch.nn.functional.one_hot(ids[:, 1:], self.model.cfg.vocab).float()
+        if q is None:
+            return points
+        b, m, v = q.shape
+        heads = q[:, :k] if k <= m else torch.cat((q, q.new_zeros(b, k - m, v)), dim=1)
+        return torch.where(chosen[:, None, None], points, heads)
 
     def first(
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
         """Decide from the prompts' forwards: head-1 ``logits`` [B, 1, V] and draft ``features``
         [B, 1, F, d] at each row's last id."""
-        if self.texts is not None:
+        if self.texts is not None:  # a row's context the first time it is encoded (not after a cut)
             for r, row in enumerate(batch.rows):
                 if active[r]:
                     self.texts.begin(r, row.window)
-            self.texts.active = np.array(active)
-        last = torch.tensor([[row.window[-1]] for row in batch.rows], device=batch.device)  # the prompts' ends
+        last = torch.tensor([[row.last] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
-        u = self.uniforms(batch, active, 0)
-        out = self.decide(self.model, self.rule, self.n_drafts, logits, features, last, zeros, None, u)
-        return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
+        rule, decide, step = self.pick(batch, active)
+        u = self.uniforms(batch, active, 0, rule)
+        out = decide(self.model, rule, self.n_drafts, logits, features, last, zeros, None, u)
+        return self._read(batch, active, out, [0] * len(batch.rows), fed=False, eager=step is None)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
         """One forward of ``[pending, drafts]`` for the active rows."""
@@ -116,32 +171,18 @@ class ChainDrafts:
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
         ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
-        u = self.uniforms(batch, active, width - 1)
-        if self.texts is not None:
-            self.texts.active = np.array(active)
-        args = (ids, batch.slots(width, active), n_valid_t, self.judged_by(ids, active), u)
-        if self.step_fn is None:
+        rule, decide, step = self.pick(batch, active)
+        u = self.uniforms(batch, active, width - 1, rule)
+        args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(rule, ids, active), u)
+        if step is None:
             kv_len = batch.kv_len(width)
-            out = chain_step(self.model, self.rule, self.n_drafts, *args, kv_len=kv_len, decide=self.decide)
+            out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide)
         else:
-            out = self.step_fn(*args)
-        return self._read(batch, active, out, n_valid, fed=True)
-
-    def judged_by(self, ids: torch.Tensor, active: list[bool]) -> torch.Tensor | None:
-        """The distributions the drafts of ``ids`` [B, P] are judged by when sampling: the heads'
-        (coupled) ones they were drawn from, and for the rows that looked their drafts up, the
-        point masses on them [B, P-1, V]."""
-        q = self.draft_probs
-        lookups = [on and looked for on, looked in zip(active, self.looked_up)]
-        if q is None or not any(lookups):
-            return q
-        k, (b, m, v) = ids.shape[1] - 1, q.shape
-        heads = q[:, :k] if k <= m else torch.cat((q, q.new_zeros(b, k - m, v)), dim=1)
-        points = torch.nn.functional.one_hot(ids[:, 1:], v).to(q.dtype)
-        return torch.where(torch.tensor(lookups, device=q.device)[:, None, None], points, heads)
+            out = step(*args)
+        return self._read(batch, active, out, n_valid, fed=True, eager=step is None)
 
     def _read(
-        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool
+        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool, eager: bool
     ) -> dict[int, Decision]:
         """Keep the new drafts (and their distributions) and read the decisions: one transfer for all rows."""
         ints, q, confidence = out
@@ -164,13 +205,13 @@ class ChainDrafts:
             self.drafts[r] = host.drafts[r]
             self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
             if self.texts is not None:
-                self._from_text(r, decisions[r].decided)
+                self._from_text(r, decisions[r].decided, eager)
         return decisions
 
-    def _from_text(self, r: int, decided: list[int]) -> None:
-        """Row ``r``'s text after a decision (a compiled step's bytes are appended here, an eager
-        one's by the host decision), and its lookup draft in place of the heads' when it has one."""
-        if self.step_fn is not None:
+    def _from_text(self, r: int, decided: list[int], eager: bool) -> None:
+        """Row ``r``'s text after a decision (an eager one appended its bytes itself; a compiled
+        step's are appended here), and its lookup draft in place of the heads' when it has one."""
+        if not eager:
             self.texts.extend(r, decided)
         proposal = self.texts.lookup(r, self.longest, self.drafting.min_match) if self.drafting.lookup else []
         self.looked_up[r] = bool(proposal)

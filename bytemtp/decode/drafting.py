@@ -53,6 +53,10 @@ class DraftPolicy:
         self.predicted = costs.new_ones(n_rows, m)
         self.confidence = costs.new_zeros(n_rows, m)  # of each row's latest drafts
 
+    def reset(self, r: int) -> None:
+        """Row ``r`` holds a new generation: its calibration starts again from the pseudo-observations."""
+        self.hits[r], self.predicted[r], self.confidence[r] = 1.0, 1.0, 0.0
+
     def choose(
         self, confidence: torch.Tensor, n_judged: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor
     ) -> torch.Tensor:

@@ -1,15 +1,23 @@
-"""The decode engine: a batch of prompts decoded together, one fixed-shape step at a time.
+"""The decode engine: rows in a fixed number of slots, decoded together one fixed-shape step at a time.
 
-Every row of the batch sees ``BOS + prompt``, as every training document starts with
-BOS; a generated BOS ends that row's document. The prompts' forward (one, for rows of
-any lengths) decides each row's first byte and drafts; then each step forwards every
-live row's pending byte and drafts at once, verifies them and drafts the next block on
-the device (``bytemtp.decode.step``), and hands the host one small integer tensor.
-The host emits each row's decided bytes through its stop matcher and retires the rows
-that stop (a stop string, end of document, the byte budget): they are parked, so the
-step keeps its shape and the other rows run on. A row whose context fills the cache is
-cut to the newest half of the window and re-encoded (``bytemtp.decode.context``) while
-the others wait one step.
+The engine owns ``n_slots`` row slots (and the model's KV cache of as many rows) from
+``start`` to ``close``. Between two steps a caller may ``admit`` a row into a free slot or
+``retire`` one (its client has gone); ``step`` advances every live row by one forward and
+returns the bytes each decided. Every row sees ``BOS + prompt``, as every training document
+starts with BOS; a generated BOS ends that row's document. A step that has rows to encode
+(just admitted, or whose context filled the cache) forwards only their contexts from slot 0,
+the others parked, and decides each one's first byte and drafts; otherwise it forwards
+every live row's pending byte and drafts at once, verifies them and drafts the next block
+on the device (``bytemtp.decode.step``), and hands the host one small integer tensor. The
+host emits each row's decided bytes through its stop matcher; a row that stops (a stop
+string, end of document, its byte budget) frees its slot at once, for the next ``admit``.
+A row whose context fills the cache is cut to the newest half of the window and re-encoded
+(``bytemtp.decode.context``) while the others wait one step, exactly as a new row's prompt
+is encoded.
+
+``run`` is the whole of a batch generation (``sample``, ``bench``): every row admitted at
+once, stepped until all stop. The server's scheduler (``bytemtp.serve``) drives the same
+calls as requests come and go.
 
 How the drafts are made and verified is a strategy: a chain (``ChainDrafts``) or a draft
 tree (``TreeDrafts``), with the same interface. The engine never looks inside.
@@ -18,14 +26,14 @@ tree (``TreeDrafts``), with the same interface. The engine never looks inside.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
 
 from bytemtp import BOS
-from bytemtp.decode.batch import Batch, Decision, Row
-from bytemtp.decode.context import window_keep
+from bytemtp.decode.batch import Batch, Decision, GenerationStats, Row, RowParams
+from bytemtp.decode.context import prompt_context, window_keep
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import round_up_64
 
@@ -35,7 +43,9 @@ class DraftStrategy(Protocol):
 
     n_drafts: int
 
-    def start(self, batch: Batch) -> None: ...
+    def start(self, batch: Batch) -> None: ...  # fresh state for every slot of ``batch``
+
+    def admit(self, batch: Batch, r: int) -> None: ...  # slot r now holds a new row: forget the old one's state
 
     def flush(self) -> None: ...  # anything left between steps that a prompt's forward must not overtake
 
@@ -47,55 +57,128 @@ class DraftStrategy(Protocol):
 
 
 class Engine:
-    """Decodes ``batch`` with ``strategy`` and a byte budget ``max_new_bytes`` per row; a
-    generated BOS ends a row's document unless ``stop_at_bos`` is False."""
+    """Decodes rows in ``n_slots`` slots with ``strategy``, a KV cache of ``cache_len`` positions
+    per row; ``eager``: the strategy's steps are not compiled (they read only the cache slots in
+    use). A generated BOS ends a row's document unless ``stop_at_bos`` is False."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         strategy: DraftStrategy,
-        batch: Batch,
-        max_new_bytes: int,
+        n_slots: int,
+        cache_len: int,
+        eager: bool = True,
         stop_at_bos: bool = True,
     ):
-        self.model, self.strategy, self.batch, self.max_new_bytes = model, strategy, batch, max_new_bytes
-        self.stop_at_bos = stop_at_bos
+        self.model, self.strategy, self.stop_at_bos = model, strategy, stop_at_bos
+        device = next(model.parameters()).device
+        self.batch = Batch([Row.vacant() for _ in range(n_slots)], cache_len, device, eager)
+        self.encoding = [False] * n_slots  # rows the next step encodes: admitted, or cut to the window
+        self.started = False
+
+    def row(self, prompt: bytes, params: RowParams, index: int) -> Row:
+        """A row for ``prompt``, not yet admitted: its context is ``BOS + prompt``, cut to the window."""
+        window = min(self.model.cfg.max_seq_len, self.batch.cache_len)
+        context = prompt_context(prompt, window)
+        stats = GenerationStats(self.strategy.n_drafts, prompt_bytes_dropped=max(0, len(prompt) - len(context)))
+        return Row(index, context, params, stats)
+
+    @property
+    def free(self) -> list[int]:
+        """The vacant slots."""
+        return [r for r, row in enumerate(self.batch.rows) if row.done]
+
+    @property
+    def live(self) -> int:
+        """Rows decoding."""
+        return sum(not row.done for row in self.batch.rows)
 
     @torch.inference_mode()
-    def run(self) -> Iterator[tuple[int, bytes]]:
-        """``(row, output bytes)`` as they are decided; every row's ``stats`` is complete at the end."""
-        rows, start = self.batch.rows, time.perf_counter()
-        if self.max_new_bytes == 0:
-            for row in rows:
-                row.stats.stop_reason, row.done = "max_bytes", True
-            return
-        self.model.setup_cache(len(rows), self.batch.cache_len)
+    def start(self) -> None:
+        """Attach the KV cache and fresh strategy state: the engine holds them until ``close``."""
+        self.model.setup_cache(len(self.batch.rows), self.batch.cache_len)
         self.strategy.start(self.batch)
-        try:
-            decisions = self._encode([True] * len(rows))
-            while decisions:
-                cut = [False] * len(rows)
-                for r, decision in decisions.items():
-                    out = self._apply(rows[r], decision)
-                    if out:
-                        yield r, out
-                    if rows[r].done:
-                        rows[r].stats.wall_s = time.perf_counter() - start
-                    elif rows[r].length == self.batch.cache_len:  # no room for the pending byte
-                        cut[r] = True
-                if any(cut):
-                    for r in (r for r in range(len(rows)) if cut[r]):
-                        row = rows[r]
-                        row.window = (row.window + [row.pending])[-window_keep(self.batch.cache_len) :]
-                        row.stats.window_cuts += 1
-                    decisions = self._encode(cut)
-                    continue
-                live = [not row.done for row in rows]
-                decisions = self.strategy.step(self.batch, live) if any(live) else {}
-        finally:
+        self.started = True
+
+    def close(self) -> None:
+        """Release the KV cache; the rows still decoding stop where they are."""
+        if self.started:
             self.model.clear_cache()
+            self.started = False
+
+    @torch.inference_mode()
+    def admit(self, row: Row) -> int:
+        """Put ``row`` in a free slot -> the slot; the next step encodes its context. A row with no
+        byte budget is done at once and takes no slot (-1)."""
+        row.stats.wall_s, row.started = 0.0, time.perf_counter()
+        if row.params.max_new_bytes == 0:
+            row.stats.stop_reason, row.done = "max_bytes", True
+            return -1
+        free = self.free
+        if not free:
+            raise BytemtpError(f"the engine's {len(self.batch.rows)} rows are all taken")
+        r = free[0]
+        self.batch.rows[r] = row
+        try:
+            self.strategy.admit(self.batch, r)
+        except BytemtpError:  # the strategy cannot decode it: the slot stays free
+            self.batch.rows[r] = Row.vacant()
+            raise
+        self.encoding[r] = True
+        return r
+
+    def retire(self, row: Row) -> None:
+        """Stop ``row`` before it is done (its client has gone) and free its slot."""
+        for r, held in enumerate(self.batch.rows):
+            if held is row:
+                self._free(r, "cancelled")
+
+    def _free(self, r: int, reason: str = "") -> None:
+        row = self.batch.rows[r]
+        row.done, row.stats.stop_reason = True, row.stats.stop_reason or reason
+        row.stats.wall_s = time.perf_counter() - row.started
+        self.batch.rows[r], self.encoding[r] = Row.vacant(), False
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, bytes]]:
+        """One forward: encode the rows waiting for it, or advance every live row -> each row that
+        decided something, with its output bytes (a row is ``done`` when it stopped; its slot is
+        then free)."""
+        rows = self.batch.rows
+        if any(self.encoding):
+            decisions = self._encode(self.encoding)
+            self.encoding = [False] * len(rows)
+        else:
+            live = [not row.done for row in rows]
+            decisions = self.strategy.step(self.batch, live) if any(live) else {}
+        out = []
+        for r, decision in decisions.items():
+            row = rows[r]
+            out.append((row, self._apply(row, decision)))
+            if row.done:
+                self._free(r)
+            elif row.length == self.batch.cache_len:  # no room for the pending byte: cut and re-encode
+                row.window = (row.window + [row.pending])[-window_keep(self.batch.cache_len) :]
+                row.stats.window_cuts += 1
+                self.encoding[r] = True
+        return out
+
+    def run(self, rows: Sequence[Row]) -> Iterator[tuple[int, bytes]]:
+        """Decode ``rows`` (at most one per slot) together to the end: ``(row index, output bytes)``
+        as they are decided; every row's ``stats`` is complete at the end."""
+        self.start()
+        try:
             for row in rows:
-                row.stats.wall_s = row.stats.wall_s or time.perf_counter() - start
+                self.admit(row)
+            while self.live:
+                for row, data in self.step():
+                    if data:
+                        yield row.index, data
+        finally:
+            for r, held in enumerate(self.batch.rows):
+                if not held.done:  # the caller stopped early
+                    self._free(r, "cancelled")
+            self.close()
 
     def _encode(self, active: list[bool]) -> dict[int, Decision]:
         """Forward the whole contexts of the ``active`` rows from slot 0 (the others parked) and
@@ -111,7 +194,7 @@ class Engine:
         logits, features = self.model.decode(
             torch.tensor(ids, device=device), slots, self.strategy.n_drafts + 1, kv_len=kv_len
         )
-        last = torch.tensor([max(row.length, 1) - 1 if active[r] else 0 for r, row in enumerate(rows)], device=device)
+        last = torch.tensor([row.length - 1 if active[r] else 0 for r, row in enumerate(rows)], device=device)
         logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
         features = features.gather(1, last[:, None, None, None].expand(-1, 1, *features.shape[2:]))
         return self.strategy.first(self.batch, active, logits, features)
@@ -137,7 +220,7 @@ class Engine:
             if row.stops.hit:
                 stats.stop_reason = "stop_string"
                 break
-            if stats.bytes == self.max_new_bytes:
+            if stats.bytes == row.params.max_new_bytes:
                 stats.stop_reason = "max_bytes"
                 break
         if stats.stop_reason:

@@ -20,15 +20,15 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from bytemtp.compile import compile_decode_step
-from bytemtp.decode.batch import Batch, Row
+from bytemtp.decode.batch import GenerationStats, Row
 from bytemtp.decode.chain import ChainDrafts
-from bytemtp.decode.config import GenerationConfig, GenerationStats
-from bytemtp.decode.context import generation_cache_length, prompt_context
-from bytemtp.decode.coupling import UNCOUPLED, draft_context, host_arrays
+from bytemtp.decode.config import GenerationConfig
+from bytemtp.decode.context import generation_cache_length
+from bytemtp.decode.coupling import UNCOUPLED, DraftContext, HostContext, draft_context, host_arrays
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
+from bytemtp.decode.sampling import RowSampling, SamplingConfig, draft_sampling
 from bytemtp.decode.step import chain_step, sampled_tree_step, tree_step
-from bytemtp.decode.stops import StopMatcher
 from bytemtp.decode.tree import TreeDrafts, check_tree_size
 from bytemtp.decode.verify import ChainRule
 from bytemtp.errors import BytemtpError
@@ -46,12 +46,8 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
-        # drafts coupled to the bytes before them (bytemtp.decode.coupling): the tensors for the steps'
-        # tensor code, the host arrays for the eager steps' kernels
-        self.context, self.host_context = None, UNCOUPLED
-        if config.coupling_strength > 0 and model.byte_trigrams is not None and self.n_drafts:
-            context = draft_context(model.byte_trigrams.cpu(), config.coupling_strength, model.cfg.vocab)
-            self.context, self.host_context = context.to(self.device), host_arrays(context)
+        self._rules: dict[SamplingConfig, tuple[ChainRule, HostContext]] = {}
+        self.context, self.host_context = self.coupling(config.sampling.greedy)
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
             if config.sampling.greedy:
@@ -68,6 +64,29 @@ class Decoder:
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 
+    def coupling(self, greedy: bool) -> tuple[DraftContext | None, HostContext]:
+        """Drafts coupled to the bytes before them (``bytemtp.decode.coupling``) for greedy or sampled
+        rows: the tensors for the steps' tensor code, the host arrays for the eager steps' kernels."""
+        strength, trigrams = self.config.coupling_for(greedy), self.model.byte_trigrams
+        if strength == 0 or trigrams is None or not self.n_drafts:
+            return None, UNCOUPLED
+        context = draft_context(trigrams.cpu(), strength, self.model.cfg.vocab)
+        return context.to(self.device), host_arrays(context)
+
+    def chain_rule(self, sampling: SamplingConfig | list[SamplingConfig]) -> tuple[ChainRule, HostContext]:
+        """The chain rule for rows sampled as ``sampling``, or each row as listed (``RowSampling``),
+        with the draft coupling for them (a mixed batch's greedy rows draft point masses, which
+        coupling leaves as they are), and its context's host arrays."""
+        dt, confidence = self.config.draft_temperature, self.config.draft_costs is not None
+        if isinstance(sampling, list):
+            draft = RowSampling.of([draft_sampling(s, dt) for s in sampling], self.device)
+            context, host = self.coupling(greedy=False)
+            return ChainRule(RowSampling.of(sampling, self.device), confidence, draft, context), host
+        if sampling not in self._rules:
+            context, host = self.coupling(sampling.greedy)
+            self._rules[sampling] = ChainRule(sampling, confidence, draft_sampling(sampling, dt), context), host
+        return self._rules[sampling]
+
     def strategy(self, n_rows: int) -> DraftStrategy:
         """Fresh drafting state for a generation of ``n_rows`` rows."""
         if self.tree_nodes and self.config.sampling.greedy:
@@ -79,8 +98,15 @@ class Decoder:
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
         return ChainDrafts(
-            self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.config.context_drafting
+            self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.chain_rule,
+            self.config.context_drafting,
         )
+
+    def engine(self, n_slots: int, cache_len: int) -> Engine:
+        """An engine of ``n_slots`` rows with caches of ``cache_len`` positions, decoding as configured;
+        its rows bring their own sampling settings, stop strings, seeds and budgets."""
+        strategy = self.strategy(n_slots)
+        return Engine(self.model, strategy, n_slots, cache_len, eager=self.step is None, stop_at_bos=self.config.stop_at_bos)
 
     def generate(
         self, prompts: Sequence[bytes] | None = None, seeds: Sequence[int | None] | None = None
@@ -94,20 +120,10 @@ class Decoder:
             seeds = [None if self.config.seed is None else self.config.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise BytemtpError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
-        window, cfg = self.model.cfg.max_seq_len, self.config
-        rows = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            context = prompt_context(prompt, window)
-            stats = GenerationStats(self.n_drafts, prompt_bytes_dropped=max(0, len(prompt) - len(context)))
-            generator = None
-            if not cfg.sampling.greedy:
-                generator = torch.Generator()
-                stats.seed = generator.seed() if seed is None else seed
-                generator.manual_seed(stats.seed)
-            rows.append(Row(i, context, StopMatcher(cfg.stop), stats, generator))
+        cfg = self.config
         cache_len = max(generation_cache_length(self.model.cfg, p, cfg.max_new_bytes, self.tree_nodes) for p in prompts)
-        batch = Batch(rows, cache_len, self.device, eager=self.step is None)
-        engine = Engine(self.model, self.strategy(len(rows)), batch, cfg.max_new_bytes, cfg.stop_at_bos)
+        engine = self.engine(len(prompts), cache_len)
+        rows = [engine.row(p, cfg.row_params(seed), i) for i, (p, seed) in enumerate(zip(prompts, seeds))]
         return Generation(engine, rows)
 
 
@@ -133,7 +149,7 @@ class Generation:
 
     def __init__(self, engine: Engine, rows: list[Row]):
         self.rows = rows
-        self._events = engine.run()
+        self._events = engine.run(rows)
         self._chunks = (chunk for _, chunk in self._events)
 
     @property

@@ -37,6 +37,7 @@ from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_forward
 from bytemtp.decode.tree import DraftTree, TreeDrafts
+from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_ranks, walk_tree
 
 
@@ -70,6 +71,20 @@ class SampledTreeDrafts(TreeDrafts):
             self.node_q: list[np.ndarray | None] = [None] * n
         else:  # compiled: the draft distributions stay on the device
             self.draft_probs = torch.zeros(n, *shape, device=batch.device)
+
+    def admit(self, batch: Batch, r: int) -> None:
+        super().admit(batch, r)
+        if self.step_fn is None:
+            self.host_q[r], self.node_q[r] = 0.0, None
+        else:
+            self.draft_probs[r] = 0.0
+
+    def check(self, sampling: SamplingConfig) -> None:
+        if sampling != self.sampling:
+            raise BytemtpError(
+                f"this draft tree samples at temperature {self.sampling.temperature:g}, top-k {self.sampling.top_k}, "
+                f"top-p {self.sampling.top_p:g} only"
+            )
 
     def noise(self, batch: Batch, active: list[bool]) -> torch.Tensor:
         """[B, n+1, V+1] uniforms of a step: per possible parent a row of Gumbel noise, and each
@@ -106,7 +121,7 @@ class SampledTreeDrafts(TreeDrafts):
                     tree = self.trees[r]
                     row = batch.rows[r]
                     tokens, self.node_q[r] = draw_children(
-                        self.host_q[r], tree.parent, tree.depth, gumbel[r], row.pending, row.window[-1],
+                        self.host_q[r], tree.parent, tree.depth, gumbel[r], row.pending, row.last,
                         *self.host_context,
                     )
                     self.trees[r] = DraftTree(tokens, tree.parent, tree.depth, tree.ancestors)
@@ -123,7 +138,7 @@ class SampledTreeDrafts(TreeDrafts):
         inputs["depth"] = torch.from_numpy(depth).to(batch.device)
         inputs["draft_probs"] = self.draft_probs
         inputs["noise"] = noise[:, :width].to(batch.device)
-        inputs["before"] = torch.tensor([row.window[-1] for row in batch.rows], device=batch.device)
+        inputs["before"] = torch.tensor([row.last for row in batch.rows], device=batch.device)
         return self.read(batch, active, self.step_fn(**inputs), fed=True)
 
     def walk(

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from bytemtp.decode.batch import Batch, Decision, Row
+from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.step import RANKS, tree_decide, tree_step
 from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_ops import accept, ancestors, best_paths, observe_ranks
@@ -184,6 +185,18 @@ class TreeDrafts:
         # its cache is full, and the row is then re-encoded anyway.
         self.still = batch.cache_len - 1
         self.moves = np.full((n, 2, self.max_path), self.still, np.int64)
+
+    def admit(self, batch: Batch, r: int) -> None:
+        """Slot ``r`` holds a new row: fresh rank statistics, no tree, no move. A tree strategy decodes
+        rows of one sampling setting (greedy here)."""
+        self.check(batch.rows[r].params.sampling)
+        self.stats[r] = RankStats(self.n_drafts)
+        self.trees[r] = self.verified[r] = self.ranked[r] = None
+        self.moves[r] = self.still
+
+    def check(self, sampling: SamplingConfig) -> None:
+        if not sampling.greedy:
+            raise BytemtpError("this draft tree decodes greedily (temperature 0) only")
 
     def flush(self) -> None:
         """Moves pending from the last step, applied now (before a prompt's forward reuses slots)."""

@@ -47,7 +47,7 @@ allows as it allows siblings):
 Sampled candidates accept more: where the draft head is close to head 1,
 ``sum(min(p, q))`` is near 1 while a ranked child gets only ``p`` of its byte. On the
 ``tiny`` model after 1000 of 2000 steps, over text positions (exact expectations from
-``expected_accepted``, trees from ``best_shape``), a tree of 15 accepts 1.36 drafts per
+``expected_accepted``, trees from ``best_shape`` in the tests), a tree of 15 accepts 1.36 drafts per
 step at T = 0.8 and 1.40 at T = 1 with sampled candidates, 0.88 and 0.81 with ranked
 ones, and the greedy tree of 15 1.04 at T = 0; a sampled chain of 7, 0.84 and 1.04.
 

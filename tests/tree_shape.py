@@ -1,4 +1,5 @@
-"""Which draft tree to verify when sampling: the ``n`` paths of draft ranks worth the most.
+"""Which draft tree to verify when sampling: the ``n`` paths of draft ranks worth the most, as tensor
+code (the tests' reference: the decoder shapes its trees on the host, ``bytemtp.decode.tree.build_tree``).
 
 A node is a path of ranks ``(r_1, .., r_d)``: its byte at depth j is the draft head
 j+1's ``r_j``-th likeliest. With ranked candidates (``bytemtp.decode.tree_sampling``)
