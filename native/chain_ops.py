@@ -56,7 +56,7 @@ def sampled_chain(logits, p: np.ndarray, drafts: np.ndarray, n_valid: np.ndarray
 @njit(cache=True)
 def chain_output(
     accepted, next_byte, broken, draft_logits, q, u_drafts, greedy: bool, fed, index, weights, keys, counts, totals,
-    mixing: float, pseudo: float,
+    mixing: np.ndarray, pseudo: float,
 ) -> np.ndarray:
     """The step's integer rows [B, 3 + m] (``StepOutput``'s columns): the verdicts, the next drafts
     (greedy: each draft head's argmax in ``draft_logits`` [B, m, V]; else drawn from ``q`` at
@@ -65,8 +65,8 @@ def chain_output(
     draft follows the two bytes before it (the accepted run's last byte of ``fed`` [B, P], the
     next byte, then the drafts): greedy, it is the argmax of its logits plus the log-weights
     after them; sampled, it is drawn from its ``q`` times those weights, renormalised, and ``q``
-    is overwritten by those distributions (the next step judges the drafts by them). With
-    ``mixing`` > 0, the weights are multiplied by each row's in-context factor after the two
+    is overwritten by those distributions (the next step judges the drafts by them). Where a
+    row's ``mixing`` [B] is above 0, its weights are multiplied by each row's in-context factor after the two
     bytes (``bytemtp_native.context_ops.apply_context`` on the row's counts ``keys``, ``counts``,
     ``totals``), which the row's text makes more than 1 only after pairs it has had."""
     n_rows, m = draft_logits.shape[0], draft_logits.shape[1]
@@ -81,10 +81,11 @@ def chain_output(
             weighed = coupled
             if coupled:
                 w[:] = weights[index[before, after]]
-            if mixing > 0:
+            if mixing[b] > 0:
                 if not coupled:
                     w[:] = 1
-                weighed |= apply_context(w, counts, totals, b, pair_slot(keys, b, before, after), pseudo, mixing)
+                slot = pair_slot(keys, b, before, after)
+                weighed |= apply_context(w, counts, totals, b, slot, pseudo, mixing[b])
             if greedy and weighed:  # the likeliest byte of the head's distribution times the weights
                 draft = np.argmax(draft_logits[b, j] + np.log(w))
             elif greedy:

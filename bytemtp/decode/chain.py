@@ -109,7 +109,7 @@ class ChainDrafts:
         # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
         decide = chain_decide
         if step is None:
-            mixing = self.drafting.mixing
+            mixing = self.drafting.mixing([row.params.sampling.greedy for row in batch.rows])
             decide = functools.partial(host_chain_decide, context=context, texts=self.texts, mixing=mixing)
         return rule, decide, step
 

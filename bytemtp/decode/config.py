@@ -111,10 +111,10 @@ class GenerationConfig:
     @property
     def context_drafting(self) -> ContextDrafting:
         """How chain drafts use each row's own text."""
-        mixing = self.context_mixing
-        if mixing is None:
-            mixing = GREEDY_CONTEXT_MIXING if self.sampling.greedy else CONTEXT_MIXING
-        return ContextDrafting(mixing, LOOKUP if self.lookup is None else self.lookup)
+        greedy, sampled = (GREEDY_CONTEXT_MIXING, CONTEXT_MIXING) if self.context_mixing is None else (
+            (self.context_mixing,) * 2
+        )
+        return ContextDrafting(greedy, sampled, LOOKUP if self.lookup is None else self.lookup)
 
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""

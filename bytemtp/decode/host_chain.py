@@ -47,13 +47,14 @@ def host_chain_decide(
     *,
     context: HostContext,
     texts: RowTexts | None = None,
-    mixing: float = 0.0,
+    mixing: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
     (the draft heads' confidence only when the rule asks for it), and ``context``, the rule's
     draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once). With the
     rows' ``texts`` (``bytemtp.decode.incontext``), the decided bytes of its ``active`` rows are
-    appended to them before drafting, and drafts are mixed with their counts at ``mixing``."""
+    appended to them before drafting, and drafts are mixed with their counts at ``mixing`` [B]
+    (each row's strength)."""
     host_logits, host_fed, host_valid = (t.cpu().numpy() for t in (logits.float(), fed, n_valid))
     host_drafts = host_fed[:, 1:]
     greedy = rule.sampling.greedy
@@ -67,10 +68,11 @@ def host_chain_decide(
     if texts is not None:
         texts.extend_step(texts.active, host_fed, accepted, next_byte)
     tables = _NO_TABLES if texts is None else (texts.keys, texts.counts, texts.totals)
+    mixing = np.zeros(len(accepted)) if mixing is None else mixing
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
         out = chain_output(
-            accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED, *_NO_TABLES, 0.0, 1.0
+            accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED, *_NO_TABLES, mixing, 1.0
         )
         return torch.from_numpy(out).to(logits.device), None, None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
@@ -81,7 +83,7 @@ def host_chain_decide(
         accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context,
         *tables, mixing, CONTEXT_PSEUDO,
     )
-    if (context[0].size or mixing > 0) and not greedy:  # host_q now holds the distributions the drafts were drawn from
+    if (context[0].size or mixing.any()) and not greedy:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)
     confidence = None  # read only by a DraftPolicy, which asks for it
     if rule.confidence:

@@ -32,7 +32,7 @@ import numpy as np
 
 from bytemtp_native.context_ops import PAIR_BASE, append, append_step, lookup, reset
 
-CONTEXT_MIXING = 0.5  # in-context strength t when sampling
+CONTEXT_MIXING = 0.0  # in-context strength t when sampling: measured, it gains nothing there
 GREEDY_CONTEXT_MIXING = 0.3  # greedy
 LOOKUP = True  # chain rows draft from a lookup of their own text when it matches
 LOOKUP_MIN_MATCH = 4  # bytes a lookup needs to match: fewer match by chance too often
@@ -44,18 +44,24 @@ TEXT_BYTES = 4096  # bytes of each row's text kept for lookups (older halves are
 
 @dataclass(frozen=True)
 class ContextDrafting:
-    """How drafts use each row's own text: ``mixing`` the in-context strength ``t`` (0: off),
-    ``lookup`` whether lookup drafts are proposed, when the text's last ``min_match`` bytes or more
-    occurred before, ``length`` bytes of them in an eager step."""
+    """How drafts use each row's own text: ``greedy_mixing`` and ``sampled_mixing`` the in-context
+    strength ``t`` of greedy and of sampled rows (0: off), ``lookup`` whether lookup drafts are
+    proposed, when the text's last ``min_match`` bytes or more occurred before, ``length`` bytes of
+    them in an eager step."""
 
-    mixing: float = 0.0
+    greedy_mixing: float = 0.0
+    sampled_mixing: float = 0.0
     lookup: bool = False
     min_match: int = LOOKUP_MIN_MATCH
     length: int = LOOKUP_LENGTH
 
     @property
     def on(self) -> bool:
-        return self.mixing > 0 or self.lookup
+        return self.greedy_mixing > 0 or self.sampled_mixing > 0 or self.lookup
+
+    def mixing(self, greedy: list[bool]) -> np.ndarray:
+        """[B] the in-context strength of rows that are ``greedy`` or not."""
+        return np.array([self.greedy_mixing if g else self.sampled_mixing for g in greedy], np.float64)
 
 
 class RowTexts:
