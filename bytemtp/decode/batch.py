@@ -154,6 +154,7 @@ class GenerationStats:
     bytes: int = 0
     forwards: int = 0  # including the prompt's and any re-encoding of the window
     window_cuts: int = 0
+    lookups: int = 0  # decisions after which the row drafted from a lookup of its own text
     prompt_bytes_dropped: int = 0
     attempted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
@@ -185,6 +186,7 @@ class GenerationStats:
         """Add another generation's counts (bytes, forwards, acceptance) to these: a total over runs."""
         self.bytes += other.bytes
         self.forwards += other.forwards
+        self.lookups += other.lookups
         self.accepted = [a + b for a, b in zip(self.accepted, other.accepted, strict=True)]
         self.attempted = [a + b for a, b in zip(self.attempted, other.attempted, strict=True)]
 
@@ -208,6 +210,8 @@ class GenerationStats:
                 for j, (rate, a, t) in enumerate(zip(self.acceptance, self.accepted, self.attempted))
             )
             lines.append(f"draft acceptance: {per_head}")
+            if self.lookups:
+                lines.append(f"lookup drafts: after {self.lookups} of {self.forwards} forwards")
         if self.window_cuts or self.prompt_bytes_dropped:
             lines.append(
                 f"context window: prompt bytes dropped {self.prompt_bytes_dropped}, re-encoded {self.window_cuts} times"

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.batch import Batch, Decision, Row
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
@@ -205,10 +205,10 @@ class ChainDrafts:
             self.drafts[r] = host.drafts[r]
             self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
             if self.texts is not None:
-                self._from_text(r, decisions[r].decided, eager)
+                self._from_text(r, row, decisions[r].decided, eager)
         return decisions
 
-    def _from_text(self, r: int, decided: list[int], eager: bool) -> None:
+    def _from_text(self, r: int, row: Row, decided: list[int], eager: bool) -> None:
         """Row ``r``'s text after a decision (an eager one appended its bytes itself; a compiled
         step's are appended here), and its lookup draft in place of the heads' when it has one."""
         if not eager:
@@ -217,3 +217,4 @@ class ChainDrafts:
         self.looked_up[r] = bool(proposal)
         if proposal:
             self.drafts[r], self.n_valid[r] = proposal, len(proposal)
+            row.stats.lookups += 1
