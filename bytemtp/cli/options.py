@@ -68,10 +68,11 @@ def context_drafting_options(command):
     command = click.option(
         "--lookup/--no-lookup", default=None,
         help="A chain row whose last bytes occurred before in its text drafts the bytes that followed them "
-             "there (judged by point masses when sampling; the output stays exactly head 1's) [default: on].",
+             "there (judged by point masses when sampling; the output stays exactly head 1's) "
+             "[default: on greedy, off sampling].",
     )(command)
     return click.option(
         "--context-mixing", default=None, type=FiniteFloat(min=0),
         help="How strongly chain drafts follow each row's own byte trigrams, beside the corpus's "
-             "(0 = off; eager steps) [default: 0.5 sampling, 0.3 greedy].",
+             "(0 = off; eager steps) [default: 0.3 greedy, 0 sampling].",
     )(command)

@@ -213,7 +213,8 @@ class ChainDrafts:
         step's are appended here), and its lookup draft in place of the heads' when it has one."""
         if not eager:
             self.texts.extend(r, decided)
-        proposal = self.texts.lookup(r, self.longest, self.drafting.min_match) if self.drafting.lookup else []
+        lookup = self.drafting.lookup_for(row.params.sampling.greedy)
+        proposal = self.texts.lookup(r, self.longest, self.drafting.min_match) if lookup else []
         self.looked_up[r] = bool(proposal)
         if proposal:
             self.drafts[r], self.n_valid[r] = proposal, len(proposal)

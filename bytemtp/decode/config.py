@@ -10,7 +10,13 @@ import torch
 from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.batch import RowParams
-from bytemtp.decode.incontext import CONTEXT_MIXING, GREEDY_CONTEXT_MIXING, LOOKUP, ContextDrafting
+from bytemtp.decode.incontext import (
+    CONTEXT_MIXING,
+    GREEDY_CONTEXT_MIXING,
+    GREEDY_LOOKUP,
+    SAMPLED_LOOKUP,
+    ContextDrafting,
+)
 from bytemtp.decode.sampling import SamplingConfig, draft_sampling
 from bytemtp.decode.tree import check_tree_request
 from bytemtp.errors import BytemtpError
@@ -42,7 +48,7 @@ class GenerationConfig:
     byte-trigram counts. ``context_mixing``: how strongly chain drafts follow each row's own
     byte trigrams (``bytemtp.decode.incontext``; 0: off; None: ``CONTEXT_MIXING`` or
     ``GREEDY_CONTEXT_MIXING``); ``lookup``: a chain row whose last bytes occurred before in its
-    text drafts what followed them there (None: ``LOOKUP``).
+    text drafts what followed them there (None: ``GREEDY_LOOKUP`` and ``SAMPLED_LOOKUP``).
     """
 
     prompt: bytes = b""
@@ -114,7 +120,8 @@ class GenerationConfig:
         greedy, sampled = (GREEDY_CONTEXT_MIXING, CONTEXT_MIXING) if self.context_mixing is None else (
             (self.context_mixing,) * 2
         )
-        return ContextDrafting(greedy, sampled, LOOKUP if self.lookup is None else self.lookup)
+        lookups = (GREEDY_LOOKUP, SAMPLED_LOOKUP) if self.lookup is None else (self.lookup,) * 2
+        return ContextDrafting(greedy, sampled, *lookups)
 
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""
