@@ -90,12 +90,16 @@ def apply_context(out: np.ndarray, counts, totals, r: int, s: int, pseudo: float
     ``c`` after row ``r``'s pair in slot ``s`` (``n(c)`` its counts, ``N`` their sum, ``k`` =
     ``pseudo``, ``t`` = ``strength``): the pair's in-context distribution smoothed toward uniform by
     ``k`` pseudo-counts, over uniform. The more often the pair has been seen, the more it weighs.
-    -> False (``out`` untouched) when the pair is unseen, where the factor would be 1."""
+    Weights are only ever used up to a common factor (a draft is an argmax, or drawn from the
+    weighted distribution renormalised), so the factor is applied divided by that of a byte never
+    seen after the pair, ``(k / (N + k)) ** t``: only the few bytes that were seen change.
+    -> False (``out`` untouched) when the pair is unseen, where the factor is the same for all."""
     if s < 0 or strength == 0 or totals[r, s] == 0:
         return False
-    denominator = totals[r, s] + pseudo
     for c in range(out.size):
-        out[c] *= ((PAIR_BASE * counts[r, s, c] + pseudo) / denominator) ** strength
+        n = counts[r, s, c]
+        if n > 0:
+            out[c] *= ((PAIR_BASE * n + pseudo) / pseudo) ** strength
     return True
 
 

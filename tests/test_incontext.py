@@ -177,6 +177,9 @@ def test_greedy_output_is_autoregressive_with_drafts_from_the_text(drafts):
     prompts = [text + b"\n" + text[:6], *corpus_prompts([5, 40, 17])]  # the first repeats its context
     config = GenerationConfig(max_new_bytes=90, stop=(b"rr;",), **drafts)
     decoder = Decoder(model, config)
+    want = [alone(model, p, max_new_bytes=90, stop=(b"rr;",), speculative=False) for p in prompts]
     gen = decoder.generate(prompts)
-    assert gen.read_all() == [alone(model, p, max_new_bytes=90, stop=(b"rr;",), speculative=False) for p in prompts]
+    assert gen.read_all() == want
     assert (sum(row.stats.lookups for row in gen.rows) > 0) == drafts["lookup"]
+    single = decoder.generate(prompts[:1])  # alone, a lookup runs past the heads' reach
+    assert single.read() == want[0] and (single.stats.lookups > 0) == drafts["lookup"]

@@ -63,9 +63,10 @@ class ChainDrafts:
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
         self.host_context, self.rules = host_context, rules
         self.drafting = drafting if n_drafts else ContextDrafting()
-        # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step only
-        # (a compiled one keeps its shapes)
+        # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step of one
+        # row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
         self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
+        self.reach = n_drafts  # a lookup's length in this batch
         self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
@@ -81,6 +82,7 @@ class ChainDrafts:
         if self.policy is not None:
             self.policy = DraftPolicy(self.policy.costs, n)
         self.texts = RowTexts(n, self.model.cfg.vocab) if self.drafting.on else None
+        self.reach = self.longest if n == 1 else self.n_drafts
 
     def admit(self, batch: Batch, r: int) -> None:
         """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
@@ -214,7 +216,7 @@ class ChainDrafts:
         if not eager:
             self.texts.extend(r, decided)
         lookup = self.drafting.lookup_for(row.params.sampling.greedy)
-        proposal = self.texts.lookup(r, self.longest, self.drafting.min_match) if lookup else []
+        proposal = self.texts.lookup(r, self.reach, self.drafting.min_match) if lookup else []
         self.looked_up[r] = bool(proposal)
         if proposal:
             self.drafts[r], self.n_valid[r] = proposal, len(proposal)
