@@ -97,10 +97,13 @@ class ChainDrafts:
 
     def pick(self, batch: Batch, active: list[bool]) -> tuple[ChainRule, Callable, StepFn | None]:
         """The rule of a step over the ``active`` rows, how it decides, and the compiled step when the
-        rule is the one it was compiled with. An eager decision appends the active rows' decided
-        bytes to their texts itself, before drafting from them."""
-        if self.texts is not None:
-            self.texts.active = np.array(active)
+        rule is the one it was compiled with. An eager decision appends the decided bytes of the
+        active rows that draft from their texts itself, before drafting from them."""
+        texts = self.texts
+        if texts is not None:
+            texts.active = np.array([on and self.drafting.uses_text(row.params.sampling.greedy)
+                                     for on, row in zip(active, batch.rows)])
+            texts = texts if texts.active.any() else None  # no row of this step has a use for its text
         settings = {row.params.sampling for r, row in enumerate(batch.rows) if active[r]}
         if settings == {self.rule.sampling} or self.rules is None:
             rule, context, step = self.rule, self.host_context, self.step_fn
@@ -112,7 +115,7 @@ class ChainDrafts:
         decide = chain_decide
         if step is None:
             mixing = self.drafting.mixing([row.params.sampling.greedy for row in batch.rows])
-            decide = functools.partial(host_chain_decide, context=context, texts=self.texts, mixing=mixing)
+            decide = functools.partial(host_chain_decide, context=context, texts=texts, mixing=mixing)
         return rule, decide, step
 
     def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
@@ -135,12 +138,13 @@ class ChainDrafts:
         settings a greedy row's (which keeps none) -> [B, P-1, V]."""
         if rule.sampling.greedy or not self.n_drafts:
             return None
-        chosen = torch.tensor([on and looked for on, looked in zip(active, self.looked_up)], device=ids.device)
-        if isinstance(rule.sampling, RowSampling):
-            chosen = chosen | (rule.sampling.temperature == 0)
-        q = self.draft_probs
-        if q is not None and not chosen.any():
+        lookups = [on and looked for on, looked in zip(active, self.looked_up)]
+        q, per_row = self.draft_probs, isinstance(rule.sampling, RowSampling)
+        if not any(lookups) and not per_row:
             return q
+        chosen = torch.tensor(lookups, device=ids.device)
+        if per_row:
+            chosen = chosen | (rule.sampling.temperature == 0)
         k = ids.shape[1] - 1
         points = torch.nn.functional.one_hot(ids[:, 1:], self.model.cfg.vocab).float()
         if q is None:
@@ -156,7 +160,7 @@ class ChainDrafts:
         [B, 1, F, d] at each row's last id."""
         if self.texts is not None:  # a row's context the first time it is encoded (not after a cut)
             for r, row in enumerate(batch.rows):
-                if active[r]:
+                if active[r] and self.drafting.uses_text(row.params.sampling.greedy):
                     self.texts.begin(r, row.window)
         last = torch.tensor([[row.last] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
@@ -206,7 +210,7 @@ class ChainDrafts:
             decisions[r] = Decision(entered, [*drafts[:a], host.next_byte[r]], n_judged[r], host.broken[r])
             self.drafts[r] = host.drafts[r]
             self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
-            if self.texts is not None:
+            if self.texts is not None and self.drafting.uses_text(row.params.sampling.greedy):
                 self._from_text(r, row, decisions[r].decided, eager)
         return decisions
 

@@ -68,7 +68,7 @@ def host_chain_decide(
     if texts is not None:
         texts.extend_step(texts.active, host_fed, accepted, next_byte)
     tables = _NO_TABLES if texts is None else (texts.keys, texts.counts, texts.totals)
-    mixing = np.zeros(len(accepted)) if mixing is None else mixing
+    mixing = np.zeros(len(accepted)) if mixing is None or texts is None else mixing
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
         out = chain_output(

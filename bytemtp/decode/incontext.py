@@ -76,6 +76,10 @@ class ContextDrafting:
     def lookup_for(self, greedy: bool) -> bool:
         return self.greedy_lookup if greedy else self.sampled_lookup
 
+    def uses_text(self, greedy: bool) -> bool:
+        """Whether a greedy (or sampled) row drafts from its text at all: only such rows keep one."""
+        return self.lookup_for(greedy) or (self.greedy_mixing if greedy else self.sampled_mixing) > 0
+
     def mixing(self, greedy: list[bool]) -> np.ndarray:
         """[B] the in-context strength of rows that are ``greedy`` or not."""
         return np.array([self.greedy_mixing if g else self.sampled_mixing for g in greedy], np.float64)
