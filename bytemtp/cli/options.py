@@ -74,5 +74,5 @@ def context_drafting_options(command):
     return click.option(
         "--context-mixing", default=None, type=FiniteFloat(min=0),
         help="How strongly chain drafts follow each row's own byte trigrams, beside the corpus's "
-             "(0 = off; eager steps) [default: 0.3 greedy, 0 sampling].",
+             "(0 = off; not in compiled GPU steps) [default: 0.3 greedy, 0 sampling].",
     )(command)

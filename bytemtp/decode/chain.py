@@ -34,7 +34,7 @@ from bytemtp.decode.batch import Batch, Decision, Row
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
-from bytemtp.decode.incontext import ContextDrafting, RowTexts
+from bytemtp.decode.incontext import ContextDrafting, InContext, RowTexts
 from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.verify import ChainRule, Uniforms
@@ -184,8 +184,16 @@ class ChainDrafts:
             kv_len = batch.kv_len(width)
             out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide)
         else:
-            out = step(*args)
+            out = step(*args, counts=self.counts(batch))
         return self._read(batch, active, out, n_valid, fed=True, eager=step is None)
+
+    def counts(self, batch: Batch) -> InContext | None:
+        """The rows' counts for a compiled step's in-context weight, read in place: on a CPU only
+        (elsewhere they would cross to the device every step, and compiled drafts go without).
+        They hold the text up to the step before: its own bytes are counted after it."""
+        if self.texts is None or batch.device.type != "cpu":
+            return None
+        return self.texts.tensors(self.drafting.mixing([row.params.sampling.greedy for row in batch.rows]))
 
     def _read(
         self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool, eager: bool

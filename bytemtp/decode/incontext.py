@@ -24,15 +24,19 @@ The per-row state (text, counts: ``bytemtp_native.context_ops``) is made once pe
 and kept by the rows that draft from their text (greedy rows, by default): filled with a row's
 context when it is first encoded, extended as bytes are decided (not again when the row is
 re-encoded after its window is cut), reset when its slot takes a new request. Eager steps
-read it on the host; a compiled step's lookups are made on the host between steps, and the
-in-context weight is not applied inside a compiled step.
+read it on the host, counting their own bytes before drafting; a compiled step's lookups are
+made on the host between steps, and on a CPU the step weighs its drafts by the same tables
+(``InContext``, read in place: no copy), as of the step before. On a GPU they would cross to
+the device every step, so compiled GPU steps go without the in-context weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from bytemtp_native.context_ops import PAIR_BASE, append, append_step, lookup, reset
 
@@ -90,6 +94,25 @@ class ContextDrafting:
         return np.array([self.greedy_mixing if g else self.sampled_mixing for g in greedy], np.float64)
 
 
+class InContext(NamedTuple):
+    """The rows' counts as a compiled step reads them: ``keys`` [B, H], ``counts`` [B, H, V] (the
+    ``RowTexts`` tables; on a CPU, the host arrays themselves) and each row's strength ``mixing`` [B]."""
+
+    keys: torch.Tensor
+    counts: torch.Tensor
+    mixing: torch.Tensor
+
+    def factor(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[B, V] the in-context factor after each row's bytes ``a`` then ``b`` [B], as
+        ``bytemtp_native.context_ops.apply_context`` applies it: ``((257 n(c) + k) / k) ** t`` for the
+        bytes seen after the pair, 1 for the others."""
+        match = self.keys == (a * PAIR_BASE + b)[:, None]  # a pair owns at most one slot
+        slot = match.int().argmax(dim=1)[:, None, None].expand(-1, 1, self.counts.shape[-1])
+        n = self.counts.gather(1, slot)[:, 0] * match.any(dim=1)[:, None]
+        k = CONTEXT_PSEUDO
+        return torch.where(n > 0, ((PAIR_BASE * n + k) / k) ** self.mixing[:, None], 1.0)
+
+
 class RowTexts:
     """Each row's text and its byte-trigram counts (host arrays; on a CPU the step reads them in
     place). ``vocab``: the width of a count row, as the draft heads' logits."""
@@ -134,3 +157,7 @@ class RowTexts:
 
     def text(self, r: int) -> list[int]:
         return self.history[r, : self.lengths[r]].tolist()
+
+    def tensors(self, mixing: np.ndarray) -> InContext:
+        """The tables as a compiled CPU step reads them, in place (no copy), with the rows' ``mixing``."""
+        return InContext(torch.from_numpy(self.keys), torch.from_numpy(self.counts), torch.from_numpy(mixing).float())
