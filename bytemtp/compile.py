@@ -17,16 +17,21 @@ Two things are compiled, and both default to on for CUDA and off for the CPU
 - **Decoding** (``compile_decode_step``): the decode step, with static shapes, in
   ``reduce-overhead`` mode on CUDA (CUDA graphs: one launch per step) and inductor's
   default mode on the CPU (``--compile``).
+
+Compiled kernels are cached under the user's cache directory (``use_user_cache_dir``),
+not inductor's default ``/tmp/torchinductor_USER``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
+from bytemtp import user_cache_dir
 from bytemtp.model.layers import Block
 from bytemtp.model.transformer import ByteMTP
 
@@ -35,6 +40,20 @@ F = TypeVar("F", bound=Callable)
 # One graph per step shape met: (rows, positions) per decoder, times the cache lengths. Dynamo's
 # default of 8 would silently send the rest to eager once a bench sweep exceeds it.
 DECODE_RECOMPILE_LIMIT = 64
+
+
+def use_user_cache_dir() -> None:
+    """Cache inductor's and Triton's kernels under ``user_cache_dir()``, unless the user chose a
+    place (``TORCHINDUCTOR_CACHE_DIR``, or ``TRITON_CACHE_DIR``). Inductor's own default is
+    ``/tmp/torchinductor_USER`` whatever ``XDG_CACHE_HOME`` says: a directory other users
+    can claim first, that a reboot may empty, outside the quota a cluster user's cache
+    directory is on. It is read when inductor first needs it, so setting it before
+    compiling is enough; with only ``TORCHINDUCTOR_CACHE_DIR`` set, Triton's cache stays
+    inside it, as torch places it."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(user_cache_dir() / "torchinductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(user_cache_dir() / "triton"))
 
 
 def compile_by_default(device: torch.device) -> bool:
@@ -52,6 +71,7 @@ def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:
         enabled = compile_by_default(model.embed.weight.device)
     if not enabled:
         return False
+    use_user_cache_dir()
     for module in model.modules():
         if isinstance(module, Block):
             module.compile()
@@ -62,6 +82,7 @@ def compile_model(model: ByteMTP, enabled: bool | None = None) -> bool:
 @functools.cache
 def _compiled_static(fn: F) -> F:
     """One compiled wrapper per kernel and process, so its graphs are built once and reused."""
+    use_user_cache_dir()
     return torch.compile(fn, dynamic=False)  # a static graph per shape met (sequential, stacked chunks)
 
 
@@ -78,6 +99,7 @@ def compile_decode_step(step: F, device: torch.device, enabled: bool | None = No
     """
     if not (compile_by_default(device) if enabled is None else enabled):
         return None
+    use_user_cache_dir()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DECODE_RECOMPILE_LIMIT)
     if device.type == "cuda":
         return torch.compile(step, dynamic=False, mode="reduce-overhead")

@@ -18,13 +18,13 @@ than a shorter run that finished).
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bytemtp import user_cache_dir
 from bytemtp.compile import compile_model
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
@@ -48,8 +48,7 @@ DEMO_STEPS: dict[str, int] = {"cpu": 600, "cuda": 5000}
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bytemtp" / "python-stdlib"
+    return user_cache_dir() / "python-stdlib"
 
 
 @dataclass
@@ -118,7 +117,7 @@ def plan_steps(cfg: DemoConfig) -> tuple[ModelConfig, TrainConfig]:
     model_cfg = preset("tiny")
     if cfg.minutes is None:
         return model_cfg, demo_schedule(model_cfg, fixed_steps(cfg.device), cfg.device)
-    base = TrainConfig(device=str(cfg.device)).resolved(model_cfg)
+    base = TrainConfig(**TRAIN_PRESETS["tiny"], device=str(cfg.device)).resolved(model_cfg)  # the recipe's optimizer
     cost = measure_step(model_cfg, base, cfg.device)
     steps = max(50, int(0.85 * (cfg.minutes * 60 - cost.warmup) / cost.per_step))
     return model_cfg, demo_schedule(model_cfg, steps, cfg.device, cfg.minutes)

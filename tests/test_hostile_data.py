@@ -211,3 +211,35 @@ def test_bad_json_lines_record_gives_file_line_and_column(tmp_path):
     (tmp_path / "d.jsonl").write_bytes(b'{"text": "ok"}\n\n{"text": "tab\there"}\n')
     fails("prepare", tmp_path / "d.jsonl", "--out", tmp_path / "ds",
           match=r"d\.jsonl:3: malformed JSON at column 14 \(Invalid control character\)")
+
+
+# --- compiled kernels are cached under the user's cache directory ----------------------------
+
+
+def _inductor_cache_dirs(env: dict[str, str]) -> list[str]:
+    """Where inductor and Triton would cache kernels in a process with ``env``, once bytemtp
+    has made a step ready to compile (inductor reads the place when it first needs it)."""
+    script = (
+        "import torch\n"
+        "from bytemtp.compile import compile_decode_step\n"
+        "assert compile_decode_step(torch.neg, torch.device('cpu'), enabled=True) is not None\n"
+        "from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir\n"
+        "print(cache_dir()); print(triton_cache_dir(0))\n"
+    )
+    keep = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    result = subprocess.run([sys.executable, "-c", script], env={**keep, **env}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_compiled_kernels_are_cached_under_the_users_cache_directory(tmp_path):
+    """Inductor's default is /tmp/torchinductor_USER whatever XDG_CACHE_HOME says; a place the
+    user chose is kept."""
+    cache = tmp_path / "cache"
+    assert _inductor_cache_dirs({"XDG_CACHE_HOME": str(cache)}) == [
+        str(cache / "bytemtp" / "torchinductor"), str(cache / "bytemtp" / "triton")
+    ]
+    chosen = tmp_path / "mine"
+    assert _inductor_cache_dirs({"XDG_CACHE_HOME": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(chosen)}) == [
+        str(chosen), str(chosen / "triton" / "0")
+    ]

@@ -8,12 +8,17 @@ import json
 import os
 import pickle
 import random
+import resource
 import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors import SafetensorError
 
+import bytemtp.memory
 import bytemtp.train.checkpoint
 import bytemtp.train.loop
 from bytemtp.cli import main
@@ -169,3 +174,135 @@ def test_a_bad_config_error_is_a_bytemtp_error_in_the_api_too(trained_run, tmp_p
     edit_config(run, lambda m: m["model"].update(n_layers="1"))
     with pytest.raises(BytemtpError, match="n_layers must be int, got '1'"):
         bytemtp.train.checkpoint.load_model(run)
+
+
+# -- issue 32, rows 2, 3, 8-11: sizes and values past any reason ---------------------------------
+def train_args(micro_data, run, cfg) -> list[str]:
+    return ["train", "--data", str(micro_data), "--out", str(run), "--config", str(cfg), "--no-progress"]
+
+
+def raw_config(tmp_path, text: str):
+    """MICRO's config file with ``text`` (raw JSON, e.g. ``"lr": 1e309``) appended to its fields."""
+    path = config_file(tmp_path)
+    path.write_text(path.read_text()[:-1] + ", " + text + "}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ('"draft_loss_weight": 1e308', "draft_loss_weight"),
+        ('"seed": 123456789012345678901234567890', "seed"),
+        ('"lr": 1e300', "lr"),
+        ('"muon_lr": 1e300, "optimizer": "muon"', "muon_lr"),
+        ('"lr": 1e309', "lr"),  # JSON's way to write infinity
+        ('"lr": Infinity', "lr"),
+        ('"grad_clip": NaN', "grad_clip"),
+        ('"beta2": 1e308', "beta2"),
+        ('"weight_decay": 1e308', "weight_decay"),
+        ('"logit_cap": 1e308', "logit_cap"),
+        ('"rope_theta": 0', "rope_theta"),
+        ('"norm_eps": -1', "norm_eps"),
+        ('"max_seq_len": 100000000', "max_seq_len"),
+        ('"d_model": 100000, "n_layers": 100', "d_model"),
+        ('"n_future": 100000', "n_future"),
+    ],
+)
+def test_absurd_config_values_are_one_line_errors(micro_data, tmp_path, text, field):
+    msg = cli_error(*train_args(micro_data, tmp_path / "run", raw_config(tmp_path, text)))
+    assert field in msg
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_absurd_lr_flag_is_one_line_error(micro_data, tmp_path):
+    msg = cli_error("train", "--data", str(micro_data), "--out", str(tmp_path / "run"), "--lr", "1e300")
+    assert "lr" in msg and not (tmp_path / "run").exists()
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(micro_data, tmp_path, monkeypatch):
+    """Sizes within the hard bounds are checked against the memory there is (here forced to 1 GiB)."""
+    monkeypatch.setattr(bytemtp.memory, "available_memory", lambda device="cpu": 1 << 30)
+    allocated = []
+    monkeypatch.setattr(bytemtp.train.loop, "ByteMTP", lambda cfg: allocated.append(cfg))
+    cfg = config_file(tmp_path, d_model=4096, n_layers=32, n_attn_heads=32)  # 6.4e9 parameters
+    msg = cli_error(*train_args(micro_data, tmp_path / "run", cfg))
+    assert "needs at least" in msg and "GiB" in msg and "d_model=4096" in msg and "1.0 GiB is available" in msg
+    assert not allocated and not list_checkpoints(tmp_path / "run")
+
+
+def test_a_model_that_fits_is_not_refused(micro_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(bytemtp.memory, "available_memory", lambda device="cpu": 1 << 30)
+    train(micro_train(steps=1), MICRO, micro_data, tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001"]
+
+
+def test_the_memory_check_sees_an_address_space_limit(micro_data, tmp_path):
+    """A real limit (``ulimit -v``, 2 GiB) in a child process: a model needing about 6 GiB is one
+    error line, not a traceback from an allocation (nor, without the limit, the kernel's OOM kill)."""
+    cfg = config_file(tmp_path, d_model=1024, n_layers=32, n_attn_heads=16)  # 4e8 parameters
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    cmd = [sys.executable, "-m", "bytemtp", *train_args(micro_data, tmp_path / "run", cfg)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: training a model of") and "needs at least" in lines[0]
+
+
+def nan_after_update(monkeypatch, at_step: int) -> None:
+    """The optimizer's update at step ``at_step`` leaves a NaN in the weights, while that step's loss
+    and gradients are finite: what an infinite or overflowing learning rate does."""
+    real = bytemtp.train.loop.build_optimizer
+
+    def build(model, cfg, device):
+        optimizer, taken = real(model, cfg, device), []
+
+        def poison(optimizer, args, kwargs):
+            taken.append(1)
+            if len(taken) == at_step:
+                with torch.no_grad():
+                    model.embed.weight[0, 0] = float("nan")
+
+        optimizer.register_step_post_hook(poison)
+        return optimizer
+
+    monkeypatch.setattr(bytemtp.train.loop, "build_optimizer", build)
+
+
+def test_non_finite_weights_are_never_saved(micro_data, tmp_path, monkeypatch):
+    nan_after_update(monkeypatch, at_step=2)
+    with pytest.raises(BytemtpError, match=r"step 2: not saved: 1 of \d+ weight tensors hold NaN or infinity "
+                                           r"\(first embed.weight\); stopped; the last good checkpoint is .*step-0000001"):
+        train(micro_train(steps=2, ckpt_every=1, keep=0), MICRO, micro_data, tmp_path / "run", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000001"]
+
+
+def test_the_issue_case_inf_lr_one_step_saves_nothing(micro_data, tmp_path):
+    msg = cli_error(*train_args(micro_data, tmp_path / "run", raw_config(tmp_path, '"lr": 1e309, "steps": 1')))
+    assert "lr must be a finite number" in msg and not list_checkpoints(tmp_path / "run")
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(run_copy, micro_data):
+    """A checkpoint written before weights were checked (or damaged since) is no 'last good' one."""
+    from safetensors.torch import load_file, save_file
+
+    path = latest_checkpoint(run_copy) / "model.safetensors"
+    weights = load_file(str(path))
+    weights["norm.weight"][0] = float("inf")
+    save_file(weights, str(path))
+    msg = cli_error("train", "--data", str(micro_data), "--out", str(run_copy), "--resume", "--steps", "3")
+    assert str(latest_checkpoint(run_copy)) in msg and "NaN or infinity" in msg and "norm.weight" in msg
+
+
+@pytest.mark.parametrize("fields", [{}, {"ffn": "relu2", "qk_norm": True}, {"head_kind": "transformer", "ffn": "gelu",
+                                     "head_layers": 2}, {"n_future": 1, "d_ff": 100, "head_kind": "transformer"}])
+def test_the_parameter_count_from_the_config_is_the_models(fields):
+    """The memory checks count a model's parameters without building it; the count is the model's own."""
+    from bytemtp.model.config import ModelConfig
+    from bytemtp.model.size import parameter_count
+    from bytemtp.model.transformer import ByteMTP
+
+    cfg = ModelConfig(d_model=64, n_layers=2, n_attn_heads=4, **fields)
+    assert parameter_count(cfg) == ByteMTP(cfg).param_counts()["total"]

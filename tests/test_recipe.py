@@ -37,9 +37,12 @@ def test_demo_trains_a_fixed_schedule_without_timing_anything(monkeypatch):
 
 
 def test_demo_minutes_fit_the_steps_to_the_budget(monkeypatch):
-    monkeypatch.setattr(demo, "measure_step", lambda *a, **k: StepCost(per_step=0.5, warmup=6.0))
+    timed = []
+    monkeypatch.setattr(demo, "measure_step", lambda m, t, d: timed.append(t) or StepCost(per_step=0.5, warmup=6.0))
     _, cfg = plan_steps(_demo_cfg(2.0))
     assert cfg.steps == int(0.85 * (120 - 6) / 0.5) and cfg.time_budget == 2.0
+    # the step timed is the one trained: the recipe's optimizer (Muon's step costs more than AdamW's)
+    assert (timed[0].optimizer, timed[0].batch_size, timed[0].seq_len) == (cfg.optimizer, cfg.batch_size, cfg.seq_len)
     with pytest.raises(BytemtpError, match="--minutes"):
         _demo_cfg(0.0)
 
@@ -48,7 +51,7 @@ def test_demo_minutes_fit_the_steps_to_the_budget(monkeypatch):
 
 RECIPE_MODEL = {"qk_norm": True, "zero_init_out": True, "ffn": "relu2"}
 NEW_MODEL_FIELDS = ("qk_norm", "zero_init_out", "logit_cap")
-NEW_TRAIN_FIELDS = ("optimizer", "muon_lr", "muon_momentum", "draft_loss_weight")
+NEW_TRAIN_FIELDS = ("optimizer", "muon_lr", "muon_momentum", "muon_dtype", "draft_loss_weight")
 
 
 def _model(**overrides) -> ByteMTP:

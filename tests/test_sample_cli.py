@@ -227,7 +227,7 @@ def test_prompts_file_errors_name_the_flag(run_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     res = sample(run_dir, "--prompts-file", tmp_path / "bad.jsonl")
     assert res.exit_code == 1 and "--prompts-file" in res.stderr
-    assert "record 2 has no string field 'prompt'" in res.stderr
+    assert "line 2 has no string field 'prompt'" in res.stderr
 
 
 @pytest.mark.parametrize("flag, want", [([], None), (["--compile"], True), (["--no-compile"], False)])

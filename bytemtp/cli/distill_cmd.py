@@ -44,12 +44,13 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
     accepted more often. Writes a new checkpoint under --out."""
     import torch
 
-    from bytemtp.train.checkpoint import list_checkpoints, load_model, save_checkpoint
+    from bytemtp.train.checkpoint import check_out_dir, list_checkpoints, load_model, save_checkpoint
     from bytemtp.train.distill import DistillConfig, distill, training_prompts
     from bytemtp.errors import BytemtpError
 
     if list_checkpoints(out_dir):  # never overwrite a checkpoint, least of all the one being distilled
         raise BytemtpError(f"--out: {out_dir} already holds checkpoints; give a new run directory")
+    check_out_dir(out_dir, source=ckpt)
 
     if threads is not None:
         torch.set_num_threads(threads)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from bytemtp.cli.info_cmd import format_dataset
+from bytemtp.data.atomic import sigterm_as_error
 from bytemtp.data.merge import merge
 from bytemtp.data.shards import Dataset
 
@@ -27,6 +28,7 @@ in the same splits, as one `prepare` of all the inputs. DIR appears only when co
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it holds a prepared dataset and nothing else.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def command(parts: tuple[Path, ...], out: Path, overwrite: bool, progress: bool) -> None:
-    summary = merge(parts, out, overwrite=overwrite, progress=progress)
+    with sigterm_as_error(out):
+        summary = merge(parts, out, overwrite=overwrite, progress=progress)
     click.echo(f"merged {len(parts)} parts: {len(summary.shards)} shards in {summary.seconds:.2f} s")
     click.echo(format_dataset(Dataset(out)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from bytemtp import MAX_SEED
+
 
 def _device(ctx: click.Context, param: click.Parameter, value: str):
     from bytemtp.train.distributed import resolve_device
@@ -59,7 +61,7 @@ class FiniteFloat(click.FloatRange):
 
 # Seeds go to torch.Generator.manual_seed, which takes a 64-bit integer: a larger one would
 # fail deep inside torch with an overflow, so the flag refuses it.
-SEED = click.IntRange(0, 2**62)  # headroom for per-sample seeds (seed + i)
+SEED = click.IntRange(0, MAX_SEED)
 
 
 def context_drafting_options(command):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from bytemtp.cli.info_cmd import format_dataset
+from bytemtp.data.atomic import sigterm_as_error
 from bytemtp.data.documents import FORMATS, ReadOptions
 from bytemtp.data.partition import Part
 from bytemtp.data.prepare import PrepareConfig, prepare
@@ -140,8 +141,8 @@ def command(
 ) -> None:
     read = ReadOptions(max_doc_bytes, text_field, format_, include, exclude, skip_bad_lines)
     config = PrepareConfig(shard_bytes, val_fraction, level, threads, read)
-    summary = prepare(
-        sources, out, config, part=Part.parse(part) if part else None, overwrite=overwrite, progress=progress
-    )
+    part_ = None if part is None else Part.parse(part)
+    with sigterm_as_error(out):
+        summary = prepare(sources, out, config, part=part_, overwrite=overwrite, progress=progress)
     click.echo(f"prepared {summary.n_bytes():,} bytes in {summary.seconds:.1f} s ({summary.mb_per_s:.1f} MB/s)")
     click.echo(format_dataset(Dataset(out)))

@@ -7,21 +7,30 @@ are the bytes decoded, incrementally, as UTF-8 with replacement characters, so a
 multi-byte character split across two steps still displays and invalid bytes
 never crash the display. Everything else (notes, ``--stats``) goes to stderr.
 
-With more than one output (``--num-samples``, ``--prompts-file``) the outputs are
-decoded together, as a batch, and stdout is JSON Lines, one object per output in
-order: ``prompt_index``, ``sample``, ``seed`` (null when greedy), ``text`` (the
-bytes decoded as UTF-8, invalid bytes replaced) and, only when the bytes are not
-valid UTF-8, ``base64``: the exact bytes.
+With ``--prompts-file`` or ``--num-samples`` the outputs are decoded together, as a
+batch, and stdout is JSON Lines, one object per output in order: ``prompt_index``,
+``sample``, ``seed`` (null when greedy), ``text`` (the bytes decoded as UTF-8, invalid
+bytes replaced) and, only when the bytes are not valid UTF-8, ``base64``: the exact
+bytes. Which format is decided by the flags given, never by how many outputs there
+turn out to be, so a script reading JSON Lines also reads a one-line prompts file.
+Outputs are written as they finish, batch by batch, so their number is not bounded
+by memory; a reader that leaves early (``| head``) ends the command quietly, exit 0.
+
+A flag that cannot apply to what is being done (``--echo`` with JSON Lines, drafting
+flags without drafts) is an error, never silently ignored.
 """
 
 from __future__ import annotations
 
 import base64
 import codecs
+import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
@@ -34,6 +43,7 @@ from bytemtp.cli.options import (
     decode_threads_option,
     device_option,
 )
+from bytemtp.decode.prompts import PROMPTS_FORMATS
 
 
 class ByteSink:
@@ -80,11 +90,15 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--prompt-file", type=click.File("rb"), default=None,
               help="Read the prompt's bytes from a file ('-': stdin).")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Many prompts: JSON Lines records with a 'prompt' field, or one prompt per line.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Outputs per prompt (sample i uses seed + i).")
+              help="Many prompts: JSON Lines records with a 'prompt' field, or one prompt per line; "
+                   "the output is JSON Lines.")
+@click.option("--prompts-format", type=click.Choice(PROMPTS_FORMATS), default=None,
+              help="How --prompts-file is read: jsonl, lines (every line a prompt, as is), or auto: jsonl "
+                   "when its first non-blank line starts with '{' [default: auto].")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Outputs per prompt (sample i uses seed + i); given, the output is JSON Lines [default: 1].")
 @click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Outputs decoded together.")
+              help="Outputs decoded together (at most as many as there are).")
 @click.option("--max-bytes", type=click.IntRange(min=0), default=256, show_default=True,
               help="Bytes to generate at most.")
 @click.option("--temperature", type=FiniteFloat(min=0), default=0.8, show_default=True, help="0 = greedy.")
@@ -123,7 +137,8 @@ def command(
     prompt: str | None,
     prompt_file: BinaryIO | None,
     prompts_file: Path | None,
-    num_samples: int,
+    prompts_format: str | None,
+    num_samples: int | None,
     batch: int,
     max_bytes: int,
     temperature: float,
@@ -149,14 +164,22 @@ def command(
     from bytemtp.decode.drafting import measure_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.decode.prompts import read_prompts_file
+    from bytemtp.errors import BytemtpError
     from bytemtp.train.checkpoint import load_model
 
     if sum(x is not None for x in (prompt, prompt_file, prompts_file)) > 1:
         raise click.UsageError("give one of --prompt, --prompt-file and --prompts-file, not both")
+    json_lines = prompts_file is not None or num_samples is not None
+    if prompts_format is not None and prompts_file is None:
+        raise BytemtpError("--prompts-format: applies to --prompts-file, which was not given")
+    if echo and json_lines:
+        raise BytemtpError("--echo: JSON Lines output (--prompts-file, --num-samples) has no place for the prompt")
     if prompts_file is not None:
-        prompts = read_prompts_file(prompts_file)
+        prompts = read_prompts_file(prompts_file, prompts_format or "auto")
     else:
         prompts = [prompt_file.read() if prompt_file is not None else (prompt or "").encode("utf-8", "surrogateescape")]
+    num_samples = num_samples or 1
+    batch = min(batch, len(prompts) * num_samples)  # rows beyond the work there is would only take memory
     config = GenerationConfig(
         max_new_bytes=max_bytes,
         temperature=temperature,
@@ -173,7 +196,10 @@ def command(
         lookup=lookup,
     )
     model, _ = load_model(ckpt, device)
-    if adaptive and config.n_drafts(model.cfg.n_future):
+    n_drafts = config.n_drafts(model.cfg.n_future)  # refuses drafting flags where nothing is drafted
+    if adaptive and not n_drafts:
+        raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
+    if adaptive:
         cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
         forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
         costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward)
@@ -187,10 +213,11 @@ def command(
                 err=True,
             )
     decoder = Decoder(model, config, compile_)
-    if len(prompts) * num_samples == 1:
-        _stream(decoder, prompts[0], echo, stats)
-    else:
-        _json_lines(decoder, prompts, num_samples, batch, stats)
+    with _until_the_reader_leaves():
+        if json_lines:
+            _json_lines(decoder, prompts, num_samples, batch, stats)
+        else:
+            _stream(decoder, prompts[0], echo, stats)
     if stats and decoder.n_drafts:
         click.echo(_coupling_note(decoder, model.byte_trigrams is not None), err=True)
 
@@ -205,6 +232,17 @@ def _coupling_note(decoder, has_trigrams: bool) -> str:
     return "drafts uncoupled (--draft-coupling 0)"
 
 
+@contextlib.contextmanager
+def _until_the_reader_leaves() -> Iterator[None]:
+    """Stop quietly (exit 0, nothing on stderr) when the reader of stdout has gone (``| head``),
+    whatever the output format, and keep Python's exit-time flush of stdout from failing again.
+    The rest of the output was not wanted: this is how ``cat`` and ``yes`` end in a pipeline."""
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _stream(decoder, prompt: bytes, echo: bool, stats: bool) -> None:
     """One output, streamed as raw bytes."""
     gen = decoder.generate([prompt])
@@ -215,22 +253,18 @@ def _stream(decoder, prompt: bytes, echo: bool, stats: bool) -> None:
         for chunk in gen:
             sink.write(chunk)
         sink.close()
-    except BrokenPipeError:
+    finally:
         gen.close()
-        # The reader has gone (``| head``): stop quietly, and keep Python's exit-time
-        # flush of stdout from failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return
     if stats:
         click.echo(gen.stats.summary(), err=True)
 
 
 def _json_lines(decoder, prompts: list[bytes], num_samples: int, batch: int, stats: bool) -> None:
-    """Every prompt ``num_samples`` times, ``batch`` outputs decoded together, one JSON object per output."""
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
+    """Every prompt ``num_samples`` times, ``batch`` outputs decoded together, one JSON object per
+    output, written as each batch finishes: the jobs are drawn lazily, never listed in full."""
+    jobs = ((i, j) for i in range(len(prompts)) for j in range(num_samples))
     seed = decoder.config.seed
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start : start + batch]
+    while chunk := list(itertools.islice(jobs, batch)):
         seeds = [None if seed is None else seed + j for _, j in chunk]
         gen = decoder.generate([prompts[i] for i, _ in chunk], seeds)
         for (i, j), out, row in zip(chunk, gen.read_all(), gen.rows):

@@ -18,7 +18,7 @@ import click
 from bytemtp.cli.options import SEED, FiniteFloat
 
 from bytemtp.model.config import HEAD_KINDS, PRESETS
-from bytemtp.train.config import LOADER_MODES
+from bytemtp.train.config import LOADER_MODES, MUON_DTYPES
 
 @click.command(help="Train a model with multi-byte prediction (n future-byte heads).")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="A prepared dataset.")
@@ -52,6 +52,8 @@ from bytemtp.train.config import LOADER_MODES
 @click.option("--fsdp/--ddp", default=None, help="Under torchrun: FSDP2 sharding instead of DDP.")
 @click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
               help="The GPU's dense bf16 peak for the MFU figure (default: known H100/H200/A100 values).")
+@click.option("--muon-dtype", type=click.Choice(MUON_DTYPES), default=None,
+              help="Muon's orthogonalisation: bf16 where the device multiplies it natively, else float32 (auto).")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def command(data_dir: Path, out_dir: Path, preset: str | None, config_file: Path | None, resume: bool,
             progress: bool, **flags) -> None:

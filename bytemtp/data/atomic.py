@@ -3,6 +3,13 @@
 Everything persistent (shards, manifests, checkpoints) goes through here: write to a
 temporary name in the same directory, fsync, rename over the final name, fsync the
 directory so the rename itself survives a power cut.
+
+A signal is an exception like any other here: SIGINT raises ``KeyboardInterrupt``, and
+``sigterm_as_error`` makes SIGTERM (what a scheduler sends at a time limit or a cancel)
+raise too, so the temporaries are removed on the way out instead of being left behind by
+the default action. The renames that put a finished directory in place run with both
+signals held back, so no signal can land between moving the old directory aside and
+moving the new one in.
 """
 
 from __future__ import annotations
@@ -11,9 +18,15 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+from bytemtp.errors import BytemtpError
+
+_HELD_BACK = {signal.SIGINT, signal.SIGTERM}
 
 
 def _read_umask() -> int:
@@ -104,17 +117,53 @@ def atomic_dir(path: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        if path.exists():
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+        if path.exists() and not replace:
+            raise FileExistsError(f"{path} already exists")
+        with _signals_held_back():
+            _put_in_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Rename the finished ``tmp`` to ``path``, an existing ``path`` first moved aside, then removed."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held_back() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (the kernel keeps them pending) until the block is done."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_BACK)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def sigterm_as_error(out: str | os.PathLike) -> Iterator[None]:
+    """Within the block, SIGTERM raises a ``BytemtpError`` saying that writing ``out`` was
+    stopped; ``atomic_dir``'s cleanup, which the exception runs, removes the temporaries.
+    ``out`` is then as it was before, or complete if the signal came during the final
+    renames (it waits for them): either way nothing is half-written. Signal handlers
+    belong to the main thread; elsewhere SIGTERM keeps its default."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise BytemtpError(f"{out}: stopped by SIGTERM; nothing half-written is left behind")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

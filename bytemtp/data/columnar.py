@@ -1,9 +1,10 @@
 """Readers of columnar files: Parquet, and Arrow IPC (the files of a saved Hugging Face dataset).
 
 One document per row: the value of the text column (``--text-field``), a string
-column as its UTF-8 bytes or a binary column as it is; a null value is counted and
-skipped. A row's identity is ``FILE:ROW``, ROW counted from 0 over the whole file, so
-it does not depend on how the file is split into row groups or record batches.
+column as its UTF-8 bytes or a binary column as it is, also dictionary-encoded (what
+pandas categoricals and some writers produce); a null value is counted and skipped.
+A row's identity is ``FILE:ROW``, ROW counted from 0 over the whole file, so it does
+not depend on how the file is split into row groups or record batches.
 
 Memory is bounded by a row group, whatever the file size: pyarrow decodes the text
 column of one Parquet row group at a time (its batches are views of it), three to four
@@ -54,6 +55,13 @@ def read_parquet(
             for batch in pf.iter_batches(row_groups=[group], columns=[options.text_field], use_threads=False):
                 yield from _column_documents(batch.column(0), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
+        except MemoryError:  # pyarrow's ArrowMemoryError is one too, and an ArrowException: not corruption
+            size = meta.row_group(group).column(_leaf_index(pf, name, options.text_field)).total_uncompressed_size
+            raise BytemtpError(
+                f"{name}: out of memory reading row group {group} (its text column is {size / 1e6:,.0f} MB, "
+                "decoded whole at 3-4 times that); give the process more memory, or rewrite the file with "
+                "smaller row groups"
+            ) from None
         except (pa.ArrowException, OSError) as e:
             raise _damaged(name, e, f"corrupt Parquet data in row group {group}") from None
 
@@ -71,6 +79,8 @@ def read_arrow(path: Path, name: str, identity: str, options: ReadOptions, stats
             for batch in batches:
                 yield from _column_documents(batch.column(index), identity, row, options.max_doc_bytes, stats)
                 row += batch.num_rows
+    except MemoryError:
+        raise BytemtpError(f"{name}: out of memory reading a record batch; give the process more memory") from None
     except (pa.ArrowException, OSError) as e:
         raise _damaged(name, e, "not an Arrow IPC stream or file, or truncated") from None
 
@@ -105,7 +115,8 @@ def _text_column(schema: pa.Schema, name: str, field: str) -> int:
         columns = ", ".join(schema.names) or "none"
         raise BytemtpError(f"{name}: no column {field!r} (columns: {columns}; choose one with --text-field)")
     kind = schema.field(index).type
-    if not any(is_type(kind) for is_type in _TEXT_TYPES + _BINARY_TYPES):
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not any(is_type(values) for is_type in _TEXT_TYPES + _BINARY_TYPES):
         raise BytemtpError(f"{name}: column {field!r} holds {kind}, not text (a string or binary column)")
     return index
 
@@ -114,6 +125,8 @@ def _column_documents(
     column: pa.Array, identity: str, first_row: int, max_bytes: int, stats: ReadStats
 ) -> Iterator[Document]:
     """One document per non-null value, sliced straight out of the Arrow buffers (no Python str)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()  # values in row order; a null index stays null
     column = column.cast(pa.large_binary())  # strings are UTF-8 already: only the offsets widen
     _, offsets_buffer, data_buffer = column.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=np.int64)[column.offset : column.offset + len(column) + 1]

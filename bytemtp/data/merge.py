@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from bytemtp.data.atomic import atomic_dir
 from bytemtp.data.documents import ReadStats
+from bytemtp.data.partition import MAX_PARTS
 from bytemtp.data.prepare import PrepareSummary, check_out, refuse_out_inside
 from bytemtp.data.shards import Dataset, ShardInfo, file_sha256, shard_name, write_manifest
 from bytemtp.errors import BytemtpError
 
 _LINK_FAILURES = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP)
+_SHOWN = 5  # parts and ranges named in the message when some are missing
 
 
 def merge(
@@ -102,13 +104,25 @@ def _check_parts(paths: list[Path]) -> list[Dataset]:
             other = by_index[record["index"]].root
             raise BytemtpError(f"{ds.root}: part {record['index']}/{record['count']} again (also {other})")
         by_index[record["index"]] = ds
-    missing = [str(i) for i in range(first_record["count"]) if i not in by_index]
-    if missing:
+    if len(by_index) < first_record["count"]:
+        given = sorted(by_index.items())
         raise BytemtpError(
-            f"PART: part {', '.join(missing)} of {first_record['count']} missing (given: "
-            f"{', '.join(f'{i} in {ds.root}' for i, ds in sorted(by_index.items()))})"
+            f"PART: part {_missing_ranges(sorted(by_index), first_record['count'])} of {first_record['count']} "
+            f"missing (given: {', '.join(f'{i} in {ds.root}' for i, ds in given[:_SHOWN])}"
+            f"{f' and {len(given) - _SHOWN} more' if len(given) > _SHOWN else ''})"
         )
     return [by_index[i] for i in sorted(by_index)]
+
+
+def _missing_ranges(given: list[int], count: int) -> str:
+    """The part indices in 0..count-1 not in ``given`` (sorted), as ranges: ``1, 4-9``, at most
+    ``_SHOWN`` of them; the work is that of the parts given, whatever ``count`` is."""
+    ranges, start = [], 0
+    for i in [*given, count]:
+        if i > start:
+            ranges.append(str(start) if i == start + 1 else f"{start}-{i - 1}")
+        start = i + 1
+    return ", ".join(ranges[:_SHOWN]) + (f" and {len(ranges) - _SHOWN} more ranges" if len(ranges) > _SHOWN else "")
 
 
 def _part_record(ds: Dataset) -> dict:
@@ -116,6 +130,8 @@ def _part_record(ds: Dataset) -> dict:
     ok = isinstance(record, dict) and all(type(record.get(k)) is int for k in ("index", "count"))
     if not ok or not isinstance(record.get("units_sha256"), str) or not 0 <= record["index"] < record["count"]:
         raise BytemtpError(f"{ds.root}: not a part dataset (prepare it with --part I/N)")
+    if record["count"] > MAX_PARTS:
+        raise BytemtpError(f"{ds.root}: a part of {record['count']:,}, more than the {MAX_PARTS:,} parts allowed")
     return record
 
 

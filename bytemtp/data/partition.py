@@ -11,7 +11,12 @@ on it without talking to each other.
 
 A part records a fingerprint of the whole unit list; ``merge`` refuses parts whose
 fingerprints differ (a file added or changed between the parts' runs would otherwise
-lose or duplicate documents).
+lose or duplicate documents). A file's entry in it is its identity, size and
+modification time in nanoseconds: the ``stat`` that gives the size gives the time for
+free, and it changes on an edit that keeps the size. A hash of the content would
+instead make every one of the N parts read every input file, N times the work of
+preparing. So the parts must read the same files (one shared filesystem), not copies
+whose times differ.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from bytemtp.data.sources import Entry, Source, StdinSource, entry_documents
 from bytemtp.errors import BytemtpError
 
 
+# Each part is a process of its own and ``merge`` is given every one: far more parts than any
+# scheduler runs (Slurm's largest array is about 4 million tasks) can only be a typo.
+MAX_PARTS = 1 << 20
+
+
 @dataclass(frozen=True)
 class Part:
     """Part ``index`` (from 0) of ``count``."""
@@ -37,6 +47,8 @@ class Part:
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.count:
             raise BytemtpError(f"--part: {self.index}/{self.count} is not I/N with 0 <= I < N")
+        if self.count > MAX_PARTS:
+            raise BytemtpError(f"--part: {self.index}/{self.count}: at most {MAX_PARTS:,} parts")
 
     @classmethod
     def parse(cls, text: str) -> Part:
@@ -52,9 +64,11 @@ class _Unit:
     entry: Entry
     row_group: int | None  # None: the whole entry
     weight: int
+    stamp: str  # the entry's size and mtime_ns: changes when the file is edited
 
     def key(self) -> bytes:
-        return f"{self.entry.identity}\0{self.row_group}\0{self.weight}\n".encode("utf-8", "surrogateescape")
+        text = f"{self.entry.identity}\0{self.row_group}\0{self.weight}\0{self.stamp}\n"
+        return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -96,20 +110,24 @@ def read_part(sources: Sequence[Source], options: ReadOptions, stats: ReadStats,
 def _units(sources: Sequence[Source], options: ReadOptions) -> Iterator[_Unit]:
     for source in sources:
         for entry in source.entries():
+            size, mtime_ns = _stat(entry)
+            stamp = f"{size}:{mtime_ns}"
             if entry.format == "parquet":
                 for group, weight in enumerate(parquet_row_groups(entry.path, entry.name, options.text_field)):
-                    yield _Unit(entry, group, weight)
+                    yield _Unit(entry, group, weight, stamp)
             else:
-                yield _Unit(entry, None, _size(entry))
+                yield _Unit(entry, None, size, stamp)
 
 
-def _size(entry: Entry) -> int:
+def _stat(entry: Entry) -> tuple[int, int]:
+    """Size and modification time (ns) of the entry's file; stdin has neither."""
     if entry.path is None:
-        return 0
+        return 0, 0
     try:
-        return entry.path.stat().st_size
+        st = entry.path.stat()
     except OSError as e:
         raise BytemtpError(f"{entry.name}: cannot read ({e.strerror})") from None
+    return st.st_size, st.st_mtime_ns
 
 
 def _owners(weights: list[int], count: int) -> list[int]:

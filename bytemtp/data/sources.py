@@ -61,7 +61,9 @@ class Source(ABC):
 
     @abstractmethod
     def describe(self) -> dict:
-        """What the manifest records about this source."""
+        """What the manifest records about this source. A path is recorded as its real path
+        (``resolve``), so the parts of one ``prepare --part`` run from other directories, or
+        through a symlink, still record the same inputs and ``merge`` accepts them."""
 
     @abstractmethod
     def entries(self) -> Iterator[Entry]:
@@ -78,7 +80,7 @@ class FileSource(Source):
         self.format = format
 
     def describe(self) -> dict:
-        return {"kind": "file", "path": str(self.path.absolute())}
+        return {"kind": "file", "path": str(self.path.resolve())}
 
     def entries(self) -> Iterator[Entry]:
         yield file_entry(self.path.name, self.path, self.format)
@@ -97,7 +99,7 @@ class DirSource(Source):
     def describe(self) -> dict:
         return {
             "kind": "dir",
-            "path": str(self.walk.root.absolute()),
+            "path": str(self.walk.root.resolve()),
             "include": list(self.walk.include),
             "exclude": list(self.walk.exclude),
         }
@@ -190,7 +192,29 @@ def resolve_sources(specs: Sequence[str], options: ReadOptions, stdin: BinaryIO 
                 raise BytemtpError(f"{spec}: cannot read (permission denied)")
             else:
                 sources.append(FileSource(path, options.format))
+    _refuse_overlaps(specs, sources)
     return sources
+
+
+def _refuse_overlaps(specs: Sequence[str], sources: Sequence[Source]) -> None:
+    """Refuse a file or directory given twice, or inside a directory also given, by any
+    spelling of its path (``src src``, ``dir dir/a.parquet``, ``mix ../w/mix``): its
+    documents would be read twice, as stdin given twice would be. Real paths compared,
+    each against its own parents: linear in the number of sources, which a shell glob
+    can make thousands."""
+    seen: dict[Path, str] = {}
+    for spec, source in zip(specs, sources):
+        for path in source.paths():
+            real = path.resolve()
+            if real in seen:
+                raise BytemtpError(
+                    f"SOURCE {spec}: the same as SOURCE {seen[real]} (its documents would be read twice)"
+                )
+            seen[real] = spec
+    for real, spec in seen.items():
+        outer = next((seen[parent] for parent in real.parents if parent in seen), None)
+        if outer is not None:
+            raise BytemtpError(f"SOURCE {spec}: inside SOURCE {outer}, which reads it already")
 
 
 def read_documents(sources: Sequence[Source], options: ReadOptions, stats: ReadStats) -> Iterator[Document]:

@@ -5,6 +5,13 @@ sorted relative-path order, with one exception: a saved Hugging Face dataset
 (``datasets.save_to_disk``: ``state.json`` and ``dataset_info.json`` next to Arrow
 files) contributes exactly the data files its ``state.json`` lists, in that order, and
 not its JSON metadata, which is not text of the corpus.
+
+Two layouts that look like one are refused rather than read as plain files, since
+their metadata would be trained on as text: Hugging Face metadata beside Arrow files
+without the other half of the pair (a copy that lost ``state.json``, or the library's
+cache, whose files hold every split), and a saved ``DatasetDict``
+(``dataset_dict.json``), whose test split would land in the training data. The message
+says what to give instead; globs that leave the metadata file out read the rest as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Iterator
 
 from bytemtp.errors import BytemtpError
 
-HF_STATE, HF_INFO = "state.json", "dataset_info.json"
+HF_STATE, HF_INFO, HF_DICT = "state.json", "dataset_info.json", "dataset_dict.json"
 _SHOWN = 5  # files named in the message when the globs pick none
 
 
@@ -63,6 +70,7 @@ class DirectoryWalk:
         if HF_STATE in listing and HF_INFO in listing:
             yield from self._saved_dataset(directory, prefix)
             return
+        self._refuse_lookalike(directory, prefix, listing)
         keyed = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e) for e in listing.values()]
         for key, entry in sorted(keyed, key=lambda item: item[0]):
             rel = prefix + entry.name
@@ -78,6 +86,28 @@ class DirectoryWalk:
 
     def _picked(self, rel: str, name: str) -> bool:
         return not self.include or any(_glob_match(rel, name, g) for g in self.include)
+
+    def _read(self, rel: str, name: str) -> bool:
+        """Whether the globs let the file at ``rel`` be read."""
+        return not any(_glob_match(rel, name, g) for g in self.exclude) and self._picked(rel, name)
+
+    def _refuse_lookalike(self, directory: Path, prefix: str, listing: dict[str, os.DirEntry]) -> None:
+        """Refuse Hugging Face metadata the globs would read as text: a ``DatasetDict``'s, or
+        one half of a saved dataset's pair beside Arrow files."""
+        if HF_DICT in listing and self._read(prefix + HF_DICT, HF_DICT):
+            splits = _dict_splits(directory, listing)
+            example = directory / ("train" if "train" in splits else splits[0])
+            raise BytemtpError(
+                f"{directory}: a saved Hugging Face DatasetDict (splits: {', '.join(splits)}); give the split "
+                f"to prepare, e.g. {example}, so that no other split's text lands in the training data"
+            )
+        present = [n for n in (HF_STATE, HF_INFO) if n in listing and self._read(prefix + n, n)]
+        if present and any(n.endswith(".arrow") for n in listing):
+            missing = HF_INFO if present == [HF_STATE] else HF_STATE
+            raise BytemtpError(
+                f"{directory}: Hugging Face metadata ({present[0]}) beside Arrow files, but no {missing}: not a "
+                f"complete saved dataset; restore {missing}, or pick the data files (--include '*.arrow')"
+            )
 
     @staticmethod
     def _is_file(entry: os.DirEntry) -> bool:
@@ -95,9 +125,14 @@ class DirectoryWalk:
             raise BytemtpError(f"{state_path}: cannot read ({e.strerror})") from None
         except (ValueError, KeyError, TypeError):
             raise BytemtpError(f"{state_path}: not a saved dataset's state (no list of _data_files)") from None
+        seen: set[str] = set()
         for name in files:
             if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
                 raise BytemtpError(f"{state_path}: data file {name!r} is not a file name in {directory}")
+            if name in seen:  # its rows would be read twice
+                raise BytemtpError(f"{state_path}: lists data file {name!r} more than once")
+            seen.add(name)
+        for name in files:
             rel = prefix + name
             if any(_glob_match(rel, name, g) for g in self.exclude):
                 continue
@@ -105,3 +140,14 @@ class DirectoryWalk:
                 yield rel, directory / name
             else:
                 self._passed_over.append(rel)
+
+
+def _dict_splits(directory: Path, listing: dict[str, os.DirEntry]) -> list[str]:
+    """The split names a ``dataset_dict.json`` lists, else the sub-directories (it may be damaged)."""
+    try:
+        splits = json.loads((directory / HF_DICT).read_bytes())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        splits = None
+    if isinstance(splits, list) and splits and all(isinstance(n, str) for n in splits):
+        return splits
+    return sorted(n for n, e in listing.items() if e.is_dir(follow_symlinks=False)) or ["train"]

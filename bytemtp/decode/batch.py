@@ -12,10 +12,13 @@ is overwritten before anything reads it, and its outputs are ignored.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+
+from bytemtp import MAX_SEED
 
 from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.stops import StopMatcher
@@ -70,7 +73,7 @@ class Row:
         if not self.params.sampling.greedy:  # its own random numbers: its output does not depend on the other rows
             self.generator = torch.Generator()
             seed = self.params.seed
-            self.stats.seed = self.generator.seed() if seed is None else seed
+            self.stats.seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed  # a seed --seed takes back
             self.generator.manual_seed(self.stats.seed)
 
     @staticmethod

@@ -55,6 +55,8 @@ class BenchConfig:
         self.batches = tuple(self.batches) or (1,)
         if min(self.batches) < 1:
             raise BytemtpError(f"--batch: must be at least 1, got {min(self.batches)}")
+        # rows beyond the prompts would only repeat them, and take memory: a batch is at most the prompts
+        self.batches = tuple(dict.fromkeys(min(b, self.prompts) for b in self.batches))
         for n in self.trees:
             check_tree_request(n)
 
@@ -133,10 +135,10 @@ def decoder_config(
         draft_heads=draft_heads or None,
         draft_costs=costs if adaptive else None,
         tree_nodes=tree,
-        draft_temperature=config.draft_temperature,
-        draft_coupling=config.draft_coupling,
-        context_mixing=0.0 if plain else config.context_mixing,
-        lookup=False if plain else config.lookup,
+        draft_temperature=config.draft_temperature if draft_heads else None,  # the autoregressive row drafts nothing
+        draft_coupling=config.draft_coupling if draft_heads else None,
+        context_mixing=None if not draft_heads else 0.0 if plain else config.context_mixing,
+        lookup=None if not draft_heads else False if plain else config.lookup,
     )
 
 

@@ -84,6 +84,9 @@ class GenerationConfig:
         if self.draft_temperature is not None:
             if not 0 < self.draft_temperature < math.inf:
                 raise BytemtpError(f"--draft-temperature: must be positive, got {self.draft_temperature}")
+            if self.temperature == 0:
+                raise BytemtpError("--draft-temperature: greedy decoding (--temperature 0) drafts the likeliest "
+                                   "bytes, at no temperature")
         if self.draft_coupling is not None and not 0 <= self.draft_coupling < math.inf:
             raise BytemtpError(f"--draft-coupling: must be >= 0 (0 = off), got {self.draft_coupling}")
         if self.context_mixing is not None and not 0 <= self.context_mixing < math.inf:
@@ -124,9 +127,13 @@ class GenerationConfig:
         return ContextDrafting(greedy, sampled, *lookups)
 
     def n_drafts(self, n_future: int) -> int:
-        """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive."""
+        """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive, where a
+        drafting setting (draft heads, a tree, draft costs, temperature or coupling) is an error:
+        it cannot apply, and silently ignoring it would hide a mistake."""
         available = n_future - 1
         if self.speculative is False or (self.speculative is None and available == 0):
+            self._refuse_draft_settings("--no-speculative" if self.speculative is False
+                                        else f"the model has no draft heads (n_future={n_future})")
             return 0
         if available == 0:
             raise BytemtpError("--speculative: the model has no draft heads (n_future=1)")
@@ -137,6 +144,16 @@ class GenerationConfig:
                 f"--draft-heads: the model has {available} draft heads (n_future={n_future}), got {self.draft_heads}"
             )
         return self.draft_heads
+
+    def _refuse_draft_settings(self, why: str) -> None:
+        settings = {
+            "--draft-heads": self.draft_heads, "--tree": self.tree_nodes or None, "--adaptive": self.draft_costs,
+            "--draft-temperature": self.draft_temperature, "--draft-coupling": self.draft_coupling,
+            "--context-mixing": self.context_mixing, "--lookup": self.lookup or None,
+        }
+        given = [flag for flag, value in settings.items() if value is not None]
+        if given:
+            raise BytemtpError(f"{given[0]}: there are no drafts to apply it to ({why})")
 
     def draft_policy(self, n_drafts: int, device: torch.device) -> DraftPolicy | None:
         """A policy pricing forwards of 1..n_drafts+1 positions by ``draft_costs`` (None: verify every draft)."""

@@ -51,22 +51,53 @@ def sample_prompts(
     raise BytemtpError(f"{data_dir}: too few {split} documents of at least {prompt_bytes} bytes for {n} prompts")
 
 
-def read_prompts_file(path: str | Path) -> list[bytes]:
-    """Prompts from a file: JSON Lines with a string ``prompt`` in each record (when the first
-    non-blank line starts with ``{``), otherwise one prompt per line (its bytes, without the
-    line ending). Blank lines are skipped."""
-    lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
-    if not lines:
+PROMPTS_FORMATS = ("auto", "jsonl", "lines")
+
+
+def read_prompts_file(path: str | Path, fmt: str = "auto") -> list[bytes]:
+    """Prompts from a file, in the order of its lines, so an output's ``prompt_index`` is its prompt's place.
+
+    ``lines``: every line is one prompt, its bytes without the line ending, blank or not (a line of
+    spaces is a prompt of spaces, an empty line an empty prompt: a new document), so prompt i is
+    line i + 1. ``jsonl``: one JSON object per line with a string ``prompt``; lines holding only
+    whitespace are not records and are skipped, so prompt i is record i + 1. ``auto``: ``jsonl``
+    when the first non-blank line starts with ``{``, else ``lines`` (a plain-text file whose first
+    line starts with ``{`` needs ``lines``).
+    """
+    if fmt not in PROMPTS_FORMATS:
+        raise BytemtpError(f"--prompts-format: {fmt!r} is not one of {', '.join(PROMPTS_FORMATS)}")
+    lines = Path(path).read_bytes().splitlines()
+    if fmt == "auto":
+        first = next((line for line in lines if line.strip()), None)
+        if first is None:
+            raise BytemtpError(f"--prompts-file: {path} holds no prompts (only blank lines)")
+        fmt = "jsonl" if first.lstrip().startswith(b"{") else "lines"
+        guess = " (read as JSON Lines, its first line starting with '{'; --prompts-format lines reads plain lines)"
+    else:
+        guess = ""
+    prompts = lines if fmt == "lines" else [
+        _json_prompt(line, f"--prompts-file: {path}: line {number}", guess) for number, line in enumerate(lines, 1)
+        if line.strip()
+    ]
+    if not prompts:
         raise BytemtpError(f"--prompts-file: {path} holds no prompts")
-    if not lines[0].lstrip().startswith(b"{"):
-        return lines
-    prompts = []
-    for i, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise BytemtpError(f"--prompts-file: {path}: record {i} is not JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise BytemtpError(f"--prompts-file: {path}: record {i} has no string field 'prompt'")
-        prompts.append(record["prompt"].encode("utf-8", "surrogateescape"))
     return prompts
+
+
+def _json_prompt(line: bytes, where: str, hint: str) -> bytes:
+    """The prompt of the JSON Lines record ``line`` as bytes; errors name ``where`` and end with ``hint``.
+
+    Escaped lone surrogates ``\\udc80``..``\\udcff`` stand for the raw bytes 0x80..0xff (Python's
+    surrogateescape), so any bytes can be written; any other lone surrogate is neither text nor a byte.
+    """
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise BytemtpError(f"{where} is not JSON ({e}){hint}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise BytemtpError(f"{where} has no string field 'prompt'{hint}")
+    try:
+        return record["prompt"].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        bad = record["prompt"][e.start]
+        raise BytemtpError(f"{where}: 'prompt' holds the lone surrogate {ascii(bad)}, which is no text") from None

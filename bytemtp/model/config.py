@@ -8,6 +8,7 @@ that name the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,13 @@ from bytemtp.errors import BytemtpError, require_at_least_one
 
 HEAD_KINDS = ("linear", "transformer")
 FFN_KINDS = ("swiglu", "gelu", "relu2")
+# Hard upper bounds on the sizes, far above any model this code trains (``base``: d_model 768,
+# 16 layers, 2048 positions), so that a typo is refused at once with the field's name; whether a
+# size within them fits this machine is checked against its memory before allocating
+# (``bytemtp.model.size``, ``bytemtp.memory``).
+MAX_SIZES = {"d_model": 1 << 16, "n_layers": 1024, "n_attn_heads": 1024, "n_future": 256, "head_layers": 1024,
+             "d_ff": 1 << 20, "max_seq_len": 1 << 20}
+MAX_LOGIT_CAP = 1e4  # a cap far above every logit changes nothing (0 turns it off); past float32's range it is NaN
 
 
 def round_up_64(n: int) -> int:
@@ -70,10 +78,25 @@ class ModelConfig:
             raise BytemtpError(
                 f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"
             )
-        if not self.logit_cap >= 0:
-            raise BytemtpError(f"logit_cap: must be >= 0 (0 = off), got {self.logit_cap}")
+        self._check_ranges()
         if self.vocab != VOCAB:
             raise BytemtpError(f"vocab: must be {VOCAB} (256 bytes + BOS), got {self.vocab}")
+
+    def _check_ranges(self) -> None:
+        """Sizes within ``MAX_SIZES``; the float fields finite and where they keep the arithmetic finite
+        (a non-positive RoPE base or a negative norm epsilon trains to NaN at the first step)."""
+        for name, most in MAX_SIZES.items():
+            if getattr(self, name) > most:
+                raise BytemtpError(f"{name}: at most {most:,}, got {getattr(self, name):,}")
+        for name in ("rope_theta", "norm_eps", "logit_cap"):
+            if not math.isfinite(getattr(self, name)):
+                raise BytemtpError(f"{name}: must be a finite number, got {getattr(self, name)}")
+        if not self.rope_theta > 0:
+            raise BytemtpError(f"rope_theta: must be positive, got {self.rope_theta}")
+        if not self.norm_eps >= 0:
+            raise BytemtpError(f"norm_eps: must be >= 0, got {self.norm_eps}")
+        if not 0 <= self.logit_cap <= MAX_LOGIT_CAP:
+            raise BytemtpError(f"logit_cap: must be in [0, {MAX_LOGIT_CAP:g}] (0 = off), got {self.logit_cap}")
 
     @property
     def vocab_padded(self) -> int:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from bytemtp.errors import BytemtpError
 from bytemtp.model.cache import KVCache
 from bytemtp.model.config import ModelConfig
+from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
 from bytemtp.model.panels import PanelLinear
 
@@ -239,6 +240,8 @@ class ByteMTP(nn.Module):
         n_layers = len(self.attention_layers())
         kept = self._kept_cache
         if kept is None or not kept.fits(n_layers, batch_size, max_len, dtype, device):
+            self._kept_cache = kept = None  # its memory counts as available for the new one
+            require_decoding_memory(self.cfg, batch_size, max_len, dtype.itemsize, device)
             kept = KVCache(n_layers, batch_size, self.cfg.n_attn_heads, max_len, self.cfg.head_dim, dtype, device)
             self._kept_cache = kept
         self.kv_cache = kept

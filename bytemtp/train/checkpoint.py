@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from bytemtp import __version__
 from bytemtp.data.atomic import atomic_dir, fsync_dir
+from bytemtp.data.shards import is_dataset_dir
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
@@ -138,6 +139,27 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if found is not None:
         return found
     raise BytemtpError(f"{path}: not a checkpoint or a run directory with checkpoints")
+
+
+def check_out_dir(out_dir: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Refuse an ``--out`` run directory where its checkpoints would damage other data, or be damaged:
+    inside a prepared dataset (a later ``prepare --overwrite`` of it deletes the run), or inside or
+    around ``source``, the checkpoint (or run) being read: a checkpoint written into another run's
+    ``checkpoints/`` is pruned by that run's ``--keep``, and one written inside a checkpoint goes
+    with it."""
+    out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    inside = next((p for p in (out, *out.parents) if is_dataset_dir(p)), None)
+    if inside is not None:
+        raise BytemtpError(f"--out: {out_dir} is inside the prepared dataset {inside}; pick a directory outside it")
+    if source is None:
+        return
+    ckpt = resolve_checkpoint(source).resolve()
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    for kept in (ckpt, run):
+        if out == kept or kept in out.parents or out in kept.parents:
+            raise BytemtpError(f"--out: {out_dir} is inside or holds {kept}, which is being read; "
+                               "pick a directory apart from it")
 
 
 def _reason(e: Exception) -> str:

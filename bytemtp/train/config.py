@@ -17,26 +17,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bytemtp import MAX_SEED
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.config import PRESETS, ModelConfig, from_dict
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
 OPTIMIZERS = ("adamw", "muon")
+MUON_DTYPES = ("auto", "bfloat16", "float32")
 
 # Fields a resumed run may set differently from the run it continues.
 RESUMABLE_CHANGES = frozenset(
     {"steps", "eval_every", "log_every", "ckpt_every", "keep", "time_budget", "device", "compile", "fsdp",
-     "peak_tflops"}
+     "peak_tflops", "muon_dtype"}
 )
 # Fields a resumed run does not inherit from the checkpoint (they start from the defaults).
-PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops"})
+PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops", "muon_dtype"})
 # Fields whose 0 means "derive it": seq_len from the model, decay_steps from steps.
 AUTO_ZERO = frozenset({"seq_len", "decay_steps"})
 
@@ -56,6 +59,10 @@ class TrainConfig:
     ``optimizer="muon"`` moves the blocks' matrices to Muon (``muon_lr``,
     ``muon_momentum``; see ``bytemtp.train.optim``); ``"adamw"`` (the default, and what
     a config saved before the field existed means) trains everything with AdamW.
+    ``muon_dtype`` is the dtype of Muon's orthogonalisation: ``"auto"`` (the default) picks
+    bfloat16 where the device multiplies it natively and float32 elsewhere
+    (``bytemtp.train.muon``). Like ``device`` and ``compile`` it says how this machine
+    computes the same update, so a resumed run picks its own.
 
     ``draft_loss_weight`` weighs each draft head's loss against head 1's in the objective
     (``bytemtp.train.objective.head_weights``); 1, the default and what an older config
@@ -77,6 +84,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
+    muon_dtype: str = "auto"
     draft_loss_weight: float = 1.0
     seed: int = 0
     loader_mode: str = "concat"
@@ -105,6 +113,8 @@ class TrainConfig:
             raise BytemtpError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer not in OPTIMIZERS:
             raise BytemtpError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.muon_dtype not in MUON_DTYPES:
+            raise BytemtpError(f"muon_dtype: {self.muon_dtype!r} is not one of {', '.join(MUON_DTYPES)}")
         if self.optimizer == "muon" and self.fsdp:
             raise BytemtpError("optimizer: muon needs whole matrices; it does not run under --fsdp")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -118,6 +128,7 @@ class TrainConfig:
             raise BytemtpError(f"loader_mode: {self.loader_mode!r} is not one of {', '.join(LOADER_MODES)}")
         if self.loss_mode not in ("auto", *LOSS_MODES):
             raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of auto, {', '.join(LOSS_MODES)}")
+        check_train_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,6 +143,38 @@ class TrainConfig:
         if seq_len > model.max_seq_len:
             raise BytemtpError(f"--seq-len: {seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
         return dataclasses.replace(self, seq_len=seq_len, decay_steps=self.decay_steps or self.steps)
+
+
+# Upper bounds that keep a finite but absurd value from overflowing inside torch (a traceback) or
+# wrecking the weights in one step: AdamW and Muon move each weight by about lr per step, and the
+# weights start near 0.02; a draft head weighing more than a thousand times head 1 leaves head 1
+# untrained.
+MAX_LR = 10.0
+MAX_DRAFT_LOSS_WEIGHT = 1000.0
+
+
+def check_train_ranges(cfg: TrainConfig) -> None:
+    """The bounds of ``TrainConfig``'s values beyond their signs: finite floats, the seed within
+    what ``--seed`` takes, learning rates and the draft weight within reason, Adam's betas in
+    [0, 1), and weight decay that cannot shrink a weight past zero in one step."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BytemtpError(f"{f.name}: must be a finite number, got {value}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise BytemtpError(f"seed: must be in [0, {MAX_SEED}], got {cfg.seed}")
+    for name in ("lr", "muon_lr"):
+        if getattr(cfg, name) > MAX_LR:
+            raise BytemtpError(f"{name}: at most {MAX_LR:g}, got {getattr(cfg, name):g}")
+    if cfg.draft_loss_weight > MAX_DRAFT_LOSS_WEIGHT:
+        raise BytemtpError(f"draft_loss_weight: at most {MAX_DRAFT_LOSS_WEIGHT:g}, got {cfg.draft_loss_weight:g}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise BytemtpError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
+    fastest = max(cfg.lr, cfg.muon_lr if cfg.optimizer == "muon" else 0.0)
+    if fastest * cfg.weight_decay > 1:
+        raise BytemtpError(f"weight_decay: {cfg.weight_decay:g} x the learning rate {fastest:g} exceeds 1, so one "
+                           "step would shrink every weight past zero")
 
 
 # Training defaults per model preset: larger models want a lower peak lr and a longer
@@ -181,6 +224,8 @@ def checked_fields(data: Any, classes: tuple[type, ...], where: str) -> dict[str
         if not any(_has_type(value, t) for t in allowed):
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
             raise BytemtpError(f"{where}: {key} must be {wanted}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's 1e999, Infinity, NaN
+            raise BytemtpError(f"{where}: {key} must be a finite number, got {value}")
         fields[key] = float(value) if allowed == (float,) else value
     return fields
 

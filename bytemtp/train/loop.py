@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from bytemtp.compile import compile_model
 from bytemtp.data.loader import BatchLoader, LoaderConfig
-from bytemtp.data.shards import is_dataset_dir
 from bytemtp.data.trigrams import count_byte_trigrams
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
+from bytemtp.model.size import require_training_memory
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.checkpoint import (
+    check_out_dir,
     latest_checkpoint,
     list_checkpoints,
     load_train_state,
@@ -58,9 +59,9 @@ from bytemtp.train.evaluate import EvalResult, evaluate, require_split
 from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
 from bytemtp.train.metrics import METRICS, MetricsLog
-from bytemtp.train.nonfinite import NonFiniteWatch
+from bytemtp.train.nonfinite import NonFiniteWatch, refuse_nonfinite_weights
 from bytemtp.train.objective import LN2, resolve_loss_mode
-from bytemtp.train.optim import build_optimizer, build_scheduler
+from bytemtp.train.optim import MuonAdamW, build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
 from bytemtp.train.precision import autocast, training_precision
 from bytemtp.train.rng import rng_state, set_rng_state
@@ -103,9 +104,7 @@ def train(
     torchrun every rank calls this.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    inside = next((p for p in (out_dir, *out_dir.resolve().parents) if is_dataset_dir(p)), None)
-    if inside is not None:  # a later `prepare --overwrite` of that dataset would delete the run
-        raise BytemtpError(f"--out: {out_dir} is inside the prepared dataset {inside}; pick a directory outside it")
+    check_out_dir(out_dir)
     require_split(data_dir, "train")
     if train_cfg.eval_every:
         require_split(data_dir, "val", " (needed for eval; pass --eval-every 0 to train without it)")
@@ -143,10 +142,13 @@ class _Run:
         progress: bool,
     ):
         self.env, self.cfg, self.data_dir, self.out_dir, self.progress = env, cfg, data_dir, out_dir, progress
+        require_training_memory(model_cfg, cfg.batch_size, cfg.seq_len, env.device, env.world_size if cfg.fsdp else 1)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = ByteMTP(model_cfg)
         if ckpt is not None:
             load_weights(self.model, ckpt)
+            refuse_nonfinite_weights(self.model.state_dict(), f"--resume: {ckpt}",
+                                     "it is no checkpoint to continue from (resume from an earlier one)")
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
         self.wrapped = wrap(
@@ -159,6 +161,7 @@ class _Run:
             self.model.byte_trigrams = torch.from_numpy(count_byte_trigrams(data_dir))
         self.optimizer = build_optimizer(self.model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.muon = self.optimizer.muon if isinstance(self.optimizer, MuonAdamW) else None
         loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
         self.loader = BatchLoader(
             data_dir, loader_cfg, split="train", rank=env.rank, world_size=env.world_size, device=env.device
@@ -202,6 +205,8 @@ class _Run:
             self.metrics = MetricsLog(self.out_dir / METRICS, keep_upto=self.step if self.last_ckpt else None)
         if self.last_ckpt is not None:
             self._say(f"resuming from {self.last_ckpt}")
+        if self.muon is not None:
+            self._say(self.muon.describe())
         self.start = time.monotonic()
         self._reset_throughput()
         val: EvalResult | None = None
@@ -325,6 +330,8 @@ class _Run:
             "bytes": self.step * self.bytes_per_step,
             "bytes_per_s": bytes_per_s,
         }
+        if self.muon is not None:
+            record["muon_dtype"] = self.muon.dtype_name
         if self.env.device.type == "cuda":
             per_gpu = bytes_per_s / self.env.world_size
             record["bytes_per_s_per_gpu"] = per_gpu
@@ -379,6 +386,8 @@ class _Run:
                 "rng": rngs,
             }
             try:
+                kept = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "none was written"
+                refuse_nonfinite_weights(weights, f"step {self.step}: not saved", f"stopped; {kept}")
                 path = save_checkpoint(
                     self.out_dir, self.step, self.model, train_config=self.cfg.to_dict(),
                     train_state=state, keep=self.cfg.keep, weights=weights,

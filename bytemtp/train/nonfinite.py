@@ -18,6 +18,26 @@ from bytemtp.errors import BytemtpError
 from bytemtp.train.objective import LN2
 
 
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity.
+
+    The watch sees losses and gradients, which are computed before a step's update: weights an
+    update made non-finite (an infinite learning rate) show only in the next step's loss, so the
+    weights themselves are looked at before they are saved or resumed from."""
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if not floats:
+        return []
+    bad = torch.stack([~torch.isfinite(t).all() for t in floats.values()]).tolist()  # one host read for all
+    return [name for name, b in zip(floats, bad) if b]
+
+
+def refuse_nonfinite_weights(tensors: dict[str, torch.Tensor], what: str, advice: str) -> None:
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise BytemtpError(f"{what}: {len(bad)} of {len(tensors)} weight tensors hold NaN or infinity "
+                           f"(first {bad[0]}); {advice}")
+
+
 class NonFiniteWatch:
     """The first optimizer step whose loss or gradient norm was not finite, kept on the device."""
 

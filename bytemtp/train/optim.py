@@ -15,7 +15,7 @@ Table S13 style): linear warmup to the peak lr, cosine decay to a floor of
 With ``TrainConfig.optimizer="muon"`` every 2-D weight inside a transformer block
 (attention and MLP projections, the trunk's and transformer heads') is trained by
 ``torch.optim.Muon`` (momentum orthogonalised by Newton-Schulz, at ``muon_lr``, no
-weight decay), and the rest (embedding, unembeddings, norm gains) by AdamW as above:
+weight decay; the orthogonalisation in the dtype ``bytemtp.train.muon`` picks for the device), and the rest (embedding, unembeddings, norm gains) by AdamW as above:
 Muon is meant for hidden matrices, whose update direction matters more than each
 entry's scale; the embedding is a lookup and an unembedding's rows are per-byte
 classifiers. Both live in one ``MuonAdamW`` so the loop, the scheduler and the
@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from bytemtp.model.layers import Block
 from bytemtp.train.config import TrainConfig
+from bytemtp.train.muon import Muon, orthogonalisation_dtype
 
 _NO_DECAY_MODULES = (nn.Embedding, nn.RMSNorm, nn.LayerNorm)
 
@@ -61,9 +62,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     adamw_groups = [
         {**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in param_groups(model, cfg.weight_decay)
     ]
-    muon = torch.optim.Muon(
+    ns_dtype, why = orthogonalisation_dtype(cfg.muon_dtype, device)
+    muon = Muon(
         [p for p in model.parameters() if id(p) in hidden], lr=cfg.muon_lr, weight_decay=0.0,
-        momentum=cfg.muon_momentum,
+        momentum=cfg.muon_momentum, ns_dtype=ns_dtype, ns_why=why,
     )
     adamw = torch.optim.AdamW(
         [g for g in adamw_groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
@@ -76,7 +78,7 @@ class MuonAdamW(torch.optim.Optimizer):
     state holds both, so an lr scheduler scales every group and a state dict (saved or
     loaded, keyed by parameter name in checkpoints) covers every parameter."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
         self.muon, self.adamw = muon, adamw
         super().__init__(muon.param_groups + adamw.param_groups, {})
         self._share()
