@@ -7,7 +7,9 @@ host's bookkeeping, the cache moves of a tree), so a ratio above 1 can be read a
 positions in the forward or as work around it. The decoders run interleaved on the same
 prompts, ``--rounds`` times after a warm-up; the figures are totals over the timed rounds.
 With ``--batch`` above 1, bytes per forward is the batch's bytes per forward over the rows,
-lower than a row's own once some rows have stopped.
+lower than a row's own once some rows have stopped. "Plain drafts": from the heads and the
+corpus only, not from the rows' own text (``bytemtp.decode.incontext``); a lookup draft may
+make a step wider than the heads' 8 positions, so its forward costs more.
 
     .venv/bin/python bench/bench_step_cost.py runs/demo --data D --prompts 4 --batch 1
 """
@@ -26,6 +28,7 @@ from bytemtp.train.checkpoint import load_model
 DECODERS = {
     "autoregressive": {"speculative": False},
     "chain of 7, greedy": {},
+    "chain of 7, greedy, plain drafts": {"context_mixing": 0.0, "lookup": False},
     "tree of 15, greedy": {"tree_nodes": 15},
     "chain of 7, T = 0.8": {"temperature": 0.8, "seed": 0},
     "tree of 15, T = 0.8": {"temperature": 0.8, "seed": 0, "tree_nodes": 15},
@@ -56,11 +59,13 @@ def main() -> None:
     ap.add_argument("--max-bytes", type=int, default=192)
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workload", default="text", choices=["text", "copy"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, _ = load_model(args.ckpt)
     forward = TimedForward(model)
-    prompts = sample_prompts(args.data, args.prompts, 64, 0, "val")
+    size = 112 if args.workload == "copy" else 64  # a copy prompt: 112 bytes, a newline, 8 again
+    prompts = sample_prompts(args.data, args.prompts, size, 0, "val", args.workload)
     batches = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
     decoders = {
         name: Decoder(model, GenerationConfig(max_new_bytes=args.max_bytes, **kw)) for name, kw in DECODERS.items()
@@ -80,7 +85,7 @@ def main() -> None:
                     t[2] += forward.calls
                     t[3] += sum(map(len, out))
     ar_wall, _, ar_steps, ar_bytes = totals["autoregressive"]
-    print(f"{args.prompts} prompts x {args.max_bytes} bytes, batch {args.batch}, 1 thread, eager")
+    print(f"{args.prompts} {args.workload} prompts x {args.max_bytes} bytes, batch {args.batch}, 1 thread, eager")
     print("| decoder | step ms | forward ms | rest ms | step cost ratio | bytes/forward | speedup |")
     print("|---|---|---|---|---|---|---|")
     for name, (wall, fwd, steps, nbytes) in totals.items():

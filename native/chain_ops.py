@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from bytemtp_native.context_ops import apply_context, pair_slot
 from bytemtp_native.tree_sampling_ops import draw_byte, nonfinite_rows, walk_tree
 
 
@@ -54,7 +55,8 @@ def sampled_chain(logits, p: np.ndarray, drafts: np.ndarray, n_valid: np.ndarray
 
 @njit(cache=True)
 def chain_output(
-    accepted, next_byte, broken, draft_logits, q, u_drafts, greedy: bool, fed, index, weights
+    accepted, next_byte, broken, draft_logits, q, u_drafts, greedy: bool, fed, index, weights, keys, counts, totals,
+    mixing: np.ndarray, pseudo: float,
 ) -> np.ndarray:
     """The step's integer rows [B, 3 + m] (``StepOutput``'s columns): the verdicts, the next drafts
     (greedy: each draft head's argmax in ``draft_logits`` [B, m, V]; else drawn from ``q`` at
@@ -63,23 +65,35 @@ def chain_output(
     draft follows the two bytes before it (the accepted run's last byte of ``fed`` [B, P], the
     next byte, then the drafts): greedy, it is the argmax of its logits plus the log-weights
     after them; sampled, it is drawn from its ``q`` times those weights, renormalised, and ``q``
-    is overwritten by those distributions (the next step judges the drafts by them)."""
+    is overwritten by those distributions (the next step judges the drafts by them). Where a
+    row's ``mixing`` [B] is above 0, its weights are multiplied by each row's in-context factor after the two
+    bytes (``bytemtp_native.context_ops.apply_context`` on the row's counts ``keys``, ``counts``,
+    ``totals``), which the row's text makes more than 1 only after pairs it has had."""
     n_rows, m = draft_logits.shape[0], draft_logits.shape[1]
     out = np.zeros((n_rows, 3 + m), np.int64)
     flags = broken | nonfinite_rows(draft_logits)
     coupled = index.shape[0] > 0
+    w = np.ones(draft_logits.shape[2], np.float32)
     for b in range(n_rows):
         out[b, 0], out[b, 1], out[b, 2 + m] = accepted[b], next_byte[b], flags[b]
         before, after = fed[b, accepted[b]], next_byte[b]
         for j in range(m):
-            if greedy and coupled:  # the likeliest byte of the head's distribution times the weights
-                draft = np.argmax(draft_logits[b, j] + np.log(weights[index[before, after]]))
+            weighed = coupled
+            if coupled:
+                w[:] = weights[index[before, after]]
+            if mixing[b] > 0:
+                if not coupled:
+                    w[:] = 1
+                slot = pair_slot(keys, b, before, after)
+                weighed |= apply_context(w, counts, totals, b, slot, pseudo, mixing[b])
+            if greedy and weighed:  # the likeliest byte of the head's distribution times the weights
+                draft = np.argmax(draft_logits[b, j] + np.log(w))
             elif greedy:
                 draft = np.argmax(draft_logits[b, j])
             else:
-                if coupled:
+                if weighed:
                     row = q[b, j]
-                    row *= weights[index[before, after]]
+                    row *= w
                     row /= row.sum()
                 draft = draw_byte(q[b, j], u_drafts[b, j])
             before, after = after, draft

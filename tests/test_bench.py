@@ -153,6 +153,28 @@ def test_bench_draft_temperature_is_reported(run, data):
     assert "temperature 0.8 (drafts 0.3)," in table.stdout
 
 
+def test_bench_copy_workload_beside_plain_drafts(run, data):
+    """--workload copy decodes prompts that repeat their context; --compare-plain adds the chain row
+    drafting from the heads and the corpus only. Greedy, both are byte for byte autoregressive."""
+    result = CliRunner().invoke(
+        main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--prompt-bytes", "40", "--max-bytes", "48",
+               "--workload", "copy", "--compare-plain", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["workload"] == "copy"
+    rows = report["rows"]
+    assert [(r["draft_heads"], r["plain_drafts"]) for r in rows] == [(0, False), (7, False), (7, True)]
+    assert all(r["identical"] for r in rows[1:])
+
+
+def test_copy_prompts_repeat_their_documents_opening(data):
+    prompts = sample_prompts(data, 3, 40, 0, "val", workload="copy")
+    for p in prompts:
+        body, again = p.rsplit(b"\n", 1)
+        assert len(body) == 40 and body.startswith(again) and len(again) == 8
+
+
 def test_bench_sampling_has_no_identity_claim(run, data):
     result = CliRunner().invoke(
         main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "16", "--temperature", "0.8",

@@ -318,9 +318,9 @@ def test_step_function_runs_every_step():
     seen = []
     decoder = Decoder(stub, GenerationConfig(max_new_bytes=20, draft_heads=3))
 
-    def step(ids, *args):
+    def step(ids, *args, **kwargs):
         seen.append(ids.shape[1])
-        return chain_step(stub, decoder.rule, 3, ids, *args)
+        return chain_step(stub, decoder.rule, 3, ids, *args, **kwargs)
 
     decoder.step = step  # what a compiled step replaces
     gen = decoder.generate()

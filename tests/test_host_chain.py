@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from bytemtp import VOCAB
 from bytemtp.decode.coupling import UNCOUPLED, draft_context, host_arrays
 from bytemtp.decode.host_chain import host_chain_decide
+from bytemtp.decode.incontext import RowTexts
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_decide
 from bytemtp.decode.verify import ChainRule, Uniforms
@@ -54,14 +56,34 @@ def chain_inputs(rule: ChainRule, n_rows: int, k: int, m: int, seed: int):
     return logits, features, fed, n_valid, q, u
 
 
-@pytest.mark.parametrize("coupled", [False, True], ids=["independent", "coupled"])
+def rows_texts(model, rule, m, args) -> tuple[RowTexts, torch.Tensor]:
+    """Texts in which the pairs each row's drafts will follow (from the decision without them,
+    returned too) were followed by other bytes, 1 to 3 times, so that the in-context factor
+    changes drafts."""
+    logits, features, fed, n_valid, q, u = args
+    plain = chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)[0]
+    gen = torch.Generator().manual_seed(5)
+    texts = RowTexts(len(fed), model.cfg.vocab)
+    for r, row in enumerate(plain.tolist()):
+        seq = [fed[r, row[0]].item(), *row[1:-1]]
+        text = []
+        for a, b in zip(seq, seq[1:]):
+            text += [a, b, int(torch.randint(0, 256, (1,), generator=gen))] * (1 + r % 3)
+        texts.begin(r, text)
+    texts.active = np.zeros(len(fed), np.bool_)  # the host decision appends nothing: both read the same counts
+    return texts, plain
+
+
+@pytest.mark.parametrize("drafts", ["independent", "coupled", "coupled, in-context"])
 @pytest.mark.parametrize("draft_scale", [1.0, 0.6])
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("k", [0, 3, 7])
-def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, coupled):
+def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, drafts):
     """Same inputs, same uniforms: the same accepted runs, next bytes, drafts, flags and draft
     distributions, over many rows; also with drafts drawn at a lower temperature than head 1's,
-    and each drawn given the two bytes before it (draft coupling)."""
+    each drawn given the two bytes before it (draft coupling), and weighed by the rows' own
+    counts (``bytemtp.decode.incontext``: a compiled step's ``InContext`` against the host's)."""
+    coupled = drafts != "independent"
     m = 7
     model = draft_model(m + 1)
     cfg = SamplingConfig(**sampling)
@@ -76,8 +98,17 @@ def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, coupled)
         for seed in range(4):
             args = chain_inputs(rule, 64, k, m, seed)
             logits, features, fed, n_valid, q, u = args
-            want = chain_decide(model, rule, m, logits, features, fed, n_valid, q, u)
-            got = host_chain_decide(model, rule, m, logits, features, fed, n_valid, q, u, context=host_arrays(context))
+            texts, counts, mixing = None, None, None
+            if drafts == "coupled, in-context":
+                (texts, plain), mixing = rows_texts(model, rule, m, args), np.full(len(fed), 0.6)
+                counts = texts.tensors(mixing)
+            want = chain_decide(model, rule, m, logits, features, fed, n_valid, q, u, counts)
+            if counts is not None:  # the counts did move drafts
+                assert (want[0][:, 2:-1] != plain[:, 2:-1]).any()
+            got = host_chain_decide(
+                model, rule, m, logits, features, fed, n_valid, q, u, context=host_arrays(context), texts=texts,
+                mixing=mixing,
+            )
             assert torch.equal(got[0][:, [0, -1]], want[0][:, [0, -1]])  # accepted runs, flags
             # Drawn bytes: the host sums cumulative distributions in float64, torch rounds them to
             # float32, so a uniform within rounding of a boundary may land on the neighbouring byte.

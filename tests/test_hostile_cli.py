@@ -58,6 +58,9 @@ def assert_one_error_line(stderr: str, *needles: str) -> None:
         (["distill", "RUN", "--data", "RUN", "--out", "OUT", "--seed", "-1"], "--seed"),
         (["sample", "RUN", "--draft-coupling", "-0.5"], "--draft-coupling"),
         (["bench", "RUN", "--data", "RUN", "--draft-coupling", "inf"], "--draft-coupling"),
+        (["sample", "RUN", "--context-mixing", "-1"], "--context-mixing"),
+        (["bench", "RUN", "--data", "RUN", "--context-mixing", "nan"], "--context-mixing"),
+        (["bench", "RUN", "--data", "RUN", "--workload", "quotes"], "--workload"),
     ],
 )
 def test_flag_errors_are_one_line_with_status_1(tmp_path, args, flag):

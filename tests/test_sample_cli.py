@@ -135,6 +135,16 @@ def test_draft_coupling_changes_drafts_not_greedy_output(run_dir):
     assert off.stderr.splitlines()[-1] == "drafts uncoupled (--draft-coupling 0)"
 
 
+def test_drafts_from_the_text_change_drafts_not_greedy_output(run_dir):
+    """Lookup drafts and in-context mixing (on by default, greedy) leave greedy output as it is."""
+    common = [run_dir, "--prompt", "def f(x):\n    return x\ndef f(", "--temperature", "0", "--max-bytes", "120",
+              "--stats"]
+    on, off = sample(*common), sample(*common, "--no-lookup", "--context-mixing", "0")
+    assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
+    assert on.stdout_bytes == off.stdout_bytes
+    assert "lookup drafts: after" in on.stderr and "lookup drafts" not in off.stderr
+
+
 def test_stats_say_a_checkpoint_without_trigrams_drafts_uncoupled(random_run):
     run, _ = random_run
     res = sample(run, "--prompt", "a", "--max-bytes", "8", "--stats")

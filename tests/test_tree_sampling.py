@@ -93,14 +93,18 @@ def depths(parent: list[int]) -> list[int]:
     return d[1:]
 
 
-def enumerate_drafts(model, parent, rank, sampled, judge=None, keep=None):
+def enumerate_drafts(model, parent, rank, sampled, judge=None, keep=None, chosen=None, chosen_judge=None):
     """Every draft outcome: (probability, tokens [N], q rows the verifier is given [N, V]).
 
     Ranked: node i holds the ``rank[i-1]``-th likeliest byte of its q. Sampled: each parent's
     children are drawn from q without replacement (children past its support get q = 0).
-    ``judge(depth, prefix)`` replaces the q the verifier sees, ``keep(q, byte)`` = False drops a
-    drafted node (q = 0): both are mutants. Parents are visited in order, so a path-dependent q
-    is known when its parent's byte is."""
+    ``chosen``: node -> a function of its path's bytes giving its byte (a lookup draft, which
+    must come before its sampled siblings): judged by the point mass on it, its byte then taken
+    from the siblings' q. ``judge(depth, prefix)`` replaces the q the verifier sees,
+    ``keep(q, byte)`` = False drops a drafted node (q = 0), ``chosen_judge(q, byte)`` replaces a
+    chosen node's point mass: all three are mutants. Parents are visited in order, so a
+    path-dependent q is known when its parent's byte is."""
+    chosen = chosen or {}
     n, v, kids, depth = len(parent), model.v, children_of(parent), depths(parent)
     judge = judge or model.draft
 
@@ -115,22 +119,28 @@ def enumerate_drafts(model, parent, rank, sampled, judge=None, keep=None):
         prefix = path_bytes(parent, tokens, a)
         q, q_judge = model.draft(depth[ch[0] - 1], prefix), judge(depth[ch[0] - 1], prefix)
         order = sorted(range(v), key=lambda x: (-q[x].item(), x))
+        looked_up = tuple(chosen[c](prefix) for c in ch if c in chosen)
+        assert all(c in chosen for c in ch[: len(looked_up)]) and len(set(looked_up)) == len(looked_up)
         if not sampled:
-            options = [(1.0, tuple(order[rank[c - 1]] for c in ch))]
+            options = [(1.0, looked_up + tuple(order[rank[c - 1]] for c in ch[len(looked_up) :]))]
         else:
-            support = [x for x in range(v) if q[x] > 0]
+            support = [x for x in range(v) if q[x] > 0 and x not in looked_up]
             options = []
-            for pick in itertools.permutations(support, min(len(ch), len(support))):
-                w, left = 1.0, 1.0
+            for pick in itertools.permutations(support, min(len(ch) - len(looked_up), len(support))):
+                w, left = 1.0, 1.0 - sum(q[x].item() for x in looked_up)
                 for x in pick:
                     w, left = w * q[x].item() / left, left - q[x].item()
-                options.append((w, pick))
+                options.append((w, looked_up + pick))
         for w, pick in options:
             t, r = dict(tokens), dict(rows)
-            taken = []
+            taken = list(looked_up)
             for c, x in itertools.zip_longest(ch, pick):
                 row = torch.zeros(v, dtype=torch.float64)
-                if x is not None and not sampled:
+                if x is not None and c in chosen:
+                    row[x] = 1.0
+                    if chosen_judge is not None:
+                        row = chosen_judge(q_judge, x)
+                elif x is not None and not sampled:
                     row[x] = 1.0
                 elif x is not None:
                     row = q_judge.clone()
@@ -182,18 +192,20 @@ def production_candidates(model, parent, rank, sampled, drafts):
     return sampled_candidates(probs, torch.tensor(parent).expand(b, n), depth, gumbel, **coupled)
 
 
-def output_law(model, parent, rank, sampled, judge=None, keep=None, probe=True) -> dict[tuple, float]:
+def output_law(
+    model, parent, rank, sampled, judge=None, keep=None, probe=True, chosen=None, chosen_judge=None
+) -> dict[tuple, float]:
     """Exact probability of every output (accepted bytes, then the next byte) of one verification step.
 
     With ``probe``, ``verify_tree`` is also evaluated inside every cell and must return the
     cell's walk, and ``expected_accepted`` must give the law's mean accepted length."""
     n, kids, max_depth = len(parent), children_of(parent), max(depths(parent))
-    drafts = list(enumerate_drafts(model, parent, rank, sampled, judge, keep))
+    drafts = list(enumerate_drafts(model, parent, rank, sampled, judge, keep, chosen, chosen_judge))
     b = len(drafts)
     weight = torch.tensor([d[0] for d in drafts], dtype=torch.float64)
     tokens = torch.tensor([d[1] for d in drafts])
     rows = torch.stack([d[2] for d in drafts])
-    if judge is None and keep is None and not model.path_q:  # production code draws these too
+    if judge is None and keep is None and not chosen and not model.path_q:  # production code draws these too
         made_tokens, made_rows = production_candidates(model, parent, rank, sampled, drafts)
         live = rows.sum(-1) > 0
         assert torch.equal(made_tokens[live], tokens[live])

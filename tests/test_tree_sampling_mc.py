@@ -2,7 +2,10 @@
 
 Monte Carlo, so marked slow: 20,000 four-byte continuations of one prompt drawn
 with ``verify_tree`` on trees shaped by ``best_shape`` (ranked and sampled
-candidates, the latter also coupled to the bytes before them), 20,000 drawn autoregressively from head 1, and a two-sample
+candidates, the latter also coupled to the bytes before them) and on chains looked up in each
+row's own text (``bytemtp.decode.incontext``: the bytes that followed its last two bytes
+earlier in it, judged by point masses; the heads' ranked bytes where it has no match),
+20,000 drawn autoregressively from head 1, and a two-sample
 chi-square test per byte position, Bonferroni-corrected over the positions. The
 exact, analytic check is ``test_tree_sampling``; this one shows the pieces agree
 with a real model's heads (processed distributions over 257 ids, top-k, BOS).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +25,7 @@ from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import ranked_candidates, sampled_candidates, verify_tree
 from tree_shape import best_shape, rank_log_probs
 from bytemtp.model.transformer import ByteMTP
+from bytemtp_native.context_ops import lookup
 from fixtures_train import trained_model
 
 N_ROWS = 20_000
@@ -64,10 +69,11 @@ def autoregressive(oracle: PrefixOracle, gen: torch.Generator) -> torch.Tensor:
 
 
 def speculative(
-    oracle: PrefixOracle, n_rows: int, n_nodes: int, sampled: bool, gen: torch.Generator, context=None
+    oracle: PrefixOracle, n_rows: int, n_nodes: int, sampled: bool | str, gen: torch.Generator, context=None
 ) -> tuple[torch.Tensor, float]:
     """``N_BYTES`` per row by tree steps -> (the bytes [n_rows, N_BYTES], mean accepted drafts per step).
-    ``context``: sampled candidates coupled to the bytes before them (``bytemtp.decode.coupling``)."""
+    ``context``: sampled candidates coupled to the bytes before them (``bytemtp.decode.coupling``);
+    ``sampled="lookup"``: a chain looked up in each row's text (``looked_up_chain``)."""
     rows: list[tuple] = [()] * n_rows
     accepted, steps = 0, 0
     while any(len(row) < N_BYTES for row in rows):
@@ -76,7 +82,11 @@ def speculative(
         p_root, q = oracle(ctx)
         b, v = len(live), q.shape[-1]
         shape = best_shape(rank_log_probs(q, 8), n_nodes)
-        if sampled:
+        if sampled == "lookup":  # a chain as long as the heads reach
+            n_nodes = oracle.n_drafts
+            shape = chain_shape(b, n_nodes)
+            tokens, q_nodes = looked_up_chain(q, [(BOS, *PROMPT, *c) for c in ctx], oracle.n_drafts)
+        elif sampled:
             gumbel = -(-torch.rand(b, n_nodes + 1, v, generator=gen, dtype=torch.float64).log()).log()
             history = [(*PROMPT, *c) for c in ctx]
             root, before = (torch.tensor([h[i] for h in history]) for i in (-1, -2))  # the tree's root and before it
@@ -102,6 +112,28 @@ def speculative(
     return torch.tensor([row[:N_BYTES] for row in rows]), accepted / steps
 
 
+def chain_shape(b: int, n: int):
+    """The shape of a chain of ``n`` nodes, ``best_shape``'s fields."""
+    line = torch.arange(n).expand(b, n)
+    return type("Chain", (), {"parent": line, "depth": line + 1, "rank": torch.zeros_like(line)})
+
+
+def looked_up_chain(q: torch.Tensor, texts: list[tuple], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the ``n`` bytes that followed its text's last two bytes where they occurred before
+    (the production lookup, ``bytemtp_native.context_ops.lookup``), or the heads' top bytes where
+    they did not: chosen either way, so each is judged by the point mass on it."""
+    history = np.zeros((len(texts), max(map(len, texts))), np.int64)
+    for r, t in enumerate(texts):
+        history[r, : len(t)] = t
+    lengths = np.array([len(t) for t in texts])
+    tokens = q.argmax(-1)
+    out = np.zeros(n, np.int64)
+    for r in range(len(texts)):
+        if lookup(history, lengths, r, 2, n, out):
+            tokens[r] = torch.from_numpy(out)
+    return tokens, torch.nn.functional.one_hot(tokens, q.shape[-1]).double()
+
+
 def two_sample_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
     """Chi-square test that two equally many samples of ids come from one distribution; ids seen
     fewer than 10 times in both together share one bin (dropped if still under 10)."""
@@ -124,8 +156,9 @@ def two_sample_p_value(a: torch.Tensor, b: torch.Tensor) -> float:
         ("ranked", SamplingConfig(temperature=1.0)),
         ("sampled", SamplingConfig(temperature=0.8, top_k=16)),
         ("coupled", SamplingConfig(temperature=1.0)),
+        ("lookup", SamplingConfig(temperature=0.8)),
     ],
-    ids=["ranked-T=1", "sampled-T=0.8-top-k=16", "sampled-coupled-T=1"],
+    ids=["ranked-T=1", "sampled-T=0.8-top-k=16", "sampled-coupled-T=1", "looked-up-T=0.8"],
 )
 def test_tree_sampling_matches_autoregressive(candidates, cfg):
     model = trained_model()
@@ -137,7 +170,8 @@ def test_tree_sampling_matches_autoregressive(candidates, cfg):
         context = draft_context(model.byte_trigrams, 0.7, model.cfg.vocab)
         context = DraftContext(context.index, context.weights.double())
     # in blocks of rows: a step's tensors are [rows, nodes, 257] floats
-    blocks = [speculative(oracle, 2000, 7, candidates != "ranked", gen, context) for _ in range(N_ROWS // 2000)]
+    sampled = "lookup" if candidates == "lookup" else candidates != "ranked"
+    blocks = [speculative(oracle, 2000, 7, sampled, gen, context) for _ in range(N_ROWS // 2000)]
     tree = torch.cat([samples for samples, _ in blocks])
     mean_accepted = sum(accepted for _, accepted in blocks) / len(blocks)
     assert mean_accepted > 0.25  # the drafts are doing something: the test is not autoregressive sampling twice

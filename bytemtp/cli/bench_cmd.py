@@ -6,7 +6,13 @@ import json
 
 import click
 
-from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device_option
+from bytemtp.cli.options import (
+    FiniteFloat,
+    SEED,
+    context_drafting_options,
+    decode_threads_option,
+    device_option,
+)
 
 
 @click.command("bench")
@@ -33,6 +39,13 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
               help="How strongly chain drafts and sampled tree nodes follow the two bytes before each, by the "
                    "training data's byte trigrams (0 = off; needs a checkpoint with byte_trigrams.safetensors) "
                    "[default: 0.7 sampling, 0.3 greedy].")
+@context_drafting_options
+@click.option("--workload", default="text", show_default=True, type=click.Choice(["text", "copy"]),
+              help="text: 64-byte windows of val documents; copy: a val document's first --prompt-bytes, a "
+                   "newline and its first 8 bytes again, so the continuation repeats the context.")
+@click.option("--compare-plain", is_flag=True,
+              help="Add a chain row whose drafts come from the heads and the corpus only (no --context-mixing, "
+                   "no --lookup): the decoder before drafts from the rows' own text.")
 @click.option("--tree", "trees", multiple=True, type=click.IntRange(min=1),
               help="Add a row verifying a tree of this many draft bytes per step instead of a chain "
                    "(any temperature; repeatable).")
@@ -50,7 +63,8 @@ from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device
 @decode_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, adaptive,
-            draft_temperature, draft_coupling, trees, batches, warmup, compile_, panels, device, as_json) -> None:
+            draft_temperature, draft_coupling, context_mixing, lookup, workload, compare_plain, trees, batches, warmup,
+            compile_, panels, device, as_json) -> None:
     """Decode the same prompts autoregressively and self-speculatively, side by side.
 
     Prompts are drawn (seeded) from the val split of --data. Prints bytes/s of each
@@ -65,10 +79,10 @@ def command(ckpt, data_dir, prompts, prompt_bytes, max_bytes, temperature, top_k
 
     cfg = BenchConfig(
         prompts, prompt_bytes, max_bytes, temperature, top_k, top_p, seed, sweep, warmup, adaptive, panels, trees,
-        batches, draft_temperature, draft_coupling,
+        batches, draft_temperature, draft_coupling, workload, context_mixing, lookup, compare_plain,
     )
     model, _ = load_model(ckpt, device)
-    chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed)
+    chosen = sample_prompts(data_dir, prompts, prompt_bytes, seed, workload=workload)
     runs = sum(-(-prompts // b) for b in cfg.batches)
     with tqdm(total=runs, desc="bench", unit="batch", disable=as_json, leave=False) as bar:
         report = run_bench(model, chosen, cfg, compile=compile_, progress=bar)

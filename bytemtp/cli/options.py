@@ -62,3 +62,19 @@ class FiniteFloat(click.FloatRange):
 # Seeds go to torch.Generator.manual_seed, which takes a 64-bit integer: a larger one would
 # fail deep inside torch with an overflow, so the flag refuses it.
 SEED = click.IntRange(0, MAX_SEED)
+
+
+def context_drafting_options(command):
+    """``--context-mixing`` and ``--lookup/--no-lookup`` (``bytemtp.decode.incontext``), shared by
+    ``sample`` and ``bench``; the values reach the command as ``context_mixing`` and ``lookup``."""
+    command = click.option(
+        "--lookup/--no-lookup", default=None,
+        help="A chain row whose last bytes occurred before in its text drafts the bytes that followed them "
+             "there (judged by point masses when sampling; the output stays exactly head 1's) "
+             "[default: on greedy, off sampling].",
+    )(command)
+    return click.option(
+        "--context-mixing", default=None, type=FiniteFloat(min=0),
+        help="How strongly chain drafts follow each row's own byte trigrams, beside the corpus's "
+             "(0 = off; not in compiled GPU steps) [default: 0.3 greedy, 0 sampling].",
+    )(command)

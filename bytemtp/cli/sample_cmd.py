@@ -36,7 +36,13 @@ from typing import BinaryIO, TextIO
 
 import click
 
-from bytemtp.cli.options import FiniteFloat, SEED, decode_threads_option, device_option
+from bytemtp.cli.options import (
+    FiniteFloat,
+    SEED,
+    context_drafting_options,
+    decode_threads_option,
+    device_option,
+)
 from bytemtp.decode.prompts import PROMPTS_FORMATS
 
 
@@ -115,6 +121,7 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               help="How strongly chain drafts and sampled tree nodes follow the two bytes before each, by the "
                    "training data's byte trigrams; the output stays exactly head 1's (0 = off; needs a "
                    "checkpoint with byte_trigrams.safetensors) [default: 0.7 sampling, 0.3 greedy].")
+@context_drafting_options
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a tree of this many draft bytes per step instead of a chain (any temperature; 0 = chain).")
 @click.option("--compile/--no-compile", "compile_", default=None,
@@ -144,6 +151,8 @@ def command(
     adaptive: bool,
     draft_temperature: float | None,
     draft_coupling: float | None,
+    context_mixing: float | None,
+    lookup: bool | None,
     tree: int,
     compile_: bool | None,
     device,
@@ -183,6 +192,8 @@ def command(
         tree_nodes=tree,
         draft_temperature=draft_temperature,
         draft_coupling=draft_coupling,
+        context_mixing=context_mixing,
+        lookup=lookup,
     )
     model, _ = load_model(ckpt, device)
     n_drafts = config.n_drafts(model.cfg.n_future)  # refuses drafting flags where nothing is drafted

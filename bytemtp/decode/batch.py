@@ -156,6 +156,7 @@ class GenerationStats:
     bytes: int = 0
     forwards: int = 0  # including the prompt's and any re-encoding of the window
     window_cuts: int = 0
+    lookups: int = 0  # decisions after which the row drafted from a lookup of its own text
     prompt_bytes_dropped: int = 0
     drafted: int = 0  # drafts verified, over all steps
     attempted: list[int] = field(default_factory=list)
@@ -189,13 +190,14 @@ class GenerationStats:
         self.bytes += other.bytes
         self.forwards += other.forwards
         self.drafted += other.drafted
+        self.lookups += other.lookups
         self.accepted = [a + b for a, b in zip(self.accepted, other.accepted, strict=True)]
         self.attempted = [a + b for a, b in zip(self.attempted, other.attempted, strict=True)]
 
     def record_step(self, n_drafts: int, n_accepted: int) -> None:
         self.forwards += 1
         self.drafted += n_drafts
-        for j in range(min(n_drafts, n_accepted + 1)):
+        for j in range(min(n_drafts, n_accepted + 1, len(self.attempted))):  # a lookup may run past the heads
             self.attempted[j] += 1
             self.accepted[j] += j < n_accepted
 
@@ -213,6 +215,8 @@ class GenerationStats:
                 for j, (rate, a, t) in enumerate(zip(self.acceptance, self.accepted, self.attempted))
             )
             lines.append(f"draft acceptance: {per_head}")
+            if self.lookups:
+                lines.append(f"lookup drafts: after {self.lookups} of {self.forwards} forwards")
         if self.window_cuts or self.prompt_bytes_dropped:
             lines.append(
                 f"context window: prompt bytes dropped {self.prompt_bytes_dropped}, re-encoded {self.window_cuts} times"

@@ -44,6 +44,10 @@ class BenchConfig:
     batches: tuple[int, ...] = (1,)  # batch sizes: every decoder at each, rows decoded together
     draft_temperature: float | None = None  # sampled drafts (GenerationConfig.draft_temperature); None: its default
     draft_coupling: float | None = None  # sampled drafts follow the bytes before them (GenerationConfig)
+    workload: str = "text"  # which prompts (bytemtp.decode.prompts.WORKLOADS)
+    context_mixing: float | None = None  # chain drafts follow the rows' own trigrams (GenerationConfig)
+    lookup: bool | None = None  # chain rows draft from a lookup of their own text (GenerationConfig)
+    compare_plain: bool = False  # add a chain row drafting from the heads and the corpus only
 
     def __post_init__(self) -> None:
         require_at_least_one(self, ("prompts", "prompt_bytes", "max_bytes"), flags=True)
@@ -81,9 +85,11 @@ def run_bench(
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
             forward = compile_decode_step(model.decode, device, compile)
             costs = measure_step_costs(model, cfg.n_future, cache_len, forward)
-        kinds = [(0, False, 0)] + [(d, False, 0) for d in draft_rows(cfg.n_future, config.sweep)]
-        kinds += [(cfg.n_future - 1, True, 0)] if config.adaptive else []
-        kinds += [(cfg.n_future - 1, False, n) for n in config.trees]
+        most = cfg.n_future - 1
+        kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
+        kinds += [(most, False, 0, True)] if config.compare_plain else []
+        kinds += [(most, True, 0, False)] if config.adaptive else []
+        kinds += [(most, False, n, False) for n in config.trees]
         decoders = {kind: Decoder(model, decoder_config(config, *kind, costs), compile) for kind in kinds}
         rows = []
         for batch in config.batches:
@@ -116,9 +122,10 @@ def run_bench(
 
 
 def decoder_config(
-    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, costs: tuple[float, ...] | None
+    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: tuple[float, ...] | None
 ) -> GenerationConfig:
-    """The generation settings of one decoder of the benchmark."""
+    """The generation settings of one decoder of the benchmark (``plain``: drafts from the heads and
+    the corpus only, as before drafts from the rows' own text)."""
     return GenerationConfig(
         max_new_bytes=config.max_bytes,
         temperature=config.temperature,
@@ -130,6 +137,8 @@ def decoder_config(
         tree_nodes=tree,
         draft_temperature=config.draft_temperature if draft_heads else None,  # the autoregressive row drafts nothing
         draft_coupling=config.draft_coupling if draft_heads else None,
+        context_mixing=None if not draft_heads else 0.0 if plain else config.context_mixing,
+        lookup=None if not draft_heads else False if plain else config.lookup,
     )
 
 
@@ -140,6 +149,7 @@ class DecoderResult:
     draft_heads: int
     adaptive: bool = False
     tree: int = 0  # nodes of the draft tree verified per step (0: a chain)
+    plain: bool = False  # drafts from the heads and the corpus only, not from the rows' own text
     batch: int = 1  # rows decoded together
     bytes_per_s: list[float] = field(default_factory=list)  # per run: all its rows' bytes over its wall time
     outputs: list[bytes] = field(default_factory=list)  # every row of every run, in order
@@ -149,15 +159,15 @@ class DecoderResult:
         self.total = GenerationStats(self.draft_heads)
 
     @property
-    def kind(self) -> tuple[int, bool, int]:
-        return self.draft_heads, self.adaptive, self.tree
+    def kind(self) -> tuple[int, bool, int, bool]:
+        return self.draft_heads, self.adaptive, self.tree, self.plain
 
     @property
     def label(self) -> str:
         if not self.draft_heads:
             return "autoregressive"
         how = ", adaptive" if self.adaptive else f", tree of {self.tree}" if self.tree else ""
-        return f"speculative ({self.draft_heads} drafts{how})"
+        return f"speculative ({self.draft_heads} drafts{how}{', plain' if self.plain else ''})"
 
     @property
     def median_bytes_per_s(self) -> float:
@@ -216,6 +226,7 @@ class BenchReport:
             "draft_heads": m.draft_heads,
             "adaptive": m.adaptive,
             "tree": m.tree,
+            "plain_drafts": m.plain,
             "bytes_per_s": m.median_bytes_per_s,
             "speedup": self.speedup(m),
             "bytes_per_forward": m.bytes_per_forward,
@@ -227,6 +238,7 @@ class BenchReport:
             "model": self.model,
             "prompts": self.config.prompts,
             "prompt_bytes": self.config.prompt_bytes,
+            "workload": self.config.workload,
             "max_bytes": self.config.max_bytes,
             "temperature": self.config.temperature,
             "draft_temperature": self.draft_temperature,
@@ -263,7 +275,8 @@ class BenchReport:
         else:
             how = f"greedy (chain drafts {coupled})" if coupled else "greedy"
         lines = [
-            f"{c.prompts} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, on {self.device}; "
+            f"{c.prompts} {c.workload} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, "
+            f"on {self.device}; "
             f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "
             f"{self.model['params']:,} params",
             f"{'batch':>5}  {'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}"

@@ -15,6 +15,11 @@ setting's rule (the decoder's own, compiled when it is; greedy rows alone, the g
 rule); rows that differ share a step under per-row settings (``RowSampling``), where a
 greedy row is a point mass at head 1's argmax and its drafts point masses too, judged by
 the very rules that judge sampled drafts: its output is still greedy decoding's.
+
+With drafts from the rows' own text (``bytemtp.decode.incontext``), the strategy keeps each
+row's text and trigram counts, and a row whose last bytes occurred before in its text drafts
+the bytes that followed there instead of the heads' (``looked_up``); when sampling, those are
+judged by point masses.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from bytemtp.decode.batch import Batch, Decision
+from bytemtp.decode.batch import Batch, Decision, Row
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.host_chain import host_chain_decide
+from bytemtp.decode.incontext import ContextDrafting, InContext, RowTexts
 from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.verify import ChainRule, Uniforms
@@ -50,34 +57,53 @@ class ChainDrafts:
         step: StepFn | None = None,
         host_context: HostContext = UNCOUPLED,
         rules: RuleFn | None = None,
+        drafting: ContextDrafting = ContextDrafting(),
     ):
         self.model, self.rule, self.n_drafts, self.policy = model, rule, n_drafts, policy
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
         self.host_context, self.rules = host_context, rules
+        self.drafting = drafting if n_drafts else ContextDrafting()
+        # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step of one
+        # row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
+        self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
+        self.reach = n_drafts  # a lookup's length in this batch
+        self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
+        self.looked_up: list[bool] = []
         self.draft_probs: torch.Tensor | None = None
 
     def start(self, batch: Batch) -> None:
         """Fresh per-row state for ``batch``."""
         n = len(batch.rows)
         self.drafts, self.n_valid = [[0] * self.n_drafts for _ in range(n)], [0] * n
+        self.looked_up = [False] * n
         self.draft_probs = None
         if self.policy is not None:
             self.policy = DraftPolicy(self.policy.costs, n)
+        self.texts = RowTexts(n, self.model.cfg.vocab) if self.drafting.on else None
+        self.reach = self.longest if n == 1 else self.n_drafts
 
     def admit(self, batch: Batch, r: int) -> None:
         """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
-        self.drafts[r], self.n_valid[r] = [0] * self.n_drafts, 0
+        self.drafts[r], self.n_valid[r], self.looked_up[r] = [0] * self.n_drafts, 0, False
         if self.policy is not None:
             self.policy.reset(r)
+        if self.texts is not None:
+            self.texts.reset(r)
 
     def flush(self) -> None:
         """Nothing is pending between steps (a tree's cache moves are)."""
 
     def pick(self, batch: Batch, active: list[bool]) -> tuple[ChainRule, Callable, StepFn | None]:
         """The rule of a step over the ``active`` rows, how it decides, and the compiled step when the
-        rule is the one it was compiled with."""
+        rule is the one it was compiled with. An eager decision appends the decided bytes of the
+        active rows that draft from their texts itself, before drafting from them."""
+        texts = self.texts
+        if texts is not None:
+            texts.active = np.array([on and self.drafting.uses_text(row.params.sampling.greedy)
+                                     for on, row in zip(active, batch.rows)])
+            texts = texts if texts.active.any() else None  # no row of this step has a use for its text
         settings = {row.params.sampling for r, row in enumerate(batch.rows) if active[r]}
         if settings == {self.rule.sampling} or self.rules is None:
             rule, context, step = self.rule, self.host_context, self.step_fn
@@ -86,7 +112,10 @@ class ChainDrafts:
             rule, context = self.rules(settings.pop() if len(settings) == 1 else rows)
             step = None
         # eager: decided on the host, with the rule's draft context as host arrays (``host_arrays``)
-        decide = chain_decide if step is not None else functools.partial(host_chain_decide, context=context)
+        decide = chain_decide
+        if step is None:
+            mixing = self.drafting.mixing([row.params.sampling.greedy for row in batch.rows])
+            decide = functools.partial(host_chain_decide, context=context, texts=texts, mixing=mixing)
         return rule, decide, step
 
     def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
@@ -95,60 +124,79 @@ class ChainDrafts:
         (which depends on the other rows): its stream of numbers is its own."""
         if rule.sampling.greedy:
             return None
-        m = self.n_drafts
-        u = torch.zeros(len(batch.rows), 2 * m + 1)
+        m, w = self.n_drafts, self.longest  # a lookup may judge more drafts than the heads make
+        u = torch.zeros(len(batch.rows), w + 1 + m)
         for r, row in enumerate(batch.rows):
             if active[r] and row.generator is not None:
-                u[r] = torch.rand(2 * m + 1, generator=row.generator)
+                u[r] = torch.rand(w + 1 + m, generator=row.generator)
         u = u.to(batch.device)
-        return Uniforms(u[:, :k], u[:, m], u[:, m + 1 :])
+        return Uniforms(u[:, :k], u[:, w], u[:, w + 1 :])
 
-    def judged_probs(self, batch: Batch, rule: ChainRule) -> torch.Tensor | None:
-        """The distributions the drafts being judged were drawn from: as kept, and under per-row
-        settings a point mass on each greedy row's draft (a greedy row keeps none)."""
-        if rule.sampling.greedy:
+    def judged_probs(self, rule: ChainRule, ids: torch.Tensor, active: list[bool]) -> torch.Tensor | None:
+        """The distributions the drafts of ``ids`` [B, P] being judged were drawn from: as kept, and
+        a point mass on each draft that was chosen, not drawn: a looked-up row's, and under per-row
+        settings a greedy row's (which keeps none) -> [B, P-1, V]."""
+        if rule.sampling.greedy or not self.n_drafts:
             return None
-        if not isinstance(rule.sampling, RowSampling) or not self.n_drafts:
-            return self.draft_probs
-        greedy = rule.sampling.temperature == 0
-        drafts = torch.tensor(self.drafts, device=batch.device)
-        point = torch.nn.functional.one_hot(drafts, self.model.cfg.vocab).float()
-        if self.draft_probs is None:
-            return point
-        return torch.where(greedy[:, None, None], point, self.draft_probs)
+        lookups = [on and looked for on, looked in zip(active, self.looked_up)]
+        q, per_row = self.draft_probs, isinstance(rule.sampling, RowSampling)
+        if not any(lookups) and not per_row:
+            return q
+        chosen = torch.tensor(lookups, device=ids.device)
+        if per_row:
+            chosen = chosen | (rule.sampling.temperature == 0)
+        k = ids.shape[1] - 1
+        points = torch.nn.functional.one_hot(ids[:, 1:], self.model.cfg.vocab).float()
+        if q is None:
+            return points
+        b, m, v = q.shape
+        heads = q[:, :k] if k <= m else torch.cat((q, q.new_zeros(b, k - m, v)), dim=1)
+        return torch.where(chosen[:, None, None], points, heads)
 
     def first(
         self, batch: Batch, active: list[bool], logits: torch.Tensor, features: torch.Tensor
     ) -> dict[int, Decision]:
         """Decide from the prompts' forwards: head-1 ``logits`` [B, 1, V] and draft ``features``
         [B, 1, F, d] at each row's last id."""
+        if self.texts is not None:  # a row's context the first time it is encoded (not after a cut)
+            for r, row in enumerate(batch.rows):
+                if active[r] and self.drafting.uses_text(row.params.sampling.greedy):
+                    self.texts.begin(r, row.window)
         last = torch.tensor([[row.last] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
-        rule, decide, _ = self.pick(batch, active)
+        rule, decide, step = self.pick(batch, active)
         u = self.uniforms(batch, active, 0, rule)
         out = decide(self.model, rule, self.n_drafts, logits, features, last, zeros, None, u)
-        return self._read(batch, active, out, [0] * len(batch.rows), fed=False)
+        return self._read(batch, active, out, [0] * len(batch.rows), fed=False, eager=step is None)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
         """One forward of ``[pending, drafts]`` for the active rows."""
-        most = max(self.n_valid) if self.policy is not None else self.n_drafts
+        most = max(n for n, on in zip(self.n_valid, active) if on)
         width = 1 + min(most, batch.fits(active))
         n_valid = [min(self.n_valid[r], width - 1) if active[r] else 0 for r in range(len(batch.rows))]
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
-        ids = torch.tensor(ids, device=batch.device)
+        ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
         rule, decide, step = self.pick(batch, active)
         u = self.uniforms(batch, active, width - 1, rule)
-        args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(batch, rule), u)
+        args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(rule, ids, active), u)
         if step is None:
             kv_len = batch.kv_len(width)
             out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide)
         else:
-            out = step(*args)
-        return self._read(batch, active, out, n_valid, fed=True)
+            out = step(*args, counts=self.counts(batch))
+        return self._read(batch, active, out, n_valid, fed=True, eager=step is None)
+
+    def counts(self, batch: Batch) -> InContext | None:
+        """The rows' counts for a compiled step's in-context weight, read in place: on a CPU only
+        (elsewhere they would cross to the device every step, and compiled drafts go without).
+        They hold the text up to the step before: its own bytes are counted after it."""
+        if self.texts is None or batch.device.type != "cpu":
+            return None
+        return self.texts.tensors(self.drafting.mixing([row.params.sampling.greedy for row in batch.rows]))
 
     def _read(
-        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool
+        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool, eager: bool
     ) -> dict[int, Decision]:
         """Keep the new drafts (and their distributions) and read the decisions: one transfer for all rows."""
         ints, q, confidence = out
@@ -170,4 +218,18 @@ class ChainDrafts:
             decisions[r] = Decision(entered, [*drafts[:a], host.next_byte[r]], n_judged[r], host.broken[r])
             self.drafts[r] = host.drafts[r]
             self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
+            if self.texts is not None and self.drafting.uses_text(row.params.sampling.greedy):
+                self._from_text(r, row, decisions[r].decided, eager)
         return decisions
+
+    def _from_text(self, r: int, row: Row, decided: list[int], eager: bool) -> None:
+        """Row ``r``'s text after a decision (an eager one appended its bytes itself; a compiled
+        step's are appended here), and its lookup draft in place of the heads' when it has one."""
+        if not eager:
+            self.texts.extend(r, decided)
+        lookup = self.drafting.lookup_for(row.params.sampling.greedy)
+        proposal = self.texts.lookup(r, self.reach, self.drafting.min_match) if lookup else []
+        self.looked_up[r] = bool(proposal)
+        if proposal:
+            self.drafts[r], self.n_valid[r] = proposal, len(proposal)
+            row.stats.lookups += 1

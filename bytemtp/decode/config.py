@@ -10,6 +10,13 @@ import torch
 from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import DraftPolicy
 from bytemtp.decode.batch import RowParams
+from bytemtp.decode.incontext import (
+    CONTEXT_MIXING,
+    GREEDY_CONTEXT_MIXING,
+    GREEDY_LOOKUP,
+    SAMPLED_LOOKUP,
+    ContextDrafting,
+)
 from bytemtp.decode.sampling import SamplingConfig, draft_sampling
 from bytemtp.decode.tree import check_tree_request
 from bytemtp.errors import BytemtpError
@@ -38,7 +45,10 @@ class GenerationConfig:
     to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the two
     bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING`` when
     sampling, ``GREEDY_COUPLING`` greedy), where the model carries its training data's
-    byte-trigram counts.
+    byte-trigram counts. ``context_mixing``: how strongly chain drafts follow each row's own
+    byte trigrams (``bytemtp.decode.incontext``; 0: off; None: ``CONTEXT_MIXING`` or
+    ``GREEDY_CONTEXT_MIXING``); ``lookup``: a chain row whose last bytes occurred before in its
+    text drafts what followed them there (None: ``GREEDY_LOOKUP`` and ``SAMPLED_LOOKUP``).
     """
 
     prompt: bytes = b""
@@ -55,6 +65,8 @@ class GenerationConfig:
     stop_at_bos: bool = True
     draft_temperature: float | None = None
     draft_coupling: float | None = None
+    context_mixing: float | None = None
+    lookup: bool | None = None
 
     def __post_init__(self) -> None:
         self.prompt = bytes(self.prompt)
@@ -77,6 +89,8 @@ class GenerationConfig:
                                    "bytes, at no temperature")
         if self.draft_coupling is not None and not 0 <= self.draft_coupling < math.inf:
             raise BytemtpError(f"--draft-coupling: must be >= 0 (0 = off), got {self.draft_coupling}")
+        if self.context_mixing is not None and not 0 <= self.context_mixing < math.inf:
+            raise BytemtpError(f"--context-mixing: must be >= 0 (0 = off), got {self.context_mixing}")
         self.row_params(None)  # validates the budget, stop strings, temperature, top-k, top-p
 
     @property
@@ -103,6 +117,15 @@ class GenerationConfig:
             return self.draft_coupling
         return GREEDY_COUPLING if greedy else DRAFT_COUPLING
 
+    @property
+    def context_drafting(self) -> ContextDrafting:
+        """How chain drafts use each row's own text."""
+        greedy, sampled = (GREEDY_CONTEXT_MIXING, CONTEXT_MIXING) if self.context_mixing is None else (
+            (self.context_mixing,) * 2
+        )
+        lookups = (GREEDY_LOOKUP, SAMPLED_LOOKUP) if self.lookup is None else (self.lookup,) * 2
+        return ContextDrafting(greedy, sampled, *lookups)
+
     def n_drafts(self, n_future: int) -> int:
         """Draft heads used with a model of ``n_future`` heads; 0 means autoregressive, where a
         drafting setting (draft heads, a tree, draft costs, temperature or coupling) is an error:
@@ -126,6 +149,7 @@ class GenerationConfig:
         settings = {
             "--draft-heads": self.draft_heads, "--tree": self.tree_nodes or None, "--adaptive": self.draft_costs,
             "--draft-temperature": self.draft_temperature, "--draft-coupling": self.draft_coupling,
+            "--context-mixing": self.context_mixing, "--lookup": self.lookup or None,
         }
         given = [flag for flag, value in settings.items() if value is not None]
         if given:

@@ -97,7 +97,10 @@ class Decoder:
                 self.config.draft_sampling, self.host_context,
             )
         policy = self.config.draft_policy(self.n_drafts, self.device)
-        return ChainDrafts(self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.chain_rule)
+        return ChainDrafts(
+            self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.chain_rule,
+            self.config.context_drafting,
+        )
 
     def engine(self, n_slots: int, cache_len: int) -> Engine:
         """An engine of ``n_slots`` rows with caches of ``cache_len`` positions, decoding as configured;

@@ -23,10 +23,13 @@ import numpy as np
 import torch
 
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
+from bytemtp.decode.incontext import CONTEXT_PSEUDO, RowTexts
 from bytemtp.decode.sampling import probabilities
 from bytemtp.decode.verify import ChainRule, Uniforms
 from bytemtp_native.chain_ops import chain_output, greedy_chain, sampled_chain
 
+# no rows' texts: the count tables of chain_output
+_NO_TABLES = (np.zeros((0, 0), np.int64), np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float32))
 # the sampling arguments of a greedy step, and the draft distributions of a step that judges no drafts
 _NONE, _NONE_2D = np.zeros((0, 0, 0), np.float32), np.zeros((0, 0), np.float32)
 
@@ -43,10 +46,15 @@ def host_chain_decide(
     u: Uniforms | None,
     *,
     context: HostContext,
+    texts: RowTexts | None = None,
+    mixing: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
     (the draft heads' confidence only when the rule asks for it), and ``context``, the rule's
-    draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once)."""
+    draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once). With the
+    rows' ``texts`` (``bytemtp.decode.incontext``), the decided bytes of its ``active`` rows are
+    appended to them before drafting, and drafts are mixed with their counts at ``mixing`` [B]
+    (each row's strength)."""
     host_logits, host_fed, host_valid = (t.cpu().numpy() for t in (logits.float(), fed, n_valid))
     host_drafts = host_fed[:, 1:]
     greedy = rule.sampling.greedy
@@ -57,18 +65,25 @@ def host_chain_decide(
         q = draft_probs.cpu().numpy() if draft_probs is not None else _NONE
         uniforms = u.accept.cpu().numpy(), u.next.cpu().numpy()
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
+    if texts is not None:
+        texts.extend_step(texts.active, host_fed, accepted, next_byte)
+    tables = _NO_TABLES if texts is None else (texts.keys, texts.counts, texts.totals)
+    mixing = np.zeros(len(accepted)) if mixing is None or texts is None else mixing
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)
-        out = chain_output(accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED)
+        out = chain_output(
+            accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED, *_NO_TABLES, mixing, 1.0
+        )
         return torch.from_numpy(out).to(logits.device), None, None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
     out = chain_output(
-        accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context
+        accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context,
+        *tables, mixing, CONTEXT_PSEUDO,
     )
-    if context[0].size and not greedy:  # host_q now holds the distributions the drafts were drawn from
+    if (context[0].size or mixing.any()) and not greedy:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)
     confidence = None  # read only by a DraftPolicy, which asks for it
     if rule.confidence:

@@ -11,11 +11,23 @@ from bytemtp.data.shards import Dataset
 from bytemtp.errors import BytemtpError
 
 
-def sample_prompts(data_dir: str | Path, n: int, prompt_bytes: int, seed: int, split: str = "val") -> list[bytes]:
-    """``n`` seeded prompts: a random document of ``split``, a random offset, ``prompt_bytes`` long.
+WORKLOADS = ("text", "copy")
+COPY_OPENING = 8  # bytes of the document's opening repeated after a copy prompt's newline
 
-    Only the shards that the draws land on are read, so this stays cheap on large datasets.
+
+def sample_prompts(
+    data_dir: str | Path, n: int, prompt_bytes: int, seed: int, split: str = "val", workload: str = "text"
+) -> list[bytes]:
+    """``n`` seeded prompts from random documents of ``split``.
+
+    ``text``: ``prompt_bytes`` from a random offset. ``copy``: the document's first ``prompt_bytes``,
+    a newline and its first ``COPY_OPENING`` bytes again, so the likely continuation repeats text
+    already in the context, as editing code or quoting a document does (what drafts looked up in
+    a row's own context are for). Only the shards that the draws land on are read, so this
+    stays cheap on large datasets.
     """
+    if workload not in WORKLOADS:
+        raise BytemtpError(f"--workload: one of {', '.join(WORKLOADS)}, got {workload!r}")
     ds = Dataset(data_dir)
     shards = ds.shards(split)
     if not shards:
@@ -31,6 +43,9 @@ def sample_prompts(data_dir: str | Path, n: int, prompt_bytes: int, seed: int, s
             cache[i] = [d for d in ds.read(shards[i]).docs() if len(d) >= prompt_bytes]
         if cache[i]:
             doc = rng.choice(cache[i])
+            if workload == "copy":
+                prompts.append(doc[:prompt_bytes] + b"\n" + doc[: min(COPY_OPENING, prompt_bytes)])
+                continue
             start = rng.randrange(len(doc) - prompt_bytes + 1)
             prompts.append(doc[start : start + prompt_bytes])
     raise BytemtpError(f"{data_dir}: too few {split} documents of at least {prompt_bytes} bytes for {n} prompts")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from bytemtp.decode.coupling import DraftContext
+from bytemtp.decode.incontext import InContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
@@ -74,6 +75,7 @@ def chain_decide(
     n_valid: torch.Tensor,
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
+    counts: InContext | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Verify the drafts of ``fed`` [B, P] (the pending byte, then the drafts; a prompt's forward:
     its last id) against head-1 ``logits`` [B, P, V] and draft the next block at the accepted
@@ -87,7 +89,7 @@ def chain_decide(
     if n_drafts:
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
         draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
-        new, q = rule.propose(draft_logits, u, fed.gather(1, accepted[:, None])[:, 0], next_byte)
+        new, q = rule.propose(draft_logits, u, fed.gather(1, accepted[:, None])[:, 0], next_byte, counts)
         if rule.confidence:
             confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
         broken = broken | nonfinite(draft_logits)
@@ -106,13 +108,17 @@ def chain_step(
     u: Uniforms | None,
     kv_len: int | None = None,
     decide: Callable[..., ChainOutput] | None = None,
+    counts: InContext | None = None,
 ) -> ChainOutput:
     """Forward ``[pending, drafts]`` (``ids`` [B, P]) at cache slots ``input_pos`` [B, P] and decide
     (``decide``, with ``chain_decide``'s arguments and results; default ``chain_decide``, which
-    traces whole; eager steps pass ``bytemtp.decode.host_chain.host_chain_decide``).
+    traces whole, weighing drafts by the rows' in-context ``counts`` when given; eager steps pass
+    ``bytemtp.decode.host_chain.host_chain_decide``, which reads the rows' texts on the host).
     ``kv_len``: eager steps read only the cache slots in use."""
     logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len)
-    return (decide or chain_decide)(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u)
+    if decide is not None:
+        return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u)
+    return chain_decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, counts)
 
 
 def tree_decide(

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bytemtp.decode.coupling import DraftContext, couple
+from bytemtp.decode.coupling import DraftContext
+from bytemtp.decode.incontext import InContext
 from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
 
 
@@ -105,13 +106,19 @@ class ChainRule:
         return accepted, draw(fallback.gather(1, at)[:, 0], u.next)
 
     def propose(
-        self, draft_logits: torch.Tensor, u: Uniforms | None, before: torch.Tensor, after: torch.Tensor
+        self,
+        draft_logits: torch.Tensor,
+        u: Uniforms | None,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        counts: InContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The draft heads' logits [B, m, V] at the accepted position, whose byte is ``before`` [B]
         and whose next byte is ``after`` [B] -> (drafts [B, m], and when sampling the distributions
-        q [B, m, V] they were drawn from, which the next step judges them by)."""
+        q [B, m, V] they were drawn from, which the next step judges them by). ``counts``: each
+        draft's weights also times the rows' in-context factor (``bytemtp.decode.incontext``)."""
         greedy = self.sampling.greedy
-        if self.context is None:
+        if self.context is None and counts is None:
             if greedy:
                 return draft_logits.argmax(dim=-1), None
             q = probabilities(draft_logits, self.draft_sampling)
@@ -119,10 +126,14 @@ class ChainRule:
         q = None if greedy else probabilities(draft_logits, self.draft_sampling)
         drafts, coupled = [], []
         for j in range(draft_logits.shape[1]):  # each draft given the two bytes before it
+            w = self.context.after(before, after) if self.context is not None else None
+            if counts is not None:
+                w = counts.factor(before, after) if w is None else w * counts.factor(before, after)
             if greedy:  # the likeliest byte of the head's distribution times the weights
-                draft = (draft_logits[:, j].float() + self.context.after(before, after).log()).argmax(dim=-1)
+                draft = (draft_logits[:, j].float() + w.log()).argmax(dim=-1)
             else:
-                coupled.append(couple(q[:, j], self.context, before, after))
+                weighed = q[:, j] * w
+                coupled.append(weighed / weighed.sum(-1, keepdim=True))
                 draft = draw(coupled[-1], u.drafts[:, j])
             before, after = after, draft
             drafts.append(draft)
