@@ -158,3 +158,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(micro_data, tmp_path):
     assert deterministic(metrics(parts)) == deterministic(metrics(whole))
     assert_same_weights(weights(parts), weights(whole))
 
+
+
+def test_progress_bar_shows_head_1_loss(micro_data, tmp_path, capsys):
+    """The bar's bpb is head 1's training loss (what a user compares with val), not the mean over heads."""
+    run = tmp_path / "run"
+    train(micro_train(steps=5, eval_every=5), MICRO, micro_data, run, progress=True)
+    last = metrics(run)[-1]
+    shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"head 1 {last['bpb_heads'][0]:.3f} bpb" in shown and f"val {last['val_bpb']:.3f}" in shown
+    assert f"{last['loss']:.3f}" not in shown  # the mean over heads (head 2's loss is far higher)
