@@ -103,8 +103,10 @@ def train_and_score(s: Setting, model_cfg: ModelConfig, train_cfg: TrainConfig, 
                     examples: int | None) -> dict:
     run = root / s.name
     if not (run / "checkpoints").exists():
-        train(replace(train_cfg, steps=s.steps, seed=s.seed), replace(model_cfg, n_future=s.n), data, run,
-              progress=False)
+        result = train(replace(train_cfg, steps=s.steps, seed=s.seed), replace(model_cfg, n_future=s.n), data, run,
+                       progress=False)
+        if result.signal:  # interrupted: stop the bench, not just this run
+            sys.exit(result.exit_code)
     model, _ = load_model(run, torch.device("cpu"))
     return run_probe(model, s.probe, examples)
 
