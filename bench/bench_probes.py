@@ -35,7 +35,7 @@ import torch
 
 from bytemtp.data.prepare import is_up_to_date, prepare
 from bytemtp.model.config import ModelConfig
-from bytemtp.train.checkpoint import load_model
+from bytemtp.train.checkpoint import list_checkpoints, load_model
 from bytemtp.train.config import TrainConfig
 from bytemtp.train.flops import flops_per_byte
 from bytemtp.train.loop import train
@@ -102,11 +102,11 @@ def dataset(probe: str, root: Path) -> Path:
 def train_and_score(s: Setting, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Path, root: Path,
                     examples: int | None) -> dict:
     run = root / s.name
-    if not (run / "checkpoints").exists():
-        result = train(replace(train_cfg, steps=s.steps, seed=s.seed), replace(model_cfg, n_future=s.n), data, run,
-                       progress=False)
-        if result.signal:  # interrupted: stop the bench, not just this run
-            sys.exit(result.exit_code)
+    resume = bool(list_checkpoints(run))  # a bench run again picks up (or reuses) what it trained before
+    result = train(replace(train_cfg, steps=s.steps, seed=s.seed), None if resume else replace(model_cfg, n_future=s.n),
+                   data, run, resume=resume, progress=False)
+    if result.signal:  # interrupted: stop the bench, not just this run
+        sys.exit(result.exit_code)
     model, _ = load_model(run, torch.device("cpu"))
     return run_probe(model, s.probe, examples)
 
