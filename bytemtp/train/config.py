@@ -205,6 +205,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "base": {"batch_size": 16, "lr": 6e-4, "warmup_steps": 500, "steps": 20000, "eval_every": 1000, "ckpt_every": 1000},
 }
 
+
 def _resolved_schedule(cfg: TrainConfig) -> dict[str, int]:
     """A schedule's end fixed at the run's steps when it starts, so extending the run with
     ``--resume --steps`` does not stretch a schedule already under way."""

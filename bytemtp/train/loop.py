@@ -58,7 +58,7 @@ from bytemtp.train.distributed import (
 from bytemtp.train.evaluate import EvalResult, evaluate, require_split
 from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
-from bytemtp.train.metrics import METRICS, MetricsLog
+from bytemtp.train.metrics import METRICS, MetricsLog, progress_text
 from bytemtp.train.nonfinite import NonFiniteWatch, refuse_nonfinite_weights
 from bytemtp.train.objective import LN2, head_weights, resolve_loss_mode
 from bytemtp.train.objective_schedule import draft_weights
@@ -85,18 +85,6 @@ class TrainResult:
     def exit_code(self) -> int:
         """0, or 128 + signal number for a run stopped by SIGINT (130) / SIGTERM (143)."""
         return 128 + self.signal if self.signal else 0
-
-
-def progress_text(record: dict[str, Any]) -> str:
-    """The progress bar's summary of a logged step. Its bits per byte are head 1's training
-    loss, the figure that compares with ``val`` (head 1's on held-out data): the mean over
-    heads that the objective minimises mixes in the draft heads' far higher losses."""
-    text = f"head 1 {record['bpb_heads'][0]:.3f} bpb, {record['bytes_per_s'] / 1e3:.1f} kB/s"
-    if "mfu" in record:
-        text += f", MFU {record['mfu']:.1%}"
-    if "val_bpb" in record:
-        text += f", val {record['val_bpb']:.3f}"
-    return text
 
 
 def train(
