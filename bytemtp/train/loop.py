@@ -60,8 +60,8 @@ from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
 from bytemtp.train.metrics import METRICS, MetricsLog, progress_text
 from bytemtp.train.nonfinite import NonFiniteWatch, refuse_nonfinite_weights
-from bytemtp.train.objective import LN2, head_weights, resolve_loss_mode
-from bytemtp.train.objective_schedule import draft_weights
+from bytemtp.train.objective import LN2, resolve_loss_mode
+from bytemtp.train.objective_schedule import draft_weights, logged_weights
 from bytemtp.train.optim import MuonAdamW, build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
 from bytemtp.train.precision import autocast, training_precision
@@ -327,7 +327,7 @@ class _Run:
             "step": self.step,
             "loss": sum(bpb_heads) / len(bpb_heads),
             "bpb_heads": bpb_heads,
-            "head_weights": head_weights(len(bpb_heads), self.objective.draft_loss_weight).tolist(),
+            "head_weights": logged_weights(self.objective.draft_loss_weight),
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "bytes": self.step * self.bytes_per_step,

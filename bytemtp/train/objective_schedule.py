@@ -78,3 +78,10 @@ def draft_weights(cfg: TrainConfig, step: int, n_future: int) -> list[float]:
     first, last = cfg.heads_initial or n_future, cfg.heads_final or n_future
     heads = round(first + t * (last - first))
     return [weight if k < heads else 0.0 for k in range(1, n_future)]
+
+
+def logged_weights(drafts: list[float]) -> list[float]:
+    """Every head's weight in the objective (head 1 first, normalised to sum 1), for
+    ``metrics.jsonl``: computed on the host, as no device value is read between logged steps."""
+    total = 1.0 + sum(drafts)
+    return [1.0 / total, *(w / total for w in drafts)]
