@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         steps[name] = round(args.steps * ref / f) if args.equal_flops else args.steps
         run = {"steps": steps[name], "eval_every": 0, "log_every": 50, "decay_steps": steps[name],
                "ckpt_every": steps[name]}
-        configs[name] = build_configs(preset=args.preset, overrides={**overrides[name], **run})
+        model_cfg, train_cfg = build_configs(preset=args.preset, overrides={**overrides[name], **run})
+        configs[name] = model_cfg, train_cfg.resolved(model_cfg)  # schedules planned for the whole run
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_recipe-"))
     seconds = dict.fromkeys(configs, 0.0)

@@ -158,3 +158,32 @@ def test_sigkill_then_resume_matches_uninterrupted_run(micro_data, tmp_path):
     assert deterministic(metrics(parts)) == deterministic(metrics(whole))
     assert_same_weights(weights(parts), weights(whole))
 
+
+
+def test_progress_bar_shows_head_1_loss(micro_data, tmp_path, capsys):
+    """The bar's bpb is head 1's training loss (what a user compares with val), not the mean over heads."""
+    run = tmp_path / "run"
+    train(micro_train(steps=5, eval_every=5), MICRO, micro_data, run, progress=True)
+    last = metrics(run)[-1]
+    shown = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"head 1 {last['bpb_heads'][0]:.3f} bpb" in shown and f"val {last['val_bpb']:.3f}" in shown
+    assert f"{last['loss']:.3f}" not in shown  # the mean over heads (head 2's loss is far higher)
+
+
+def test_resume_mid_schedule_matches_uninterrupted_run(micro_data, tmp_path, monkeypatch):
+    """The draft weight and the heads trained depend on the step alone: a run stopped halfway
+    through an objective schedule and resumed trains what an uninterrupted one does."""
+    model = MICRO.__class__(**{**MICRO.to_dict(), "n_future": 3})
+    cfg = micro_train(steps=12, ckpt_every=4, objective_schedule="cosine", draft_weight_initial=1.0,
+                      draft_loss_weight=0.25, heads_initial=1, objective_begin=2)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(cfg, model, micro_data, whole, progress=False)
+    interrupt_at_batch(monkeypatch, 6)
+    assert train(cfg, model, micro_data, parts, progress=False).step == 6
+    monkeypatch.undo()
+    assert train(cfg, None, micro_data, parts, resume=True, progress=False).step == 12
+    logged = deterministic(metrics(parts))
+    assert logged == deterministic(metrics(whole))
+    assert logged[5]["head_weights"] != logged[-1]["head_weights"]
+    assert logged[-1]["head_weights"] == pytest.approx([1 / 1.5, 0.25 / 1.5, 0.25 / 1.5], abs=1e-6)
+    assert_same_weights(weights(parts), weights(whole))

@@ -36,7 +36,7 @@ from bytemtp.data.documents import Document, ReadOptions, ReadStats
 from bytemtp.data.text import read_records, read_text
 from bytemtp.data.walk import DirectoryWalk
 from bytemtp.errors import BytemtpError
-from bytemtp_corpora import CORPORA, Corpus
+from bytemtp_corpora import CORPORA, Corpus, GeneratedCorpus
 
 BUILTIN_PREFIX = "builtin:"
 STDIN = "-"
@@ -149,6 +149,29 @@ class BuiltinSource(DirSource):
         return []  # the interpreter's own files: never where a dataset is written
 
 
+class GeneratedSource(Source):
+    """A named generated corpus from ``bytemtp_corpora`` (a probe's data): each document is an
+    entry of its own, read as text from memory."""
+
+    def __init__(self, corpus: GeneratedCorpus):
+        self.corpus = corpus
+
+    def describe(self) -> dict:
+        h = hashlib.sha256()
+        n_docs = n_bytes = 0
+        for identity, data in self.corpus.documents():
+            h.update(identity.encode() + b"\0" + struct.pack("<Q", len(data)) + data)
+            n_docs += 1
+            n_bytes += len(data)
+        return {"kind": "builtin", "name": self.corpus.name, **self.corpus.meta, "documents": n_docs,
+                "bytes": n_bytes, "content_sha256": h.hexdigest()}
+
+    def entries(self) -> Iterator[Entry]:
+        name = BUILTIN_PREFIX + self.corpus.name
+        for identity, data in self.corpus.documents():
+            yield Entry(identity, name, "text", None, None, lambda data=data: contextlib.nullcontext(io.BytesIO(data)))
+
+
 class StdinSource(Source):
     """One document, or JSON Lines records with ``format="jsonl"``; compression is sniffed."""
 
@@ -181,7 +204,8 @@ def resolve_sources(specs: Sequence[str], options: ReadOptions, stdin: BinaryIO 
             name = spec[len(BUILTIN_PREFIX) :]
             if name not in CORPORA:
                 raise BytemtpError(f"{spec}: unknown built-in corpus (known: {', '.join(sorted(CORPORA))})")
-            sources.append(BuiltinSource(CORPORA[name]()))
+            corpus = CORPORA[name]()
+            sources.append(BuiltinSource(corpus) if isinstance(corpus, Corpus) else GeneratedSource(corpus))
         else:
             path = Path(spec)
             if path.is_dir():

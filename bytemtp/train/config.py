@@ -27,6 +27,7 @@ from typing import Any
 from bytemtp import MAX_SEED
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.config import PRESETS, ModelConfig, from_dict
+from bytemtp.train.objective_schedule import check_heads, check_schedule
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
@@ -41,7 +42,7 @@ RESUMABLE_CHANGES = frozenset(
 # Fields a resumed run does not inherit from the checkpoint (they start from the defaults).
 PER_INVOCATION = frozenset({"time_budget", "device", "compile", "peak_tflops", "muon_dtype"})
 # Fields whose 0 means "derive it": seq_len from the model, decay_steps from steps.
-AUTO_ZERO = frozenset({"seq_len", "decay_steps"})
+AUTO_ZERO = frozenset({"seq_len", "decay_steps", "objective_end"})
 
 
 @dataclass
@@ -67,6 +68,12 @@ class TrainConfig:
     ``draft_loss_weight`` weighs each draft head's loss against head 1's in the objective
     (``bytemtp.train.objective.head_weights``); 1, the default and what an older config
     means, is the paper's plain mean over heads.
+
+    ``objective_schedule`` (``"linear"``, ``"cosine"``; default ``"constant"``) moves that weight
+    from ``draft_weight_initial`` and the number of heads trained from ``heads_initial``
+    to their final values (``draft_loss_weight``, ``heads_final``; heads 0: all) between steps
+    ``objective_begin`` and ``objective_end`` (0: the run's ``steps`` when it starts); see
+    ``bytemtp.train.objective_schedule``.
     """
 
     steps: int = 200
@@ -86,6 +93,12 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_dtype: str = "auto"
     draft_loss_weight: float = 1.0
+    objective_schedule: str = "constant"
+    draft_weight_initial: float = 0.0
+    heads_initial: int = 0
+    heads_final: int = 0
+    objective_begin: int = 0
+    objective_end: int = 0
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -129,6 +142,7 @@ class TrainConfig:
         if self.loss_mode not in ("auto", *LOSS_MODES):
             raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of auto, {', '.join(LOSS_MODES)}")
         check_train_ranges(self)
+        check_schedule(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,7 +156,9 @@ class TrainConfig:
         seq_len = self.seq_len or model.max_seq_len
         if seq_len > model.max_seq_len:
             raise BytemtpError(f"--seq-len: {seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
-        return dataclasses.replace(self, seq_len=seq_len, decay_steps=self.decay_steps or self.steps)
+        check_heads(self, model.n_future)
+        return dataclasses.replace(self, seq_len=seq_len, decay_steps=self.decay_steps or self.steps,
+                                   **_resolved_schedule(self))
 
 
 # Upper bounds that keep a finite but absurd value from overflowing inside torch (a traceback) or
@@ -188,6 +204,13 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "small": {"batch_size": 16, "lr": 1e-3, "warmup_steps": 200, "steps": 5000, "eval_every": 500, "ckpt_every": 500},
     "base": {"batch_size": 16, "lr": 6e-4, "warmup_steps": 500, "steps": 20000, "eval_every": 1000, "ckpt_every": 1000},
 }
+
+
+def _resolved_schedule(cfg: TrainConfig) -> dict[str, int]:
+    """A schedule's end fixed at the run's steps when it starts, so extending the run with
+    ``--resume --steps`` does not stretch a schedule already under way."""
+    return {"objective_end": cfg.objective_end or cfg.steps} if cfg.objective_schedule != "constant" else {}
+
 
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 _TRAIN_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

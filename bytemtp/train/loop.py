@@ -58,9 +58,10 @@ from bytemtp.train.distributed import (
 from bytemtp.train.evaluate import EvalResult, evaluate, require_split
 from bytemtp.train.flops import flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
-from bytemtp.train.metrics import METRICS, MetricsLog
+from bytemtp.train.metrics import METRICS, MetricsLog, progress_text
 from bytemtp.train.nonfinite import NonFiniteWatch, refuse_nonfinite_weights
 from bytemtp.train.objective import LN2, resolve_loss_mode
+from bytemtp.train.objective_schedule import draft_weights, logged_weights
 from bytemtp.train.optim import MuonAdamW, build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
 from bytemtp.train.precision import autocast, training_precision
@@ -230,6 +231,7 @@ class _Run:
 
     def _step(self) -> None:
         """One optimizer step, queued without waiting for the device."""
+        self.objective.draft_loss_weight = draft_weights(self.cfg, self.step + 1, self.model.cfg.n_future)
         head_losses, grad_norm = self._accumulate()
         self.watch.observe(head_losses, grad_norm)
         self.last = (head_losses, grad_norm, self.scheduler.get_last_lr()[0])
@@ -325,6 +327,7 @@ class _Run:
             "step": self.step,
             "loss": sum(bpb_heads) / len(bpb_heads),
             "bpb_heads": bpb_heads,
+            "head_weights": logged_weights(self.objective.draft_loss_weight),
             "lr": lr,
             "grad_norm": grad_norm.item(),
             "bytes": self.step * self.bytes_per_step,
@@ -357,12 +360,7 @@ class _Run:
         if self.metrics is None:
             return
         self.metrics.write(record)
-        text = f"loss {record['loss']:.3f} bpb, {record['bytes_per_s'] / 1e3:.1f} kB/s"
-        if "mfu" in record:
-            text += f", MFU {record['mfu']:.1%}"
-        if "val_bpb" in record:
-            text += f", val {record['val_bpb']:.3f}"
-        bar.set_postfix_str(text, refresh=False)
+        bar.set_postfix_str(progress_text(record), refresh=False)
 
     def _say(self, text: str) -> None:
         if self.env.is_main and self.progress:

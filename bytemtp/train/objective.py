@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +75,18 @@ def split_batch(ids: torch.Tensor, n_future: int) -> tuple[torch.Tensor, torch.T
     return inputs, targets
 
 
-def head_weights(n_future: int, draft_loss_weight: float, device: torch.device | None = None) -> torch.Tensor:
+def head_weights(
+    n_future: int, draft_loss_weight: float | Sequence[float], device: torch.device | None = None
+) -> torch.Tensor:
     """[n] weights of the heads' losses in the objective: 1 for head 1, ``draft_loss_weight`` for each
-    draft head, normalised to sum 1. Below 1 the shared trunk serves head 1 first (the
-    draft heads then only propose, and head 1 alone decides every output byte)."""
-    w = torch.full((n_future,), float(draft_loss_weight), dtype=torch.float32, device=device)
-    w[0] = 1.0
+    draft head (or, a sequence, one weight per draft head: an objective schedule's step),
+    normalised to sum 1. Below 1 the shared trunk serves head 1 first (the draft heads then
+    only propose, and head 1 alone decides every output byte)."""
+    drafts = [float(draft_loss_weight)] * (n_future - 1) if isinstance(draft_loss_weight, (int, float)) \
+        else [float(w) for w in draft_loss_weight]
+    if len(drafts) != n_future - 1:
+        raise ValueError(f"{len(drafts)} draft weights for {n_future - 1} draft heads")
+    w = torch.tensor([1.0, *drafts], dtype=torch.float32, device=device)
     return w / w.sum()
 
 
@@ -224,7 +230,7 @@ def resolve_loss_mode(mode: str, device: torch.device) -> str:
 
 
 def multihead_loss(
-    model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float = 1.0
+    model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0
 ) -> LossOutput:
     """Objective of batch ``ids`` [B, T+n] (draft heads weighted ``draft_loss_weight``, see ``head_weights``);
     call ``.loss.backward()`` on the result.

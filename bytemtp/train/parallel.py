@@ -11,6 +11,7 @@ engines are imported where they are used: they take seconds to import, which
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -25,9 +26,12 @@ if TYPE_CHECKING:
 
 
 class MTPObjective(nn.Module):
-    """Model + objective as one module, so DDP/FSDP wrap a forward that returns the loss."""
+    """Model + objective as one module, so DDP/FSDP wrap a forward that returns the loss.
 
-    def __init__(self, model: ByteMTP, mode: str = "sequential", draft_loss_weight: float = 1.0):
+    ``draft_loss_weight`` (one weight for every draft head, or one per draft head) may be
+    set between steps: the training loop sets each step's under an objective schedule."""
+
+    def __init__(self, model: ByteMTP, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0):
         super().__init__()
         self.model, self.mode, self.draft_loss_weight = model, mode, draft_loss_weight
 

@@ -1,0 +1,96 @@
+"""Objective schedules: the draft heads' weight and the number of heads trained over a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from bytemtp.errors import BytemtpError
+from bytemtp.train.config import TrainConfig, build_configs
+from bytemtp.train.loop import train
+from bytemtp.train.objective import head_weights
+from bytemtp.train.objective_schedule import SCHEDULE_FIELDS, draft_weights
+from train_support import MICRO, cli_error, config_file, metrics, micro_train
+
+FOUR = dataclasses.replace(MICRO, n_future=4)
+
+
+def scheduled(shape: str, **fields) -> TrainConfig:
+    return TrainConfig(steps=40, objective_schedule=shape, **fields)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_weight_holds_before_the_range_and_reaches_the_final_weight_at_its_end(shape):
+    cfg = scheduled(shape, draft_weight_initial=0.0, draft_loss_weight=1.0, objective_begin=10, objective_end=30)
+    at = {s: draft_weights(cfg, s, 4) for s in (1, 10, 15, 20, 30, 31, 40)}
+    assert at[1] == at[10] == [0.0] * 3
+    assert at[30] == at[31] == at[40] == [1.0] * 3
+    quarter = 0.25 if shape == "linear" else (1 - math.cos(math.pi / 4)) / 2
+    assert at[15] == pytest.approx([quarter] * 3, abs=1e-12) and at[20] == pytest.approx([0.5] * 3, abs=1e-12)
+
+
+def test_reverse_schedule_and_the_run_end_as_default_range_end():
+    cfg = scheduled("linear", draft_weight_initial=1.0, draft_loss_weight=0.25)  # objective_end 0: step 40
+    assert draft_weights(cfg, 0, 8) == [1.0] * 7
+    assert draft_weights(cfg, 20, 8) == pytest.approx([0.625] * 7, abs=1e-12)
+    assert draft_weights(cfg, 40, 8) == [0.25] * 7
+
+
+def test_heads_trained_grow_from_the_initial_to_the_final_number():
+    cfg = scheduled("linear", draft_weight_initial=1.0, heads_initial=2, objective_begin=0, objective_end=12)
+    trained = [sum(w > 0 for w in draft_weights(cfg, s, 8)) + 1 for s in range(0, 14)]
+    assert trained[0] == 2 and trained[12] == trained[13] == 8
+    assert trained == sorted(trained) and set(trained) == set(range(2, 9))  # one more head at a time
+    shrink = scheduled("linear", heads_initial=8, heads_final=1, draft_weight_initial=1.0, objective_end=10)
+    assert draft_weights(shrink, 0, 8) == [1.0] * 7 and draft_weights(shrink, 10, 8) == [0.0] * 7
+
+
+def test_constant_is_the_old_objective_bit_for_bit():
+    cfg = TrainConfig(draft_loss_weight=0.25)
+    for step in (1, 100, 10**6):
+        assert draft_weights(cfg, step, 8) == [0.25] * 7
+    assert torch.equal(head_weights(8, draft_weights(cfg, 1, 8)), head_weights(8, 0.25))
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k not in (*SCHEDULE_FIELDS, "objective_schedule",
+                                                                         "heads_final")}
+    assert TrainConfig.from_dict(old) == TrainConfig()  # a config saved before the fields loads unchanged
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"objective_schedule": "step"}, "objective_schedule: 'step' is not one of constant, linear, cosine"),
+        ({"objective_schedule": "linear", "draft_weight_initial": -1.0}, "draft_weight_initial: must be >= 0"),
+        ({"draft_weight_initial": 0.5}, "draft_weight_initial: only used by a schedule"),
+        ({"objective_schedule": "linear", "objective_begin": 20, "objective_end": 10}, "objective_end: must be after"),
+        ({"heads_final": -1}, "heads_final: must not be negative"),
+    ],
+)
+def test_bad_schedules_are_one_line_errors(fields, message):
+    with pytest.raises(BytemtpError, match=message):
+        TrainConfig(**fields)
+
+
+def test_cli_names_the_file_and_the_field(micro_data, tmp_path):
+    out = ["--data", str(micro_data), "--out", str(tmp_path / "run")]
+    too_many = config_file(tmp_path, objective_schedule="linear", heads_initial=3)  # MICRO has 2 heads
+    assert "heads_initial: 3 exceeds the model's n_future=2" in cli_error("train", *out, "--config", str(too_many))
+    wrong_type = tmp_path / "t.json"
+    wrong_type.write_text(json.dumps({"objective_begin": "10"}))
+    msg = cli_error("train", *out, "--config", str(wrong_type))
+    assert str(wrong_type) in msg and "objective_begin must be int" in msg
+
+
+def test_each_logged_step_records_the_weights_it_trained_with(micro_data, tmp_path):
+    cfg = micro_train(steps=8, objective_schedule="linear", draft_weight_initial=0.0, draft_loss_weight=1.0,
+                      heads_initial=2, objective_begin=2, objective_end=6)
+    train(cfg, FOUR, micro_data, tmp_path / "run", progress=False)
+    logged = {r["step"]: r["head_weights"] for r in metrics(tmp_path / "run")}
+    assert logged[1] == logged[2] == [1.0, 0.0, 0.0, 0.0]  # head 1 alone before the range
+    assert logged[4] == pytest.approx([0.5, 0.25, 0.25, 0.0], abs=1e-6)  # halfway: 3 heads, drafts at 0.5
+    assert logged[6] == logged[8] == [0.25] * 4  # every head, the plain mean
+    model, saved = build_configs(preset="tiny", overrides={"objective_schedule": "cosine"})
+    assert saved.resolved(model).objective_end == saved.steps  # fixed when the run starts
