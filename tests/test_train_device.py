@@ -132,12 +132,24 @@ def test_fsdp_precision_policy():
     assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
 
 
+def test_fsdp_policy_keeps_the_rope_tables_float32(gloo_group, monkeypatch):
+    """Under the CUDA policy (applied here on the CPU) the blocks compute with bf16 weights, but
+    the RoPE tables they rotate by stay float32 (FSDP2 would cast them with the blocks' inputs)."""
+    import bytemtp.model.layers as layers
+
+    seen = []
+    rope = layers.apply_rope
+    monkeypatch.setattr(layers, "apply_rope", lambda x, cos, sin: seen.append((x.dtype, cos.dtype)) or rope(x, cos, sin))
+    cfg = ModelConfig(d_model=64, n_layers=2, n_attn_heads=4, n_future=2, max_seq_len=32)
+    objective = shard(MTPObjective(ByteMTP(cfg), "stacked"), fsdp_mixed_precision(torch.device("cuda")))
+    objective(torch.randint(0, 257, (2, 32 + 2)))
+    assert seen == [(torch.bfloat16, torch.float32)] * cfg.n_layers
+
+
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])
 def test_fsdp_computes_in_bf16_and_keeps_fp32_gradients(gloo_group, mode):
     """Under the CUDA policy (applied here on the CPU), FSDP2 runs the step on bf16 copies
     of the weights and hands fp32 gradients to the fp32 master weights."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=64, n_layers=2, n_attn_heads=4, n_future=3, max_seq_len=32)
     reference = ByteMTP(cfg)
@@ -147,7 +159,7 @@ def test_fsdp_computes_in_bf16_and_keeps_fp32_gradients(gloo_group, mode):
 
     model = ByteMTP(cfg)
     model.load_state_dict(reference.state_dict())
-    objective = shard(MTPObjective(model, mode), MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    objective = shard(MTPObjective(model, mode), fsdp_mixed_precision(torch.device("cuda")))
     loss, _ = objective(ids)
     loss.backward()
     assert loss.item() != want_loss.item()  # computed in bf16 ...

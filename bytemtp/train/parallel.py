@@ -60,12 +60,17 @@ def fsdp_mixed_precision(device: torch.device) -> MixedPrecisionPolicy | None:
     """FSDP2's precision on ``device``: on CUDA, parameters all-gathered and computed in bf16
     and gradients reduced in fp32 (as torchtitan trains), with the sharded fp32 master
     weights and optimizer state untouched; elsewhere None, fp32 throughout (CPU bf16
-    matmuls are slow and inexact, and the CPU runs are the ones tests compare bitwise)."""
+    matmuls are slow and inexact, and the CPU runs are the ones tests compare bitwise).
+
+    Forward inputs are not cast: FSDP2 would cast every float tensor among a unit's
+    arguments, the RoPE tables inside the blocks' ``PosContext`` too, and a position's angle
+    needs more bits than bf16 has (DDP and single-GPU runs keep them float32). The blocks'
+    activations need no cast: they come out of bf16 weights already."""
     if device.type != "cuda":
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard(objective: MTPObjective, mp_policy: MixedPrecisionPolicy | None = None) -> MTPObjective:
