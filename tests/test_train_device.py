@@ -117,6 +117,16 @@ def test_peak_flops():
     assert PEAK_BF16_FLOPS["H100"] == PEAK_BF16_FLOPS["H200"] == 989e12
 
 
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA H200 NVL", 835), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312), ("NVIDIA L4", None),
+])
+def test_peak_flops_tells_the_h100_cards_apart(name, tflops, monkeypatch):
+    """The PCIe and NVL cards run at lower clocks than the SXM modules: their MFU is against their own peak."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_flops(torch.device("cuda")) == (tflops and tflops * 1e12)
+
+
 @pytest.mark.gpu
 def test_mfu_is_logged_on_cuda(micro_data, tmp_path):
     run = tmp_path / "run"

@@ -16,8 +16,14 @@ import torch
 
 from bytemtp.model.config import ModelConfig
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a name torch.cuda.get_device_name contains.
+# Dense bf16 tensor-core peaks (no sparsity: half the datasheets' headline figures), FLOP/s, by a
+# name torch.cuda.get_device_name contains; the first that matches wins, so the PCIe and NVL
+# cards (lower clocks and power than the SXM modules) come before the bare names the SXM
+# modules report ("NVIDIA H100 80GB HBM3", "NVIDIA H200").
 PEAK_BF16_FLOPS: dict[str, float] = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
     "H200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
