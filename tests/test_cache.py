@@ -148,8 +148,11 @@ def test_compiled_writes_are_the_eager_writes(per_row):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row", "every-row"])
-def test_move_copies_each_rows_slots(per_row):
+def test_move_copies_each_rows_slots(per_row, traced):
+    """Eager and traced by dynamo (as in a compiled tree step), where the move is an indexed
+    assignment, never ``scatter_`` (which inductor makes a copy of the whole buffer and back)."""
     cache = KVCache(2, ROWS, 2, 16, 4, torch.float32, torch.device("cpu"))
     for t in cache.k + cache.v:
         t.copy_(torch.randn_like(t))
@@ -158,7 +161,17 @@ def test_move_copies_each_rows_slots(per_row):
         src, dst = torch.tensor([[4, 6], [9, 10], [3, 7]]), torch.tensor([[3, 4], [9, 10], [2, 3]])
     else:
         src, dst = torch.tensor([5, 8, 9]), torch.tensor([4, 5, 6])
-    cache.move(src, dst)
+    if traced:
+        ops = []
+
+        def backend(gm, inputs):
+            ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_method" or n.op == "call_function")
+            return gm.forward
+
+        torch.compile(cache.move, backend=backend, fullgraph=True)(src, dst)
+        assert ops and not [op for op in ops if "scatter" in op]
+    else:
+        cache.move(src, dst)
     for old, new in zip(before, cache.k + cache.v, strict=True):
         want = old.clone()
         for b in range(ROWS):

@@ -66,9 +66,8 @@ class KVCache:
         k, v = (t.detach().to(buf.dtype) for t, buf in ((k, self.k[layer]), (v, self.v[layer])))
         if torch.compiler.is_compiling():
             slots = index[:, 0, :, 0]  # [B, P]
-            rows = torch.arange(slots.shape[0], device=slots.device)[:, None]
-            self.k[layer][rows, :, slots] = k.transpose(1, 2)
-            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+            self.k[layer][_rows(slots), :, slots] = k.transpose(1, 2)
+            self.v[layer][_rows(slots), :, slots] = v.transpose(1, 2)
         else:
             self.k[layer].scatter_(2, index, k)
             self.v[layer].scatter_(2, index, v)
@@ -79,7 +78,19 @@ class KVCache:
         ([B, n], or [n] for every row): an accepted draft-tree path moves down to follow the
         context. All entries are read before any is written, so the two may overlap; within a
         row the ``dst`` slots must be distinct (a row that moves fewer entries than the others
-        pads with ``src = dst`` = a slot no other entry writes)."""
+        pads with ``src = dst`` = a slot no other entry writes). Compiled, an indexed assignment, as
+        in ``write``: inductor makes ``scatter_`` a copy of the whole buffer and back."""
+        if torch.compiler.is_compiling():
+            B = self.k[0].shape[0]
+            src, dst = (torch.broadcast_to(t, (B, t.shape[-1])) for t in (src, dst))
+            for buf in (*self.k, *self.v):
+                buf[_rows(dst), :, dst] = buf[_rows(src), :, src]  # the right side is gathered first
+            return
         src, dst = self.slot_index(src), self.slot_index(dst)
         for buf in (*self.k, *self.v):
             buf.scatter_(2, dst, buf.gather(2, src))
+
+
+def _rows(slots: torch.Tensor) -> torch.Tensor:
+    """[B, 1] row numbers, the index beside per-row ``slots`` [B, P] in an indexed assignment."""
+    return torch.arange(slots.shape[0], device=slots.device)[:, None]
