@@ -257,3 +257,21 @@ def test_cast_for_decoding_decodes_in_bfloat16(head_kind):
     assert logits.dtype == drafts.dtype == torch.bfloat16
     for got, ref in ((logits, want[:, :, 0]), (drafts, want[:, -1, 1:])):
         assert (got.float() - ref).norm() <= 2e-2 * ref.norm()  # bfloat16 keeps 8 bits of mantissa
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_draft_weight_stays_at_its_address_and_follows_the_weights(head_kind):
+    """A captured decode step reads the stacked draft unembeddings at their address: every
+    generation's ``setup_cache`` refreshes them in place (a new tensor would re-record the graph),
+    in or out of inference mode, and they follow weights changed since (training, then sampling)."""
+    model = small_model(head_kind, n_future=4)
+    with torch.inference_mode():
+        first = model.setup_cache(1, 16) and model.draft_weight
+        address = first.data_ptr()
+    model.clear_cache()
+    with torch.no_grad():
+        model.unembedding(2).add_(1.0)
+    model.setup_cache(1, 16)
+    assert model.draft_weight.data_ptr() == address
+    want = torch.cat([model.unembedding(k)[:VOCAB] for k in (1, 2, 3)]) if head_kind == "linear" else None
+    assert torch.equal(model.draft_weight, model.unembed.weight[:VOCAB] if want is None else want)

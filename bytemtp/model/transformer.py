@@ -60,6 +60,7 @@ class ByteMTP(nn.Module):
         # ``clear_cache``: decoding state, not part of the model's state dict.
         self.kv_cache: KVCache | None = None
         self._kept_cache: KVCache | None = None
+        self._kept_draft_weight: torch.Tensor | None = None  # see ``_stack_draft_weight``
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
@@ -246,15 +247,30 @@ class ByteMTP(nn.Module):
             self._kept_cache = kept
         self.kv_cache = kept
         self._arm_layers(True)
-        # The draft heads' unembeddings stacked for ``draft_logits``, rebuilt every time
-        # (the weights may have changed since, e.g. between training and sampling).
+        self.draft_weight = self._stack_draft_weight(dtype)
+        return kept
+
+    def _stack_draft_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The draft heads' unembeddings stacked for ``draft_logits``: [n_drafts * vocab, d] for
+        linear heads, [vocab, d] for transformer heads (None without draft heads).
+
+        Refreshed every ``setup_cache`` (the weights may have changed since, e.g. between
+        training and sampling), into the same tensor as last time when its shape allows: a
+        captured step reads it at its address, and a new tensor per generation would make
+        every generation record its CUDA graph again."""
         drafts = range(1, self.cfg.n_future)
         if not drafts:
-            self.draft_weight = None
-        elif self.linear_heads:  # [n_drafts * vocab, d]
-            self.draft_weight = torch.cat([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
-        else:  # [vocab, d]
-            self.draft_weight = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
+            return None
+        if self.linear_heads:
+            fresh = torch.cat([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
+        else:
+            fresh = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
+        kept = self._kept_draft_weight
+        if kept is None or (kept.shape, kept.dtype, kept.device) != (fresh.shape, fresh.dtype, fresh.device):
+            self._kept_draft_weight = kept = fresh
+        elif kept.data_ptr() != fresh.data_ptr():  # (a transformer head's may be the weight itself)
+            with torch.inference_mode():  # it may have been made in inference mode, where decoding runs
+                kept.copy_(fresh)
         return kept
 
     def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
