@@ -202,8 +202,11 @@ class ChainDrafts:
         ints, q, confidence = out
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
         active_t = torch.tensor(active, device=batch.device) if keep or self.policy is not None else None
-        if q is not None:
-            self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q
+        if q is not None:  # copied out: a captured step's next replay overwrites its outputs (CUDA graphs)
+            if self.draft_probs is None:
+                self.draft_probs = q.clone()
+            else:
+                self.draft_probs.copy_(torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q)
         if self.policy is not None:
             judged_t = torch.tensor(n_judged, device=batch.device)
             counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t)

@@ -24,7 +24,7 @@ from bytemtp.decode.batch import GenerationStats, Row
 from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.coupling import UNCOUPLED, DraftContext, HostContext, draft_context, host_arrays
+from bytemtp.decode.coupling import UNCOUPLED, DraftContext, HostContext, draft_context, host_arrays, placed
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
 from bytemtp.decode.sampling import RowSampling, SamplingConfig, draft_sampling
@@ -71,7 +71,7 @@ class Decoder:
         if strength == 0 or trigrams is None or not self.n_drafts:
             return None, UNCOUPLED
         context = draft_context(trigrams.cpu(), strength, self.model.cfg.vocab)
-        return context.to(self.device), host_arrays(context)
+        return placed(context, self.device), host_arrays(context)
 
     def chain_rule(self, sampling: SamplingConfig | list[SamplingConfig]) -> tuple[ChainRule, HostContext]:
         """The chain rule for rows sampled as ``sampling``, or each row as listed (``RowSampling``),

@@ -52,8 +52,10 @@ class ByteMTP(nn.Module):
         self.register_buffer("draft_weight", None, persistent=False)
         # [2, n] int64 codes and counts of the byte trigrams of the training data
         # (``bytemtp.data.trigrams``): not a weight, carried by checkpoints beside the weights and
-        # read by sampled drafting (``bytemtp.decode.coupling``); None when unknown.
-        self.register_buffer("byte_trigrams", None, persistent=False)
+        # read by drafting (``bytemtp.decode.coupling``); None when unknown. A plain attribute, not
+        # a buffer, so it stays on the host whatever device the model moves to: only the coupling
+        # tables made from it go to the device, once (``coupling.placed``).
+        self.byte_trigrams: torch.Tensor | None = None
         for i, attn in enumerate(self.attention_layers()):
             attn.cache_layer = i
         # The cache cached forwards use (``setup_cache``), and the one kept for reuse after
