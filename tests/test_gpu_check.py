@@ -1,10 +1,13 @@
-"""bench/gpu_check.py: complete on a CPU-only machine (every section skipped), and the pieces it
-runs on a GPU work on the CPU too (eager, tiny), so a changed API fails here rather than on the GPU."""
+"""bench/gpu_check.py: complete on a CPU-only machine (every GPU section skipped, with its reason),
+sections cut at their limits without costing the next one, and the decoding section's pieces
+working on the CPU too (eager, a tiny model), so a changed API fails here rather than on the GPU."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,17 +16,34 @@ import torch
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
 
-SECTIONS = ["gpu_tests", "train_step", "train_run", "decode", "sampling_exactness"]
-TINY = ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=8, max_seq_len=64)
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TINY = ModelConfig(d_model=32, n_layers=1, n_attn_heads=2, n_future=8, max_seq_len=128)
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("gpu_check")
+
+
+@pytest.fixture(scope="module")
+def sections():
+    sys.path.insert(0, str(BENCH))
+    try:
+        return load("gpu_sections")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_the_limits_fit_five_minutes(gpu_check, sections):
+    assert sum(gpu_check.LIMITS.values()) <= 300
+    assert list(gpu_check.LIMITS) == list(sections.SECTIONS) == ["environment", "training", "decoding", "gpu_tests"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
@@ -31,46 +51,57 @@ def test_runs_to_completion_without_cuda(gpu_check, tmp_path):
     out = tmp_path / "report.json"
     returned = gpu_check.main(["--out", str(out)])
     report = json.loads(out.read_text())
-    assert report == returned and report["format"] == 1 and report["finished"] and report["device"] == "cpu"
-    assert list(report["sections"]) == SECTIONS
-    assert all(s == {"status": "skipped", "reason": "no CUDA device", "seconds": 0.0}
-               for s in report["sections"].values())
+    assert report == returned and report["format"] == 2 and report["finished"]
+    sections = report["sections"]
+    assert list(sections) == ["environment", "training", "decoding", "gpu_tests"]
+    env = sections["environment"]
+    assert env["status"] == "skipped" and env["reason"] == "no CUDA device" and env["torch"] == torch.__version__
+    assert all(s == {"status": "skipped", "reason": "no CUDA device", "seconds": 0.0} for s in list(sections.values())[1:])
+    assert (tmp_path / "report-logs" / "environment.log").is_file()
 
 
-def test_a_section_that_raises_is_reported_and_the_rest_still_run(gpu_check, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test")
-    report = gpu_check.Report(tmp_path / "r.json", budget_s=100)
+def section_script(body: str) -> list[str]:
+    """A stand-in section: Python running ``body`` with ``result`` its ``--result`` file."""
+    return [sys.executable, "-c", f"import json, sys, time; result = open(sys.argv[2], 'w'); {body}"]
 
-    def broken():
-        raise ValueError("boom")
 
-    assert report.section("a", broken, 1)["status"] == "error"
-    assert report.section("b", lambda: {"x": 1}, 1)["status"] == "ok"
-    assert report.section("c", lambda: {"failures": ["no"]}, 1)["status"] == "failed"
-    assert report.section("d", lambda: {}, 1000)["status"] == "skipped"  # beyond the budget
+def test_a_section_over_its_limit_is_cut_and_reported_and_the_next_still_runs(gpu_check, tmp_path):
+    report = gpu_check.Report(tmp_path / "r.json", tmp_path / "logs")
+    start = time.monotonic()
+    slow = report.section("slow", section_script(
+        "json.dump({'status': 'running', 'done': 1}, result); result.close(); print('working'); time.sleep(60)"), 3)
+    assert time.monotonic() - start < 30
+    assert slow["status"] == "timeout" and slow["done"] == 1 and "3 s" in slow["reason"]  # what it finished
+    assert 3 <= slow["seconds"] < 30
+    assert json.loads((tmp_path / "r.json").read_text())["sections"]["slow"]["status"] == "timeout"
+    assert report.section("next", section_script("json.dump({'status': 'ok', 'x': 2}, result)"), 30)["x"] == 2
+    broken = report.section("broken", section_script("print('boom'); sys.exit(3)"), 30)
+    assert broken["status"] == "error" and "status 3" in broken["error"] and broken["trace"] == ["boom"]
     written = json.loads((tmp_path / "r.json").read_text())["sections"]
-    assert written["a"]["error"] == "ValueError: boom" and list(written) == ["a", "b", "c", "d"]
+    assert list(written) == ["slow", "next", "broken"] and written["next"]["status"] == "ok"
 
 
-def test_training_step_report_on_the_cpu(gpu_check):
-    out = gpu_check.train_step_report(TINY, batch=2, seq=32, device=torch.device("cpu"))
-    assert list(out["cases"]) == ["1/sequential", "8/sequential", "8/stacked"] and not out["failures"]
-    assert all(c["loss_rel_diff"] == 0.0 and c["step_ms"] > 0 for c in out["cases"].values())  # eager both ways
-    assert out["n8_vs_n1"] > 0 and out["stacked_vs_sequential"] > 0
+def test_a_section_that_raises_is_its_own_error(gpu_check, tmp_path, monkeypatch, sections):
+    monkeypatch.setitem(sections.SECTIONS, "training", lambda work, emit, deadline: 1 / 0)
+    monkeypatch.setitem(sys.modules, "gpu_sections", sections)
+    gpu_check.run_section("training", tmp_path, tmp_path / "t.json", 10)
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["status"] == "error" and result["error"] == "ZeroDivisionError: division by zero"
 
 
-@pytest.mark.slow
-def test_training_run_on_the_cpu(gpu_check, tmp_path):
-    data = gpu_check.prepare_data(tmp_path / "data")
-    run = gpu_check.train_run_report(data, tmp_path / "run", torch.device("cpu"), TINY, steps=2, batch_size=2)
-    assert run["steps"] == 2 and run["unique_graphs"] == 0  # eager on the CPU: nothing compiled
-    assert 0 < run["final_loss"] < 9 and run["mfu"] is None  # no MFU without a known peak
-
-
-def test_decode_report_on_the_cpu(gpu_check):
+def test_decoding_pieces_on_the_cpu(sections, monkeypatch):
+    """A decoder's figures (eager here) and the greedy identity check: a difference from
+    autoregressive decoding is found at its first byte, with head 1's margin there."""
+    monkeypatch.setattr(sections, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(sections, "MAX_BYTES", 8)
     torch.manual_seed(0)
     model = ByteMTP(TINY).eval()
-    out = gpu_check.decode_report(model, [b"import os\n", b"def f(x):"], compile=False, max_bytes=8, batches=(1, 2))
-    assert out["greedy_identical"] and out["cudagraph_skips"] == 0 and not out["failures"]
-    assert [(r["batch"], r["draft_heads"]) for r in out["rows"]] == [(1, 0), (1, 7), (2, 0), (2, 7)]
+    prompts = [b"import os\n", b"def f(x):", b"class A:"]
+    case, outputs = sections.run_decoder(model, {}, prompts, 2, torch.float32)
+    assert len(outputs) == 3 and case["bytes"] == sum(len(o) for o in outputs) > 0
+    assert case["bytes_per_s"] > 0 and case["bytes_per_forward"] >= 1
+    assert case["graphs_compiled"] == case["graphs_recorded"] == case["cudagraph_skips"] == 0
+    assert sections.differences(model, prompts, outputs, outputs) == []
+    planted = [outputs[0], outputs[1][:3] + bytes([(outputs[1][3] + 1) % 256]), outputs[2]]
+    (diff,) = sections.differences(model, prompts, outputs, planted)
+    assert diff["prompt"] == 1 and diff["at_byte"] == 3 and diff["margin"] >= 0 and diff["margin_ulps"] >= 0

@@ -37,11 +37,19 @@ from bytemtp.model.decode_dtype import cast_for_decoding
 
 class Decoder:
     """``model`` decoding as ``config`` says (its prompt and seed aside); ``compile``: the step
-    compiled (None: as ``bytemtp.compile.compile_by_default`` decides for the device)."""
+    compiled (None: as ``bytemtp.compile.compile_by_default`` decides for the device); ``dtype``:
+    of weights and cache (None: ``decoding_dtype``; ``bench/gpu_check.py`` decodes in float32 on a
+    GPU, where greedy identity is exact, besides bfloat16, where it holds up to near-ties)."""
 
-    def __init__(self, model: torch.nn.Module, config: GenerationConfig, compile: bool | None = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: GenerationConfig,
+        compile: bool | None = False,
+        dtype: torch.dtype | None = None,
+    ):
         # bfloat16 weights and cache on CUDA (a step's time there is memory traffic), float32 elsewhere
-        self.model = model = cast_for_decoding(model)
+        self.model = model = cast_for_decoding(model, dtype)
         self.config = config
         self.device = next(model.parameters()).device
         self.n_drafts = config.n_drafts(model.cfg.n_future)
