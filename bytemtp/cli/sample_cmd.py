@@ -159,12 +159,13 @@ def command(
     stats: bool,
     echo: bool,
 ) -> None:
-    from bytemtp.compile import compile_decode_step
+    from bytemtp.compile import compile_by_default
     from bytemtp.decode.context import generation_cache_length, prompt_context
-    from bytemtp.decode.drafting import measure_step_costs
+    from bytemtp.decode.drafting import decoder_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.decode.prompts import read_prompts_file
     from bytemtp.errors import BytemtpError
+    from bytemtp.model.decode_dtype import cast_for_decoding
     from bytemtp.train.checkpoint import load_model
 
     if sum(x is not None for x in (prompt, prompt_file, prompts_file)) > 1:
@@ -200,9 +201,10 @@ def command(
     if adaptive and not n_drafts:
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
     if adaptive:
+        model = cast_for_decoding(model)  # timed as the decoder runs it (bfloat16 on CUDA)
         cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
-        forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
-        costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward)
+        compiled = compile_by_default(model.embed.weight.device) if compile_ is None else compile_
+        costs = decoder_step_costs(model, model.cfg.n_future, cache_len, compiled)
         config = dataclasses.replace(config, draft_costs=costs)
     window = model.cfg.max_seq_len
     for p in prompts:

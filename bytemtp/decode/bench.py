@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
-from bytemtp.compile import compile_by_default, compile_decode_step
+from bytemtp.compile import compile_by_default
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.drafting import measure_step_costs
+from bytemtp.decode.drafting import decoder_step_costs
 from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.batch import GenerationStats
 from bytemtp.decode.tree import check_tree_request
 from bytemtp.errors import BytemtpError, require_at_least_one
+from bytemtp.model.decode_dtype import cast_for_decoding
 from bytemtp.model.panels import panels_enabled
 
 
@@ -79,12 +80,12 @@ def run_bench(
     """
     cfg, device = model.cfg, next(model.parameters()).device
     compile = compile_by_default(device) if compile is None else compile
+    model = cast_for_decoding(model)  # once for every decoder (bfloat16 on CUDA), and timed as they run it
     costs = None
     with panels_enabled(config.panels):
         if config.adaptive:  # at the prompts' cache length, as the generations use it
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
-            forward = compile_decode_step(model.decode, device, compile)
-            costs = measure_step_costs(model, cfg.n_future, cache_len, forward)
+            costs = decoder_step_costs(model, cfg.n_future, cache_len, compile)
         most = cfg.n_future - 1
         kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
         kinds += [(most, False, 0, True)] if config.compare_plain else []

@@ -72,19 +72,29 @@ class DraftPolicy:
         return draft_count(calibrated, self.costs)
 
 
+def decoder_step_costs(model: torch.nn.Module, n_positions: int, cache_len: int, compiled: bool) -> tuple[float, ...]:
+    """The cost curve a ``DraftPolicy`` prices a decoder's steps by, for forwards of 1..``n_positions``
+    positions. ``model`` must be the model as the decoder runs it (``cast_for_decoding``: bfloat16
+    on CUDA), so the forwards timed are the decoder's own.
+
+    A compiled step has one width whatever it verifies (``ChainDrafts.step``: one graph per batch
+    size), so a draft it leaves unverified saves nothing: the curve is flat (the policy verifies
+    every draft), and nothing is timed or compiled for it. Eager steps are as wide as the drafts
+    they verify: their forwards are timed (``measure_step_costs``)."""
+    if compiled:
+        return (1.0,) * n_positions
+    return measure_step_costs(model, n_positions, cache_len)
+
+
 @torch.inference_mode()
-def measure_step_costs(
-    model: torch.nn.Module, n_positions: int, cache_len: int, step_forward=None, rounds: int = 7
-) -> tuple[float, ...]:
+def measure_step_costs(model: torch.nn.Module, n_positions: int, cache_len: int, rounds: int = 7) -> tuple[float, ...]:
     """Time of a decoding forward of 1..``n_positions`` positions, relative to one position.
 
     Forwards of every size are interleaved within each round (so drift hits all
     alike) and the first round is discarded (it absorbs compilation); each cost is
     a median. The forward includes the host transfer every real step ends with.
-    ``cache_len`` should be the generations' (``generation_cache_length``): attention
-    reads the whole cache, and a compiled step then serves both with the same graphs.
+    ``cache_len`` should be the generations' (``generation_cache_length``).
     """
-    step = step_forward or model.decode
     device = next(model.parameters()).device
     start = cache_len - n_positions
     ids = torch.zeros(1, n_positions, dtype=torch.long, device=device)
@@ -94,7 +104,7 @@ def measure_step_costs(
         for r in range(rounds + 1):
             for p in range(1, n_positions + 1):
                 t = time.perf_counter()
-                logits, _ = step(ids[:, :p], torch.arange(start, start + p, device=device), n_positions)
+                logits, _ = model.decode(ids[:, :p], torch.arange(start, start + p, device=device), n_positions)
                 logits[0, -1, 0].item()
                 if r:
                     times[p - 1].append(time.perf_counter() - t)
