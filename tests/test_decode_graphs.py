@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,106 @@ def test_the_traced_step_reads_weights_cache_and_tables_as_static_inputs(monkeyp
         assert any(part in name for name in names), part
     loose = [name for name, static in inputs if not static]
     assert loose and all(name.startswith("l_args_") for name in loose), loose  # the step's own arguments
+
+
+@pytest.mark.parametrize("strategy", [
+    {"draft_costs": (1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5)},  # an adaptive chain: the counts it verifies vary
+    {"tree_nodes": 7},
+    {"temperature": 0.8, "seed": 1, "tree_nodes": 7},
+], ids=["adaptive chain", "greedy tree", "sampled tree"])
+def test_one_graph_through_the_window_end_and_the_adaptive_policy(strategy, monkeypatch):
+    """Every compiled step of a generation has one width, so dynamo traces the step once: an
+    adaptive chain masks the drafts it does not verify, and the steps near the window's end that
+    fit fewer drafts than the step holds run eager. The rows cut their windows (the prompt and
+    budget outgrow the model's 128 positions)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(generate_module, "compile_decode_step",
+                        lambda step, device, enabled=None: torch.compile(step, backend=backend, dynamic=False))
+    torch.compiler.reset()
+    model = trained_model()
+    prompts = [bytes(range(97, 123)) * 3, b"import os\n" * 8]
+    gen = Decoder(model, GenerationConfig(max_new_bytes=120, stop_at_bos=False, **strategy), compile=True).generate(
+        prompts
+    )
+    gen.read_all()
+    assert all(row.stats.window_cuts for row in gen.rows)
+    assert len(graphs) == 1
+
+
+def test_adaptive_costs_are_the_decoding_copys_and_flat_when_compiled(monkeypatch, recorder):
+    """``--adaptive`` times the forwards of the model as the decoders run it (bfloat16 on CUDA, made
+    to happen here on the CPU), not the float32 model they were cast from; compiled, a step costs
+    the same whatever it verifies, so the curve is flat and nothing is timed or compiled for it."""
+    import bytemtp.decode.drafting as drafting
+    import bytemtp.model.decode_dtype as decode_dtype
+    from bytemtp.decode.bench import BenchConfig, run_bench
+
+    timed = []
+    def measure(model, n, cache_len):
+        timed.append(next(model.parameters()).dtype)
+        return (1.0, 1.5) + (2.0,) * (n - 2)
+
+    monkeypatch.setattr(drafting, "measure_step_costs", measure)
+    monkeypatch.setattr(decode_dtype, "decoding_dtype", lambda device: torch.bfloat16)  # as on CUDA
+    config = BenchConfig(prompts=1, max_bytes=4, adaptive=True, warmup=0)
+    assert run_bench(trained_model(), [b"def "], config).draft_costs == (1.0, 1.5) + (2.0,) * 6
+    assert timed == [torch.bfloat16]
+    assert run_bench(trained_model(), [b"def "], config, compile=True).draft_costs == (1.0,) * 8
+    assert timed == [torch.bfloat16]
+
+
+def test_packed_inputs_come_back_as_they_went():
+    """``upload``'s CUDA path: every array packed into one byte buffer at aligned offsets and read
+    back as views of its dtype and shape (on the CPU here; on CUDA the buffer is pinned and sent whole)."""
+    from bytemtp.decode.transfer import ALIGN, pack, unpack
+
+    arrays = {"ids": np.arange(6).reshape(2, 3), "mask": np.array([[True, False, True]]),
+              "u": np.linspace(0, 1, 10, dtype=np.float32).reshape(2, 5), "none": np.zeros((2, 0), np.int64),
+              "moves": np.arange(12).reshape(2, 2, 3)}
+    buffer, layout = pack(arrays)
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    assert all(offset % ALIGN == 0 for offset, _, _ in layout.values())
+    for name, got in unpack(buffer, layout).items():
+        assert got.dtype == torch.from_numpy(arrays[name]).dtype and np.array_equal(got.numpy(), arrays[name]), name
+        assert got.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()  # views of the one buffer
+
+
+def counted_call(calls: dict[str, int], name: str, real, *args):
+    calls[name] += 1
+    return real(*args)
+
+
+@pytest.mark.parametrize("strategy", ["greedy tree", "sampled tree"])
+def test_a_step_sends_its_inputs_in_one_copy_and_reads_back_one(strategy, recorder, monkeypatch):
+    """Between two steps of a tree, one upload of all the next step's inputs and one read-back of the
+    step's result (``bytemtp.decode.transfer``: on CUDA one pinned, non-blocking copy each way)."""
+    import bytemtp.decode.sampled_tree as sampled_tree
+    import bytemtp.decode.tree as tree
+
+    calls = {"upload": 0, "download": 0}
+    for module in (tree, sampled_tree):
+        for name in calls:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, functools.partial(counted_call, calls, name, real))
+    per_step = []
+    step = recorder.compile
+
+    def compile(fn, device, enabled=None):
+        run = step(fn, device, enabled)
+
+        def counted(*args, **kwargs):
+            per_step.append(dict(calls))
+            return run(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(generate_module, "compile_decode_step", compile)
+    config = GenerationConfig(max_new_bytes=40, **STRATEGIES[strategy])
+    Decoder(trained_model(), config, compile=True).generate(PROMPTS).read_all()
+    between = [(b["upload"] - a["upload"], b["download"] - a["download"]) for a, b in zip(per_step, per_step[1:])]
+    assert len(between) > 3 and set(between) == {(1, 1)}

@@ -16,6 +16,7 @@ import secrets
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from bytemtp import MAX_SEED
@@ -126,13 +127,14 @@ class Batch:
         return min(self.cache_len - 1 - row.length for r, row in enumerate(self.rows) if active[r])
 
     def slots(self, width: int, active: list[bool]) -> torch.Tensor:
-        """Cache slots [B, width] of a step: an active row writes ``length + 0 .. width-1``; a parked
-        row writes its pending byte's slot (the last slot, if its cache is full: it has stopped)."""
-        out = []
-        for r, row in enumerate(self.rows):
-            base = min(row.length, self.cache_len - 1)
-            out.append([base + j for j in range(width)] if active[r] else [base] * width)
-        return torch.tensor(out, device=self.device)
+        """Cache slots [B, width] of a step (``slot_array``) on the device."""
+        return torch.from_numpy(self.slot_array(width, active)).to(self.device)
+
+    def slot_array(self, width: int, active: list[bool]) -> np.ndarray:
+        """Cache slots [B, width] of a step, on the host: an active row writes ``length + 0 .. width-1``;
+        a parked row writes its pending byte's slot (the last slot, if its cache is full: it has stopped)."""
+        base = np.minimum([row.length for row in self.rows], self.cache_len - 1)[:, None]
+        return base + np.arange(width) * np.array(active, dtype=np.int64)[:, None]
 
     def kv_len(self, width: int) -> int | None:
         """Cache slots attention reads in a forward of ``width`` positions: eager, those any row can

@@ -170,21 +170,30 @@ class ChainDrafts:
         return self._read(batch, active, out, [0] * len(batch.rows), fed=False, eager=step is None)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
-        """One forward of ``[pending, drafts]`` for the active rows."""
-        most = max(n for n, on in zip(self.n_valid, active) if on)
-        width = 1 + min(most, batch.fits(active))
+        """One forward of ``[pending, drafts]`` for the active rows.
+
+        Compiled, every step has the one width ``1 + n_drafts`` (one graph per batch size): rows
+        that verify fewer drafts (a ``DraftPolicy``'s choice) have the rest masked (``n_valid``)
+        rather than narrow the step, and the few steps near the window's end where fewer drafts
+        fit run the same step eager and narrower (positions past the cache's end would overwrite
+        slots in use). Eager, a step is as wide as the drafts it verifies."""
+        rule, decide, step = self.pick(batch, active)
+        fits = batch.fits(active)
+        compiled = step is not None and fits >= self.n_drafts
+        most = self.n_drafts if compiled else max(n for n, on in zip(self.n_valid, active) if on)
+        width = 1 + min(most, fits)
         n_valid = [min(self.n_valid[r], width - 1) if active[r] else 0 for r in range(len(batch.rows))]
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
         ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=batch.device)
         n_valid_t = torch.tensor(n_valid, device=batch.device)
-        rule, decide, step = self.pick(batch, active)
         u = self.uniforms(batch, active, width - 1, rule)
         args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(rule, ids, active), u)
-        if step is None:
-            kv_len = batch.kv_len(width)
-            out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide)
-        else:
+        if compiled:
             out = step(*args, counts=self.counts(batch))
+        else:  # eager, or a compiled rule's narrower step near the window's end (its tensor decision)
+            counts = None if step is None else self.counts(batch)
+            kv_len = batch.kv_len(width)
+            out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide, counts=counts)
         return self._read(batch, active, out, n_valid, fed=True, eager=step is None)
 
     def counts(self, batch: Batch) -> InContext | None:
@@ -202,11 +211,8 @@ class ChainDrafts:
         ints, q, confidence = out
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
         active_t = torch.tensor(active, device=batch.device) if keep or self.policy is not None else None
-        if q is not None:  # copied out: a captured step's next replay overwrites its outputs (CUDA graphs)
-            if self.draft_probs is None:
-                self.draft_probs = q.clone()
-            else:
-                self.draft_probs.copy_(torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q)
+        if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
+            self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q.clone()
         if self.policy is not None:
             judged_t = torch.tensor(n_judged, device=batch.device)
             counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t)

@@ -36,7 +36,8 @@ from bytemtp.decode.batch import Batch, Decision
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.step import RANKS, sampled_tree_decide, sampled_tree_step, tree_forward
-from bytemtp.decode.tree import DraftTree, TreeDrafts
+from bytemtp.decode.transfer import download, upload
+from bytemtp.decode.tree import DraftTree, TreeDrafts, send
 from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_sampling_ops import draw_children, nonfinite_rows, top_ranks, walk_tree
 
@@ -105,7 +106,7 @@ class SampledTreeDrafts(TreeDrafts):
             return self.walk(batch, active, logits, features, noise[..., -1].numpy(), fed=False)
         none = torch.zeros(len(batch.rows), 0, dtype=torch.long, device=batch.device)
         node_q = features.new_zeros(len(batch.rows), 0, self.vocab)
-        uniforms = noise[:, :1, -1].to(batch.device)
+        uniforms = upload(batch.device, {"u": noise[:, :1, -1].numpy()})["u"]
         out = sampled_tree_decide(
             self.model, self.sampling, self.n_drafts, logits, features, none, none, node_q, uniforms, 0,
             draft_sampling=self.draft_sampling,
@@ -125,8 +126,9 @@ class SampledTreeDrafts(TreeDrafts):
                         *self.host_context,
                     )
                     self.trees[r] = DraftTree(tokens, tree.parent, tree.depth, tree.ancestors)
-        width, inputs = self.layout(batch, active)
+        width, host = self.layout(batch, active)
         if self.step_fn is None:
+            inputs = send(batch, host)
             logits, features = tree_forward(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
             return self.walk(batch, active, logits, features, noise[..., -1].numpy(), fed=True)
         parent = np.zeros((len(batch.rows), width - 1), np.int64)  # a parked row: a star, never read
@@ -134,12 +136,14 @@ class SampledTreeDrafts(TreeDrafts):
         for r, on in enumerate(active):
             if on:
                 parent[r], depth[r] = self.verified[r].parent, self.verified[r].depth
-        inputs["parent"] = torch.from_numpy(parent).to(batch.device)
-        inputs["depth"] = torch.from_numpy(depth).to(batch.device)
-        inputs["draft_probs"] = self.draft_probs
-        inputs["noise"] = noise[:, :width].to(batch.device)
-        inputs["before"] = torch.tensor([row.last for row in batch.rows], device=batch.device)
-        return self.read(batch, active, self.step_fn(**inputs), fed=True)
+        before = np.array([row.last for row in batch.rows])
+        inputs = send(batch, {**host, "parent": parent, "depth": depth, "noise": noise[:, :width].numpy(),
+                              "before": before, "active": np.array(active)})
+        active_t, inputs["draft_probs"] = inputs.pop("active"), self.draft_probs
+        if self.compiled(width):
+            return self.read(batch, active, self.step_fn(**inputs), fed=True, active_t=active_t)
+        with torch.compiler.set_stance("force_eager"):  # narrower near the window's end: the same step, eager
+            return self.read(batch, active, self.step_fn(**inputs), fed=True, active_t=active_t)
 
     def walk(
         self,
@@ -177,13 +181,17 @@ class SampledTreeDrafts(TreeDrafts):
             decisions[r] = self.advance(r, batch.rows[r], path, length, byte, choice, ranked, bool(broken[i]), fed)
         return decisions
 
-    def read(self, batch: Batch, active: list[bool], out: tuple, fed: bool) -> dict[int, Decision]:
+    def read(
+        self, batch: Batch, active: list[bool], out: tuple, fed: bool, active_t: torch.Tensor | None = None
+    ) -> dict[int, Decision]:
         """Compiled: the drawn bytes, the accepted path and the next byte from the step's integer
-        tensor (one transfer for the batch); keep the active rows' new draft distributions."""
+        tensor (one transfer for the batch); keep the active rows' new draft distributions (into
+        a tensor of their own: a captured step's next replay overwrites its outputs). ``active_t``:
+        ``active`` on the device, if the step's inputs brought it."""
         ints, q = out
-        active_t = torch.tensor(active, device=batch.device)[:, None, None]
-        self.draft_probs = torch.where(active_t, q, self.draft_probs)
-        host = ints.cpu().numpy()  # the step's one host transfer
+        active_t = torch.tensor(active, device=batch.device) if active_t is None else active_t
+        self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs)
+        host = download(ints)  # the step's one host transfer
         depth = self.max_path if fed else 0
         n = host.shape[1] - 3 - self.n_drafts * RANKS - depth
         tokens, path = host[:, :n], host[:, n : n + depth]

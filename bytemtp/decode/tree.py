@@ -43,6 +43,7 @@ import torch
 from bytemtp.decode.batch import Batch, Decision, Row
 from bytemtp.decode.sampling import SamplingConfig
 from bytemtp.decode.step import RANKS, tree_decide, tree_step
+from bytemtp.decode.transfer import download, upload
 from bytemtp.errors import BytemtpError
 from bytemtp_native.tree_ops import accept, ancestors, best_paths, observe_ranks
 
@@ -119,6 +120,12 @@ def tree_mask(tree: DraftTree, start: int, cache_len: int) -> np.ndarray:
     mask[:, :start] = True
     mask[:, start : start + tree.size + 1] = tree.ancestors
     return mask
+
+
+def send(batch: Batch, host: dict[str, np.ndarray | None]) -> dict[str, torch.Tensor | None]:
+    """A step's ``host`` inputs on the batch's device, in one copy (None stays None)."""
+    sent = upload(batch.device, {name: a for name, a in host.items() if a is not None})
+    return {name: sent.get(name) for name in host}
 
 
 def accepted_path(tree: DraftTree, choice: np.ndarray, max_depth: int) -> tuple[np.ndarray, int]:
@@ -200,9 +207,8 @@ class TreeDrafts:
 
     def flush(self) -> None:
         """Moves pending from the last step, applied now (before a prompt's forward reuses slots)."""
-        device = next(self.model.parameters()).device
-        src, dst = (torch.from_numpy(self.moves[:, i]).to(device) for i in (0, 1))
-        self.model.move_cache(src, dst)
+        sent = upload(next(self.model.parameters()).device, {"moves": self.moves.copy()})["moves"]
+        self.model.move_cache(sent[:, 0], sent[:, 1])
         self.moves[:] = self.still
 
     def first(
@@ -210,7 +216,7 @@ class TreeDrafts:
     ) -> dict[int, Decision]:
         root = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
         choice = logits.argmax(dim=-1)
-        host = tree_decide(self.model, self.n_drafts, logits, choice, features, root).cpu().numpy()
+        host = download(tree_decide(self.model, self.n_drafts, logits, choice, features, root))
         self._forget(active)
         return self.read(batch, active, host, fed=False)
 
@@ -220,10 +226,11 @@ class TreeDrafts:
             if on:
                 self.verified[r] = None
 
-    def layout(self, batch: Batch, active: list[bool]) -> tuple[int, dict[str, torch.Tensor]]:
-        """The width of this step's forward and its inputs: ``ids`` ``[pending, tree bytes]``,
-        cache slots, RoPE positions (each node at its depth), masks (each node sees the context
-        and its ancestors), the pending cache moves. Sets each active row's ``verified`` tree."""
+    def layout(self, batch: Batch, active: list[bool]) -> tuple[int, dict[str, np.ndarray | None]]:
+        """The width of this step's forward and its inputs, on the host (``bytemtp.decode.transfer``
+        sends them in one copy): ``ids`` ``[pending, tree bytes]``, cache slots, RoPE positions (each
+        node at its depth), masks (each node sees the context and its ancestors), the pending cache
+        moves. Sets each active row's ``verified`` tree."""
         n_rows, S = len(batch.rows), batch.cache_len
         width = 1 + min(self.n_nodes, batch.fits(active))
         ids = np.zeros((n_rows, width), np.int64)
@@ -240,26 +247,27 @@ class TreeDrafts:
             mask[r] = tree_mask(tree, L, S)
         lengths = np.array([min(row.length, S - 1) for row in batch.rows])[:, None]
         rope = np.where(np.array(active)[:, None], lengths + depth, lengths)
-        device = batch.device
         moving = not batch.eager or (self.moves != self.still).any()  # eager and nothing to move: skip the copy
-        src, dst = (torch.from_numpy(self.moves[:, i]).to(device) if moving else None for i in (0, 1))
-        inputs = {
-            "ids": torch.from_numpy(ids).to(device),
-            "input_pos": batch.slots(width, active),
-            "rope_pos": torch.from_numpy(rope).to(device),
-            "mask": torch.from_numpy(mask).to(device),
-            "move_src": src,
-            "move_dst": dst,
-        }
+        src, dst = (self.moves[:, i].copy() if moving else None for i in (0, 1))
+        inputs = {"ids": ids, "input_pos": batch.slot_array(width, active), "rope_pos": rope, "mask": mask,
+                  "move_src": src, "move_dst": dst}
         return width, inputs
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
-        width, inputs = self.layout(batch, active)
-        if self.step_fn is None:
-            out = tree_step(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
-        else:
+        width, host = self.layout(batch, active)
+        inputs = send(batch, host)
+        if self.compiled(width):
             out = self.step_fn(**inputs)
-        return self.read(batch, active, out.cpu().numpy(), fed=True)  # the step's one host transfer
+        else:
+            out = tree_step(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
+        return self.read(batch, active, download(out), fed=True)  # the step's one host transfer
+
+    def compiled(self, width: int) -> bool:
+        """Whether a step of ``width`` runs compiled: a compiled step has the one width of the
+        whole tree (one graph per batch size); the few steps near the window's end that verify
+        only the prefix of their trees that fits (``Batch.fits``) run eager instead of
+        compiling and recording a graph for every width."""
+        return self.step_fn is not None and width == 1 + self.n_nodes
 
     def read(self, batch: Batch, active: list[bool], host: np.ndarray, fed: bool) -> dict[int, Decision]:
         """Per row: verify the tree against head 1's choices, learn, build the next tree, plan the move."""
