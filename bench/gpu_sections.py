@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from bytemtp import BOS
 from bytemtp.model.config import preset
 from bytemtp.train.flops import peak_flops
 from bytemtp.train.step_timing import synchronize
+
+if TYPE_CHECKING:
+    from bytemtp.decode.generate import Decoder
 
 Emit = Callable[[dict[str, Any]], None]
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +69,8 @@ def environment(work: Path, emit: Emit, deadline: float) -> dict[str, Any]:
     info["bf16_matmul_rel_error"] = ((a.bfloat16() @ b.bfloat16()).double() - exact).norm().item() / exact.norm().item()
     failures = [] if info["bf16"] else ["no bf16 support: training and decoding run in bf16 on CUDA"]
     if not info["bf16_matmul_rel_error"] <= BF16_MATMUL_TOLERANCE:
-        failures.append(f"a bf16 matmul is {info['bf16_matmul_rel_error']:.1e} from float64 (> {BF16_MATMUL_TOLERANCE})")
+        failures.append(f"a bf16 matmul is {info['bf16_matmul_rel_error']:.1e} from float64 "
+                        f"(> {BF16_MATMUL_TOLERANCE})")
     return {**info, "failures": failures}
 
 
@@ -99,7 +103,8 @@ def training(work: Path, emit: Emit, deadline: float) -> dict[str, Any]:
         "steps": result.step, "seconds": round(seconds, 1), "loss_first": records[0]["loss"],
         "loss_final": records[-1]["loss"], "head1_bpb_final": records[-1]["bpb_heads"][0],
         "bytes_per_s": records[-1]["bytes_per_s"], "mfu": records[-1].get("mfu"),
-        "host_syncs": sum(syncs.values()), "host_syncs_between_checks": sum(n for s, n in syncs.items() if s not in must_read),
+        "host_syncs": sum(syncs.values()),
+        "host_syncs_between_checks": sum(n for s, n in syncs.items() if s not in must_read),
     }
     out["failures"] = [f"steps {sorted(s for s in syncs if s not in must_read)}: host syncs between checks"] if (
         out["host_syncs_between_checks"]) else []
@@ -216,7 +221,9 @@ def decoding(work: Path, emit: Emit, deadline: float) -> dict[str, Any]:
     return out
 
 
-def run_decoder(model, fields: dict, prompts: list[bytes], batch: int, dtype: torch.dtype) -> tuple[dict, list]:
+def run_decoder(
+    model: torch.nn.Module, fields: dict, prompts: list[bytes], batch: int, dtype: torch.dtype
+) -> tuple[dict, list]:
     """Decode ``prompts`` ``batch`` at a time with a decoder of ``fields`` (compiled on CUDA), twice:
     the first pass compiles and records, the second is timed -> (its figures, its outputs)."""
     from bytemtp.decode.generate import Decoder, GenerationConfig
@@ -232,7 +239,7 @@ def run_decoder(model, fields: dict, prompts: list[bytes], batch: int, dtype: to
             "compile_s": round(max(0.0, first_s - seconds), 1), **events}, outputs
 
 
-def decode_all(decoder, prompts: list[bytes], batch: int) -> tuple[list[bytes], list, float]:
+def decode_all(decoder: Decoder, prompts: list[bytes], batch: int) -> tuple[list[bytes], list, float]:
     """Every prompt, ``batch`` rows a generation (row i seeded i) -> (outputs, row statistics, seconds)."""
     outputs, stats, start = [], [], time.perf_counter()
     for i in range(0, len(prompts), batch):
@@ -275,11 +282,12 @@ def compile_events() -> Iterator[dict[str, Any]]:
         for module, real in patched:
             module.log_cudagraph_skip_and_bump_counter = real
         events["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs
-        events["graph_breaks"] = {k: n - breaks.get(k, 0) for k, n in counters["graph_break"].items() if n > breaks.get(k, 0)}
+        events["graph_breaks"] = {k: n - breaks.get(k, 0) for k, n in counters["graph_break"].items()
+                                  if n > breaks.get(k, 0)}
         events["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
 
 
-def differences(model, prompts: list[bytes], want: list[bytes], got: list[bytes]) -> list[dict]:
+def differences(model: torch.nn.Module, prompts: list[bytes], want: list[bytes], got: list[bytes]) -> list[dict]:
     """Per prompt whose output differs from autoregressive decoding's: the first byte that differs
     and head 1's top-two logit margin there (``model`` as decoded, one plain forward), in bf16
     ulps of the top logit: a near-tie that rounding can flip is a few."""
@@ -290,7 +298,8 @@ def differences(model, prompts: list[bytes], want: list[bytes], got: list[bytes]
         if a == b:
             continue
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        ids = torch.tensor([[*prompt_context(prompts[i], model.cfg.max_seq_len), *a[:k]]], device=model.embed.weight.device)
+        context = [*prompt_context(prompts[i], model.cfg.max_seq_len), *a[:k]]
+        ids = torch.tensor([context], device=model.embed.weight.device)
         with torch.inference_mode():
             top = model(ids, n_heads=1)[0, -1, 0].float().topk(2).values.tolist()
         ulp = 2.0 ** (math.floor(math.log2(max(abs(top[0]), 1e-30))) - 7)

@@ -56,7 +56,8 @@ def test_runs_to_completion_without_cuda(gpu_check, tmp_path):
     assert list(sections) == ["environment", "training", "decoding", "gpu_tests"]
     env = sections["environment"]
     assert env["status"] == "skipped" and env["reason"] == "no CUDA device" and env["torch"] == torch.__version__
-    assert all(s == {"status": "skipped", "reason": "no CUDA device", "seconds": 0.0} for s in list(sections.values())[1:])
+    skipped = {"status": "skipped", "reason": "no CUDA device", "seconds": 0.0}
+    assert all(s == skipped for s in list(sections.values())[1:])
     assert (tmp_path / "report-logs" / "environment.log").is_file()
 
 
@@ -105,3 +106,18 @@ def test_decoding_pieces_on_the_cpu(sections, monkeypatch):
     planted = [outputs[0], outputs[1][:3] + bytes([(outputs[1][3] + 1) % 256]), outputs[2]]
     (diff,) = sections.differences(model, prompts, outputs, planted)
     assert diff["prompt"] == 1 and diff["at_byte"] == 3 and diff["margin"] >= 0 and diff["margin_ulps"] >= 0
+
+
+def test_decoding_section_without_a_checkpoint_decodes_random_weights(sections, monkeypatch, tmp_path):
+    """A training section cut before its checkpoint leaves ``run/checkpoints`` empty: the decoding
+    section still runs (random weights, said so) and reports its cases as the GPU run would."""
+    monkeypatch.setattr(sections, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(sections, "PROMPTS", 2)
+    monkeypatch.setattr(sections, "MAX_BYTES", 4)
+    monkeypatch.setattr(sections, "CASES", sections.CASES[:1])
+    monkeypatch.setattr(sections, "preset", lambda name: TINY)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    out = sections.decoding(tmp_path, lambda partial: None, time.monotonic() + 600)
+    assert out["model"].startswith("random weights") and not out["failures"] and not out["not_reached"]
+    (case,) = out["cases"].values()
+    assert case["differences"] == [] and case["bytes"] > 0 and case["speedup"] > 0
