@@ -190,15 +190,16 @@ def counted_call(calls: dict[str, int], name: str, real, *args):
     return real(*args)
 
 
-@pytest.mark.parametrize("strategy", ["greedy tree", "sampled tree"])
+@pytest.mark.parametrize("strategy", [*STRATEGIES, "adaptive chain"])
 def test_a_step_sends_its_inputs_in_one_copy_and_reads_back_one(strategy, recorder, monkeypatch):
-    """Between two steps of a tree, one upload of all the next step's inputs and one read-back of the
-    step's result (``bytemtp.decode.transfer``: on CUDA one pinned, non-blocking copy each way)."""
+    """Between two steps, one upload of all the next step's inputs and one read-back of the step's
+    result (``bytemtp.decode.transfer``: on CUDA one pinned, non-blocking copy each way)."""
+    import bytemtp.decode.chain as chain
     import bytemtp.decode.sampled_tree as sampled_tree
     import bytemtp.decode.tree as tree
 
     calls = {"upload": 0, "download": 0}
-    for module in (tree, sampled_tree):
+    for module in (chain, tree, sampled_tree):
         for name in calls:
             real = getattr(module, name)
             monkeypatch.setattr(module, name, functools.partial(counted_call, calls, name, real))
@@ -215,7 +216,8 @@ def test_a_step_sends_its_inputs_in_one_copy_and_reads_back_one(strategy, record
         return counted
 
     monkeypatch.setattr(generate_module, "compile_decode_step", compile)
-    config = GenerationConfig(max_new_bytes=40, **STRATEGIES[strategy])
+    adaptive = {"draft_costs": (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2, 2.4)}
+    config = GenerationConfig(max_new_bytes=40, **(adaptive if strategy == "adaptive chain" else STRATEGIES[strategy]))
     Decoder(trained_model(), config, compile=True).generate(PROMPTS).read_all()
     between = [(b["upload"] - a["upload"], b["download"] - a["download"]) for a, b in zip(per_step, per_step[1:])]
     assert len(between) > 3 and set(between) == {(1, 1)}

@@ -37,6 +37,7 @@ from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.incontext import ContextDrafting, InContext, RowTexts
 from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
+from bytemtp.decode.transfer import download, upload
 from bytemtp.decode.verify import ChainRule, Uniforms
 
 StepFn = Callable[..., ChainOutput]
@@ -119,18 +120,27 @@ class ChainDrafts:
         return rule, decide, step
 
     def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
-        """The random numbers of a step judging ``k`` drafts, from each active sampled row's own
-        generator (zeros for the others). A row draws as many every step, however wide the step
-        (which depends on the other rows): its stream of numbers is its own."""
+        """The random numbers of a step judging ``k`` drafts on the device (``draw_uniforms``)."""
+        drawn = self.draw_uniforms(batch, active, rule)
+        return self.split_uniforms(torch.from_numpy(drawn["u"]).to(batch.device) if drawn else None, k)
+
+    def draw_uniforms(self, batch: Batch, active: list[bool], rule: ChainRule) -> dict[str, np.ndarray]:
+        """A step's random numbers on the host, ``{"u": [B, w+1+m]}`` ({} when greedy), from each
+        active sampled row's own generator (zeros for the others). A row draws as many every step,
+        however wide the step (which depends on the other rows): its stream of numbers is its own."""
         if rule.sampling.greedy:
-            return None
+            return {}
         m, w = self.n_drafts, self.longest  # a lookup may judge more drafts than the heads make
         u = torch.zeros(len(batch.rows), w + 1 + m)
         for r, row in enumerate(batch.rows):
             if active[r] and row.generator is not None:
                 u[r] = torch.rand(w + 1 + m, generator=row.generator)
-        u = u.to(batch.device)
-        return Uniforms(u[:, :k], u[:, w], u[:, w + 1 :])
+        return {"u": u.numpy()}
+
+    def split_uniforms(self, u: torch.Tensor | None, k: int) -> Uniforms | None:
+        """Drawn random numbers (``draw_uniforms``, on the device) as a step judging ``k`` drafts reads them."""
+        w = self.longest
+        return None if u is None else Uniforms(u[:, :k], u[:, w], u[:, w + 1 :])
 
     def judged_probs(self, rule: ChainRule, ids: torch.Tensor, active: list[bool]) -> torch.Tensor | None:
         """The distributions the drafts of ``ids`` [B, P] being judged were drawn from: as kept, and
@@ -184,17 +194,19 @@ class ChainDrafts:
         width = 1 + min(most, fits)
         n_valid = [min(self.n_valid[r], width - 1) if active[r] else 0 for r in range(len(batch.rows))]
         ids = [[row.pending, *self.drafts[r][: width - 1]] for r, row in enumerate(batch.rows)]
-        ids = torch.tensor([row + [0] * (width - len(row)) for row in ids], device=batch.device)
-        n_valid_t = torch.tensor(n_valid, device=batch.device)
-        u = self.uniforms(batch, active, width - 1, rule)
-        args = (ids, batch.slots(width, active), n_valid_t, self.judged_probs(rule, ids, active), u)
+        ids = np.array([row + [0] * (width - len(row)) for row in ids])
+        host = {"ids": ids, "slots": batch.slot_array(width, active), "n_valid": np.array(n_valid),
+                "active": np.array(active), **self.draw_uniforms(batch, active, rule)}
+        sent = upload(batch.device, host)  # one copy for all of the step's inputs
+        ids, u = sent["ids"], self.split_uniforms(sent.get("u"), width - 1)
+        args = (ids, sent["slots"], sent["n_valid"], self.judged_probs(rule, ids, active), u)
         if compiled:
             out = step(*args, counts=self.counts(batch))
         else:  # eager, or a compiled rule's narrower step near the window's end (its tensor decision)
             counts = None if step is None else self.counts(batch)
             kv_len = batch.kv_len(width)
             out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide, counts=counts)
-        return self._read(batch, active, out, n_valid, fed=True, eager=step is None)
+        return self._read(batch, active, out, n_valid, fed=True, eager=step is None, sent=sent)
 
     def counts(self, batch: Batch) -> InContext | None:
         """The rows' counts for a compiled step's in-context weight, read in place: on a CPU only
@@ -205,19 +217,27 @@ class ChainDrafts:
         return self.texts.tensors(self.drafting.mixing([row.params.sampling.greedy for row in batch.rows]))
 
     def _read(
-        self, batch: Batch, active: list[bool], out: tuple, n_judged: list[int], fed: bool, eager: bool
+        self,
+        batch: Batch,
+        active: list[bool],
+        out: tuple,
+        n_judged: list[int],
+        fed: bool,
+        eager: bool,
+        sent: dict[str, torch.Tensor] | None = None,
     ) -> dict[int, Decision]:
-        """Keep the new drafts (and their distributions) and read the decisions: one transfer for all rows."""
+        """Keep the new drafts (and their distributions) and read the decisions: one transfer for all
+        rows. ``sent``: the step's inputs on the device, ``active`` and ``n_valid`` (= ``n_judged``) among them."""
         ints, q, confidence = out
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
-        active_t = torch.tensor(active, device=batch.device) if keep or self.policy is not None else None
+        active_t = sent["active"] if sent else torch.tensor(active, device=batch.device)
         if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
             self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q.clone()
         if self.policy is not None:
-            judged_t = torch.tensor(n_judged, device=batch.device)
+            judged_t = sent["n_valid"] if sent else torch.tensor(n_judged, device=batch.device)
             counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t)
             ints = torch.cat((counts[:, None], ints), dim=1)
-        host = StepOutput.read(ints, counted=self.policy is not None)
+        host = StepOutput.read(download(ints), counted=self.policy is not None)
         decisions = {}
         for r, row in enumerate(batch.rows):
             if not active[r]:
