@@ -202,7 +202,7 @@ def command(
     if adaptive:
         cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
         forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
-        costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward)
+        costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward, rows=(1, batch))
         config = dataclasses.replace(config, draft_costs=costs)
     window = model.cfg.max_seq_len
     for p in prompts:

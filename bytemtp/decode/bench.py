@@ -19,7 +19,7 @@ import torch
 
 from bytemtp.compile import compile_by_default, compile_decode_step
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.drafting import measure_step_costs
+from bytemtp.decode.drafting import CostTable, measure_step_costs
 from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.batch import GenerationStats
 from bytemtp.decode.tree import check_tree_request
@@ -84,7 +84,7 @@ def run_bench(
         if config.adaptive:  # at the prompts' cache length, as the generations use it
             cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
             forward = compile_decode_step(model.decode, device, compile)
-            costs = measure_step_costs(model, cfg.n_future, cache_len, forward)
+            costs = measure_step_costs(model, cfg.n_future, cache_len, forward, rows=tuple(config.batches))
         most = cfg.n_future - 1
         kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
         kinds += [(most, False, 0, True)] if config.compare_plain else []
@@ -122,7 +122,7 @@ def run_bench(
 
 
 def decoder_config(
-    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: tuple[float, ...] | None
+    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: CostTable | None
 ) -> GenerationConfig:
     """The generation settings of one decoder of the benchmark (``plain``: drafts from the heads and
     the corpus only, as before drafts from the rows' own text)."""
@@ -195,7 +195,7 @@ class BenchReport:
     device: str
     model: dict[str, Any]
     batches: list[list[DecoderResult]]  # per batch size: autoregressive first, then the speculative decoders
-    draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
+    draft_costs: CostTable | None = None  # the adaptive row's measured costs, a curve per rows in a step
 
     @property
     def ar(self) -> DecoderResult:
@@ -289,8 +289,9 @@ class BenchReport:
                 f"{m.bytes_per_forward:>11.2f}{'-' if same is None else ('yes' if same else 'NO'):>11}  "
                 + " ".join(f"{a:.2f}" for a in m.acceptance)
             )
-        if self.draft_costs:
-            lines.append("adaptive: forward cost by positions " + " ".join(f"{c:.2f}" for c in self.draft_costs))
+        for batch in sorted(set(self.config.batches)) if self.draft_costs else ():
+            curve = self.draft_costs[batch - 1]
+            lines.append(f"adaptive: forward cost by positions at batch {batch}: " + " ".join(f"{c:.2f}" for c in curve))
         return "\n".join(lines)
 
 

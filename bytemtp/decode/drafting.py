@@ -6,9 +6,15 @@ but 1.25x (``tiny``) to 1.7-2.4x (``small`` on BLAS; 1.3-1.4x on the panel kerne
 ``bytemtp.model.panels``) for P = 8 on a 2-core CPU, where 8-row matrix products are
 compute-bound. A draft is worth verifying only when the bytes it is expected to
 add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
-the device from the draft heads' calibrated confidence and a cost curve measured
+the device from the draft heads' calibrated confidence and a cost table measured
 once per model and machine by ``measure_step_costs``. A batch's step then
 forwards 1 + the most drafts any of its rows verifies.
+
+The table has a curve per number of rows the step forwards: a wide step of one row
+is nearly as cheap as a narrow one (the weights are read once either way), but at
+8 rows the same drafts turn every matrix product of the step 8 positions taller, and
+on a CPU the step's cost grows with them. Priced at batch 1, a full batch verifies
+drafts that cost more than they earn; priced at its own row count, it verifies fewer.
 
 Which drafts are verified is decided from the drafts alone, before head 1 judges
 them, so greedy output stays identical to autoregressive decoding and sampled
@@ -21,6 +27,9 @@ import statistics
 import time
 
 import torch
+
+CostTable = tuple[tuple[float, ...], ...]  # [rows in a step - 1][positions - 1]: a forward's relative cost
+
 
 def draft_count(confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
     """[..., m] chance that each draft is right, [m+1] relative cost of forwards of 1..m+1
@@ -35,8 +44,9 @@ def draft_count(confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
 
 
 class DraftPolicy:
-    """Chooses how many of each row's new drafts to verify, from a cost curve [m+1] and the
-    draft heads' confidence (their top probabilities) [B, m].
+    """Chooses how many of each row's new drafts to verify, from a cost table [O, m+1] (row
+    o - 1: the relative cost of forwards of 1..m+1 positions for a step of o rows; a curve
+    [m+1] serves every step) and the draft heads' confidence (their top probabilities) [B, m].
 
     A head's top probability ranks its drafts well but misjudges how often they are
     accepted, so each head's confidence is scaled, per row, by its hits over its summed
@@ -47,8 +57,8 @@ class DraftPolicy:
     """
 
     def __init__(self, costs: torch.Tensor, n_rows: int = 1):
-        self.costs = costs
-        m = costs.numel() - 1
+        self.costs = torch.atleast_2d(costs)
+        m = self.costs.shape[1] - 1
         self.hits = costs.new_ones(n_rows, m)
         self.predicted = costs.new_ones(n_rows, m)
         self.confidence = costs.new_zeros(n_rows, m)  # of each row's latest drafts
@@ -58,25 +68,38 @@ class DraftPolicy:
         self.hits[r], self.predicted[r], self.confidence[r] = 1.0, 1.0, 0.0
 
     def choose(
-        self, confidence: torch.Tensor, n_judged: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor
+        self,
+        confidence: torch.Tensor,
+        n_judged: torch.Tensor,
+        accepted: torch.Tensor,
+        active: torch.Tensor,
+        rows: int = 1,
     ) -> torch.Tensor:
         """[B] how many of the new drafts to verify (``draft_count``), for drafts of ``confidence``
-        [B, m]. Learnt first: the previous choice's first ``n_judged`` [B] drafts were just verified,
-        the first ``accepted`` [B] of them accepted. Rows not ``active`` [B] learn and change nothing."""
+        [B, m], priced for the next step forwarding ``rows`` rows (past the table: its last curve).
+        Learnt first: the previous choice's first ``n_judged`` [B] drafts were just verified, the
+        first ``accepted`` [B] of them accepted. Rows not ``active`` [B] learn and change nothing."""
         j = torch.arange(self.hits.shape[1], device=self.costs.device)
         judged = (j < n_judged[:, None]) & active[:, None]
         self.predicted += (judged & (j <= accepted[:, None])) * self.confidence
         self.hits += judged & (j < accepted[:, None])
         self.confidence = torch.where(active[:, None], confidence, self.confidence)
         calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
-        return draft_count(calibrated, self.costs)
+        return draft_count(calibrated, self.costs[min(rows, self.costs.shape[0]) - 1])
 
 
 @torch.inference_mode()
 def measure_step_costs(
-    model: torch.nn.Module, n_positions: int, cache_len: int, step_forward=None, rounds: int = 7
-) -> tuple[float, ...]:
-    """Time of a decoding forward of 1..``n_positions`` positions, relative to one position.
+    model: torch.nn.Module,
+    n_positions: int,
+    cache_len: int,
+    step_forward=None,
+    rounds: int = 7,
+    rows: tuple[int, ...] = (1,),
+) -> CostTable:
+    """The cost table of ``DraftPolicy``: for steps of 1..max(``rows``) rows, the time of a decoding
+    forward of 1..``n_positions`` positions relative to one position, measured at each row count
+    of ``rows`` and interpolated between them (``interpolate_costs``).
 
     Forwards of every size are interleaved within each round (so drift hits all
     alike) and the first round is discarded (it absorbs compilation); each cost is
@@ -87,18 +110,35 @@ def measure_step_costs(
     step = step_forward or model.decode
     device = next(model.parameters()).device
     start = cache_len - n_positions
-    ids = torch.zeros(1, n_positions, dtype=torch.long, device=device)
-    times: list[list[float]] = [[] for _ in range(n_positions)]
-    model.setup_cache(1, cache_len)
-    try:
-        for r in range(rounds + 1):
-            for p in range(1, n_positions + 1):
-                t = time.perf_counter()
-                logits, _ = step(ids[:, :p], torch.arange(start, start + p, device=device), n_positions)
-                logits[0, -1, 0].item()
-                if r:
-                    times[p - 1].append(time.perf_counter() - t)
-    finally:
-        model.clear_cache()
-    medians = [statistics.median(t) for t in times]
-    return tuple(m / medians[0] for m in medians)
+    measured = {}
+    for b in sorted(set(rows)):
+        ids = torch.zeros(b, n_positions, dtype=torch.long, device=device)
+        times: list[list[float]] = [[] for _ in range(n_positions)]
+        model.setup_cache(b, cache_len)
+        try:
+            for r in range(rounds + 1):
+                for p in range(1, n_positions + 1):
+                    t = time.perf_counter()
+                    logits, _ = step(ids[:, :p], torch.arange(start, start + p, device=device), n_positions)
+                    logits[0, -1, 0].item()
+                    if r:
+                        times[p - 1].append(time.perf_counter() - t)
+        finally:
+            model.clear_cache()
+        medians = [statistics.median(t) for t in times]
+        measured[b] = tuple(m / medians[0] for m in medians)
+    return interpolate_costs(measured)
+
+
+def interpolate_costs(measured: dict[int, tuple[float, ...]]) -> CostTable:
+    """Curves measured at some row counts -> one per row count 1..the largest: linear between two
+    measured counts, and below the smallest, the smallest's (a step of fewer rows is no dearer)."""
+    counts = sorted(measured)
+    table = []
+    for b in range(1, counts[-1] + 1):
+        hi = next(c for c in counts if c >= b)
+        lo = max((c for c in counts if c <= b), default=hi)
+        w = (b - lo) / (hi - lo) if hi > lo else 0.0
+        table.append(tuple((1 - w) * x + w * y for x, y in zip(measured[lo], measured[hi], strict=True)))
+    return tuple(table)
+
