@@ -38,11 +38,16 @@ def choose(policy: DraftPolicy, confidence: list[float], n_judged: int = 0, acce
     return int(policy.choose(torch.tensor([confidence]), torch.tensor([n_judged]), torch.tensor([accepted]), one)[0])
 
 
-def test_policy_counts_the_drafts_worth_verifying_per_row():
-    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]), n_rows=2)
-    counts = policy.choose(torch.tensor([[0.9, 0.3, 0.9], [1.0, 1.0, 1.0]]), torch.zeros(2, dtype=torch.long),
-                           torch.zeros(2, dtype=torch.long), torch.tensor([True, True]))
-    assert counts.tolist() == [1, 3]
+def test_policy_counts_the_drafts_worth_verifying_for_the_whole_step():
+    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]), n_rows=3)
+    confidence = torch.tensor([[0.9, 0.3, 0.9], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    zeros = torch.zeros(3, dtype=torch.long)
+    # Alone, the sure row would verify 3 drafts (4 / 2.1), the other 1 (1.9 / 1.1): together they
+    # expect 2, 3.9, 5.17, 6.41 bytes from 0..3 drafts, best per cost at 1 (3.9 / 1.1). The third
+    # row waits this step: its drafts count for nothing.
+    counts = policy.choose(confidence, zeros, zeros, torch.tensor([True, True, False]))
+    assert counts.tolist() == [1, 1, 1]
+    assert policy.choose(confidence, zeros, zeros, torch.tensor([False, True, False])).tolist() == [3, 3, 3]
 
 
 def test_policy_calibrates_each_head_on_what_verification_reached():
@@ -67,7 +72,7 @@ def test_policy_prices_a_step_at_its_row_count():
     policy = DraftPolicy(table, n_rows=4)
     counts = policy.choose(torch.tensor([confidence] * 4), torch.zeros(4, dtype=torch.long),
                            torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), rows=4)
-    assert counts.tolist() == [1] * 4  # 1.8 / 1.5 beats 1 / 1, 2.28 / 2 and 2.52 / 2.5
+    assert counts.tolist() == [1] * 4  # 4 x 1.8 / 1.5 beats 4 x 1 / 1, 4 x 2.28 / 2 and 4 x 2.52 / 2.5
     assert choose(DraftPolicy(table[:1]), confidence) == 3  # a single curve prices every step alike
 
 

@@ -31,21 +31,25 @@ import torch
 CostTable = tuple[tuple[float, ...], ...]  # [rows in a step - 1][positions - 1]: a forward's relative cost
 
 
-def draft_count(confidence: torch.Tensor, costs: torch.Tensor) -> torch.Tensor:
-    """[..., m] chance that each draft is right, [m+1] relative cost of forwards of 1..m+1
-    positions -> [...] the number of drafts k that maximises expected bytes per cost.
+def draft_count(confidence: torch.Tensor, costs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[..., m] chance that each draft of each row is right, [m+1] relative cost of forwards of
+    1..m+1 positions -> the number of drafts k, one for all the rows, that maximises the bytes they
+    are expected to decide together per cost of their step (``weights`` [...]: rows counted 0 or 1).
 
     A step verifying k drafts decides 1 + sum_{j<=k} prod_{i<=j} confidence_i bytes
-    on average: draft j only counts if every draft before it was accepted too.
+    of a row on average: draft j only counts if every draft before it was accepted too.
+    One count for all: the step is as wide as its widest row, and every row pays for it.
     """
     ones = confidence.new_ones(*confidence.shape[:-1], 1)
     expected = torch.cat((ones, 1 + confidence.cumprod(-1).cumsum(-1)), dim=-1)
-    return (expected / costs).argmax(dim=-1)
+    if weights is not None:
+        expected = expected * weights[..., None]
+    return (expected.reshape(-1, expected.shape[-1]).sum(0) / costs).argmax()
 
 
 class DraftPolicy:
-    """Chooses how many of each row's new drafts to verify, from a cost table [O, m+1] (row
-    o - 1: the relative cost of forwards of 1..m+1 positions for a step of o rows; a curve
+    """Chooses how many of the rows' new drafts the next step verifies, from a cost table [O, m+1]
+    (row o - 1: the relative cost of forwards of 1..m+1 positions for a step of o rows; a curve
     [m+1] serves every step) and the draft heads' confidence (their top probabilities) [B, m].
 
     A head's top probability ranks its drafts well but misjudges how often they are
@@ -75,7 +79,7 @@ class DraftPolicy:
         active: torch.Tensor,
         rows: int = 1,
     ) -> torch.Tensor:
-        """[B] how many of the new drafts to verify (``draft_count``), for drafts of ``confidence``
+        """[B] how many of the new drafts to verify (``draft_count``: the same for every row), for drafts of ``confidence``
         [B, m], priced for the next step forwarding ``rows`` rows (past the table: its last curve).
         Learnt first: the previous choice's first ``n_judged`` [B] drafts were just verified, the
         first ``accepted`` [B] of them accepted. Rows not ``active`` [B] learn and change nothing."""
@@ -85,7 +89,8 @@ class DraftPolicy:
         self.hits += judged & (j < accepted[:, None])
         self.confidence = torch.where(active[:, None], confidence, self.confidence)
         calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
-        return draft_count(calibrated, self.costs[min(rows, self.costs.shape[0]) - 1])
+        k = draft_count(calibrated, self.costs[min(rows, self.costs.shape[0]) - 1], active.to(calibrated.dtype))
+        return k.expand(confidence.shape[0])
 
 
 @torch.inference_mode()
