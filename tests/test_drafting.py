@@ -10,10 +10,11 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
 
-from bytemtp.decode.drafting import DraftPolicy, draft_count, interpolate_costs, measure_step_costs
+from bytemtp.decode.drafting import DraftPolicy, draft_count, interpolate_costs
+from bytemtp.decode.step_costs import measure_step_costs
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.config import GenerationConfig
-from bytemtp.decode.generate import generate
+from bytemtp.decode.generate import Decoder, generate
 
 STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
 
@@ -81,9 +82,10 @@ def test_costs_are_interpolated_between_measured_row_counts():
     assert [c for _, c in table] == pytest.approx([1.2, 1.2, 1.4, 1.6, 1.8, 2.0]) and {c for c, _ in table} == {1.0}
 
 
-def test_measured_costs_are_relative_to_one_position_at_each_row_count():
+def test_measured_costs_are_relative_to_a_step_of_no_drafts_at_each_row_count():
     model = random_model(n_future=4, max_seq_len=48)
-    costs = measure_step_costs(model, 4, cache_len=48, rounds=2, rows=(1, 3))
+    # 48 positions of cache: the rows' windows fill and are cut while measured
+    costs = measure_step_costs(Decoder(model, GenerationConfig()), cache_len=48, rounds=4, rows=(1, 3))
     assert len(costs) == 3 and all(len(curve) == 4 and curve[0] == 1.0 for curve in costs)
     assert all(c > 0 for curve in costs for c in curve)
     assert model.kv_cache is None  # the cache is detached again

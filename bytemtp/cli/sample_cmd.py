@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import codecs
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -159,11 +158,10 @@ def command(
     stats: bool,
     echo: bool,
 ) -> None:
-    from bytemtp.compile import compile_decode_step
     from bytemtp.decode.context import generation_cache_length, prompt_context
-    from bytemtp.decode.drafting import measure_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.decode.prompts import read_prompts_file
+    from bytemtp.decode.step_costs import adaptive_decoder
     from bytemtp.errors import BytemtpError
     from bytemtp.train.checkpoint import load_model
 
@@ -199,11 +197,6 @@ def command(
     n_drafts = config.n_drafts(model.cfg.n_future)  # refuses drafting flags where nothing is drafted
     if adaptive and not n_drafts:
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
-    if adaptive:
-        cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
-        forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
-        costs = measure_step_costs(model, model.cfg.n_future, cache_len, forward, rows=(1, batch))
-        config = dataclasses.replace(config, draft_costs=costs)
     window = model.cfg.max_seq_len
     for p in prompts:
         kept = len(prompt_context(p, window))
@@ -212,7 +205,11 @@ def command(
                 f"note: the prompt's {len(p)} bytes do not fit the model's window of {window}; keeping the last {kept}",
                 err=True,
             )
-    decoder = Decoder(model, config, compile_)
+    if adaptive:  # priced at the generations' cache length and row counts (a last batch may be short)
+        cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
+        decoder = adaptive_decoder(model, config, compile_, cache_len, (1, batch))
+    else:
+        decoder = Decoder(model, config, compile_)
     with _until_the_reader_leaves():
         if json_lines:
             _json_lines(decoder, prompts, num_samples, batch, stats)

@@ -40,12 +40,9 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
             speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool | None,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
-    import dataclasses
-
-    from bytemtp.compile import compile_decode_step
-    from bytemtp.decode.drafting import measure_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.errors import BytemtpError
+    from bytemtp.decode.step_costs import adaptive_decoder
     from bytemtp.serve.server import build_server
     from bytemtp.train.checkpoint import load_model
 
@@ -59,11 +56,10 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     if adaptive and tree:
         raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
     adaptive = not tree and n_drafts > 0 if adaptive is None else adaptive
-    if adaptive:
-        forward = compile_decode_step(model.decode, model.embed.weight.device, compile_)  # as the steps run
-        costs = measure_step_costs(model, model.cfg.n_future, model.cfg.max_seq_len, forward, rows=(max_batch,))
-        config = dataclasses.replace(config, draft_costs=costs)
-    decoder = Decoder(model, config, compile_)
+    if adaptive:  # priced at the server's row count and cache, as its steps run
+        decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max_batch,))
+    else:
+        decoder = Decoder(model, config, compile_)
     name = model_name or ckpt.resolve().name
     if name.startswith("step-") or name == "latest":  # a checkpoint inside a run: name the run
         name = ckpt.resolve().parent.parent.name

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from bytemtp.compile import compile_by_default, compile_decode_step
+from bytemtp.compile import compile_by_default
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.drafting import CostTable, measure_step_costs
+from bytemtp.decode.drafting import CostTable
+from bytemtp.decode.step_costs import adaptive_decoder
 from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.batch import GenerationStats
 from bytemtp.decode.tree import check_tree_request
@@ -81,16 +82,17 @@ def run_bench(
     compile = compile_by_default(device) if compile is None else compile
     costs = None
     with panels_enabled(config.panels):
-        if config.adaptive:  # at the prompts' cache length, as the generations use it
-            cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
-            forward = compile_decode_step(model.decode, device, compile)
-            costs = measure_step_costs(model, cfg.n_future, cache_len, forward, rows=tuple(config.batches))
         most = cfg.n_future - 1
         kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
         kinds += [(most, False, 0, True)] if config.compare_plain else []
-        kinds += [(most, True, 0, False)] if config.adaptive else []
         kinds += [(most, False, n, False) for n in config.trees]
-        decoders = {kind: Decoder(model, decoder_config(config, *kind, costs), compile) for kind in kinds}
+        decoders = {kind: Decoder(model, decoder_config(config, kind), compile) for kind in kinds}
+        if config.adaptive:  # priced at the prompts' cache length and the batch sizes, as the generations run
+            cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
+            kind = (most, True, 0, False)
+            decoders[kind] = adaptive_decoder(model, decoder_config(config, kind), compile, cache_len, config.batches)
+            costs = decoders[kind].config.draft_costs
+            kinds.insert(len(kinds) - len(config.trees), kind)
         rows = []
         for batch in config.batches:
             modes = [DecoderResult(*kind, batch=batch) for kind in kinds]
@@ -121,11 +123,11 @@ def run_bench(
     return BenchReport(config, describe_device(device, config.panels, compile), info, rows, costs)
 
 
-def decoder_config(
-    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: CostTable | None
-) -> GenerationConfig:
-    """The generation settings of one decoder of the benchmark (``plain``: drafts from the heads and
-    the corpus only, as before drafts from the rows' own text)."""
+def decoder_config(config: BenchConfig, kind: tuple[int, bool, int, bool]) -> GenerationConfig:
+    """The generation settings of one decoder of the benchmark, of ``kind`` (draft heads, adaptive,
+    tree, plain: drafts from the heads and the corpus only, as before drafts from the rows' own
+    text); an adaptive one's costs are measured with its own steps (``adaptive_decoder``)."""
+    draft_heads, _, tree, plain = kind
     return GenerationConfig(
         max_new_bytes=config.max_bytes,
         temperature=config.temperature,
@@ -133,7 +135,6 @@ def decoder_config(
         top_p=config.top_p,
         speculative=draft_heads > 0,
         draft_heads=draft_heads or None,
-        draft_costs=costs if adaptive else None,
         tree_nodes=tree,
         draft_temperature=config.draft_temperature if draft_heads else None,  # the autoregressive row drafts nothing
         draft_coupling=config.draft_coupling if draft_heads else None,

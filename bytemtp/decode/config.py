@@ -33,7 +33,7 @@ class GenerationConfig:
     a smaller number the first ones (heads 2..draft_heads+1). ``draft_heads`` is
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
     forward of 1, 2, ... positions, a curve per number of rows in a step (or one for all;
-    ``bytemtp.decode.drafting.measure_step_costs``); given, each step verifies only the
+    ``bytemtp.decode.step_costs``); given, each step verifies only the
     drafts expected to pay for their cost at its row count, otherwise all.
     ``tree_nodes``: speculative decoding verifies a tree of that many
     candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.

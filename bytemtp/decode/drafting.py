@@ -7,7 +7,7 @@ but 1.25x (``tiny``) to 1.7-2.4x (``small`` on BLAS; 1.3-1.4x on the panel kerne
 compute-bound. A draft is worth verifying only when the bytes it is expected to
 add outweigh what it adds to the forward. ``DraftPolicy`` makes that choice on
 the device from the draft heads' calibrated confidence and a cost table measured
-once per model and machine by ``measure_step_costs``. A batch's step then
+once per model and machine by ``bytemtp.decode.step_costs``. A batch's step then
 forwards 1 + the most drafts any of its rows verifies.
 
 The table has a curve per number of rows the step forwards: a wide step of one row
@@ -22,9 +22,6 @@ output keeps head 1's distribution exactly.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 
@@ -91,48 +88,6 @@ class DraftPolicy:
         calibrated = (confidence * self.hits / self.predicted).clamp(max=1.0)
         k = draft_count(calibrated, self.costs[min(rows, self.costs.shape[0]) - 1], active.to(calibrated.dtype))
         return k.expand(confidence.shape[0])
-
-
-@torch.inference_mode()
-def measure_step_costs(
-    model: torch.nn.Module,
-    n_positions: int,
-    cache_len: int,
-    step_forward=None,
-    rounds: int = 7,
-    rows: tuple[int, ...] = (1,),
-) -> CostTable:
-    """The cost table of ``DraftPolicy``: for steps of 1..max(``rows``) rows, the time of a decoding
-    forward of 1..``n_positions`` positions relative to one position, measured at each row count
-    of ``rows`` and interpolated between them (``interpolate_costs``).
-
-    Forwards of every size are interleaved within each round (so drift hits all
-    alike) and the first round is discarded (it absorbs compilation); each cost is
-    a median. The forward includes the host transfer every real step ends with.
-    ``cache_len`` should be the generations' (``generation_cache_length``): attention
-    reads the whole cache, and a compiled step then serves both with the same graphs.
-    """
-    step = step_forward or model.decode
-    device = next(model.parameters()).device
-    start = cache_len - n_positions
-    measured = {}
-    for b in sorted(set(rows)):
-        ids = torch.zeros(b, n_positions, dtype=torch.long, device=device)
-        times: list[list[float]] = [[] for _ in range(n_positions)]
-        model.setup_cache(b, cache_len)
-        try:
-            for r in range(rounds + 1):
-                for p in range(1, n_positions + 1):
-                    t = time.perf_counter()
-                    logits, _ = step(ids[:, :p], torch.arange(start, start + p, device=device), n_positions)
-                    logits[0, -1, 0].item()
-                    if r:
-                        times[p - 1].append(time.perf_counter() - t)
-        finally:
-            model.clear_cache()
-        medians = [statistics.median(t) for t in times]
-        measured[b] = tuple(m / medians[0] for m in medians)
-    return interpolate_costs(measured)
 
 
 def interpolate_costs(measured: dict[int, tuple[float, ...]]) -> CostTable:
