@@ -4,24 +4,38 @@ Run from the repository root::
 
     .venv/bin/python bench/bench_serve.py CKPT --data ~/.cache/bytemtp/python-stdlib
 
-Starts two servers on 127.0.0.1 (``--no-speculative`` and speculative), then for each
-temperature (greedy, 0.8) and concurrency (1, 4, 8, 16) drives closed-loop clients, each
-sending streamed requests with held-out prompts (the val split of ``--data``) one after
-another, first at the plain server, then at the speculative one. Every level is bounded in
+Starts three servers on 127.0.0.1 (``--no-speculative``; speculative verifying every draft,
+``--no-adaptive``; speculative as served by default, verifying the drafts worth their cost
+at its row count), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
+drives closed-loop clients, each sending streamed requests with held-out prompts (the val
+split of ``--data``) one after another, at each server in turn. Every level is bounded in
 requests and in time. Reports aggregate bytes/s, the speculative server's speedup, p50/p99
 time to first byte and request latency, and bytes per forward.
+
+``--soak N`` instead sends N mixed requests at the default (speculative) server from
+``--concurrency``'s first value of clients: streamed and not, greedy and sampled, a tenth
+of them disconnecting after their first chunk, one in twenty with a malformed body. It
+checks that no request got a 5xx, that every well-formed one completed (a malformed one
+got a 4xx), that every greedy answer is the one the prompt gets alone, that no row is left
+occupied at the end, and that the server's RSS grew less than 10% from the 100th request
+to the last; it exits 1 when a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import statistics
+import threading
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -42,9 +56,12 @@ class Level:
         return statistics.quantiles(xs, n=100)[int(q) - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 
-def start_server(ckpt: str, speculative: bool, max_batch: int) -> tuple[subprocess.Popen, str]:
+SERVERS = {"plain": ["--no-speculative"], "all drafts": ["--speculative", "--no-adaptive"], "speculative": []}
+
+
+def start_server(ckpt: str, flags: list[str], max_batch: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bytemtp", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "256", "--speculative" if speculative else "--no-speculative"]
+           "--max-queue", "256", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
@@ -95,6 +112,108 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
     return level
 
 
+MALFORMED = [b"{not json", b"", b'{"prompt": 7}', b'{"prompt": "x", "max_tokens": -1}', b'["prompt"]']
+
+
+def soak_request(client: httpx.Client, url: str, job: dict) -> tuple[int, str | None]:
+    """One soak job -> (HTTP status, the completion's text; None when malformed or disconnected)."""
+    if job["kind"] == "malformed":
+        r = client.post(f"{url}/v1/completions", content=job["body"], headers={"content-type": "application/json"})
+        return r.status_code, None
+    body = {"prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": job["temperature"],
+            "seed": job["seed"], "stream": job["stream"]}
+    if not job["stream"]:
+        r = client.post(f"{url}/v1/completions", json=body)
+        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else None
+    text = []
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return 500, None
+                text.append(event["choices"][0]["text"])
+                if job["kind"] == "disconnect":  # leave mid-stream: the connection closes here
+                    return r.status_code, None
+        return r.status_code, "".join(text)
+
+
+def soak_jobs(n: int, prompts: list[str], max_tokens: int) -> list[dict]:
+    """``n`` jobs drawn from a fixed seed: 5% malformed, 10% disconnecting, the rest streamed or not,
+    greedy or sampled at 0.8, each from one of ``prompts``."""
+    rng = random.Random(1234)
+    jobs = []
+    for i in range(n):
+        u = rng.random()
+        kind = "malformed" if u < 0.05 else "disconnect" if u < 0.15 else "complete"
+        jobs.append({"kind": kind, "body": rng.choice(MALFORMED), "prompt": rng.choice(prompts), "seed": i,
+                     "stream": kind == "disconnect" or rng.random() < 0.5, "max_tokens": max_tokens,
+                     "temperature": rng.choice((0.0, 0.8))})
+    return jobs
+
+
+def rss_kib(pid: int) -> int:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def soak(args: argparse.Namespace, prompts: list[str]) -> bool:
+    """The soak run (see the module's docstring) -> whether every check passed."""
+    proc, url = start_server(args.ckpt, SERVERS["speculative"], args.max_batch)
+    pool, concurrency = prompts[:16], args.concurrency[0]
+    jobs = soak_jobs(args.soak, pool, args.max_tokens)
+    lock, finished, rss = threading.Lock(), [0], {}
+    start = time.perf_counter()
+
+    def run(job: dict) -> tuple[int, str | None] | None:
+        if time.perf_counter() - start > args.time_limit:
+            return None
+        out = soak_request(client, url, job)
+        with lock:
+            finished[0] += 1
+            if finished[0] == min(100, len(jobs)):
+                rss["first"] = rss_kib(proc.pid)
+        return out
+
+    try:
+        with httpx.Client(timeout=300) as client:
+            alone = {p: soak_request(client, url, {"kind": "complete", "prompt": p, "max_tokens": args.max_tokens,
+                                                   "temperature": 0.0, "seed": 0, "stream": False})[1] for p in pool}
+            start = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as ex:
+                results = list(ex.map(run, jobs))
+            wall = time.perf_counter() - start
+            rss["last"] = rss_kib(proc.pid)
+            for _ in range(100):  # rows whose clients left are retired at the next step
+                m = client.get(f"{url}/metrics").text
+                rows = float(re.search(r"^bytemtp_running_rows (\S+)", m, re.M).group(1))
+                queue = float(re.search(r"^bytemtp_queue_depth (\S+)", m, re.M).group(1))
+                if rows == queue == 0:
+                    break
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    ran = [(job, r) for job, r in zip(jobs, results) if r is not None]
+    statuses = Counter(status for _, (status, _) in ran)
+    kinds = Counter(job["kind"] for job, _ in ran)
+    greedy = [(job, text) for job, (status, text) in ran if job["kind"] == "complete" and job["temperature"] == 0]
+    checks = {
+        "no 5xx": not any(status >= 500 for status in statuses),
+        "malformed bodies get a 4xx": all(400 <= s < 500 for job, (s, _) in ran if job["kind"] == "malformed"),
+        "well-formed requests complete": all(s == 200 for job, (s, _) in ran if job["kind"] != "malformed"),
+        "greedy answers as alone": all(text == alone[job["prompt"]] for job, text in greedy),
+        "no row left occupied": rows == queue == 0,
+        "RSS growth < 10% from request 100": rss["last"] < 1.1 * rss.get("first", rss["last"]),
+    }
+    print(f"soak: {len(ran)} of {len(jobs)} requests in {wall:.1f}s at concurrency {concurrency} "
+          f"({dict(kinds)}; {len(greedy)} greedy compared), statuses {dict(statuses)}")
+    print(f"soak: RSS {rss.get('first', 0) / 1024:.1f} MiB at request 100, {rss['last'] / 1024:.1f} MiB at the end; "
+          f"running rows {rows:.0f}, queue {queue:.0f} at the end")
+    for name, ok in checks.items():
+        print(f"soak: {'ok  ' if ok else 'FAIL'} {name}")
+    return all(checks.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
@@ -105,10 +224,13 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=192)
     p.add_argument("--prompt-bytes", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level at most")
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level (the soak: in all) at most")
+    p.add_argument("--soak", type=int, default=0, help="instead: a soak run of this many mixed requests")
     args = p.parse_args()
     prompts = [x.decode("utf-8", "replace") for x in sample_prompts(args.data, 64, args.prompt_bytes, seed=1234)]
-    servers = {name: start_server(args.ckpt, name == "speculative", args.max_batch) for name in ("plain", "speculative")}
+    if args.soak:
+        raise SystemExit(0 if soak(args, prompts) else 1)
+    servers = {name: start_server(args.ckpt, flags, args.max_batch) for name, flags in SERVERS.items()}
     try:
         print(f"{args.ckpt}: {args.requests} requests x {args.max_tokens} bytes per level, max batch {args.max_batch}")
         print(f"{'T':>4} {'conc':>4}  {'server':<12}{'bytes/s':>9}{'speedup':>9}{'ttfb p50':>10}{'p99':>8}"

@@ -50,6 +50,9 @@ class StepRecorder:
         self._previous: list[torch.Tensor] = []  # held, so no new tensor can reuse their memory
 
     def compile(self, step, device, enabled=None):
+        if enabled is False:  # eager, as compile_decode_step leaves it
+            return None
+
         @functools.wraps(step)
         def run(*args, **kwargs):
             returned = {t.untyped_storage().data_ptr() for t in self._previous if t.numel()}
@@ -148,24 +151,24 @@ def test_one_graph_through_the_window_end_and_the_adaptive_policy(strategy, monk
 
 
 def test_adaptive_costs_are_the_decoding_copys_and_flat_when_compiled(monkeypatch, recorder):
-    """``--adaptive`` times the forwards of the model as the decoders run it (bfloat16 on CUDA, made
+    """``--adaptive`` times the steps of the model as the decoders run it (bfloat16 on CUDA, made
     to happen here on the CPU), not the float32 model they were cast from; compiled, a step costs
     the same whatever it verifies, so the curve is flat and nothing is timed or compiled for it."""
-    import bytemtp.decode.drafting as drafting
+    import bytemtp.decode.step_costs as step_costs
     import bytemtp.model.decode_dtype as decode_dtype
     from bytemtp.decode.bench import BenchConfig, run_bench
 
     timed = []
-    def measure(model, n, cache_len):
-        timed.append(next(model.parameters()).dtype)
-        return (1.0, 1.5) + (2.0,) * (n - 2)
+    def measure(decoder, cache_len, rows):
+        timed.append(next(decoder.model.parameters()).dtype)
+        return ((1.0, 1.5) + (2.0,) * (decoder.n_drafts - 1),)
 
-    monkeypatch.setattr(drafting, "measure_step_costs", measure)
+    monkeypatch.setattr(step_costs, "measure_step_costs", measure)
     monkeypatch.setattr(decode_dtype, "decoding_dtype", lambda device: torch.bfloat16)  # as on CUDA
     config = BenchConfig(prompts=1, max_bytes=4, adaptive=True, warmup=0)
-    assert run_bench(trained_model(), [b"def "], config).draft_costs == (1.0, 1.5) + (2.0,) * 6
+    assert run_bench(trained_model(), [b"def "], config).draft_costs == ((1.0, 1.5) + (2.0,) * 6,)
     assert timed == [torch.bfloat16]
-    assert run_bench(trained_model(), [b"def "], config, compile=True).draft_costs == (1.0,) * 8
+    assert run_bench(trained_model(), [b"def "], config, compile=True).draft_costs == ((1.0,) * 8,)
     assert timed == [torch.bfloat16]
 
 

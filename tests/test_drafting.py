@@ -10,9 +10,11 @@ import torch
 from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
 from test_generate import random_logits_stub, random_model, run, sampling_matches_head_one
 
-from bytemtp.decode.drafting import DraftPolicy, draft_count, measure_step_costs
+from bytemtp.decode.drafting import DraftPolicy, draft_count, interpolate_costs
+from bytemtp.decode.step_costs import measure_step_costs
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.config import GenerationConfig
+from bytemtp.decode.generate import Decoder, generate
 
 STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
 
@@ -37,11 +39,16 @@ def choose(policy: DraftPolicy, confidence: list[float], n_judged: int = 0, acce
     return int(policy.choose(torch.tensor([confidence]), torch.tensor([n_judged]), torch.tensor([accepted]), one)[0])
 
 
-def test_policy_counts_the_drafts_worth_verifying_per_row():
-    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]), n_rows=2)
-    counts = policy.choose(torch.tensor([[0.9, 0.3, 0.9], [1.0, 1.0, 1.0]]), torch.zeros(2, dtype=torch.long),
-                           torch.zeros(2, dtype=torch.long), torch.tensor([True, True]))
-    assert counts.tolist() == [1, 3]
+def test_policy_counts_the_drafts_worth_verifying_for_the_whole_step():
+    policy = DraftPolicy(torch.tensor([1.0, 1.1, 2.0, 2.1]), n_rows=3)
+    confidence = torch.tensor([[0.9, 0.3, 0.9], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    zeros = torch.zeros(3, dtype=torch.long)
+    # Alone, the sure row would verify 3 drafts (4 / 2.1), the other 1 (1.9 / 1.1): together they
+    # expect 2, 3.9, 5.17, 6.41 bytes from 0..3 drafts, best per cost at 1 (3.9 / 1.1). The third
+    # row waits this step: its drafts count for nothing.
+    counts = policy.choose(confidence, zeros, zeros, torch.tensor([True, True, False]))
+    assert counts.tolist() == [1, 1, 1]
+    assert policy.choose(confidence, zeros, zeros, torch.tensor([False, True, False])).tolist() == [3, 3, 3]
 
 
 def test_policy_calibrates_each_head_on_what_verification_reached():
@@ -53,15 +60,34 @@ def test_policy_calibrates_each_head_on_what_verification_reached():
     assert policy.predicted[0].tolist() == pytest.approx([1.5, 1.4, 1.0])
     # Head 3 hit less often than it claimed: its 0.5 is worth 0.36, and a second draft no
     # longer pays (2.36 bytes / 1.8 < 2 / 1.5), which it would at face value (2.5 / 1.8).
-    policy.costs = torch.tensor([1.0, 1.5, 1.8, 9.0])
+    policy.costs = torch.tensor([[1.0, 1.5, 1.8, 9.0]])
     assert choose(policy, [1.0, 0.5, 0.5]) == 1
     assert choose(DraftPolicy(policy.costs), [1.0, 0.5, 0.5]) == 2
 
 
-def test_measured_costs_are_relative_to_one_position():
+def test_policy_prices_a_step_at_its_row_count():
+    # One row: wide forwards cost next to nothing. Four rows: each draft adds half a forward.
+    table = torch.tensor([[1.0, 1.05, 1.1, 1.15]] * 3 + [[1.0, 1.5, 2.0, 2.5]])
+    confidence = [0.8, 0.6, 0.5]  # expected bytes 1, 1.8, 2.28, 2.52
+    assert choose(DraftPolicy(table), confidence) == 3  # 2.52 / 1.15 is the best at one row
+    policy = DraftPolicy(table, n_rows=4)
+    counts = policy.choose(torch.tensor([confidence] * 4), torch.zeros(4, dtype=torch.long),
+                           torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), rows=4)
+    assert counts.tolist() == [1] * 4  # 4 x 1.8 / 1.5 beats 4 x 1 / 1, 4 x 2.28 / 2 and 4 x 2.52 / 2.5
+    assert choose(DraftPolicy(table[:1]), confidence) == 3  # a single curve prices every step alike
+
+
+def test_costs_are_interpolated_between_measured_row_counts():
+    table = interpolate_costs({2: (1.0, 1.2), 6: (1.0, 2.0)})
+    assert [c for _, c in table] == pytest.approx([1.2, 1.2, 1.4, 1.6, 1.8, 2.0]) and {c for c, _ in table} == {1.0}
+
+
+def test_measured_costs_are_relative_to_a_step_of_no_drafts_at_each_row_count():
     model = random_model(n_future=4, max_seq_len=48)
-    costs = measure_step_costs(model, 4, cache_len=48, rounds=2)
-    assert len(costs) == 4 and costs[0] == 1.0 and all(c > 0 for c in costs)
+    # 48 positions of cache: the rows' windows fill and are cut while measured
+    costs = measure_step_costs(Decoder(model, GenerationConfig()), cache_len=48, rounds=4, rows=(1, 3))
+    assert len(costs) == 3 and all(len(curve) == 4 and curve[0] == 1.0 for curve in costs)
+    assert all(c > 0 for curve in costs for c in curve)
     assert model.kv_cache is None  # the cache is detached again
 
 
@@ -89,7 +115,8 @@ def test_adaptive_sampling_is_exactly_head_one():
     sampling_matches_head_one(random_logits_stub(), {"temperature": 1.0}, draft_costs=STEEP[:4])
 
 
-@pytest.mark.parametrize("costs, message", [((), "positive"), ((1.0, -1.0), "positive"), ((1.0, 1.1), "cannot price")])
+@pytest.mark.parametrize("costs, message", [((), "positive"), ((1.0, -1.0), "positive"), ((1.0, 1.1), "cannot price"),
+                                            (((1.0,) * 4, (1.0,) * 3), "one length")])
 def test_bad_draft_costs_are_named(costs, message):
     with pytest.raises(BytemtpError, match=f"draft_costs: .*{message}"):
         run(random_model(n_future=4), max_new_bytes=4, draft_costs=costs)
@@ -97,3 +124,24 @@ def test_bad_draft_costs_are_named(costs, message):
 
 def test_autoregressive_ignores_draft_costs():
     assert GenerationConfig(speculative=False, draft_costs=(1.0,)).draft_policy(0, torch.device("cpu")) is None
+
+
+def test_a_batch_verifies_the_drafts_its_row_count_pays_for():
+    """Two prompts decoded together are priced by the table's second curve, not its first: flat at
+    two rows, they verify every draft (as without costs); steep at two rows, fewer. Either way each
+    row's output is its autoregressive one."""
+    model = trained_model()
+    corpus = stdlib_corpus()
+    prompts = [b"def ", bytes(corpus[3000:3040].tolist())]
+    flat = (1.0,) * 8
+    attempted = {}
+    for name, table in (("steep at 2", (flat, STEEP)), ("flat at 2", (STEEP, flat))):
+        gen = generate(model, GenerationConfig(max_new_bytes=80, draft_costs=table), prompts)
+        outputs = gen.read_all()
+        for prompt, out in zip(prompts, outputs):
+            assert out == run(model, prompt=prompt, max_new_bytes=80, speculative=False).output, (name, prompt)
+        attempted[name] = [row.stats.attempted for row in gen.rows]
+    plain = generate(model, GenerationConfig(max_new_bytes=80), prompts)
+    plain.read_all()
+    assert attempted["flat at 2"] == [row.stats.attempted for row in plain.rows]
+    assert sum(map(sum, attempted["steep at 2"])) < sum(map(sum, attempted["flat at 2"]))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from test_generate import random_model
 
@@ -28,6 +29,7 @@ def test_sigterm_lets_running_requests_finish_then_fails_the_rest_and_exits_0(tm
     try:
         line = proc.stdout.readline()  # the process prints its URL once it listens
         assert " on http://127.0.0.1:" in line, line + proc.stderr.read()
+        assert "adaptive" in line  # speculative: priced at its own row count by default
         url = line.rsplit(" ", 1)[-1].strip()
         events: list = []
 
@@ -58,3 +60,13 @@ def test_sigterm_lets_running_requests_finish_then_fails_the_rest_and_exits_0(tm
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path: Path):
     result = subprocess.run([*BYTEMTP, "serve", str(tmp_path / "none"), "--port", "0"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--no-speculative"], "--adaptive: there are no drafts"),
+                                            (["--tree", "4"], "--tree: a draft tree has a fixed size")])
+def test_adaptive_without_a_chain_of_drafts_is_a_one_line_error(tmp_path: Path, flags, message):
+    save_checkpoint(tmp_path / "run", 1, random_model(max_seq_len=128))
+    result = subprocess.run([*BYTEMTP, "serve", str(tmp_path / "run"), "--port", "0", "--adaptive", *flags],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith(f"Error: {message}"), result.stderr
+    assert "Traceback" not in result.stderr

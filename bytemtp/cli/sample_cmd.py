@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import codecs
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -113,7 +112,7 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               help="Self-speculative decoding with the draft heads [default: on if the model has them].")
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--adaptive", is_flag=True,
-              help="Verify only the drafts worth their cost on this machine (measures it first, about a second).")
+              help="Verify only the drafts worth their cost on this machine (measures its own steps first, a few seconds).")
 @click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
               help="Temperature sampled drafts are drawn at; the output stays exactly head 1's "
                    "[default: 0.8 x --temperature].")
@@ -159,13 +158,11 @@ def command(
     stats: bool,
     echo: bool,
 ) -> None:
-    from bytemtp.compile import compile_by_default
     from bytemtp.decode.context import generation_cache_length, prompt_context
-    from bytemtp.decode.drafting import decoder_step_costs
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.decode.prompts import read_prompts_file
+    from bytemtp.decode.step_costs import adaptive_decoder
     from bytemtp.errors import BytemtpError
-    from bytemtp.model.decode_dtype import cast_for_decoding
     from bytemtp.train.checkpoint import load_model
 
     if sum(x is not None for x in (prompt, prompt_file, prompts_file)) > 1:
@@ -200,12 +197,6 @@ def command(
     n_drafts = config.n_drafts(model.cfg.n_future)  # refuses drafting flags where nothing is drafted
     if adaptive and not n_drafts:
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
-    if adaptive:
-        model = cast_for_decoding(model)  # timed as the decoder runs it (bfloat16 on CUDA)
-        cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
-        compiled = compile_by_default(model.embed.weight.device) if compile_ is None else compile_
-        costs = decoder_step_costs(model, model.cfg.n_future, cache_len, compiled)
-        config = dataclasses.replace(config, draft_costs=costs)
     window = model.cfg.max_seq_len
     for p in prompts:
         kept = len(prompt_context(p, window))
@@ -214,7 +205,11 @@ def command(
                 f"note: the prompt's {len(p)} bytes do not fit the model's window of {window}; keeping the last {kept}",
                 err=True,
             )
-    decoder = Decoder(model, config, compile_)
+    if adaptive:  # priced at the generations' cache length and row counts (a last batch may be short)
+        cache_len = generation_cache_length(model.cfg, prompts[0], max_bytes)
+        decoder = adaptive_decoder(model, config, compile_, cache_len, (1, batch))
+    else:
+        decoder = Decoder(model, config, compile_)
     with _until_the_reader_leaves():
         if json_lines:
             _json_lines(decoder, prompts, num_samples, batch, stats)

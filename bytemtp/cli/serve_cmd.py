@@ -24,6 +24,9 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a greedy tree of this many draft bytes per step instead of a chain (greedy requests only).")
+@click.option("--adaptive/--no-adaptive", default=None,
+              help="Verify only the drafts worth their cost in a step of --max-batch rows, measured at startup "
+                   "[default: on when speculative with a chain].")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly drafts follow the two bytes before each (0 = off) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
@@ -35,9 +38,11 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @device_option
 @decode_threads_option
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
-            speculative: bool | None, draft_heads: int | None, tree: int,
+            speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool | None,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
     from bytemtp.decode.generate import Decoder, GenerationConfig
+    from bytemtp.errors import BytemtpError
+    from bytemtp.decode.step_costs import adaptive_decoder
     from bytemtp.serve.server import build_server
     from bytemtp.train.checkpoint import load_model
 
@@ -45,7 +50,16 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     config = GenerationConfig(temperature=0.0, speculative=speculative, draft_heads=draft_heads, tree_nodes=tree,
                               draft_coupling=draft_coupling)
     model, _ = load_model(ckpt, device)
-    decoder = Decoder(model, config, compile_)
+    n_drafts = config.n_drafts(model.cfg.n_future)
+    if adaptive and not n_drafts:
+        raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
+    if adaptive and tree:
+        raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
+    adaptive = not tree and n_drafts > 0 if adaptive is None else adaptive
+    if adaptive:  # priced at the server's row count and cache, as its steps run
+        decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max_batch,))
+    else:
+        decoder = Decoder(model, config, compile_)
     name = model_name or ckpt.resolve().name
     if name.startswith("step-") or name == "latest":  # a checkpoint inside a run: name the run
         name = ckpt.resolve().parent.parent.name
@@ -54,6 +68,7 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
     mode = f"speculative, {decoder.n_drafts} draft heads" if decoder.n_drafts else "autoregressive"
+    mode += ", adaptive" if adaptive else ""
 
     def ready(url: str) -> None:
         click.echo(f"bytemtp serve: {name} ({mode}, {max_batch} rows) on {url}", err=False)

@@ -19,7 +19,8 @@ import torch
 
 from bytemtp.compile import compile_by_default
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.drafting import decoder_step_costs
+from bytemtp.decode.drafting import CostTable
+from bytemtp.decode.step_costs import adaptive_decoder
 from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.batch import GenerationStats
 from bytemtp.decode.tree import check_tree_request
@@ -83,15 +84,17 @@ def run_bench(
     model = cast_for_decoding(model)  # once for every decoder (bfloat16 on CUDA), and timed as they run it
     costs = None
     with panels_enabled(config.panels):
-        if config.adaptive:  # at the prompts' cache length, as the generations use it
-            cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
-            costs = decoder_step_costs(model, cfg.n_future, cache_len, compile)
         most = cfg.n_future - 1
         kinds = [(0, False, 0, False)] + [(d, False, 0, False) for d in draft_rows(cfg.n_future, config.sweep)]
         kinds += [(most, False, 0, True)] if config.compare_plain else []
-        kinds += [(most, True, 0, False)] if config.adaptive else []
         kinds += [(most, False, n, False) for n in config.trees]
-        decoders = {kind: Decoder(model, decoder_config(config, *kind, costs), compile) for kind in kinds}
+        decoders = {kind: Decoder(model, decoder_config(config, kind), compile) for kind in kinds}
+        if config.adaptive:  # priced at the prompts' cache length and the batch sizes, as the generations run
+            cache_len = generation_cache_length(cfg, prompts[0], config.max_bytes)
+            kind = (most, True, 0, False)
+            decoders[kind] = adaptive_decoder(model, decoder_config(config, kind), compile, cache_len, config.batches)
+            costs = decoders[kind].config.draft_costs
+            kinds.insert(len(kinds) - len(config.trees), kind)
         rows = []
         for batch in config.batches:
             modes = [DecoderResult(*kind, batch=batch) for kind in kinds]
@@ -122,11 +125,11 @@ def run_bench(
     return BenchReport(config, describe_device(device, config.panels, compile), info, rows, costs)
 
 
-def decoder_config(
-    config: BenchConfig, draft_heads: int, adaptive: bool, tree: int, plain: bool, costs: tuple[float, ...] | None
-) -> GenerationConfig:
-    """The generation settings of one decoder of the benchmark (``plain``: drafts from the heads and
-    the corpus only, as before drafts from the rows' own text)."""
+def decoder_config(config: BenchConfig, kind: tuple[int, bool, int, bool]) -> GenerationConfig:
+    """The generation settings of one decoder of the benchmark, of ``kind`` (draft heads, adaptive,
+    tree, plain: drafts from the heads and the corpus only, as before drafts from the rows' own
+    text); an adaptive one's costs are measured with its own steps (``adaptive_decoder``)."""
+    draft_heads, _, tree, plain = kind
     return GenerationConfig(
         max_new_bytes=config.max_bytes,
         temperature=config.temperature,
@@ -134,7 +137,6 @@ def decoder_config(
         top_p=config.top_p,
         speculative=draft_heads > 0,
         draft_heads=draft_heads or None,
-        draft_costs=costs if adaptive else None,
         tree_nodes=tree,
         draft_temperature=config.draft_temperature if draft_heads else None,  # the autoregressive row drafts nothing
         draft_coupling=config.draft_coupling if draft_heads else None,
@@ -196,7 +198,7 @@ class BenchReport:
     device: str
     model: dict[str, Any]
     batches: list[list[DecoderResult]]  # per batch size: autoregressive first, then the speculative decoders
-    draft_costs: tuple[float, ...] | None = None  # the measured cost curve of the adaptive row
+    draft_costs: CostTable | None = None  # the adaptive row's measured costs, a curve per rows in a step
 
     @property
     def ar(self) -> DecoderResult:
@@ -290,8 +292,9 @@ class BenchReport:
                 f"{m.bytes_per_forward:>11.2f}{'-' if same is None else ('yes' if same else 'NO'):>11}  "
                 + " ".join(f"{a:.2f}" for a in m.acceptance)
             )
-        if self.draft_costs:
-            lines.append("adaptive: forward cost by positions " + " ".join(f"{c:.2f}" for c in self.draft_costs))
+        for batch in sorted(set(self.config.batches)) if self.draft_costs else ():
+            curve = self.draft_costs[batch - 1]
+            lines.append(f"adaptive: forward cost by positions at batch {batch}: " + " ".join(f"{c:.2f}" for c in curve))
         return "\n".join(lines)
 
 

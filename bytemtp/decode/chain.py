@@ -235,7 +235,8 @@ class ChainDrafts:
             self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q.clone()
         if self.policy is not None:
             judged_t = sent["n_valid"] if sent else torch.tensor(n_judged, device=batch.device)
-            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t)
+            # priced for a step of every slot: parked rows are forwarded too (``bytemtp.decode.batch``)
+            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t, rows=len(batch.rows))
             ints = torch.cat((counts[:, None], ints), dim=1)
         host = StepOutput.read(download(ints), counted=self.policy is not None)
         decisions = {}

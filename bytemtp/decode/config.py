@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
-from bytemtp.decode.drafting import DraftPolicy
+from bytemtp.decode.drafting import CostTable, DraftPolicy
 from bytemtp.decode.batch import RowParams
 from bytemtp.decode.incontext import (
     CONTEXT_MIXING,
@@ -32,8 +32,9 @@ class GenerationConfig:
     (``n_future > 1``); ``draft_heads=None`` uses all ``n_future - 1`` of them,
     a smaller number the first ones (heads 2..draft_heads+1). ``draft_heads`` is
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
-    forward of 1, 2, ... positions (``bytemtp.decode.drafting.measure_step_costs``); given,
-    each step verifies only the drafts expected to pay for their cost, otherwise all.
+    forward of 1, 2, ... positions, a curve per number of rows in a step (or one for all;
+    ``bytemtp.decode.step_costs``); given, each step verifies only the
+    drafts expected to pay for their cost at its row count, otherwise all.
     ``tree_nodes``: speculative decoding verifies a tree of that many
     candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.
     ``draft_temperature``: the temperature a sampling chain's or tree's drafts are drawn at
@@ -60,7 +61,7 @@ class GenerationConfig:
     stop: tuple[bytes, ...] = ()
     speculative: bool | None = None
     draft_heads: int | None = None
-    draft_costs: tuple[float, ...] | None = None
+    draft_costs: tuple[float, ...] | CostTable | None = None
     tree_nodes: int = 0
     stop_at_bos: bool = True
     draft_temperature: float | None = None
@@ -74,9 +75,7 @@ class GenerationConfig:
         if self.draft_heads is not None and self.draft_heads < 1:
             raise BytemtpError(f"--draft-heads: must be at least 1, got {self.draft_heads}")
         if self.draft_costs is not None:
-            self.draft_costs = tuple(float(c) for c in self.draft_costs)
-            if not self.draft_costs or not all(c > 0 for c in self.draft_costs):
-                raise BytemtpError(f"draft_costs: need positive relative costs, got {self.draft_costs}")
+            self.draft_costs = cost_table(self.draft_costs)
         if self.tree_nodes:
             check_tree_request(self.tree_nodes)
             if self.draft_costs is not None:
@@ -159,8 +158,19 @@ class GenerationConfig:
         """A policy pricing forwards of 1..n_drafts+1 positions by ``draft_costs`` (None: verify every draft)."""
         if self.draft_costs is None or n_drafts == 0:
             return None
-        if len(self.draft_costs) < n_drafts + 1:
+        if len(self.draft_costs[0]) < n_drafts + 1:
             raise BytemtpError(
-                f"draft_costs: {len(self.draft_costs)} costs cannot price forwards of up to {n_drafts + 1} positions"
+                f"draft_costs: {len(self.draft_costs[0])} costs cannot price forwards of up to {n_drafts + 1} positions"
             )
-        return DraftPolicy(torch.tensor(self.draft_costs[: n_drafts + 1], device=device))
+        return DraftPolicy(torch.tensor([curve[: n_drafts + 1] for curve in self.draft_costs], device=device))
+
+
+def cost_table(costs: tuple[float, ...] | CostTable) -> CostTable:
+    """``draft_costs`` as a table, one curve per row count of a step (a single curve: one for all),
+    checked: the curves positive, non-empty and of one length."""
+    one_curve = not costs or isinstance(costs[0], (int, float))
+    table = (costs,) if one_curve else costs
+    table = tuple(tuple(float(c) for c in curve) for curve in table)
+    if not table[0] or any(len(curve) != len(table[0]) or not all(c > 0 for c in curve) for curve in table):
+        raise BytemtpError(f"draft_costs: need positive relative costs, curves of one length, got {costs}")
+    return table

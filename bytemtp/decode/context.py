@@ -43,7 +43,7 @@ def generation_cache_length(model_cfg: ModelConfig, prompt: bytes, max_new_bytes
 
     It has room for the most drafts the model has, whatever a decoder uses, so the
     autoregressive and every speculative decoder of a prompt (and the step-cost
-    measurement, ``measure_step_costs``) share one cache shape, hence one compiled step;
+    measurement, ``bytemtp.decode.step_costs``) share one cache shape, hence one compiled step;
     a draft tree of more nodes than that needs room for all of them.
     """
     window = model_cfg.max_seq_len
