@@ -55,6 +55,8 @@ class Decoder:
         self.n_drafts = config.n_drafts(model.cfg.n_future)
         self.tree_nodes = config.tree_nodes if self.n_drafts else 0
         self._rules: dict[SamplingConfig, tuple[ChainRule, HostContext]] = {}
+        # the latest rule of rows sampled differently: a batch keeps its mix for many steps
+        self._mixed: tuple[tuple[SamplingConfig, ...], tuple[ChainRule, HostContext]] | None = None
         self.context, self.host_context = self.coupling(config.sampling.greedy)
         if self.tree_nodes:
             check_tree_size(self.tree_nodes, self.n_drafts, model.cfg.max_seq_len)
@@ -87,9 +89,12 @@ class Decoder:
         coupling leaves as they are), and its context's host arrays."""
         dt, confidence = self.config.draft_temperature, self.config.draft_costs is not None
         if isinstance(sampling, list):
-            draft = RowSampling.of([draft_sampling(s, dt) for s in sampling], self.device)
-            context, host = self.coupling(greedy=False)
-            return ChainRule(RowSampling.of(sampling, self.device), confidence, draft, context), host
+            key = tuple(sampling)
+            if self._mixed is None or self._mixed[0] != key:
+                draft = RowSampling.of([draft_sampling(s, dt) for s in sampling], self.device)
+                context, host = self.coupling(greedy=False)
+                self._mixed = key, (ChainRule(RowSampling.of(sampling, self.device), confidence, draft, context), host)
+            return self._mixed[1]
         if sampling not in self._rules:
             context, host = self.coupling(sampling.greedy)
             self._rules[sampling] = ChainRule(sampling, confidence, draft_sampling(sampling, dt), context), host
