@@ -106,3 +106,46 @@ def test_a_step_never_writes_past_the_cache():
     assert batch.fits([True, True, True]) == 0 and batch.fits([False, True, True]) == 3
     slots = batch.slots(1 + batch.fits([False, True, True]), [False, True, True]).tolist()
     assert slots == [[63] * 4, [10, 11, 12, 13], [60, 61, 62, 63]]
+
+
+@pytest.mark.parametrize("decoder", [{"speculative": False}, {}, {"tree_nodes": 7}, {"tree_nodes": 7, "temperature": 0.8}])
+def test_a_step_computes_only_the_live_rows(decoder):
+    """Rows leave (their budget, a retired client) and join a free slot: each eager forward takes
+    only the rows it decodes or encodes, and every row still decodes as it would alone."""
+    model = trained_model()
+    params = {**{"temperature": 0.0}, **{k: v for k, v in decoder.items() if k == "temperature"}}
+    config = GenerationConfig(**decoder)
+    engine = Decoder(model, config).engine(4, 128)
+    seen: list[int] = []
+    hook = model.embed.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    prompts = corpus_prompts([12, 30, 7, 20])
+    budgets = [60, 6, 60, 30]
+    rows = [engine.row(p, RowParams(max_new_bytes=n, seed=3, **params), i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    out = {i: b"" for i in range(5)}
+    try:
+        engine.start()
+        for row in rows[:3]:
+            engine.admit(row)
+        while not rows[1].done:
+            for row, data in engine.step():
+                out[row.index] += data
+        engine.retire(rows[0])  # slot 0's client has gone; slot 1 has stopped by its budget
+        assert rows[1].done and engine.free == [0, 1, 3]
+        seen.clear()
+        while not rows[2].done:
+            for row, data in engine.step():
+                out[row.index] += data
+        assert set(seen) == {1}  # slot 2 alone, not the batch of 4
+        late = engine.row(prompts[3], RowParams(max_new_bytes=30, seed=3, **params), 3)
+        assert engine.admit(late) == 0
+        seen.clear()
+        while not late.done:
+            for row, data in engine.step():
+                out[row.index] += data
+        assert set(seen) == {1}
+    finally:
+        hook.remove()
+        engine.close()
+    for i in (1, 2, 3):
+        kw = {"temperature": params["temperature"], "seed": 3, **decoder}
+        assert out[i] == alone(model, prompts[i], max_new_bytes=budgets[i], **kw), i

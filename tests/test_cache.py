@@ -139,8 +139,8 @@ def test_compiled_writes_are_the_eager_writes(per_row):
     slots = torch.tensor([[3, 4, 5], [0, 7, 9], [20, 21, 40]]) if per_row else torch.tensor([1, 2, 30])
     k, v = torch.randn(2, ROWS, 4, 3, 8).unbind(0)
     buffers = [t.data_ptr() for t in traced.k + traced.v]
-    eager.write(1, eager.slot_index(slots), k, v)
-    torch.compile(lambda s, k, v: traced.write(1, traced.slot_index(s), k, v), backend="eager", fullgraph=True)(
+    eager.write(1, eager.slot_index(slots), k, v, SLOTS)
+    torch.compile(lambda s, k, v: traced.write(1, traced.slot_index(s), k, v, SLOTS), backend="eager", fullgraph=True)(
         slots, k, v
     )
     assert [t.data_ptr() for t in traced.k + traced.v] == buffers
@@ -178,3 +178,32 @@ def test_move_copies_each_rows_slots(per_row, traced):
             s, d = (src[b], dst[b]) if per_row else (src, dst)
             want[b][:, d] = old[b][:, s]
         assert torch.equal(new, want)
+
+
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("rows", [[0, 1], [2, 0], [1]], ids=["prefix", "listed", "one"])
+def test_a_forward_of_some_rows_computes_those_as_a_full_one_does(head_kind, rows):
+    """``decode(rows=...)``: the named rows' outputs and cache writes are what a forward of every
+    row gives them (up to float32 reassociation: the products are fewer rows tall), the other
+    rows' outputs are zeros and their cache is untouched, bit for bit."""
+    model = model_of(head_kind)
+    torch.manual_seed(1)
+    ids = torch.randint(0, VOCAB, (ROWS, 2))
+    slots = torch.tensor([[5, 6], [9, 10], [0, 1]])
+    with torch.inference_mode():
+        cache = model.setup_cache(ROWS, SLOTS)
+        for t in cache.k + cache.v:
+            t.normal_()
+        before = [t.clone() for t in cache.k + cache.v]
+        full = model.decode(ids, slots, 4)
+        after_full = [t.clone() for t in cache.k + cache.v]
+        for t, old in zip(cache.k + cache.v, before):
+            t.copy_(old)
+        some = model.decode(ids, slots, 4, rows=rows)
+    others = [r for r in range(ROWS) if r not in rows]
+    for a, b in zip(full, some, strict=True):
+        torch.testing.assert_close(b[rows], a[rows], rtol=1e-4, atol=1e-4)
+        assert not b[others].any()
+    for new, old, want in zip(cache.k + cache.v, before, after_full, strict=True):
+        assert torch.equal(new[others], old[others])
+        torch.testing.assert_close(new[rows], want[rows], rtol=1e-4, atol=1e-4)

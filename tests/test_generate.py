@@ -76,17 +76,19 @@ class StubLM(torch.nn.Module):
         self.cache = None
 
     def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, rope_pos=None, mask=None,
-               kv_len: int | None = None):
-        """``ByteMTP.decode``'s contract (chains); the stub's draft features are its draft logits."""
-        assert kv_len is None or int(input_pos.max()) < kv_len <= len(self.cache[0])  # every position sees itself
-        self.calls.append((ids[0].tolist(), input_pos[0].tolist(), n_heads))
-        rows = []
-        for cache, row_ids, row_pos in zip(self.cache, ids.tolist(), input_pos.tolist()):
-            for i, p in zip(row_ids, row_pos):
+               kv_len: int | None = None, rows: list[int] | None = None):
+        """``ByteMTP.decode``'s contract (chains); the stub's draft features are its draft logits.
+        Rows not in ``rows`` are not computed: zeros, their cache untouched."""
+        rows = range(ids.shape[0]) if rows is None else rows
+        assert kv_len is None or int(input_pos[rows].max()) < kv_len <= len(self.cache[0])  # positions see themselves
+        self.calls.append((ids[rows[0]].tolist(), input_pos[rows[0]].tolist(), n_heads))
+        logits = torch.zeros(*ids.shape, n_heads, VOCAB)
+        for r in rows:
+            cache, row_pos = self.cache[r], input_pos[r].tolist()
+            for i, p in zip(ids[r].tolist(), row_pos):
                 cache[p] = i
-            rows.append([torch.stack([self.logits_fn(tuple(cache[: p + 1]), k) for k in range(n_heads)])
-                         for p in row_pos])
-        logits = torch.stack([torch.stack(r) for r in rows])
+            logits[r] = torch.stack([torch.stack([self.logits_fn(tuple(cache[: p + 1]), k) for k in range(n_heads)])
+                                     for p in row_pos])
         return logits[:, :, 0], logits[:, :, 1:]
 
     def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:

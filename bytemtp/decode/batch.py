@@ -5,9 +5,10 @@ its own settings (``RowParams``: sampling, stop strings, seed, byte budget), con
 (``window``, the ids in its part of the KV cache), pending byte (decided, not yet in the
 cache), stop matcher, statistics and random generator. A forward over the batch has one
 shape [B, P] for all slots; a row that takes no part in it (it has stopped, waits while
-another row's context is encoded, or the slot is vacant) is *parked*: all its P positions
-write the one slot its pending byte will be written to next, so whatever they leave there
-is overwritten before anything reads it, and its outputs are ignored.
+another row's context is encoded, or the slot is vacant) is *parked*: an eager forward
+leaves it out (``extent``), and in a compiled one all its P positions write the one slot
+its pending byte will be written to next, so whatever they leave there is overwritten
+before anything reads it; its outputs are ignored.
 """
 
 from __future__ import annotations
@@ -136,12 +137,16 @@ class Batch:
         base = np.minimum([row.length for row in self.rows], self.cache_len - 1)[:, None]
         return base + np.arange(width) * np.array(active, dtype=np.int64)[:, None]
 
-    def kv_len(self, width: int) -> int | None:
-        """Cache slots attention reads in a forward of ``width`` positions: eager, those any row can
-        reach, rounded up to 64; compiled, all (None)."""
+    def extent(self, width: int, active: list[bool]) -> dict[str, int | list[int] | None]:
+        """What an eager forward of ``width`` positions over the ``active`` rows computes, as
+        ``decode``'s keywords: ``rows``, the active ones (None: every slot), and ``kv_len``, the
+        cache slots any of them can reach, rounded up to 64. A parked row costs nothing, so a
+        step follows the batch's occupancy. Compiled: {} (one shape, every slot)."""
         if not self.eager:
-            return None
-        return min(self.cache_len, round_up_64(max(row.length for row in self.rows) + width))
+            return {}
+        rows = [r for r, on in enumerate(active) if on]
+        reach = max(self.rows[r].length for r in rows) + width
+        return {"kv_len": min(self.cache_len, round_up_64(reach)), "rows": None if all(active) else rows}
 
 
 @dataclass

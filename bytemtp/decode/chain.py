@@ -204,8 +204,8 @@ class ChainDrafts:
             out = step(*args, counts=self.counts(batch))
         else:  # eager, or a compiled rule's narrower step near the window's end (its tensor decision)
             counts = None if step is None else self.counts(batch)
-            kv_len = batch.kv_len(width)
-            out = chain_step(self.model, rule, self.n_drafts, *args, kv_len=kv_len, decide=decide, counts=counts)
+            out = chain_step(self.model, rule, self.n_drafts, *args, decide=decide, counts=counts,
+                             **batch.extent(width, active))
         return self._read(batch, active, out, n_valid, fed=True, eager=step is None, sent=sent)
 
     def counts(self, batch: Batch) -> InContext | None:
@@ -235,8 +235,10 @@ class ChainDrafts:
             self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q.clone()
         if self.policy is not None:
             judged_t = sent["n_valid"] if sent else torch.tensor(n_judged, device=batch.device)
-            # priced for a step of every slot: parked rows are forwarded too (``bytemtp.decode.batch``)
-            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t, rows=len(batch.rows))
+            # priced for a step of as many rows as this one: an eager step forwards the live rows only,
+            # a compiled one every slot (``Batch.extent``)
+            forwarded = sum(active) if batch.eager else len(batch.rows)
+            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t, rows=forwarded)
             ints = torch.cat((counts[:, None], ints), dim=1)
         host = StepOutput.read(download(ints), counted=self.policy is not None)
         decisions = {}

@@ -7,7 +7,8 @@ returns the bytes each decided. Every row sees ``BOS + prompt``, as every traini
 starts with BOS; a generated BOS ends that row's document. A step that has rows to encode
 (just admitted, or whose context filled the cache) forwards only their contexts from slot 0,
 the others parked, and decides each one's first byte and drafts; otherwise it forwards
-every live row's pending byte and drafts at once, verifies them and drafts the next block
+every live row's pending byte and drafts at once (an eager forward computes only the rows
+it names, so its cost follows how many slots are live, not how many there are), verifies them and drafts the next block
 on the device (``bytemtp.decode.step``), and hands the host one small integer tensor. The
 host emits each row's decided bytes through its stop matcher; a row that stops (a stop
 string, end of document, its byte budget) frees its slot at once, for the next ``admit``.
@@ -181,8 +182,8 @@ class Engine:
             self.close()
 
     def _encode(self, active: list[bool]) -> dict[int, Decision]:
-        """Forward the whole contexts of the ``active`` rows from slot 0 (the others parked) and
-        decide from each one's last id. Shapes vary with the prompts: always eager."""
+        """Forward the whole contexts of the ``active`` rows from slot 0 (only theirs: the others are
+        parked) and decide from each one's last id. Shapes vary with the prompts: always eager."""
         self.strategy.flush()
         rows, device = self.batch.rows, self.batch.device
         width = max(row.length for r, row in enumerate(rows) if active[r])
@@ -191,8 +192,9 @@ class Engine:
         slots = [list(range(width)) if active[r] else [parked[r]] * width for r in range(len(rows))]
         slots = torch.tensor(slots, device=device)
         kv_len = min(self.batch.cache_len, round_up_64(width))
+        computed = None if all(active) else [r for r, on in enumerate(active) if on]
         logits, features = self.model.decode(
-            torch.tensor(ids, device=device), slots, self.strategy.n_drafts + 1, kv_len=kv_len
+            torch.tensor(ids, device=device), slots, self.strategy.n_drafts + 1, kv_len=kv_len, rows=computed
         )
         last = torch.tensor([row.length - 1 if active[r] else 0 for r, row in enumerate(rows)], device=device)
         logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))

@@ -129,7 +129,7 @@ class SampledTreeDrafts(TreeDrafts):
         width, host = self.layout(batch, active)
         if self.step_fn is None:
             inputs = send(batch, host)
-            logits, features = tree_forward(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
+            logits, features = tree_forward(self.model, self.n_drafts, **inputs, **batch.extent(width, active))
             return self.walk(batch, active, logits, features, noise[..., -1].numpy(), fed=True)
         parent = np.zeros((len(batch.rows), width - 1), np.int64)  # a parked row: a star, never read
         depth = np.ones_like(parent)

@@ -109,13 +109,15 @@ def chain_step(
     kv_len: int | None = None,
     decide: Callable[..., ChainOutput] | None = None,
     counts: InContext | None = None,
+    rows: list[int] | None = None,
 ) -> ChainOutput:
     """Forward ``[pending, drafts]`` (``ids`` [B, P]) at cache slots ``input_pos`` [B, P] and decide
     (``decide``, with ``chain_decide``'s arguments and results; default ``chain_decide``, which
     traces whole, weighing drafts by the rows' in-context ``counts`` when given; eager steps pass
     ``bytemtp.decode.host_chain.host_chain_decide``, which reads the rows' texts on the host).
-    ``kv_len``: eager steps read only the cache slots in use."""
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len)
+    ``kv_len``, ``rows``: eager steps read only the cache slots in use and compute only the live rows
+    (``Batch.extent``)."""
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len, rows=rows)
     if decide is not None:
         return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u)
     return chain_decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, counts)
@@ -167,6 +169,7 @@ def tree_forward(
     move_src: torch.Tensor | None,
     move_dst: torch.Tensor | None,
     kv_len: int | None = None,
+    rows: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Move the previous step's accepted paths into place in the cache (``move_src`` ->
     ``move_dst`` [B, m]; None: no row moves, an eager step skips the copy), then forward
@@ -174,7 +177,7 @@ def tree_forward(
     and draft features at every position."""
     if move_src is not None:
         model.move_cache(move_src, move_dst)
-    return model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len)
+    return model.decode(ids, input_pos, n_drafts + 1, rope_pos, mask, kv_len, rows)
 
 
 def tree_step(
@@ -187,10 +190,13 @@ def tree_step(
     move_src: torch.Tensor | None,
     move_dst: torch.Tensor | None,
     kv_len: int | None = None,
+    rows: list[int] | None = None,
 ) -> torch.Tensor:
     """Forward a tree (``tree_forward``) and decide greedily (``tree_decide``, drafting at the
     ``accepted_node``)."""
-    logits, features = tree_forward(model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len)
+    logits, features = tree_forward(
+        model, n_drafts, ids, input_pos, rope_pos, mask, move_src, move_dst, kv_len, rows
+    )
     choice = logits.argmax(dim=-1)
     at = accepted_node(ids, choice, input_pos, rope_pos, mask)
     return tree_decide(model, n_drafts, logits, choice, features, at)

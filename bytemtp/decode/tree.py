@@ -259,7 +259,7 @@ class TreeDrafts:
         if self.compiled(width):
             out = self.step_fn(**inputs)
         else:
-            out = tree_step(self.model, self.n_drafts, **inputs, kv_len=batch.kv_len(width))
+            out = tree_step(self.model, self.n_drafts, **inputs, **batch.extent(width, active))
         return self.read(batch, active, download(out), fed=True)  # the step's one host transfer
 
     def compiled(self, width: int) -> bool:

@@ -12,11 +12,20 @@ may hold contexts of different lengths and accept different numbers of drafts. R
 row back after a rejected draft costs nothing: the next forward writes the same slots
 again, and the mask hides whatever stale entries lie beyond. The cache stores values,
 never autograd history.
+
+A forward need not take every row: ``rows`` names the ones it computes (``CacheRows``), so
+a step costs what its live rows need, not what the batch could hold. The first ``n`` rows
+are views of the buffers (no copy); any other set is gathered for reading and written back
+by an indexed assignment.
 """
 
 from __future__ import annotations
 
 import torch
+
+# The cache rows a forward takes part in: all of them (None), the first n (an int), or those listed
+# (a 1-d LongTensor on the cache's device, one per row of the forward, in order).
+CacheRows = int | torch.Tensor | None
 
 
 class KVCache:
@@ -45,33 +54,47 @@ class KVCache:
             n_layers, batch_size, max_len, dtype, torch.device(device)
         )
 
-    def slot_index(self, slots: torch.Tensor) -> torch.Tensor:
-        """The scatter/gather index [B, H, P, hd] (an expanded view) of ``slots`` ([B, P] per row,
-        or [P] for every row). A forward builds it once for all its layers' ``write``s: building
-        it costs several small ops, more than the write itself."""
-        B, H, _, hd = self.k[0].shape
-        P = slots.shape[-1]
-        return torch.broadcast_to(slots, (B, P))[:, None, :, None].expand(B, H, P, hd)
+    def n_rows(self, rows: CacheRows) -> int:
+        """How many rows a forward over ``rows`` computes."""
+        if rows is None:
+            return self.k[0].shape[0]
+        return rows if isinstance(rows, int) else rows.shape[0]
+
+    def slot_index(self, slots: torch.Tensor, rows: CacheRows = None) -> torch.Tensor:
+        """The scatter/gather index [b, H, P, hd] (an expanded view) of ``slots`` ([b, P] per row of
+        ``rows``, or [P] for each). A forward builds it once for all its layers' ``write``s:
+        building it costs several small ops, more than the write itself."""
+        _, H, _, hd = self.k[0].shape
+        b, P = self.n_rows(rows), slots.shape[-1]
+        return torch.broadcast_to(slots, (b, P))[:, None, :, None].expand(b, H, P, hd)
 
     def write(
-        self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: int, rows: CacheRows = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k`` and ``v`` [B, H, P, hd] of ``layer`` at the slots of ``index`` (``slot_index``)
-        and return the layer's whole buffers.
+        """Store ``k`` and ``v`` [b, H, P, hd] of ``layer`` at the slots of ``index`` (``slot_index``)
+        in cache ``rows`` and return those rows' first ``live`` slots of the layer's buffers.
 
         Eager, ``scatter_`` with the prebuilt index is the fewest operations. Compiled, an
         indexed assignment: inductor writes that into the buffer in place, where it turned
         ``scatter_`` into a copy of the whole buffer and a copy back (70 us of a 620 us step
-        of the tiny preset on a CPU)."""
-        k, v = (t.detach().to(buf.dtype) for t, buf in ((k, self.k[layer]), (v, self.v[layer])))
+        of the tiny preset on a CPU). Listed rows are written by an indexed assignment too."""
+        kbuf, vbuf = self.k[layer], self.v[layer]
+        k, v = (t.detach().to(buf.dtype) for t, buf in ((k, kbuf), (v, vbuf)))
+        if isinstance(rows, torch.Tensor):
+            slots = index[:, 0, :, 0]  # [b, P]
+            kbuf[rows[:, None], :, slots] = k.transpose(1, 2)
+            vbuf[rows[:, None], :, slots] = v.transpose(1, 2)
+            return kbuf[rows, :, :live], vbuf[rows, :, :live]
+        if rows is not None:
+            kbuf, vbuf = kbuf[:rows], vbuf[:rows]
         if torch.compiler.is_compiling():
             slots = index[:, 0, :, 0]  # [B, P]
-            self.k[layer][_rows(slots), :, slots] = k.transpose(1, 2)
-            self.v[layer][_rows(slots), :, slots] = v.transpose(1, 2)
+            kbuf[_rows(slots), :, slots] = k.transpose(1, 2)
+            vbuf[_rows(slots), :, slots] = v.transpose(1, 2)
         else:
-            self.k[layer].scatter_(2, index, k)
-            self.v[layer].scatter_(2, index, v)
-        return self.k[layer], self.v[layer]
+            kbuf.scatter_(2, index, k)
+            vbuf.scatter_(2, index, v)
+        return kbuf[:, :, :live], vbuf[:, :, :live]
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's keys and values of row b from slots ``src[b]`` to slots ``dst[b]``

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bytemtp.model.cache import KVCache
+from bytemtp.model.cache import CacheRows, KVCache
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.panels import PanelLinear
 
@@ -51,6 +51,7 @@ class PosContext:
     cache: KVCache | None = None  # decoding: the cache every attention layer reads and writes
     slot_index: torch.Tensor | None = None  # the cache slots written (``KVCache.slot_index``)
     mask: torch.Tensor | None = None  # [T, S] or [B, 1, T, S] bool: which slots each position attends to
+    rows: CacheRows = None  # the cache rows this forward's rows are (``bytemtp.model.cache``)
 
 
 class Attention(nn.Module):
@@ -71,9 +72,9 @@ class Attention(nn.Module):
         qk = qkv[:2] if self.qk_norm is None else self.qk_norm(qkv[:2])
         (q, k), v = apply_rope(qk, pos.cos, pos.sin), qkv[2]  # q and k rotated in one go: half the small ops
         if pos.cache is not None:
-            k, v = pos.cache.write(self.cache_layer, pos.slot_index, k, v)
             live = pos.mask.shape[-1]  # the mask may cover only the cache's first slots (``kv_len``)
-            k, v = k[:, :, :live].to(q.dtype), v[:, :, :live].to(q.dtype)
+            k, v = pos.cache.write(self.cache_layer, pos.slot_index, k, v, live, pos.rows)
+            k, v = k.to(q.dtype), v.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=pos.mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bytemtp.errors import BytemtpError
-from bytemtp.model.cache import KVCache
+from bytemtp.model.cache import CacheRows, KVCache
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
@@ -89,13 +89,14 @@ class ByteMTP(nn.Module):
         rope_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
+        rows: CacheRows = None,
     ) -> PosContext:
         """Positions of a forward of ``T`` ids. With a KV cache, ``input_pos`` are the cache slots
         written ([T] for every row, or [B, T]); a draft tree (``bytemtp.decode.tree``) also gives
         each id its RoPE position (its depth, not its slot) and the mask of the slots it attends
         to (its ancestors, not every slot before): ``rope_pos`` like ``input_pos``, ``mask``
         [T, S] or [B, T, S]. ``kv_len``: attention reads only the cache's first ``kv_len``
-        slots (see ``decode``)."""
+        slots (see ``decode``); ``rows``: the cache rows the forward's rows are (default: all)."""
         if input_pos is None:
             if T > self.cfg.max_seq_len:
                 raise BytemtpError(f"sequence of {T} bytes exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -107,7 +108,7 @@ class ByteMTP(nn.Module):
         if kv_len is not None:
             mask = mask[..., :kv_len]
         cos, sin, mask = (_heads_axis(t) for t in (self.rope_cos[rope_pos], self.rope_sin[rope_pos], mask))
-        return PosContext(cos, sin, self.kv_cache, self.kv_cache.slot_index(input_pos), mask)
+        return PosContext(cos, sin, self.kv_cache, self.kv_cache.slot_index(input_pos, rows), mask, rows)
 
     # -- pieces ----------------------------------------------------------------
     def trunk(self, ids: torch.Tensor, pos: PosContext | None = None) -> torch.Tensor:
@@ -173,6 +174,7 @@ class ByteMTP(nn.Module):
         rope_pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
+        rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One cached decoding forward of ids [B, P] (B: the cache's rows): head 1's logits
         [B, P, vocab] at every position, and the features the next ``n_heads - 1`` draft heads
@@ -197,15 +199,32 @@ class ByteMTP(nn.Module):
         are shared) and the draft heads cost one small batched matmul instead of
         ``n_heads - 1`` unembeddings over every position. Transformer heads must run at
         every position anyway (to fill their KV caches), so F = n_heads - 1.
+
+        ``rows`` (eager decoding): the only rows of the batch that take part, the others parked
+        (stopped, vacant, or waiting while a prompt is encoded). The forward computes just
+        those, so a step costs what its live rows need, not what the batch could hold; the
+        parked rows' outputs are zeros and their cache is untouched. Compiled steps keep one
+        shape and compute every row.
         """
-        pos = self.pos_context(ids.shape[1], input_pos, rope_pos, mask, kv_len)
+        B, picked = ids.shape[0], None
+        if rows is not None:
+            picked = rows if rows == list(range(len(rows))) else torch.tensor(rows, device=ids.device)
+            ids, input_pos, rope_pos, mask = (
+                _pick(t, picked, batched) for t, batched in
+                ((ids, 2), (input_pos, 2), (rope_pos, 2), (mask, 3))
+            )
+        pos = self.pos_context(ids.shape[1], input_pos, rope_pos, mask, kv_len, _cache_rows(picked))
         z = self.trunk(ids, pos)
         if self.linear_heads:
             features = self.head_features(z, 0)
-            return self._logits(features, 0), features[:, :, None]
-        drafts = [self.head_features(z, k, pos) for k in range(1, n_heads)]
-        feats = torch.stack(drafts, dim=2) if drafts else z.new_empty(*z.shape[:2], 0, z.shape[2])
-        return self.head_logits(z, 0, pos), feats
+            logits, feats = self._logits(features, 0), features[:, :, None]
+        else:
+            drafts = [self.head_features(z, k, pos) for k in range(1, n_heads)]
+            feats = torch.stack(drafts, dim=2) if drafts else z.new_empty(*z.shape[:2], 0, z.shape[2])
+            logits = self.head_logits(z, 0, pos)
+        if picked is None:
+            return logits, feats
+        return _spread(logits, B, picked), _spread(feats, B, picked)
 
     def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
         """Logits [.., n_drafts, vocab] of heads 2..n_drafts+1 from ``decode`` features [.., F, d]
@@ -310,6 +329,28 @@ class ByteMTP(nn.Module):
         }
         counts["total"] = sum(counts.values())
         return counts
+
+
+def _pick(t: torch.Tensor | None, rows: list[int] | torch.Tensor, batched: int) -> torch.Tensor | None:
+    """The ``rows`` of ``t`` when it has a batch axis (``batched`` dims); one for every row as it is."""
+    if t is None or t.dim() < batched:
+        return t
+    return t[: len(rows)] if isinstance(rows, list) else t.index_select(0, rows)
+
+
+def _cache_rows(rows: list[int] | torch.Tensor | None) -> CacheRows:
+    """The cache rows of a forward over ``rows``: a prefix as its length (views, no copies)."""
+    return len(rows) if isinstance(rows, list) else rows
+
+
+def _spread(t: torch.Tensor, B: int, rows: list[int] | torch.Tensor) -> torch.Tensor:
+    """The outputs ``t`` of ``rows`` placed in a [B, ...] tensor, zeros for the rows not computed."""
+    out = t.new_zeros(B, *t.shape[1:])
+    if isinstance(rows, list):
+        out[: len(rows)] = t
+    else:
+        out[rows] = t
+    return out
 
 
 def _heads_axis(t: torch.Tensor) -> torch.Tensor:
