@@ -183,3 +183,30 @@ def test_greedy_output_is_autoregressive_with_drafts_from_the_text(drafts):
     assert (sum(row.stats.lookups for row in gen.rows) > 0) == drafts["lookup"]
     single = decoder.generate(prompts[:1])  # alone, a lookup runs past the heads' reach
     assert single.read() == want[0] and (single.stats.lookups > 0) == drafts["lookup"]
+
+
+def test_a_row_left_alone_in_a_batch_looks_up_past_the_heads(monkeypatch):
+    """Once the other rows of a batch have stopped, the last one's lookups run past the heads'
+    reach (its forward widens no other row's), and its output is still greedy decoding's."""
+    model = trained_model()
+    text = corpus_prompts([48])[0]
+    prompts = [text + b"\n" + text[:6], *corpus_prompts([5, 17])]
+    decoder = Decoder(model, GenerationConfig(lookup=True))
+    engine = decoder.engine(3, model.cfg.max_seq_len)
+    widths: list[tuple[int, int]] = []  # (rows computed, positions) of every step's forward
+    decode = model.decode
+
+    def spy(ids, input_pos, *args, rows=None, **kw):
+        computed = range(ids.shape[0]) if rows is None else rows
+        if input_pos[computed, 0].min() > 0:  # a step (a prompt's forward starts at slot 0)
+            widths.append((len(computed), ids.shape[1]))
+        return decode(ids, input_pos, *args, rows=rows, **kw)
+
+    monkeypatch.setattr(model, "decode", spy)
+    rows = [engine.row(p, RowParams(max_new_bytes=n), i) for i, (p, n) in enumerate(zip(prompts, (60, 3, 3)))]
+    out = b"".join(data for i, data in engine.run(rows) if i == 0)
+    monkeypatch.undo()
+    assert out == alone(model, prompts[0], max_new_bytes=60, speculative=False)
+    heads = model.cfg.n_future - 1
+    assert max(p for b, p in widths if b > 1) <= 1 + heads
+    assert max(p for b, p in widths if b == 1) > 1 + heads

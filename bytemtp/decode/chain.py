@@ -65,9 +65,8 @@ class ChainDrafts:
         self.host_context, self.rules = host_context, rules
         self.drafting = drafting if n_drafts else ContextDrafting()
         # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step of one
-        # row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
+        # live row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
         self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
-        self.reach = n_drafts  # a lookup's length in this batch
         self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
@@ -83,7 +82,6 @@ class ChainDrafts:
         if self.policy is not None:
             self.policy = DraftPolicy(self.policy.costs, n)
         self.texts = RowTexts(n, self.model.cfg.vocab) if self.drafting.on else None
-        self.reach = self.longest if n == 1 else self.n_drafts
 
     def admit(self, batch: Batch, r: int) -> None:
         """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
@@ -242,6 +240,7 @@ class ChainDrafts:
             ints = torch.cat((counts[:, None], ints), dim=1)
         host = StepOutput.read(download(ints), counted=self.policy is not None)
         decisions = {}
+        reach = self.longest if sum(not row.done for row in batch.rows) == 1 else self.n_drafts  # a lookup's length
         for r, row in enumerate(batch.rows):
             if not active[r]:
                 continue
@@ -251,16 +250,17 @@ class ChainDrafts:
             self.drafts[r] = host.drafts[r]
             self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
             if self.texts is not None and self.drafting.uses_text(row.params.sampling.greedy):
-                self._from_text(r, row, decisions[r].decided, eager)
+                self._from_text(r, row, decisions[r].decided, eager, reach)
         return decisions
 
-    def _from_text(self, r: int, row: Row, decided: list[int], eager: bool) -> None:
+    def _from_text(self, r: int, row: Row, decided: list[int], eager: bool, reach: int) -> None:
         """Row ``r``'s text after a decision (an eager one appended its bytes itself; a compiled
-        step's are appended here), and its lookup draft in place of the heads' when it has one."""
+        step's are appended here), and its lookup draft of at most ``reach`` bytes in place of the
+        heads' when it has one."""
         if not eager:
             self.texts.extend(r, decided)
         lookup = self.drafting.lookup_for(row.params.sampling.greedy)
-        proposal = self.texts.lookup(r, self.reach, self.drafting.min_match) if lookup else []
+        proposal = self.texts.lookup(r, reach, self.drafting.min_match) if lookup else []
         self.looked_up[r] = bool(proposal)
         if proposal:
             self.drafts[r], self.n_valid[r] = proposal, len(proposal)

@@ -10,9 +10,9 @@ document repeats. Two uses, per row:
   strength ``t``): 1 until the pair has been seen, weighing more the more it has.
 - **Lookup.** When the row's last few bytes (``LOOKUP_MIN_MATCH`` or more) occurred earlier in
   its text, the bytes that followed them there are the next drafts (prompt lookup decoding),
-  as long a run as the step may be wide (``LOOKUP_LENGTH`` in an eager step of one row, past
-  the heads' reach; the heads' count in a compiled one, whose shapes are fixed, and in a batch,
-  whose forward would widen for every row).
+  as long a run as the step may be wide (``LOOKUP_LENGTH`` in an eager step when the row is the
+  only one live, past the heads' reach; the heads' count in a compiled one, whose shapes are
+  fixed, and beside other live rows, whose forward would widen with it).
 
 Exactness is untouched. Greedy verification keeps head 1's bytes whatever the drafts. A
 lookup draft is chosen, not drawn: it is judged by the point mass on it (accepted with head 1's
