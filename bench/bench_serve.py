@@ -12,6 +12,10 @@ split of ``--data``) one after another, at each server in turn. Every level is b
 requests and in time. Reports aggregate bytes/s, the speculative server's speedup, p50/p99
 time to first byte and request latency, and bytes per forward.
 
+``--engine`` adds, at concurrency 1, the same requests decoded in this process by the decode
+engine alone (``bytemtp bench``'s speculative decoder, one prompt at a time): what the HTTP
+layer and the scheduler cost a lone request.
+
 ``--soak N`` instead sends N mixed requests at the default (speculative) server from
 ``--concurrency``'s first value of clients: streamed and not, greedy and sampled, a tenth
 of them disconnecting after their first chunk, one in twenty with a malformed body. It
@@ -67,14 +71,20 @@ def start_server(ckpt: str, flags: list[str], max_batch: int) -> tuple[subproces
     if " on http://" not in line:
         proc.kill()
         raise SystemExit(f"the server did not start: {line!r}")
-    return proc, line.rsplit(" ", 1)[-1].strip()
+    url = line.rsplit(" ", 1)[-1].strip()
+    with httpx.Client(timeout=300) as http:  # its first steps of each kind pay one-time costs (kernels, JIT)
+        for temperature in (0.0, 0.8):
+            one_request(http, url, "def main():", 64, temperature, seed=0)
+    return proc, url
 
 
-def one_request(url: str, prompt: str, max_tokens: int, temperature: float, seed: int) -> tuple[float, float, int, int]:
-    """A streamed completion -> (time to first byte, latency, bytes, forwards)."""
+def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int, temperature: float,
+                seed: int) -> tuple[float, float, int, int]:
+    """A streamed completion on ``http``'s kept-alive connection -> (time to first byte, latency,
+    bytes, forwards)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True}
     start, first, n, forwards = time.perf_counter(), None, 0, 0
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -95,10 +105,11 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
 
     def client() -> list[tuple[float, float, int, int]]:
         done = []
-        for i in todo:
-            if time.perf_counter() - start > time_limit:
-                break
-            done.append(one_request(url, prompts[i % len(prompts)], max_tokens, temperature, seed=i))
+        with httpx.Client(timeout=300) as http:  # one connection, kept alive, as load generators do
+            for i in todo:
+                if time.perf_counter() - start > time_limit:
+                    break
+                done.append(one_request(http, url, prompts[i % len(prompts)], max_tokens, temperature, seed=i))
         return done
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -109,6 +120,26 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
         level.latency.append(latency)
         level.bytes += n
         level.forwards += forwards
+    return level
+
+
+def engine_level(ckpt: str, prompts: list[str], requests: int, max_tokens: int, temperature: float) -> Level:
+    """The requests of a concurrency-1 level decoded by the engine in this process, one after another
+    (after one untimed warm-up, as ``bytemtp bench`` does), with the seeds the server's got."""
+    from bytemtp.decode.generate import Decoder, GenerationConfig
+    from bytemtp.train.checkpoint import load_model
+
+    model, _ = load_model(ckpt)
+    decoder = Decoder(model, GenerationConfig(max_new_bytes=max_tokens, temperature=temperature))
+    decoder.generate([prompts[0].encode()], [0]).read()
+    level = Level()
+    for i in range(requests):
+        start = time.perf_counter()
+        gen = decoder.generate([prompts[i % len(prompts)].encode()], [i])
+        gen.read()
+        level.wall_s += time.perf_counter() - start
+        level.bytes += gen.stats.bytes
+        level.forwards += gen.stats.forwards
     return level
 
 
@@ -225,6 +256,7 @@ def main() -> None:
     p.add_argument("--prompt-bytes", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level (the soak: in all) at most")
+    p.add_argument("--engine", action="store_true", help="at concurrency 1, also the decode engine alone, in-process")
     p.add_argument("--soak", type=int, default=0, help="instead: a soak run of this many mixed requests")
     args = p.parse_args()
     prompts = [x.decode("utf-8", "replace") for x in sample_prompts(args.data, 64, args.prompt_bytes, seed=1234)]
@@ -245,6 +277,13 @@ def main() -> None:
                     print(f"{t:>4} {c:>4}  {name:<12}{rate[name]:>9.1f}{rate[name] / rate['plain']:>8.2f}x"
                           f"{lv.pct(lv.ttfb, 50) * 1e3:>8.0f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
                           f"{lv.pct(lv.latency, 50):>12.2f}s{lv.pct(lv.latency, 99):>7.2f}s{fwd:>11.2f}", flush=True)
+                if args.engine and c == 1:
+                    lv = engine_level(args.ckpt, prompts, args.requests, args.max_tokens, t)
+                    alone = lv.bytes / lv.wall_s
+                    print(f"{t:>4} {c:>4}  {'engine':<12}{alone:>9.1f}{alone / rate['plain']:>8.2f}x"
+                          f"{'':>37}{lv.bytes / lv.forwards:>11.2f}")
+                    print(f"{t:>4} {c:>4}  server / engine: speculative {rate['speculative'] / alone:.2f}x, "
+                          f"all drafts {rate['all drafts'] / alone:.2f}x", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import httpx
 
 from bytemtp.decode.generate import Decoder, GenerationConfig
-from bytemtp.serve.server import build_server
+from bytemtp.serve.server import build_server, listen
 
 
 @contextmanager
@@ -19,7 +19,8 @@ def running_server(model, max_batch: int = 4, max_queue: int = 16, **decoder):
     """Serve a private copy of ``model`` (the tests decode the original alongside) -> its URL."""
     decoder = Decoder(copy.deepcopy(model), GenerationConfig(**decoder))
     server = build_server(decoder, "tiny", "127.0.0.1", 0, max_batch, max_queue, max_body=1 << 16, grace=2.0)
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = listen("127.0.0.1", 0)  # as ``bytemtp serve`` listens
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.url:
@@ -30,6 +31,7 @@ def running_server(model, max_batch: int = 4, max_queue: int = 16, **decoder):
     finally:
         server.should_exit = True
         thread.join(30)
+        sock.close()
 
 
 def sse_events(lines) -> list:

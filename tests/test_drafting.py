@@ -14,6 +14,7 @@ from bytemtp.decode.drafting import DraftPolicy, draft_count, interpolate_costs
 from bytemtp.decode.step_costs import measure_step_costs
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.config import GenerationConfig
+from bytemtp.decode.batch import RowParams
 from bytemtp.decode.generate import Decoder, generate
 
 STEEP = (1.0, 1.15, 1.35, 1.5, 1.6, 1.7, 1.8, 1.9)  # a CPU-like cost curve
@@ -145,3 +146,22 @@ def test_a_batch_verifies_the_drafts_its_row_count_pays_for():
     plain.read_all()
     assert attempted["flat at 2"] == [row.stats.attempted for row in plain.rows]
     assert sum(map(sum, attempted["steep at 2"])) < sum(map(sum, attempted["flat at 2"]))
+
+
+def test_a_step_is_priced_at_the_rows_it_forwards():
+    """Drafts free at one row and dear at two: a row alone in a two-slot engine verifies drafts; two
+    live rows verify none (an eager step forwards the live rows only, and is priced so)."""
+    model = trained_model()
+    n = model.cfg.n_future
+    costs = ((1.0,) * n, (1.0, *(100.0,) * (n - 1)))
+    engine = Decoder(model, GenerationConfig(draft_costs=costs, lookup=False)).engine(2, model.cfg.max_seq_len)
+    prompts = [b"def ", bytes(stdlib_corpus()[3000:3040].tolist())]
+    lone = [engine.row(prompts[0], RowParams(max_new_bytes=60), 0)]
+    pair = [engine.row(p, RowParams(max_new_bytes=60), i) for i, p in enumerate(prompts)]
+    for _ in engine.run(lone):
+        pass
+    for _ in engine.run(pair):
+        pass
+    assert lone[0].stats.drafted > 0
+    # both rows live from their first step to the end of the shorter one: no drafts verified then
+    assert min(row.stats.drafted for row in pair) == 0

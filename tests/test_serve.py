@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from test_generate import random_model
 
 from bytemtp import BOS
 from bytemtp.decode.generate import GenerationConfig, generate
+from bytemtp.serve.server import listen
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +224,13 @@ def test_the_playground_page_is_served(url):
     r = httpx.get(url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "/v1/completions" in r.text and 'id="prompt"' in r.text and "drafted" in r.text
+
+
+def test_connections_send_small_writes_at_once():
+    """The server's connections have Nagle's algorithm off: a response's headers and body are two
+    small writes, and on a kept-alive connection the body would otherwise wait 40 ms for the
+    client's delayed ACK. The accepted socket is what a client's connection gets."""
+    with listen("127.0.0.1", 0) as sock, socket.create_connection(sock.getsockname()[:2]):
+        conn, _ = sock.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

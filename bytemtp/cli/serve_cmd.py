@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import click
@@ -43,7 +42,7 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.errors import BytemtpError
     from bytemtp.decode.step_costs import adaptive_decoder
-    from bytemtp.serve.server import build_server
+    from bytemtp.serve.server import build_server, listen
     from bytemtp.train.checkpoint import load_model
 
     # the decoder's own setting is greedy; every request brings its own (sampled drafts at 0.8 x its temperature)
@@ -57,14 +56,14 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
         raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
     adaptive = not tree and n_drafts > 0 if adaptive is None else adaptive
     if adaptive:  # priced at the server's row count and cache, as its steps run
-        decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max_batch,))
+        decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max(1, max_batch // 2), max_batch))
     else:
         decoder = Decoder(model, config, compile_)
     name = model_name or ckpt.resolve().name
     if name.startswith("step-") or name == "latest":  # a checkpoint inside a run: name the run
         name = ckpt.resolve().parent.parent.name
     try:
-        sock = socket.create_server((host, port))
+        sock = listen(host, port)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
     mode = f"speculative, {decoder.n_drafts} draft heads" if decoder.n_drafts else "autoregressive"

@@ -31,12 +31,12 @@ def adaptive_decoder(
 ) -> Decoder:
     """A decoder as ``config`` says whose chain verifies the drafts worth their cost, priced by its own
     steps (of the model as it decodes: bfloat16 on CUDA) measured at ``rows`` rows
-    (``measure_step_costs``) with caches of ``cache_len`` positions. A compiled step has one width
+    (``measure_step_costs``), and at one, with caches of ``cache_len`` positions. A compiled step has one width
     (``ChainDrafts.step``), so its curve is flat: nothing is timed, and no graph compiled for it."""
     unpriced = dataclasses.replace(config, draft_costs=(1.0,) * model.cfg.n_future)  # a step reporting confidence
     decoder = Decoder(model, unpriced, compile)
-    if decoder.step is None:
-        costs = measure_step_costs(decoder, cache_len, rows)
+    if decoder.step is None:  # and at one row: an eager step forwards only the rows still live
+        costs = measure_step_costs(decoder, cache_len, (1, *rows))
     else:  # compiled: one width whatever the step verifies, so a draft left out saves nothing
         costs = ((1.0,) * model.cfg.n_future,)
     decoder.config = dataclasses.replace(unpriced, draft_costs=costs)
