@@ -4,9 +4,9 @@ Run from the repository root::
 
     .venv/bin/python bench/bench_serve.py CKPT --data ~/.cache/bytemtp/python-stdlib
 
-Starts three servers on 127.0.0.1 (``--no-speculative``; speculative verifying every draft,
-``--no-adaptive``; speculative as served by default, verifying the drafts worth their cost
-at its row count), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
+Starts three servers on 127.0.0.1 (``--no-speculative``; speculative as served by default,
+verifying every draft; ``--adaptive``, verifying the drafts worth their cost at the step's row
+count), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
 drives closed-loop clients, each sending streamed requests with held-out prompts (the val
 split of ``--data``) one after another, at each server in turn. Every level is bounded in
 requests and in time. Reports aggregate bytes/s, the speculative server's speedup, p50/p99
@@ -60,7 +60,7 @@ class Level:
         return statistics.quantiles(xs, n=100)[int(q) - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 
-SERVERS = {"plain": ["--no-speculative"], "all drafts": ["--speculative", "--no-adaptive"], "speculative": []}
+SERVERS = {"plain": ["--no-speculative"], "speculative": [], "adaptive": ["--adaptive"]}
 
 
 def start_server(ckpt: str, flags: list[str], max_batch: int) -> tuple[subprocess.Popen, str]:
@@ -283,7 +283,7 @@ def main() -> None:
                     print(f"{t:>4} {c:>4}  {'engine':<12}{alone:>9.1f}{alone / rate['plain']:>8.2f}x"
                           f"{'':>37}{lv.bytes / lv.forwards:>11.2f}")
                     print(f"{t:>4} {c:>4}  server / engine: speculative {rate['speculative'] / alone:.2f}x, "
-                          f"all drafts {rate['all drafts'] / alone:.2f}x", flush=True)
+                          f"adaptive {rate['adaptive'] / alone:.2f}x", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

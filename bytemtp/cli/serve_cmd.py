@@ -23,9 +23,9 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a greedy tree of this many draft bytes per step instead of a chain (greedy requests only).")
-@click.option("--adaptive/--no-adaptive", default=None,
-              help="Verify only the drafts worth their cost in a step of --max-batch rows, measured at startup "
-                   "[default: on when speculative with a chain].")
+@click.option("--adaptive/--no-adaptive", default=False, show_default=True,
+              help="Verify only the drafts worth their cost at the step's row count, as measured at startup by "
+                   "the engine alone (served, a step also pays the HTTP layer, so every draft tends to pay).")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly drafts follow the two bytes before each (0 = off) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
@@ -37,7 +37,7 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @device_option
 @decode_threads_option
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
-            speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool | None,
+            speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
     from bytemtp.decode.generate import Decoder, GenerationConfig
     from bytemtp.errors import BytemtpError
@@ -54,7 +54,6 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
     if adaptive and tree:
         raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
-    adaptive = not tree and n_drafts > 0 if adaptive is None else adaptive
     if adaptive:  # priced at the server's row count and cache, as its steps run
         decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max(1, max_batch // 2), max_batch))
     else:
