@@ -192,6 +192,7 @@ def raw_config(tmp_path, text: str):
     "text, field",
     [
         ('"draft_loss_weight": 1e308', "draft_loss_weight"),
+        ('"objective_schedule": "linear", "draft_weight_initial": 1e308', "draft_weight_initial"),
         ('"seed": 123456789012345678901234567890', "seed"),
         ('"lr": 1e300', "lr"),
         ('"muon_lr": 1e300, "optimizer": "muon"', "muon_lr"),

@@ -182,8 +182,9 @@ def check_train_ranges(cfg: TrainConfig) -> None:
     for name in ("lr", "muon_lr"):
         if getattr(cfg, name) > MAX_LR:
             raise BytemtpError(f"{name}: at most {MAX_LR:g}, got {getattr(cfg, name):g}")
-    if cfg.draft_loss_weight > MAX_DRAFT_LOSS_WEIGHT:
-        raise BytemtpError(f"draft_loss_weight: at most {MAX_DRAFT_LOSS_WEIGHT:g}, got {cfg.draft_loss_weight:g}")
+    for name in ("draft_loss_weight", "draft_weight_initial"):  # a schedule's start weighs like its end
+        if getattr(cfg, name) > MAX_DRAFT_LOSS_WEIGHT:
+            raise BytemtpError(f"{name}: at most {MAX_DRAFT_LOSS_WEIGHT:g}, got {getattr(cfg, name):g}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise BytemtpError(f"{name}: must be in [0, 1), got {getattr(cfg, name)}")
