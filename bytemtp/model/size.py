@@ -65,7 +65,7 @@ def require_decoding_memory(cfg: ModelConfig, rows: int, slots: int, element_siz
     """Refuse a KV cache of ``rows`` x ``slots`` that cannot fit ``device``'s memory, before allocating it."""
     require_memory(
         kv_cache_bytes(cfg, rows, slots, element_size),
-        f"--batch: the KV cache of {rows:,} rows of {slots:,} positions",
+        f"the KV cache of {rows:,} rows of {slots:,} positions",
         device,
-        "; decode fewer rows together",
+        "; decode fewer rows together (--batch of sample and bench, --max-batch of serve, --batch-size of distill)",
     )
