@@ -37,10 +37,9 @@ from bytemtp.data.loader import iter_eval_batches
 from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.generate import generate
 from bytemtp.decode.prompts import sample_prompts
-from bytemtp.model.config import ModelConfig
 from bytemtp.train.checkpoint import load_model
 from bytemtp.train.config import build_configs
-from bytemtp.train.flops import flops_per_byte
+from bytemtp.train.flops import mean_flops_per_byte
 from bytemtp.train.loop import train
 from bytemtp.train.objective import LN2, split_batch
 from bytemtp.train.parallel import MTPObjective
@@ -77,10 +76,10 @@ def bytes_per_forward(model: torch.nn.Module, prompts: list[bytes], max_bytes: i
     return gen.stats.bytes_per_forward
 
 
-def _resolved(preset: str, overrides: dict) -> tuple[ModelConfig, int]:
-    """The model config and row length of a variant."""
-    model_cfg, train_cfg = build_configs(preset=preset, overrides=overrides)
-    return model_cfg, train_cfg.resolved(model_cfg).seq_len
+def _flops(preset: str, overrides: dict, steps: int) -> float:
+    """A variant's training FLOPs per byte over a run of ``steps`` (a head schedule's average)."""
+    model_cfg, train_cfg = build_configs(preset=preset, overrides={**overrides, "steps": steps})
+    return mean_flops_per_byte(model_cfg, train_cfg.resolved(model_cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     common = json.loads(args.common)
     variants = [parse_variant(v) for v in args.variant]
     overrides = {name: {**common, **fields} for name, fields in variants}
-    flops = {name: flops_per_byte(*_resolved(args.preset, fields)) for name, fields in overrides.items()}
+    flops = {name: _flops(args.preset, fields, args.steps) for name, fields in overrides.items()}
     ref = next(iter(flops.values()))
     configs, steps = {}, {}
     for name, f in flops.items():

@@ -112,6 +112,41 @@ def test_draft_loss_weight_zero_trains_head_one_alone(mode):
 
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
+def test_heads_of_weight_zero_are_not_computed(head_kind, mode, monkeypatch):
+    """A schedule training the first 3 of 8 heads: the gradients are those of the weighted objective
+    over every head (weight 0 adds nothing), the 5 others' parameters get exact zeros, their
+    losses are reported as 0, and their logits are never computed."""
+    n, drafts = 8, [0.5, 0.25, 0, 0, 0, 0, 0]
+    model = make_model(head_kind, n)
+    ids = padded_batch(n)
+    inputs, targets = split_batch(ids, n)
+    model.zero_grad(set_to_none=True)
+    z = model.trunk(inputs)
+    weights = torch.tensor([1.0, *drafts])
+    ce = torch.stack([F.cross_entropy(model.head_logits(z, k).flatten(0, 1), targets[..., k].flatten(),
+                                      ignore_index=-1) for k in range(n)])
+    ((weights * ce).sum() / weights.sum()).backward()
+    want = {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+    unembedded: list[int] = []  # heads whose logits each cross-entropy computed
+    fn = objective.cross_entropy_fn
+
+    def counting(model):
+        ce_fn = fn(model)
+        return lambda x, w, *a: (unembedded.append(w.shape[0] // model.cfg.vocab_padded), ce_fn(x, w, *a))[1]
+
+    monkeypatch.setattr(objective, "cross_entropy_fn", counting)
+    out, got = grads_of(model, ids, mode, draft_loss_weight=drafts)
+    assert_grads_close(got, want, rtol=1e-5)
+    assert (out.head_losses[3:] == 0).all() and (out.head_losses[:3] > 0).all()
+    torch.testing.assert_close(out.head_losses[:3], ce[:3].detach(), **LOSS_TOL)
+    untrained = [name for name in got if any(name.startswith(f"heads.{k}.") for k in range(3, n))]
+    assert untrained and all(got[name].abs().max() == 0 for name in untrained)
+    # three heads' logits: one product each, or the three stacked in every chunk of rows
+    assert unembedded == [1, 1, 1] or set(unembedded) == {3}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "stacked"])
+@pytest.mark.parametrize("head_kind", HEAD_KINDS)
 def test_soft_capped_gradients_equal_naive(head_kind, mode):
     """The hand-written cross-entropy's soft-cap and its slope against autograd through
     ``head_logits``; a cap small enough to bend random-init logits, so it changes the loss."""

@@ -13,6 +13,7 @@ from bytemtp.errors import BytemtpError
 from bytemtp.train.config import TrainConfig, build_configs
 from bytemtp.train.loop import train
 from bytemtp.train.objective import head_weights
+from bytemtp.train.flops import flops_per_byte, mean_flops_per_byte
 from bytemtp.train.objective_schedule import SCHEDULE_FIELDS, draft_weights
 from train_support import MICRO, cli_error, config_file, metrics, micro_train
 
@@ -88,9 +89,26 @@ def test_each_logged_step_records_the_weights_it_trained_with(micro_data, tmp_pa
     cfg = micro_train(steps=8, objective_schedule="linear", draft_weight_initial=0.0, draft_loss_weight=1.0,
                       heads_initial=2, objective_begin=2, objective_end=6)
     train(cfg, FOUR, micro_data, tmp_path / "run", progress=False)
-    logged = {r["step"]: r["head_weights"] for r in metrics(tmp_path / "run")}
+    records = {r["step"]: r for r in metrics(tmp_path / "run")}
+    logged = {step: r["head_weights"] for step, r in records.items()}
     assert logged[1] == logged[2] == [1.0, 0.0, 0.0, 0.0]  # head 1 alone before the range
+    # heads not trained were not computed: no loss to log, and the step's loss is head 1's
+    assert records[2]["bpb_heads"][1:] == [None] * 3 and records[2]["loss"] == records[2]["bpb_heads"][0]
+    assert None not in records[8]["bpb_heads"]
     assert logged[4] == pytest.approx([0.5, 0.25, 0.25, 0.0], abs=1e-6)  # halfway: 3 heads, drafts at 0.5
     assert logged[6] == logged[8] == [0.25] * 4  # every head, the plain mean
     model, saved = build_configs(preset="tiny", overrides={"objective_schedule": "cosine"})
     assert saved.resolved(model).objective_end == saved.steps  # fixed when the run starts
+
+
+def test_a_run_costs_the_heads_each_step_trains():
+    """``mean_flops_per_byte``: a constant objective costs every head on every step; a schedule
+    training head 1 alone for the first half, then all 8, costs the mean of the two; n = 1 its own."""
+    model, train_cfg = build_configs(preset="tiny", overrides={"steps": 100})
+    every = flops_per_byte(model, train_cfg.resolved(model).seq_len)
+    one = flops_per_byte(dataclasses.replace(model, n_future=1), train_cfg.resolved(model).seq_len)
+    assert mean_flops_per_byte(model, train_cfg.resolved(model)) == every
+    late = {"steps": 100, "objective_schedule": "linear", "heads_initial": 1, "objective_begin": 50,
+            "objective_end": 51}
+    model, train_cfg = build_configs(preset="tiny", overrides=late)
+    assert mean_flops_per_byte(model, train_cfg.resolved(model)) == pytest.approx((50 * one + 50 * every) / 100)

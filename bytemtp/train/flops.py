@@ -6,15 +6,24 @@ weighted sum over the T positions of a row (counted over the full row, masked or
 not, as in PaLM's appendix B, so figures compare with published MFU). The weights
 counted are every block's projections (trunk, and every head's blocks for
 transformer heads) and every head's unembedding at its padded width (the width the
-matmuls run at); the embedding is a lookup and costs nothing. Each head counts:
-the objective runs all ``n_future`` of them on every byte.
+matmuls run at); the embedding is a lookup and costs nothing. Each head counts on
+the steps that train it: the objective runs every head that weighs more than 0, so
+under a schedule of the number of heads trained a run costs ``mean_flops_per_byte``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+from typing import TYPE_CHECKING
+
 import torch
 
 from bytemtp.model.config import ModelConfig
+from bytemtp.train.objective_schedule import draft_weights
+
+if TYPE_CHECKING:
+    from bytemtp.train.config import TrainConfig
 
 # Dense bf16 tensor-core peaks (no sparsity: half the datasheets' headline figures), FLOP/s, by a
 # name torch.cuda.get_device_name contains; the first that matches wins, so the PCIe and NVL
@@ -45,6 +54,18 @@ def flops_per_byte(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes."""
     matmul = attention_layers(cfg) * block_matmul_weights(cfg) + cfg.n_future * cfg.d_model * cfg.vocab_padded
     return 6.0 * matmul + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+
+
+def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:
+    """Training FLOPs per byte averaged over the ``train.steps`` steps of a run (``train`` resolved):
+    each step pays for the heads it trains (head 1 and every draft head weighing more than 0)."""
+    if train.objective_schedule == "constant" and train.draft_loss_weight > 0:
+        return flops_per_byte(cfg, train.seq_len)
+    trained = Counter(1 + sum(w > 0 for w in draft_weights(train, step, cfg.n_future))
+                      for step in range(1, train.steps + 1))
+    total = sum(n * flops_per_byte(dataclasses.replace(cfg, n_future=heads), train.seq_len)
+                for heads, n in trained.items())
+    return total / train.steps
 
 
 def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:

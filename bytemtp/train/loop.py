@@ -56,11 +56,11 @@ from bytemtp.train.distributed import (
     shutdown,
 )
 from bytemtp.train.evaluate import EvalResult, evaluate, require_split
-from bytemtp.train.flops import flops_per_byte, peak_flops
+from bytemtp.train.flops import mean_flops_per_byte, peak_flops
 from bytemtp.train.full_state import full_model_state, full_optimizer_state, load_optimizer_state
 from bytemtp.train.metrics import METRICS, MetricsLog, progress_text
 from bytemtp.train.nonfinite import NonFiniteWatch, refuse_nonfinite_weights
-from bytemtp.train.objective import LN2, resolve_loss_mode
+from bytemtp.train.objective import LN2, resolve_loss_mode, trained_heads
 from bytemtp.train.objective_schedule import draft_weights, logged_weights
 from bytemtp.train.optim import MuonAdamW, build_optimizer, build_scheduler
 from bytemtp.train.parallel import MTPObjective, as_local, gradient_sync, unwrap, wrap
@@ -174,7 +174,7 @@ class _Run:
         self.start = 0.0  # when this invocation's loop began (the time budget counts from here)
         self.last: tuple[torch.Tensor, torch.Tensor, float] | None = None  # head losses, grad norm, lr
         self._mark = (0.0, 0)  # (time, step) that bytes/s is measured from
-        self.flops_per_byte = flops_per_byte(model_cfg, cfg.seq_len)
+        self.flops_per_byte = mean_flops_per_byte(model_cfg, cfg)  # over the run: a head schedule varies it
         self.peak_flops = peak_flops(env.device, cfg.peak_tflops)
         if ckpt is not None:
             self._restore(ckpt)
@@ -320,12 +320,14 @@ class _Run:
     def _train_record(self) -> dict[str, Any]:
         """The metrics of the step just taken and the throughput since the last mark."""
         head_losses, grad_norm, lr = self.last
-        bpb_heads = [x / LN2 for x in all_reduce(head_losses, self.env).tolist()]  # waits for the device
+        trained = trained_heads(self.model.cfg.n_future, self.objective.draft_loss_weight)  # the others: not computed
+        bpb_heads = [x / LN2 if k in trained else None
+                     for k, x in enumerate(all_reduce(head_losses, self.env).tolist())]  # waits for the device
         seconds = max(time.monotonic() - self._mark[0], 1e-9)
         bytes_per_s = (self.step - self._mark[1]) * self.bytes_per_step / seconds
         record = {
             "step": self.step,
-            "loss": sum(bpb_heads) / len(bpb_heads),
+            "loss": sum(bpb_heads[k] for k in trained) / len(trained),
             "bpb_heads": bpb_heads,
             "head_weights": logged_weights(self.objective.draft_loss_weight),
             "lr": lr,

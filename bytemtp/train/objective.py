@@ -82,12 +82,24 @@ def head_weights(
     draft head (or, a sequence, one weight per draft head: an objective schedule's step),
     normalised to sum 1. Below 1 the shared trunk serves head 1 first (the draft heads then
     only propose, and head 1 alone decides every output byte)."""
+    w = torch.tensor([1.0, *_draft_list(n_future, draft_loss_weight)], dtype=torch.float32, device=device)
+    return w / w.sum()
+
+
+def trained_heads(n_future: int, draft_loss_weight: float | Sequence[float]) -> list[int]:
+    """The heads (0-based) a training step computes: head 1 and every draft head weighing more than 0.
+    A head of weight 0 adds nothing to the gradient, so its logits, loss and gradients are not
+    computed at all: a schedule that trains fewer heads early saves their compute (its loss is
+    reported as 0 and logged as missing; its parameters get zero gradients, as they would)."""
+    return [0, *(k + 1 for k, w in enumerate(_draft_list(n_future, draft_loss_weight)) if w > 0)]
+
+
+def _draft_list(n_future: int, draft_loss_weight: float | Sequence[float]) -> list[float]:
     drafts = [float(draft_loss_weight)] * (n_future - 1) if isinstance(draft_loss_weight, (int, float)) \
         else [float(w) for w in draft_loss_weight]
     if len(drafts) != n_future - 1:
         raise ValueError(f"{len(drafts)} draft weights for {n_future - 1} draft heads")
-    w = torch.tensor([1.0, *drafts], dtype=torch.float32, device=device)
-    return w / w.sum()
+    return drafts
 
 
 def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like: list[torch.Tensor]):
@@ -100,8 +112,9 @@ def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like:
 
 
 def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                        h: torch.Tensor):
-    """LossAndGradients over (h = norm(z), *unembeddings): the features are shared, only weights differ."""
+                        trained: list[int], h: torch.Tensor):
+    """LossAndGradients over (h = norm(z), *unembeddings): the features are shared, only weights differ.
+    Heads not ``trained`` are not computed (``trained_heads``)."""
     n, dt = targets.shape[-1], matmul_dtype(h)
     ce, scales = cross_entropy_fn(model), weights / counts
     feats = h.detach().flatten(0, 1).to(dt)
@@ -109,6 +122,10 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
     with no_autocast(h):
         for k in range(n):
             w = model.unembedding(k)
+            if k not in trained:
+                nll.append(torch.zeros(1, device=h.device))
+                grad_ws.append(torch.zeros_like(w))
+                continue
             nll_k, g_f, g_w = ce(feats, w.to(dt), targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab,
                                  scales[k : k + 1], model.cfg.logit_cap)
             grad_h = _sum_into(grad_h, [g_f], [h])
@@ -119,16 +136,16 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
 
 
 def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                         h: torch.Tensor):
-    """LossAndGradients over (h = norm(z), *unembeddings) with all heads' unembeddings stacked:
-    one [d, n * vocab_padded] product per chunk of rows instead of n narrow ones, each chunk's
-    logits (at most ``STACKED_LOGITS`` elements) freed before the next."""
+                         trained: list[int], h: torch.Tensor):
+    """LossAndGradients over (h = norm(z), *unembeddings) with the ``trained`` heads' unembeddings
+    stacked: one [d, heads * vocab_padded] product per chunk of rows instead of one narrow one per
+    head, each chunk's logits (at most ``STACKED_LOGITS`` elements) freed before the next."""
     n, dt, vp = targets.shape[-1], matmul_dtype(h), model.cfg.vocab_padded
-    ce, scales = cross_entropy_fn(model), weights / counts
-    feats, flat_targets = h.detach().flatten(0, 1).to(dt), targets.flatten(0, 1)
+    ce, scales = cross_entropy_fn(model), (weights / counts)[trained]
+    feats, flat_targets = h.detach().flatten(0, 1).to(dt), targets[..., trained].flatten(0, 1)
     unembeds = [model.unembedding(k) for k in range(n)]
-    stacked = torch.cat(unembeds).to(dt)
-    rows = max(1, STACKED_LOGITS // (n * vp))
+    stacked = torch.cat([unembeds[k] for k in trained]).to(dt)
+    rows = max(1, STACKED_LOGITS // (len(trained) * vp))
     nll, grad_h, grad_w = 0.0, [], None
     with no_autocast(h):
         for start in range(0, feats.shape[0], rows):
@@ -137,8 +154,10 @@ def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.T
             nll = nll + nll_part
             grad_h.append(g_f.to(h.dtype))
             grad_w = _sum_into(grad_w, [g_w], unembeds[:1])
-    losses = nll / counts
-    grad_ws = [g.to(w.dtype) for g, w in zip(grad_w[0].split(vp), unembeds)]
+    losses = torch.zeros(n, device=h.device).index_copy(0, torch.tensor(trained, device=h.device), nll) / counts
+    grad_ws = [torch.zeros_like(w) for w in unembeds]
+    for k, g in zip(trained, grad_w[0].split(vp), strict=True):
+        grad_ws[k] = g.to(unembeds[k].dtype)
     return (weights * losses).sum(), losses, [torch.cat(grad_h).view_as(h), *grad_ws]
 
 
@@ -159,8 +178,9 @@ def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosCo
 
 
 def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                             z: torch.Tensor):
-    """LossAndGradients over (z, norm weight, unembedding, *head params): one head's graph alive at a time."""
+                             trained: list[int], z: torch.Tensor):
+    """LossAndGradients over (z, norm weight, unembedding, *head params): one head's graph alive at a
+    time; heads not ``trained`` are not run."""
     n, scales = targets.shape[-1], weights / counts
     pos = model.pos_context(z.shape[1])
     zd = z.detach().requires_grad_()
@@ -168,6 +188,10 @@ def _transformer_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: tor
     unembed = unembed_w.to(matmul_dtype(z))
     nll, shared, head_grads = [], None, []
     for k in range(n):
+        if k not in trained:
+            nll.append(torch.zeros(1, device=z.device))
+            head_grads += [torch.zeros_like(p) for p in model.heads[k].parameters()]
+            continue
         nll_k, g_shared, g_params = _transformer_head_grads(model, k, zd, pos, unembed, targets[..., k],
                                                             scales[k : k + 1])
         shared = _sum_into(shared, g_shared, [z, norm_w, unembed_w])
@@ -202,14 +226,14 @@ class _GradientsFromForward(torch.autograd.Function):
 
 
 def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                stacked: bool):
+                trained: list[int], stacked: bool):
     if model.linear_heads:
         unembeds = [model.unembedding(k) for k in range(model.cfg.n_future)]
         heads = _stacked_heads_grads if stacked else _linear_heads_grads
-        compute = functools.partial(heads, model, targets, weights, counts)
+        compute = functools.partial(heads, model, targets, weights, counts, trained)
         return _GradientsFromForward.apply(compute, model.head_features(z, 0), *unembeds)
     params = [model.norm.weight, model.unembedding(0), *model.heads.parameters()]
-    compute = functools.partial(_transformer_heads_grads, model, targets, weights, counts)
+    compute = functools.partial(_transformer_heads_grads, model, targets, weights, counts, trained)
     return _GradientsFromForward.apply(compute, z, *params)
 
 
@@ -233,9 +257,10 @@ def multihead_loss(
     model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0
 ) -> LossOutput:
     """Objective of batch ``ids`` [B, T+n] (draft heads weighted ``draft_loss_weight``, see ``head_weights``);
-    call ``.loss.backward()`` on the result.
+    call ``.loss.backward()`` on the result. Training computes only the heads that weigh more than 0
+    (``trained_heads``).
 
-    Without grad mode (evaluation) every mode computes the same losses head by head.
+    Without grad mode (evaluation) every mode computes every head's loss, head by head.
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
@@ -245,4 +270,5 @@ def multihead_loss(
     z = model.trunk(inputs)
     if mode == "naive" or not torch.is_grad_enabled():
         return LossOutput(*_naive(model, z, targets, weights, counts))
-    return LossOutput(*_sequential(model, z, targets, weights, counts, stacked=mode == "stacked"))
+    trained = trained_heads(model.cfg.n_future, draft_loss_weight)
+    return LossOutput(*_sequential(model, z, targets, weights, counts, trained, stacked=mode == "stacked"))

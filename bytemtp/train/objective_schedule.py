@@ -9,8 +9,10 @@ schedule moves both, with one shape, from their initial values (``draft_weight_i
 steps ``objective_begin`` and ``objective_end`` (0: the run's last step): before the range
 they hold the initial values, after it the final ones. ``objective_schedule="constant"`` (the
 default, and what a config saved before the fields existed means) holds the final values
-throughout. A head beyond the number trained weighs 0: it is still computed (and its loss
-logged), so a schedule never changes a step's FLOPs and equal steps stay equal compute.
+throughout. A head beyond the number trained, or a draft head while the draft weight is 0,
+weighs 0 and is not computed (``bytemtp.train.objective.trained_heads``; its loss is logged
+as missing): a schedule that trains fewer heads early saves their compute, and a run's FLOPs
+are the mean over its steps (``bytemtp.train.flops.mean_flops_per_byte``).
 
 The weights are a function of the step number and the config alone, so a resumed run
 trains with exactly the weights an uninterrupted one would. This module does not import
