@@ -3,12 +3,14 @@ greedy bytes per forward of the model each trains.
 
 Every variant is a set of ModelConfig/TrainConfig overrides on a preset. All train on the
 same dataset with the same seed for the same number of steps; a variant must not change
-the FLOPs of a step (``bytemtp.train.flops``, checked: a ReLU² MLP of 4 d has 0.9x a
-SwiGLU's weights and is allowed within ``--flops-tolerance``), so equal steps is equal
-compute, and val bits per byte at equal steps does not depend on how busy the machine
-is. With ``--equal-flops`` variants may differ in FLOPs per byte (n = 1 vs n = 8 heads):
-each then trains ``--steps`` scaled by the first variant's FLOPs per byte over its own
-(its schedule planned for that many), so every variant spends the same training FLOPs.
+the FLOPs per byte of a run (``bytemtp.train.flops.mean_flops_per_byte``, checked: a ReLU²
+MLP of 4 d has 0.9x a SwiGLU's weights and is allowed within ``--flops-tolerance``), so
+equal steps is equal compute, and val bits per byte at equal steps does not depend on how
+busy the machine is. With ``--equal-flops`` variants may differ in FLOPs per byte (n = 1 vs
+n = 8 heads, or a schedule that trains fewer heads early): each then trains ``--steps``
+scaled by the first variant's FLOPs per byte over its own, both averaged over a run of
+``--steps`` (its schedule planned for the scaled steps), so every variant spends about the
+same training FLOPs.
 The runs are interleaved in ``--segments`` pieces (each resumed from its checkpoint, the
 schedule planned for the whole run), so wall-clock drift of a shared machine falls on
 every variant alike.
