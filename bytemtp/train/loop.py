@@ -321,8 +321,8 @@ class _Run:
         """The metrics of the step just taken and the throughput since the last mark."""
         head_losses, grad_norm, lr = self.last
         trained = trained_heads(self.model.cfg.n_future, self.objective.draft_loss_weight)  # the others: not computed
-        bpb_heads = [x / LN2 if k in trained else None
-                     for k, x in enumerate(all_reduce(head_losses, self.env).tolist())]  # waits for the device
+        losses = all_reduce(head_losses, self.env).tolist()  # waits for the device
+        bpb_heads = [x / LN2 if k in trained else None for k, x in enumerate(losses)]
         seconds = max(time.monotonic() - self._mark[0], 1e-9)
         bytes_per_s = (self.step - self._mark[1]) * self.bytes_per_step / seconds
         record = {
