@@ -42,8 +42,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
+from bytemtp.decode.generate import Decoder, GenerationConfig
 from bytemtp.decode.prompts import sample_prompts
+from bytemtp.train.checkpoint import load_model
 
 
 @dataclass
@@ -123,13 +126,10 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
     return level
 
 
-def engine_level(ckpt: str, prompts: list[str], requests: int, max_tokens: int, temperature: float) -> Level:
+def engine_level(model: torch.nn.Module, prompts: list[str], requests: int, max_tokens: int,
+                 temperature: float) -> Level:
     """The requests of a concurrency-1 level decoded by the engine in this process, one after another
     (after one untimed warm-up, as ``bytemtp bench`` does), with the seeds the server's got."""
-    from bytemtp.decode.generate import Decoder, GenerationConfig
-    from bytemtp.train.checkpoint import load_model
-
-    model, _ = load_model(ckpt)
     decoder = Decoder(model, GenerationConfig(max_new_bytes=max_tokens, temperature=temperature))
     decoder.generate([prompts[0].encode()], [0]).read()
     level = Level()
@@ -263,6 +263,7 @@ def main() -> None:
     if args.soak:
         raise SystemExit(0 if soak(args, prompts) else 1)
     servers = {name: start_server(args.ckpt, flags, args.max_batch) for name, flags in SERVERS.items()}
+    engine_model = load_model(args.ckpt)[0] if args.engine else None
     try:
         print(f"{args.ckpt}: {args.requests} requests x {args.max_tokens} bytes per level, max batch {args.max_batch}")
         print(f"{'T':>4} {'conc':>4}  {'server':<12}{'bytes/s':>9}{'speedup':>9}{'ttfb p50':>10}{'p99':>8}"
@@ -278,7 +279,7 @@ def main() -> None:
                           f"{lv.pct(lv.ttfb, 50) * 1e3:>8.0f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
                           f"{lv.pct(lv.latency, 50):>12.2f}s{lv.pct(lv.latency, 99):>7.2f}s{fwd:>11.2f}", flush=True)
                 if args.engine and c == 1:
-                    lv = engine_level(args.ckpt, prompts, args.requests, args.max_tokens, t)
+                    lv = engine_level(engine_model, prompts, args.requests, args.max_tokens, t)
                     alone = lv.bytes / lv.wall_s
                     print(f"{t:>4} {c:>4}  {'engine':<12}{alone:>9.1f}{alone / rate['plain']:>8.2f}x"
                           f"{'':>37}{lv.bytes / lv.forwards:>11.2f}")

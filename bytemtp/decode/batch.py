@@ -137,6 +137,16 @@ class Batch:
         base = np.minimum([row.length for row in self.rows], self.cache_len - 1)[:, None]
         return base + np.arange(width) * np.array(active, dtype=np.int64)[:, None]
 
+    @property
+    def live(self) -> int:
+        """Rows decoding (not stopped, not vacant)."""
+        return sum(not row.done for row in self.rows)
+
+    @staticmethod
+    def computed(active: list[bool]) -> list[int] | None:
+        """The rows a forward over the ``active`` ones names (``decode``'s ``rows``): None for every slot."""
+        return None if all(active) else [r for r, on in enumerate(active) if on]
+
     def extent(self, width: int, active: list[bool]) -> dict[str, int | list[int] | None]:
         """What an eager forward of ``width`` positions over the ``active`` rows computes, as
         ``decode``'s keywords: ``rows``, the active ones (None: every slot), and ``kv_len``, the
@@ -144,9 +154,8 @@ class Batch:
         step follows the batch's occupancy. Compiled: {} (one shape, every slot)."""
         if not self.eager:
             return {}
-        rows = [r for r, on in enumerate(active) if on]
-        reach = max(self.rows[r].length for r in rows) + width
-        return {"kv_len": min(self.cache_len, round_up_64(reach)), "rows": None if all(active) else rows}
+        reach = max(row.length for on, row in zip(active, self.rows) if on) + width
+        return {"kv_len": min(self.cache_len, round_up_64(reach)), "rows": self.computed(active)}
 
 
 @dataclass

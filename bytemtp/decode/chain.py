@@ -240,7 +240,7 @@ class ChainDrafts:
             ints = torch.cat((counts[:, None], ints), dim=1)
         host = StepOutput.read(download(ints), counted=self.policy is not None)
         decisions = {}
-        reach = self.longest if sum(not row.done for row in batch.rows) == 1 else self.n_drafts  # a lookup's length
+        reach = self.longest if batch.live == 1 else self.n_drafts  # a lookup's length
         for r, row in enumerate(batch.rows):
             if not active[r]:
                 continue

@@ -92,7 +92,7 @@ class Engine:
     @property
     def live(self) -> int:
         """Rows decoding."""
-        return sum(not row.done for row in self.batch.rows)
+        return self.batch.live
 
     @torch.inference_mode()
     def start(self) -> None:
@@ -192,9 +192,9 @@ class Engine:
         slots = [list(range(width)) if active[r] else [parked[r]] * width for r in range(len(rows))]
         slots = torch.tensor(slots, device=device)
         kv_len = min(self.batch.cache_len, round_up_64(width))
-        computed = None if all(active) else [r for r, on in enumerate(active) if on]
         logits, features = self.model.decode(
-            torch.tensor(ids, device=device), slots, self.strategy.n_drafts + 1, kv_len=kv_len, rows=computed
+            torch.tensor(ids, device=device), slots, self.strategy.n_drafts + 1, kv_len=kv_len,
+            rows=self.batch.computed(active),
         )
         last = torch.tensor([row.length - 1 if active[r] else 0 for r, row in enumerate(rows)], device=device)
         logits = logits.gather(1, last[:, None, None].expand(-1, 1, logits.shape[-1]))
