@@ -66,9 +66,9 @@ class Level:
 SERVERS = {"plain": ["--no-speculative"], "speculative": [], "adaptive": ["--adaptive"]}
 
 
-def start_server(ckpt: str, flags: list[str], max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(ckpt: str, flags: list[str], max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "bytemtp", "serve", ckpt, "--port", "0", "--max-batch", str(max_batch),
-           "--max-queue", "256", *flags]
+           "--max-queue", "256", "--threads", str(threads), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
@@ -184,12 +184,15 @@ def soak_jobs(n: int, prompts: list[str], max_tokens: int) -> list[dict]:
 
 
 def rss_kib(pid: int) -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    """Resident memory of process ``pid`` and its children (the server's engine process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    own = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    return own + sum(rss_kib(int(child)) for child in children)
 
 
 def soak(args: argparse.Namespace, prompts: list[str]) -> bool:
     """The soak run (see the module's docstring) -> whether every check passed."""
-    proc, url = start_server(args.ckpt, SERVERS["speculative"], args.max_batch)
+    proc, url = start_server(args.ckpt, SERVERS["speculative"], args.max_batch, args.threads)
     pool, concurrency = prompts[:16], args.concurrency[0]
     jobs = soak_jobs(args.soak, pool, args.max_tokens)
     lock, finished, rss = threading.Lock(), [0], {}
@@ -257,12 +260,14 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level (the soak: in all) at most")
     p.add_argument("--engine", action="store_true", help="at concurrency 1, also the decode engine alone, in-process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each server's engine and of --engine's")
     p.add_argument("--soak", type=int, default=0, help="instead: a soak run of this many mixed requests")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)  # --engine decodes as a server's engine does
     prompts = [x.decode("utf-8", "replace") for x in sample_prompts(args.data, 64, args.prompt_bytes, seed=1234)]
     if args.soak:
         raise SystemExit(0 if soak(args, prompts) else 1)
-    servers = {name: start_server(args.ckpt, flags, args.max_batch) for name, flags in SERVERS.items()}
+    servers = {name: start_server(args.ckpt, flags, args.max_batch, args.threads) for name, flags in SERVERS.items()}
     engine_model = load_model(args.ckpt)[0] if args.engine else None
     try:
         print(f"{args.ckpt}: {args.requests} requests x {args.max_tokens} bytes per level, max batch {args.max_batch}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 import time
@@ -10,15 +9,16 @@ from contextlib import contextmanager
 
 import httpx
 
-from bytemtp.decode.generate import Decoder, GenerationConfig
+from bytemtp.decode.generate import GenerationConfig
+from bytemtp.serve.engine_core import EngineSpec
 from bytemtp.serve.server import build_server, listen
 
 
 @contextmanager
 def running_server(model, max_batch: int = 4, max_queue: int = 16, **decoder):
-    """Serve a private copy of ``model`` (the tests decode the original alongside) -> its URL."""
-    decoder = Decoder(copy.deepcopy(model), GenerationConfig(**decoder))
-    server = build_server(decoder, "tiny", "127.0.0.1", 0, max_batch, max_queue, max_body=1 << 16, grace=2.0)
+    """Serve ``model`` (a copy, in the engine process) -> its URL."""
+    spec = EngineSpec.of(model, GenerationConfig(**decoder), max_batch)
+    server = build_server(spec, "tiny", "127.0.0.1", 0, max_queue, max_body=1 << 16, grace=2.0)
     sock = listen("127.0.0.1", 0)  # as ``bytemtp serve`` listens
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
+import os
+import signal
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +214,24 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_its_row():
                 assert queued.result().status_code == 200
         wait_until(lambda: metric(url, 'bytemtp_requests_total{outcome="cancelled"}') == 1)
         wait_until(lambda: metric(url, "bytemtp_running_rows") == 0)
+
+
+def test_an_engine_that_dies_fails_its_requests_and_the_health_check():
+    """The engine runs in a process of its own. Killed mid-request, its streaming client gets an
+    error event at once (no hang), the next request a 503, and ``/health`` turns 503."""
+    with running_server(random_model(max_seq_len=128), max_batch=1) as url:
+        (engine,) = [p for p in multiprocessing.active_children() if p.name == "bytemtp-engine"]
+        long = {"prompt": "def ", "max_tokens": 60_000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {") and next(lines) == ""  # decoding
+            os.kill(engine.pid, signal.SIGKILL)
+            events = sse_events(lines)
+        assert events[-1]["error"]["type"] == "server_error", events[-1]
+        assert all("choices" in e for e in events[:-1])
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 503 and "stopped" in r.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").status_code == 503
 
 
 def wait_until(condition, timeout: float = 60.0) -> None:

@@ -70,3 +70,12 @@ def test_adaptive_without_a_chain_of_drafts_is_a_one_line_error(tmp_path: Path, 
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith(f"Error: {message}"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_setting_the_engine_refuses_at_start_is_a_one_line_error(tmp_path: Path):
+    """The engine is built in its own process: what it refuses still ends ``serve`` with one line."""
+    save_checkpoint(tmp_path / "run", 1, random_model(max_seq_len=64))
+    result = subprocess.run([*BYTEMTP, "serve", str(tmp_path / "run"), "--port", "0", "--tree", "100"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("Error: --tree: ") and result.stderr.count("\n") == 1, result.stderr

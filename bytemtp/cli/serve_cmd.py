@@ -39,25 +39,23 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
             speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
-    from bytemtp.decode.generate import Decoder, GenerationConfig
+    from bytemtp.decode.generate import GenerationConfig
     from bytemtp.errors import BytemtpError
-    from bytemtp.decode.step_costs import adaptive_decoder
+    from bytemtp.serve.engine_core import EngineSpec
     from bytemtp.serve.server import build_server, listen
     from bytemtp.train.checkpoint import load_model
 
     # the decoder's own setting is greedy; every request brings its own (sampled drafts at 0.8 x its temperature)
     config = GenerationConfig(temperature=0.0, speculative=speculative, draft_heads=draft_heads, tree_nodes=tree,
                               draft_coupling=draft_coupling)
-    model, _ = load_model(ckpt, device)
+    model, _ = load_model(ckpt)  # on the CPU: the engine process moves its copy to --device
     n_drafts = config.n_drafts(model.cfg.n_future)
     if adaptive and not n_drafts:
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
     if adaptive and tree:
         raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
-    if adaptive:  # priced at the server's row count and cache, as its steps run
-        decoder = adaptive_decoder(model, config, compile_, model.cfg.max_seq_len, (max(1, max_batch // 2), max_batch))
-    else:
-        decoder = Decoder(model, config, compile_)
+    spec = EngineSpec.of(model, config, max_batch, compile_, adaptive, device)
+    del model  # the engine process loads its own copy
     name = model_name or ckpt.resolve().name
     if name.startswith("step-") or name == "latest":  # a checkpoint inside a run: name the run
         name = ckpt.resolve().parent.parent.name
@@ -65,12 +63,12 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
         sock = listen(host, port)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    mode = f"speculative, {decoder.n_drafts} draft heads" if decoder.n_drafts else "autoregressive"
+    mode = f"speculative, {spec.n_drafts} draft heads" if spec.n_drafts else "autoregressive"
     mode += ", adaptive" if adaptive else ""
 
     def ready(url: str) -> None:
         click.echo(f"bytemtp serve: {name} ({mode}, {max_batch} rows) on {url}", err=False)
 
-    server = build_server(decoder, name, host, port, max_batch, max_queue, max_body, grace, on_ready=ready)
     with sock:
+        server = build_server(spec, name, host, port, max_queue, max_body, grace, on_ready=ready)
         server.run(sockets=[sock])

@@ -35,8 +35,7 @@ def error_response(e: APIError) -> JSONResponse:
 
 def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_body: int) -> FastAPI:
     """The app serving ``model_name`` through ``scheduler`` (started and stopped with the app)."""
-    engine = scheduler.engine
-    window = engine.model.cfg.max_seq_len
+    window = scheduler.window
     app = FastAPI(title="bytemtp", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -55,7 +54,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_body
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = scheduler.accepting and scheduler.thread.is_alive()
+        ok = scheduler.alive
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -74,11 +73,11 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_body
             if req.logprobs is not None and any(len(p) + 1 + req.max_tokens > window for p in req.prompts):
                 raise APIError(400, f"logprobs: the prompt and max_tokens must fit the model's window of {window} "
                                     "bytes", "logprobs")
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            events: asyncio.Queue = asyncio.Queue()
             params = [RowParams(req.temperature, req.top_k, req.top_p, req.stop, seed(req, i), req.max_tokens)
                       for i in range(len(req.prompts))]
             choices = [
-                Choice(i, p, engine.row(p, params[i], i), events, loop, req.logprobs, req.echo)
+                Choice(i, p, params[i], events, req.logprobs, req.echo)
                 for i, p in enumerate(req.prompts)
             ]
             scheduler.submit(choices)
@@ -139,7 +138,7 @@ def create_app(scheduler: Scheduler, metrics: Metrics, model_name: str, max_body
                         yield event({**head, "choices": [chunk(i, text, extra={"drafted": drafted})]})
                     continue
                 raw, text = texts[i].finish()
-                yield event({**head, "choices": [chunk(i, text, FINISH[c.row.stats.stop_reason], stats(c))]})
+                yield event({**head, "choices": [chunk(i, text, FINISH[c.stats.stop_reason], stats(c))]})
                 left -= 1
             else:
                 yield event("[DONE]")
@@ -167,7 +166,7 @@ def chunk(index: int, text: str, finish: str | None = None, extra: dict | None =
 
 def stats(c: Choice) -> dict:
     """The ``bytemtp`` extension of a choice: how its decoding went."""
-    s = c.row.stats
+    s = c.stats
     return {"forwards": s.forwards, "bytes_per_forward": round(s.bytes_per_forward, 4),
             "acceptance": [round(a, 4) for a in s.acceptance], "stop_reason": s.stop_reason}
 
@@ -175,7 +174,7 @@ def stats(c: Choice) -> dict:
 def choice_body(req: CompletionRequest, c: Choice, logprobs: dict | None) -> dict:
     data = (c.prompt if req.echo else b"") + bytes(c.output)
     text = data.decode("utf-8", "replace")
-    body = chunk(c.index, text, FINISH[c.row.stats.stop_reason], {**stats(c), **exact_bytes(data, text)})
+    body = chunk(c.index, text, FINISH[c.stats.stop_reason], {**stats(c), **exact_bytes(data, text)})
     body["logprobs"] = logprobs
     return body
 

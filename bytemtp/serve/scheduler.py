@@ -1,220 +1,190 @@
-"""The scheduler: one engine thread owns the model; requests wait in a bounded queue and join the
-running batch in a free row at the next step.
+"""The scheduler: the event loop's side of the engine process (``bytemtp.serve.engine_core``).
 
-Every prompt of a request is a ``Choice``, decoded in one engine row. The event loop
-``submit``s choices (refused with 429 when the queue is full) and reads their events
-(decided bytes, the end, an error) from an ``asyncio.Queue`` the engine thread feeds with
-``call_soon_threadsafe``. Between two steps the engine thread retires the rows whose
-clients have gone (``cancel``), admits waiting choices into free rows, then steps the
-batch once: a new row's prompt is encoded in that step, the others wait one forward, as
-when a row's window is re-encoded (``bytemtp.decode.engine``). A finished row frees its
-slot at once. Log-probabilities, when asked, are head 1's, teacher-forced over the prompt
-and the output in one forward of the model after the row finishes, in the same thread:
-only this thread ever runs the model.
+Every prompt of a request is a ``Choice``. The event loop ``submit``s a request's choices
+(refused with 429 when ``max_queue`` are waiting for a row) and reads their events from an
+``asyncio.Queue``: ``("bytes", (data, drafted))``, ``("done", logprobs or None)``,
+``("error", APIError)``. The engine process admits waiting choices into free rows at its
+next step and reports, after every step, what each row decided; the event loop reads those
+reports from the pipe itself (``add_reader``), so a step's bytes reach their streams with one
+wake-up and no thread of this process ever competes with the loop. A client that goes away
+``cancel``s its choices: their rows leave at the engine's next step. Everything here but
+``start`` and ``request_stop`` runs in the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import threading
-import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from bytemtp import BOS
-from bytemtp.decode.batch import Row
-from bytemtp.decode.engine import Engine
+from bytemtp.decode.batch import GenerationStats, RowParams
 from bytemtp.errors import BytemtpError
+from bytemtp.serve import engine_core
+from bytemtp.serve.engine_core import EngineSpec, Job, Turn
 from bytemtp.serve.metrics import Metrics
-from bytemtp.serve.schemas import APIError, byte_token
+from bytemtp.serve.schemas import APIError
 
 log = logging.getLogger("bytemtp.serve")
+STOP_TIMEOUT_S = 30.0  # how long a stopping engine process may take to answer its rows and exit
 
 
 @dataclass
 class Choice:
-    """One prompt of a request, decoded in one row. Its events go to ``events`` as ``(index, kind,
-    payload)``: ``("bytes", (data, drafted))`` (``drafted``: how many of the step's decided bytes were
-    accepted drafts), ``("done", logprobs or None)``, ``("error", APIError)``."""
+    """One prompt of a request, decoded in one row of the engine; ``key`` is its name there."""
 
     index: int
     prompt: bytes
-    row: Row
-    events: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
+    params: RowParams
+    events: asyncio.Queue  # shared by a request's choices: ``(index, kind, payload)``
     logprobs: int | None = None
     echo: bool = False
+    key: int = -1
     output: bytearray = field(default_factory=bytearray)
-    cancelled: bool = False
-    accepted: int = 0  # draft bytes accepted so far
-
-    def send(self, kind: str, payload: Any = None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, payload))
-        except RuntimeError:  # the event loop has closed: nobody is listening any more
-            pass
+    stats: GenerationStats | None = None  # set when it is done
 
 
 class Scheduler:
-    """Feeds ``engine`` (its model's only user) from a queue of at most ``max_queue`` waiting choices."""
+    """Feeds the engine process built from ``spec`` with at most ``max_queue`` waiting choices."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int):
-        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
-        self.model = engine.model
-        self.cond = threading.Condition()
-        self.waiting: deque[Choice] = deque()
-        self.running: dict[int, Choice] = {}  # by id() of the row
-        self.accepting, self.closed = True, False
-        self.thread = threading.Thread(target=self._loop, name="bytemtp-engine", daemon=True)
+    def __init__(self, spec: EngineSpec, metrics: Metrics, max_queue: int):
+        self.metrics, self.max_queue, self.window = metrics, max_queue, spec.window
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a model
+        self.conn, self._child_conn = context.Pipe()
+        self.process = context.Process(target=engine_core.main, args=(spec, self._child_conn),
+                                       name="bytemtp-engine", daemon=True)
+        self.send_lock = threading.Lock()  # ``request_stop`` may come from a timer's thread
+        self.choices: dict[int, Choice] = {}  # submitted, not yet ended
+        self.queued: set[int] = set()  # submitted, not yet admitted to a row
+        self.keys = itertools.count()
+        self.accepting, self.stopping, self.ended = True, "", False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the engine process and wait until its engine is ready; ``BytemtpError`` if it fails."""
+        self.process.start()
+        self._child_conn.close()  # the process has its own: the pipe ends when the process does
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            kind, payload = "failed", f"the decode engine process exited (status {self.process.exitcode})"
+        if kind == "failed":
+            self.process.join()
+            raise BytemtpError(payload)
 
-    def submit(self, choices: list[Choice]) -> None:
-        """Queue a request's choices, all or none."""
-        with self.cond:
-            if not self.accepting:
-                raise APIError(503, "the server is shutting down")
-            if len(self.waiting) + len(choices) > self.max_queue:
-                raise APIError(429, f"the queue is full ({self.max_queue} waiting): retry shortly",
-                               headers={"Retry-After": "1"})
-            self.waiting.extend(choices)
-            self.metrics.queue.set(len(self.waiting))
-            self.cond.notify()
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's reports in ``loop`` from now on."""
+        self.loop = loop
+        loop.add_reader(self.conn.fileno(), self._read)
 
-    def cancel(self, choices: list[Choice]) -> None:
-        """The client has gone: its rows leave at the next step, its waiting choices never start."""
-        with self.cond:
-            for c in choices:
-                c.cancelled = True
-            self.cond.notify()
-
-    def drain(self) -> None:
-        """Take no more requests; the queued and running ones go on."""
-        with self.cond:
-            self.accepting = False
+    @property
+    def alive(self) -> bool:
+        return self.accepting and not self.ended
 
     @property
     def idle(self) -> bool:
-        with self.cond:
-            return not self.waiting and not self.running
+        return not self.choices
 
-    def stop(self, message: str = "the server is shutting down") -> None:
-        """End the engine thread; every choice not finished gets ``message`` as a 503."""
-        with self.cond:
-            self.accepting, self.closed = False, True
-            self.cond.notify()
-        if self.thread.is_alive():
-            self.thread.join()
+    def submit(self, choices: list[Choice]) -> None:
+        """Queue a request's choices, all or none."""
+        if not self.alive:
+            raise APIError(503, "the decode engine has stopped" if self.ended and not self.stopping
+                           else "the server is shutting down")
+        if len(self.queued) + len(choices) > self.max_queue:
+            raise APIError(429, f"the queue is full ({self.max_queue} waiting): retry shortly",
+                           headers={"Retry-After": "1"})
+        for c in choices:
+            c.key = next(self.keys)
+            self.choices[c.key] = c
+            self.queued.add(c.key)
+        self.metrics.queue.set(len(self.queued))
+        self._send("submit", [Job(c.key, c.prompt, c.params, c.logprobs, c.echo) for c in choices])
+
+    def cancel(self, choices: list[Choice]) -> None:
+        """The client has gone: its rows leave at the next step, its waiting choices never start."""
+        keys = [c.key for c in choices if self.choices.pop(c.key, None) is not None]
+        self.queued.difference_update(keys)
+        self.metrics.queue.set(len(self.queued))
+        if keys:
+            self._send("cancel", keys)
+
+    def drain(self) -> None:
+        """Take no more requests; the queued and running ones go on."""
+        self.accepting = False
+
+    def request_stop(self, message: str = "the server is shutting down") -> None:
+        """Ask the engine process to answer every choice not finished with ``message`` (a 503) and end.
+        Safe from any thread; its answers arrive through the event loop as any report does."""
+        self.accepting = False
+        with self.send_lock:
+            first, self.stopping = not self.stopping, self.stopping or message
+        if first:
+            self._send("stop", message)
+
+    async def stop(self, message: str = "the server is shutting down") -> None:
+        """``request_stop``, then wait for the engine process to end (killed past ``STOP_TIMEOUT_S``)."""
+        self.request_stop(message)
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join, STOP_TIMEOUT_S)
+        if self.process.is_alive():
+            log.error("the decode engine process did not stop in %.0f s: killed", STOP_TIMEOUT_S)
+            self.process.kill()
+        self._read()  # its last reports, and the end of the pipe
         self._fail_all(APIError(503, message))
 
-    def _fail_all(self, error: APIError) -> None:
-        with self.cond:
-            left = [*self.waiting, *self.running.values()]
-            self.waiting.clear()
-            self.running.clear()
-            self.metrics.queue.set(0)
-            self.metrics.running.set(0)
-        for c in left:
-            c.send("error", error)
-
-    def _loop(self) -> None:
+    def _send(self, kind: str, payload: Any) -> None:
         try:
-            self.engine.start()
-            while self._turn():
-                pass
-        except Exception:  # a server fault (never a client's input): every client hears of it
-            log.exception("the decode engine failed")
-            self._fail_all(APIError(500, "the decode engine failed; see the server's log"))
-        finally:
-            self.engine.close()
+            with self.send_lock:
+                self.conn.send((kind, payload))
+        except (BrokenPipeError, ConnectionResetError, OSError):  # the engine process has ended: ``_read`` answers
+            pass
 
-    def _turn(self) -> bool:
-        """One round: retire, admit, step. False once the scheduler is stopped."""
-        with self.cond:
-            while not self.closed and not self.waiting and not self.running:
-                self.cond.wait()
-            if self.closed:
-                return False
-            gone = [c for c in self.running.values() if c.cancelled]
-            self.waiting = deque(c for c in self.waiting if not c.cancelled)
-            admit = [self.waiting.popleft() for _ in range(min(len(self.waiting), len(self.engine.free)))]
-            self.metrics.queue.set(len(self.waiting))
-        for c in gone:
-            self.engine.retire(c.row)
-            self._drop(c)
-        for c in admit:
-            try:
-                self.engine.admit(c.row)
-            except BytemtpError as e:  # a row this engine cannot decode (a draft tree's one setting)
-                c.send("error", APIError(400, str(e)))
+    def _read(self) -> None:
+        """Every report the engine process has sent; at the pipe's end, every choice left fails."""
+        if self.ended:
+            return
+        try:
+            while self.conn.poll():
+                _, turn = self.conn.recv()
+                self._dispatch(turn)
+            return
+        except (EOFError, OSError):
+            pass
+        self.ended = True
+        if self.loop is not None:
+            self.loop.remove_reader(self.conn.fileno())
+        if not self.stopping:
+            log.error("the decode engine process ended (status %s)", self.process.exitcode)
+        self._fail_all(APIError(503, self.stopping) if self.stopping else APIError(500, engine_core.FAILED))
+
+    def _dispatch(self, turn: Turn) -> None:
+        m = self.metrics
+        self.queued.difference_update(turn.admitted)
+        m.queue.set(len(self.queued))
+        m.running.set(turn.live)
+        if turn.step_s is not None:
+            m.step_seconds.observe(turn.step_s)
+            m.forwards.inc()
+        for key, kind, payload in turn.events:
+            c = self.choices.get(key) if kind == "bytes" else self.choices.pop(key, None)
+            if c is None:  # cancelled meanwhile
                 continue
-            with self.cond:
-                self.running[id(c.row)] = c
-            if c.row.done:  # no byte budget
-                self._finish(c)
-        self.metrics.running.set(self.engine.live)
-        if not self.engine.live:
-            return True
-        start = time.perf_counter()
-        out = self.engine.step()
-        self.metrics.step_seconds.observe(time.perf_counter() - start)
-        self.metrics.forwards.inc()
-        for row, data in out:
-            c = self.running.get(id(row))
-            if c is None:
-                continue
-            accepted = sum(row.stats.accepted)
-            c.output += data
-            if data:
-                c.send("bytes", (data, accepted - c.accepted))
-            c.accepted = accepted
-            if row.done:
-                self._finish(c)
-        self.metrics.running.set(self.engine.live)
-        return True
+            if kind == "bytes":
+                c.output += payload[0]
+            elif kind == "done":
+                c.stats, payload = payload
+                m.finished(c.stats)
+            else:
+                payload = APIError(*payload)
+            c.events.put_nowait((c.index, kind, payload))
 
-    def _drop(self, c: Choice) -> None:
-        with self.cond:
-            self.running.pop(id(c.row), None)
-
-    def _finish(self, c: Choice) -> None:
-        self._drop(c)
-        self.metrics.finished(c.row.stats)
-        scored = None
-        if c.logprobs is not None:
-            scored = score(self.model, c.prompt, bytes(c.output), c.echo, c.logprobs)
-        c.send("done", scored)
-
-
-@torch.inference_mode()
-def score(model: torch.nn.Module, prompt: bytes, output: bytes, echo: bool, k: int) -> dict[str, list]:
-    """Head 1's log-probability of each byte of ``output`` (and of ``prompt`` first, with ``echo``),
-    teacher-forced after ``BOS + prompt``, and the ``k`` likeliest bytes at each, in OpenAI's
-    ``logprobs`` shape. The caller keeps ``BOS + prompt + output`` within the model's window."""
-    ids = [BOS, *prompt, *output]
-    device = next(model.parameters()).device
-    logits = model(torch.tensor([ids[:-1]], device=device), n_heads=1)[0, :, 0]
-    lp = logits.float().log_softmax(dim=-1)[:, :256]  # bytes only: BOS is no token of a text
-    first = 0 if echo else len(prompt)
-    targets = torch.tensor(ids[1 + first :], device=device)
-    rows = lp[first:]
-    chosen = rows.gather(1, targets[:, None])[:, 0].tolist()
-    top = rows.topk(k, dim=-1) if k else None
-    data = bytes(ids[1 + first :])
-    offsets, chars = [], 0
-    for b in data:  # character offsets into the text: a byte of a character points at its start
-        offsets.append(chars - (b & 0xC0 == 0x80))
-        chars += b & 0xC0 != 0x80
-    return {
-        "tokens": [byte_token(b) for b in data],
-        "token_logprobs": chosen,
-        "top_logprobs": None if top is None else [
-            {byte_token(b): v for b, v in zip(idx, val)} for idx, val in zip(top.indices.tolist(), top.values.tolist())
-        ],
-        "text_offset": offsets,
-    }
+    def _fail_all(self, error: APIError) -> None:
+        left = list(self.choices.values())
+        self.choices.clear()
+        self.queued.clear()
+        self.metrics.queue.set(0)
+        self.metrics.running.set(0)
+        for c in left:
+            c.events.put_nowait((c.index, "error", error))

@@ -1,4 +1,4 @@
-"""Running the app: uvicorn on one process, the engine thread beside it, and a graceful stop.
+"""Running the app: uvicorn in this process, the engine in a process of its own, and a graceful stop.
 
 On SIGINT or SIGTERM the server stops taking requests (uvicorn closes its socket; a
 request on a kept-alive connection gets a 503), lets the queued and running ones finish
@@ -8,6 +8,7 @@ streamed one as an error event) and exits with status 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -16,8 +17,8 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 
-from bytemtp.decode.generate import Decoder
 from bytemtp.serve.app import create_app
+from bytemtp.serve.engine_core import EngineSpec
 from bytemtp.serve.metrics import Metrics
 from bytemtp.serve.scheduler import Scheduler
 
@@ -36,7 +37,7 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         if not self.should_exit:
             self.scheduler.drain()
-            timer = threading.Timer(self.grace, self.scheduler.stop, args=(GRACE_MESSAGE,))
+            timer = threading.Timer(self.grace, self.scheduler.request_stop, args=(GRACE_MESSAGE,))
             timer.daemon = True
             timer.start()
         super().handle_exit(sig, frame)
@@ -68,20 +69,21 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_server(decoder: Decoder, model_name: str, host: str, port: int, max_batch: int, max_queue: int,
+def build_server(spec: EngineSpec, model_name: str, host: str, port: int, max_queue: int,
                  max_body: int = 4 << 20, grace: float = 30.0, log_level: str = "warning",
                  on_ready: Callable[[str], None] | None = None) -> Server:
-    """A server of ``decoder``'s model: an engine of ``max_batch`` rows (each with the model's whole
-    window of cache), at most ``max_queue`` waiting choices."""
-    engine = decoder.engine(max_batch, decoder.model.cfg.max_seq_len)
+    """A server of the engine ``spec`` describes (``spec.max_batch`` rows, each with the model's whole
+    window of cache), at most ``max_queue`` waiting choices. Its engine process starts here, and
+    is ready when this returns (``BytemtpError`` if it could not start); it stops with the server."""
     metrics = Metrics()
-    scheduler = Scheduler(engine, metrics, max_queue)
+    scheduler = Scheduler(spec, metrics, max_queue)
+    scheduler.start()
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        scheduler.attach(asyncio.get_running_loop())
         yield
-        scheduler.stop()
+        await scheduler.stop()
 
     app = create_app(scheduler, metrics, model_name, max_body)
     app.router.lifespan_context = lifespan
