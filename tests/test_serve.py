@@ -219,8 +219,9 @@ def test_a_full_queue_answers_429_and_a_disconnect_frees_its_row():
 def test_an_engine_that_dies_fails_its_requests_and_the_health_check():
     """The engine runs in a process of its own. Killed mid-request, its streaming client gets an
     error event at once (no hang), the next request a 503, and ``/health`` turns 503."""
+    others = set(multiprocessing.active_children())  # the engines of other tests' servers
     with running_server(random_model(max_seq_len=128), max_batch=1) as url:
-        (engine,) = [p for p in multiprocessing.active_children() if p.name == "bytemtp-engine"]
+        (engine,) = [p for p in multiprocessing.active_children() if p.name == "bytemtp-engine" and p not in others]
         long = {"prompt": "def ", "max_tokens": 60_000, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=long, timeout=60) as r:
             lines = r.iter_lines()
