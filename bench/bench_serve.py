@@ -8,9 +8,14 @@ Starts three servers on 127.0.0.1 (``--no-speculative``; speculative as served b
 verifying every draft; ``--adaptive``, verifying the drafts worth their cost at the step's row
 count), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
 drives closed-loop clients, each sending streamed requests with held-out prompts (the val
-split of ``--data``) one after another, at each server in turn. Every level is bounded in
-requests and in time. Reports aggregate bytes/s, the speculative server's speedup, p50/p99
-time to first byte and request latency, and bytes per forward.
+split of ``--data``) one after another, at each server in turn. A level sends ``--requests``
+requests, and at least four per client; every level is bounded in time. Reports aggregate
+bytes/s, the speculative server's speedup, p50/p99 time to first byte and request latency, and
+bytes per forward. The times to first byte and latencies leave out each client's first
+request: all clients start at once, and that burst of prompts encoded together is a start-up
+no steady load has. ``--rounds R`` runs each level R times, the servers interleaved within
+each round (so a slow spell of the machine hits them all), and reports each server's median
+bytes/s and the pooled times.
 
 ``--engine`` adds, at concurrency 1, the same requests decoded in this process by the decode
 engine alone (``bytemtp bench``'s speculative decoder, one prompt at a time): what the HTTP
@@ -51,13 +56,24 @@ from bytemtp.train.checkpoint import load_model
 
 @dataclass
 class Level:
-    """One (server, temperature, concurrency) run."""
+    """One (server, temperature, concurrency) run, or its rounds pooled (``add``)."""
 
     bytes: int = 0
     forwards: int = 0
     wall_s: float = 0.0
-    ttfb: list[float] = field(default_factory=list)
+    ttfb: list[float] = field(default_factory=list)  # steady requests only (not a client's first)
     latency: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # bytes/s of each round
+
+    def add(self, other: "Level") -> None:
+        self.bytes, self.forwards = self.bytes + other.bytes, self.forwards + other.forwards
+        self.ttfb += other.ttfb
+        self.latency += other.latency
+        self.rates.append(other.bytes / other.wall_s)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
 
     def pct(self, xs: list[float], q: float) -> float:
         return statistics.quantiles(xs, n=100)[int(q) - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
@@ -102,9 +118,10 @@ def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int, temp
 
 def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int, temperature: float,
               time_limit: float) -> Level:
-    """``concurrency`` closed-loop clients sharing ``requests`` requests, stopping early at ``time_limit``."""
+    """``concurrency`` closed-loop clients sharing ``requests`` requests (at least four each), stopping
+    early at ``time_limit``."""
     level, start = Level(), time.perf_counter()
-    todo = iter(range(requests))
+    todo = iter(range(max(requests, 4 * concurrency)))
 
     def client() -> list[tuple[float, float, int, int]]:
         done = []
@@ -116,13 +133,15 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
         return done
 
     with ThreadPoolExecutor(concurrency) as pool:
-        results = [r for rs in pool.map(lambda _: client(), range(concurrency)) for r in rs]
+        per_client = list(pool.map(lambda _: client(), range(concurrency)))
     level.wall_s = time.perf_counter() - start
-    for ttfb, latency, n, forwards in results:
-        level.ttfb.append(ttfb)
-        level.latency.append(latency)
-        level.bytes += n
-        level.forwards += forwards
+    for results in per_client:
+        for k, (ttfb, latency, n, forwards) in enumerate(results):
+            if k:  # a client's first request is part of the start-up burst
+                level.ttfb.append(ttfb)
+                level.latency.append(latency)
+            level.bytes += n
+            level.forwards += forwards
     return level
 
 
@@ -248,6 +267,20 @@ def soak(args: argparse.Namespace, prompts: list[str]) -> bool:
     return all(checks.values())
 
 
+def report(t: float, c: int, levels: dict[str, Level]) -> None:
+    """One table row per server (and the engine alone): median bytes/s over the rounds, pooled times."""
+    plain = levels["plain"].rate
+    for name, lv in levels.items():
+        fwd = lv.bytes / lv.forwards if lv.forwards else 0.0
+        times = (f"{lv.pct(lv.ttfb, 50) * 1e3:>8.0f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
+                 f"{lv.pct(lv.latency, 50):>12.2f}s{lv.pct(lv.latency, 99):>7.2f}s" if lv.latency else f"{'':>37}")
+        print(f"{t:>4} {c:>4}  {name:<12}{lv.rate:>9.1f}{lv.rate / plain:>8.2f}x{times}{fwd:>11.2f}", flush=True)
+    if "engine" in levels:
+        alone = levels["engine"].rate
+        print(f"{t:>4} {c:>4}  server / engine: speculative {levels['speculative'].rate / alone:.2f}x, "
+              f"adaptive {levels['adaptive'].rate / alone:.2f}x", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt")
@@ -261,6 +294,7 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level (the soak: in all) at most")
     p.add_argument("--engine", action="store_true", help="at concurrency 1, also the decode engine alone, in-process")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server's engine and of --engine's")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each level, the servers interleaved")
     p.add_argument("--soak", type=int, default=0, help="instead: a soak run of this many mixed requests")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # --engine decodes as a server's engine does
@@ -270,26 +304,19 @@ def main() -> None:
     servers = {name: start_server(args.ckpt, flags, args.max_batch, args.threads) for name, flags in SERVERS.items()}
     engine_model = load_model(args.ckpt)[0] if args.engine else None
     try:
-        print(f"{args.ckpt}: {args.requests} requests x {args.max_tokens} bytes per level, max batch {args.max_batch}")
+        print(f"{args.ckpt}: {args.requests} requests (at least 4 per client) x {args.max_tokens} bytes per level, "
+              f"{args.rounds} round(s), max batch {args.max_batch}, {args.threads} thread(s)")
         print(f"{'T':>4} {'conc':>4}  {'server':<12}{'bytes/s':>9}{'speedup':>9}{'ttfb p50':>10}{'p99':>8}"
               f"{'latency p50':>13}{'p99':>8}{'bytes/fwd':>11}")
         for t in args.temperatures:
             for c in args.concurrency:
-                rate = {}
-                for name, (_, url) in servers.items():
-                    lv = run_level(url, prompts, c, args.requests, args.max_tokens, t, args.time_limit)
-                    rate[name] = lv.bytes / lv.wall_s
-                    fwd = lv.bytes / lv.forwards if lv.forwards else 0.0
-                    print(f"{t:>4} {c:>4}  {name:<12}{rate[name]:>9.1f}{rate[name] / rate['plain']:>8.2f}x"
-                          f"{lv.pct(lv.ttfb, 50) * 1e3:>8.0f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
-                          f"{lv.pct(lv.latency, 50):>12.2f}s{lv.pct(lv.latency, 99):>7.2f}s{fwd:>11.2f}", flush=True)
-                if args.engine and c == 1:
-                    lv = engine_level(engine_model, prompts, args.requests, args.max_tokens, t)
-                    alone = lv.bytes / lv.wall_s
-                    print(f"{t:>4} {c:>4}  {'engine':<12}{alone:>9.1f}{alone / rate['plain']:>8.2f}x"
-                          f"{'':>37}{lv.bytes / lv.forwards:>11.2f}")
-                    print(f"{t:>4} {c:>4}  server / engine: speculative {rate['speculative'] / alone:.2f}x, "
-                          f"adaptive {rate['adaptive'] / alone:.2f}x", flush=True)
+                levels = {name: Level() for name in [*servers, *(["engine"] if args.engine and c == 1 else [])]}
+                for _ in range(args.rounds):
+                    for name, (_, url) in servers.items():
+                        levels[name].add(run_level(url, prompts, c, args.requests, args.max_tokens, t, args.time_limit))
+                    if "engine" in levels:
+                        levels["engine"].add(engine_level(engine_model, prompts, args.requests, args.max_tokens, t))
+                report(t, c, levels)
     finally:
         for proc, _ in servers.values():
             proc.terminate()

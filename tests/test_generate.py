@@ -76,9 +76,10 @@ class StubLM(torch.nn.Module):
         self.cache = None
 
     def decode(self, ids: torch.Tensor, input_pos: torch.Tensor, n_heads: int, rope_pos=None, mask=None,
-               kv_len: int | None = None, rows: list[int] | None = None):
+               kv_len: int | None = None, rows: list[int] | None = None, spread: bool = True):
         """``ByteMTP.decode``'s contract (chains); the stub's draft features are its draft logits.
-        Rows not in ``rows`` are not computed: zeros, their cache untouched."""
+        Rows not in ``rows`` are not computed: zeros, their cache untouched (``spread=False``: the
+        computed rows' outputs only)."""
         rows = range(ids.shape[0]) if rows is None else rows
         assert kv_len is None or int(input_pos[rows].max()) < kv_len <= len(self.cache[0])  # positions see themselves
         self.calls.append((ids[rows[0]].tolist(), input_pos[rows[0]].tolist(), n_heads))
@@ -89,6 +90,7 @@ class StubLM(torch.nn.Module):
                 cache[p] = i
             logits[r] = torch.stack([torch.stack([self.logits_fn(tuple(cache[: p + 1]), k) for k in range(n_heads)])
                                      for p in row_pos])
+        logits = logits if spread or rows == range(ids.shape[0]) else logits[list(rows)]
         return logits[:, :, 0], logits[:, :, 1:]
 
     def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:

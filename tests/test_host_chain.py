@@ -10,7 +10,7 @@ from bytemtp import VOCAB
 from bytemtp.decode.coupling import UNCOUPLED, draft_context, host_arrays
 from bytemtp.decode.host_chain import host_chain_decide
 from bytemtp.decode.incontext import RowTexts
-from bytemtp.decode.sampling import SamplingConfig, draw, probabilities
+from bytemtp.decode.sampling import RowSampling, SamplingConfig, draw, probabilities
 from bytemtp.decode.step import chain_decide
 from bytemtp.decode.verify import ChainRule, Uniforms
 from bytemtp.model.config import ModelConfig
@@ -135,3 +135,43 @@ def test_host_decision_flags_non_finite_logits():
         want = chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u)[0][:, -1]
         got = host_chain_decide(model, rule, 3, logits, features, fed, n_valid, q, u, context=UNCOUPLED)[0][:, -1]
     assert got.tolist() == want.tolist() == [1, 1, 1]
+
+
+def test_a_decision_over_the_first_rows_is_theirs_alone_and_zero_for_the_parked_rest():
+    """``n_rows``: an eager step computed only its first rows (the rest parked); the decision over
+    them, greedy and sampled rows side by side, coupled and weighed by their texts, equals the
+    decision of a batch of just those rows, byte for byte, texts included; the parked rows'
+    results are zeros."""
+    m, k, n, slots = 7, 3, 5, 8
+    model = draft_model(m + 1)
+    configs = [SamplingConfig(0.0), SamplingConfig(0.8), SamplingConfig(1.0, top_k=5), SamplingConfig(0.0),
+               SamplingConfig(1.2, top_p=0.8), SamplingConfig(0.9), SamplingConfig(0.0), SamplingConfig(0.7)]
+    gen = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, VOCAB**3, (200_000,), generator=gen).unique()
+    context = draft_context(torch.stack((codes, torch.randint(1, 500, codes.shape, generator=gen))), 0.7, VOCAB)
+
+    def rule_of(rows: list[SamplingConfig]) -> ChainRule:
+        return ChainRule(RowSampling.of(rows, torch.device("cpu")), confidence=True, context=context)
+
+    def texts_of(count: int) -> RowTexts:
+        texts = RowTexts(count, model.cfg.vocab)
+        for r in range(count):
+            texts.begin(r, torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(r)).tolist())
+        texts.active = np.array([r % 2 == 0 for r in range(count)])
+        return texts
+
+    with torch.inference_mode():
+        logits, features, fed, n_valid, q, u = chain_inputs(ChainRule(SamplingConfig(0.8)), slots, k, m, seed=3)
+        mixing = np.linspace(0.2, 0.9, slots)
+        parked = texts_of(slots)
+        got = host_chain_decide(model, rule_of(configs), m, logits[:n], features[:n], fed, n_valid, q, u,
+                                context=host_arrays(context), texts=parked, mixing=mixing, n_rows=n)
+        alone = texts_of(n)
+        u_n = Uniforms(u.accept[:n], u.next[:n], u.drafts[:n])
+        want = host_chain_decide(model, rule_of(configs[:n]), m, logits[:n], features[:n], fed[:n], n_valid[:n],
+                                 q[:n], u_n, context=host_arrays(context), texts=alone, mixing=mixing[:n])
+    for a, b in zip(got, want):
+        assert a.shape[0] == slots and torch.equal(a[:n], b) and not a[n:].any()
+    assert len({tuple(row) for row in got[0][:n, 2:-1].tolist()}) > 1  # real drafts, not a constant
+    for a, b in zip(parked.arrays, alone.arrays):
+        assert np.array_equal(a[:n], b)  # the texts grew as a batch of n rows' do

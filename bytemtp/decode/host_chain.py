@@ -19,12 +19,14 @@ traces whole.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from bytemtp.decode.coupling import UNCOUPLED, HostContext
 from bytemtp.decode.incontext import CONTEXT_PSEUDO, RowTexts
-from bytemtp.decode.sampling import probabilities
+from bytemtp.decode.sampling import RowSampling, probabilities
 from bytemtp.decode.verify import ChainRule, Uniforms
 from bytemtp_native.chain_ops import chain_output, greedy_chain, sampled_chain
 
@@ -48,13 +50,43 @@ def host_chain_decide(
     context: HostContext,
     texts: RowTexts | None = None,
     mixing: np.ndarray | None = None,
+    n_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
     (the draft heads' confidence only when the rule asks for it), and ``context``, the rule's
     draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once). With the
     rows' ``texts`` (``bytemtp.decode.incontext``), the decided bytes of its ``active`` rows are
     appended to them before drafting, and drafts are mixed with their counts at ``mixing`` [B]
-    (each row's strength)."""
+    (each row's strength). ``n_rows``: ``logits`` and ``features`` are the first ``n_rows`` rows'
+    only (the rest are parked): the decision is taken for those alone, and the results have zero
+    rows for the others, so that a lone row among many slots costs what a batch of one does."""
+    slots = fed.shape[0]
+    if n_rows is not None:
+        fed, n_valid, draft_probs, u, rule = _first_rows(n_rows, fed, n_valid, draft_probs, u, rule)
+        mixing = None if mixing is None else mixing[:n_rows]
+    ints, q, confidence = _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, u, context,
+                                  texts, mixing)
+    return tuple(None if t is None else _pad(t, slots) for t in (ints, q, confidence))
+
+
+def _first_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: torch.Tensor | None,
+                u: Uniforms | None, rule: ChainRule) -> tuple:
+    """A step's per-row arguments, of its first ``n`` rows."""
+    def cut(s):
+        return s.first(n) if isinstance(s, RowSampling) else s
+
+    u = None if u is None else Uniforms(u.accept[:n], u.next[:n], u.drafts[:n])
+    rule = dataclasses.replace(rule, sampling=cut(rule.sampling), draft=cut(rule.draft))
+    return fed[:n], n_valid[:n], None if draft_probs is None else draft_probs[:n], u, rule
+
+
+def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` [n, ...] with zero rows up to ``rows``."""
+    return t if t.shape[0] == rows else torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
+
+
+def _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, u, context, texts, mixing):
+    """``host_chain_decide`` over every row of its arguments."""
     host_logits, host_fed, host_valid = (t.cpu().numpy() for t in (logits.float(), fed, n_valid))
     host_drafts = host_fed[:, 1:]
     greedy = rule.sampling.greedy
@@ -65,9 +97,10 @@ def host_chain_decide(
         q = draft_probs.cpu().numpy() if draft_probs is not None else _NONE
         uniforms = u.accept.cpu().numpy(), u.next.cpu().numpy()
         accepted, next_byte, broken = sampled_chain(host_logits, p, host_drafts, host_valid, q, *uniforms)
+    n = len(accepted)  # the first n rows of the texts' (a prefix is a view of each array)
     if texts is not None:
-        texts.extend_step(texts.active, host_fed, accepted, next_byte)
-    tables = _NO_TABLES if texts is None else (texts.keys, texts.counts, texts.totals)
+        texts.extend_step(texts.active[:n], host_fed, accepted, next_byte)
+    tables = _NO_TABLES if texts is None else (texts.keys[:n], texts.counts[:n], texts.totals[:n])
     mixing = np.zeros(len(accepted)) if mixing is None or texts is None else mixing
     if not n_drafts:  # autoregressive: nothing to draft
         no_drafts = np.zeros((len(accepted), 0, 0), np.float32)

@@ -80,6 +80,10 @@ class RowSampling:
 
     greedy = False  # as ``SamplingConfig.greedy``: the step takes the sampling path
 
+    def first(self, n: int) -> "RowSampling":
+        """The settings of the first ``n`` rows."""
+        return RowSampling(self.temperature[:n], self.top_k[:n], self.top_p[:n], self.filtered)
+
     @staticmethod
     def of(configs: Sequence[SamplingConfig], device: torch.device) -> "RowSampling":
         t = torch.tensor([c.temperature for c in configs], dtype=torch.float32, device=device)

@@ -116,10 +116,13 @@ def chain_step(
     traces whole, weighing drafts by the rows' in-context ``counts`` when given; eager steps pass
     ``bytemtp.decode.host_chain.host_chain_decide``, which reads the rows' texts on the host).
     ``kv_len``, ``rows``: eager steps read only the cache slots in use and compute only the live rows
-    (``Batch.extent``)."""
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len, rows=rows)
+    (``Batch.extent``); when those are the first rows, ``decide`` decides for them alone too
+    (``n_rows``), as a batch of that many would."""
+    first = decide is not None and rows is not None and rows == list(range(len(rows)))
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len, rows=rows, spread=not first)
     if decide is not None:
-        return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u)
+        n_rows = {"n_rows": len(rows)} if first else {}
+        return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, **n_rows)
     return chain_decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, counts)
 
 

@@ -175,6 +175,7 @@ class ByteMTP(nn.Module):
         mask: torch.Tensor | None = None,
         kv_len: int | None = None,
         rows: list[int] | None = None,
+        spread: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One cached decoding forward of ids [B, P] (B: the cache's rows): head 1's logits
         [B, P, vocab] at every position, and the features the next ``n_heads - 1`` draft heads
@@ -203,8 +204,9 @@ class ByteMTP(nn.Module):
         ``rows`` (eager decoding): the only rows of the batch that take part, the others parked
         (stopped, vacant, or waiting while a prompt is encoded). The forward computes just
         those, so a step costs what its live rows need, not what the batch could hold; the
-        parked rows' outputs are zeros and their cache is untouched. Compiled steps keep one
-        shape and compute every row.
+        parked rows' outputs are zeros and their cache is untouched (``spread=False``: the outputs
+        are the computed rows' only, [len(rows), ...]). Compiled steps keep one shape and compute
+        every row.
         """
         B, picked = ids.shape[0], None
         if rows is not None:
@@ -222,7 +224,7 @@ class ByteMTP(nn.Module):
             drafts = [self.head_features(z, k, pos) for k in range(1, n_heads)]
             feats = torch.stack(drafts, dim=2) if drafts else z.new_empty(*z.shape[:2], 0, z.shape[2])
             logits = self.head_logits(z, 0, pos)
-        if picked is None:
+        if picked is None or not spread:
             return logits, feats
         return _spread(logits, B, picked), _spread(feats, B, picked)
 
