@@ -230,7 +230,13 @@ class ChainDrafts:
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
         active_t = sent["active"] if sent else torch.tensor(active, device=batch.device)
         if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
-            self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs) if keep else q.clone()
+            first = batch.computed(active) if keep else None
+            if not keep:
+                self.draft_probs = q.clone()
+            elif first == list(range(len(first))):  # the first rows: theirs in place, the rest kept
+                self.draft_probs[: len(first)] = q[: len(first)]
+            else:
+                self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs)
         if self.policy is not None:
             judged_t = sent["n_valid"] if sent else torch.tensor(n_judged, device=batch.device)
             # priced for a step of as many rows as this one: an eager step forwards the live rows only,

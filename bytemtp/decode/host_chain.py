@@ -76,7 +76,8 @@ def _first_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: t
         return s.first(n) if isinstance(s, RowSampling) else s
 
     u = None if u is None else Uniforms(u.accept[:n], u.next[:n], u.drafts[:n])
-    rule = dataclasses.replace(rule, sampling=cut(rule.sampling), draft=cut(rule.draft))
+    if isinstance(rule.sampling, RowSampling) or isinstance(rule.draft, RowSampling):
+        rule = dataclasses.replace(rule, sampling=cut(rule.sampling), draft=cut(rule.draft))
     return fed[:n], n_valid[:n], None if draft_probs is None else draft_probs[:n], u, rule
 
 
