@@ -272,7 +272,7 @@ def report(t: float, c: int, levels: dict[str, Level]) -> None:
     plain = levels["plain"].rate
     for name, lv in levels.items():
         fwd = lv.bytes / lv.forwards if lv.forwards else 0.0
-        times = (f"{lv.pct(lv.ttfb, 50) * 1e3:>8.0f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
+        times = (f"{lv.pct(lv.ttfb, 50) * 1e3:>8.1f}ms{lv.pct(lv.ttfb, 99) * 1e3:>6.0f}ms"
                  f"{lv.pct(lv.latency, 50):>12.2f}s{lv.pct(lv.latency, 99):>7.2f}s" if lv.latency else f"{'':>37}")
         print(f"{t:>4} {c:>4}  {name:<12}{lv.rate:>9.1f}{lv.rate / plain:>8.2f}x{times}{fwd:>11.2f}", flush=True)
     if "engine" in levels:

@@ -25,7 +25,7 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
               help="Verify a greedy tree of this many draft bytes per step instead of a chain (greedy requests only).")
 @click.option("--adaptive/--no-adaptive", default=False, show_default=True,
               help="Verify only the drafts worth their cost at the step's row count, as measured at startup by "
-                   "the engine alone (served, a step also pays the HTTP layer, so every draft tends to pay).")
+                   "the engine process (a few seconds; its table is timed on greedy rows).")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly drafts follow the two bytes before each (0 = off) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
