@@ -79,3 +79,39 @@ def test_a_setting_the_engine_refuses_at_start_is_a_one_line_error(tmp_path: Pat
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("Error: --tree: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+def engine_processes() -> set[int]:
+    """Pids of the engine processes alive on this machine (spawned by any server)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.add(int(proc.name))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5])
+def test_sigterm_while_the_engine_starts_exits_0_and_leaves_no_engine(tmp_path: Path, delay: float):
+    """Before it serves there is nothing to drain: SIGTERM ends ``serve`` at once, status 0, no
+    traceback from either process, and no engine process is left behind. The signal comes
+    ``delay`` seconds after the engine process appears (taking its weights, or measuring its
+    step costs for ``--adaptive``)."""
+    save_checkpoint(tmp_path / "run", 1, random_model(max_seq_len=128))
+    before = engine_processes()
+    proc = subprocess.Popen([*BYTEMTP, "serve", str(tmp_path / "run"), "--port", "0", "--adaptive"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not engine_processes() - before:
+        assert proc.poll() is None and time.monotonic() < deadline, "no engine process started"
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    deadline = time.monotonic() + 30
+    while engine_processes() - before:
+        assert time.monotonic() < deadline, "an engine process outlived its server"
+        time.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -45,6 +46,7 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     from bytemtp.serve.server import build_server, listen
     from bytemtp.train.checkpoint import load_model
 
+    signal.signal(signal.SIGTERM, _stop_starting)  # until it serves, where uvicorn's handler drains it
     # the decoder's own setting is greedy; every request brings its own (sampled drafts at 0.8 x its temperature)
     config = GenerationConfig(temperature=0.0, speculative=speculative, draft_heads=draft_heads, tree_nodes=tree,
                               draft_coupling=draft_coupling)
@@ -72,3 +74,9 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
     with sock:
         server = build_server(spec, name, host, port, max_queue, max_body, grace, on_ready=ready)
         server.run(sockets=[sock])
+
+
+def _stop_starting(signum: int, frame) -> None:
+    """SIGTERM before the server serves: there is nothing to drain, so a plain exit, status 0 (the
+    engine process, if started, ends with it)."""
+    raise SystemExit(0)

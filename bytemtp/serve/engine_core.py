@@ -16,6 +16,7 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import signal
@@ -116,21 +117,28 @@ class Running:
 
 
 def main(spec: EngineSpec, conn: Connection) -> None:
-    """The engine process: build the engine, say ``("ready", None)`` (or ``("failed", message)``),
-    then serve turns until the front says stop or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the front's to handle
+    """The engine process: take the model's bytes (``spec`` comes without them), build the engine,
+    say ``("ready", None)`` (or ``("failed", message)``), then serve turns until the front says
+    stop or goes away. Signals are the front's to handle: a terminal's Ctrl-C, or a SIGTERM sent
+    to the whole process group, must not cut the running requests short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
     try:
-        engine = spec.decoder().engine(spec.max_batch, spec.window)
-        engine.start()
-    except BytemtpError as e:  # a setting this engine cannot run (a draft tree too large, ...)
-        conn.send(("failed", str(e)))
+        spec = dataclasses.replace(spec, model=conn.recv_bytes())
+        try:
+            engine = spec.decoder().engine(spec.max_batch, spec.window)
+            engine.start()
+        except BytemtpError as e:  # a setting this engine cannot run (a draft tree too large, ...)
+            conn.send(("failed", str(e)))
+            return
+        except Exception as e:  # a server fault at start-up (out of memory, ...): the front reports it and exits
+            log.exception("the decode engine could not start")
+            conn.send(("failed", f"the decode engine could not start: {type(e).__name__}: {e}"))
+            return
+        conn.send(("ready", None))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the front went away while it started
         return
-    except Exception as e:  # a server fault at start-up (out of memory, ...): the front reports it and exits
-        log.exception("the decode engine could not start")
-        conn.send(("failed", f"the decode engine could not start: {type(e).__name__}: {e}"))
-        return
-    conn.send(("ready", None))
     try:
         Core(engine, conn).run()
     finally:

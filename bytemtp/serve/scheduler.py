@@ -14,11 +14,12 @@ wake-up and no thread of this process ever competes with the loop. A client that
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import multiprocessing
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bytemtp.decode.batch import GenerationStats, RowParams
@@ -54,7 +55,10 @@ class Scheduler:
         self.metrics, self.max_queue, self.window = metrics, max_queue, spec.window
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and a model
         self.conn, self._child_conn = context.Pipe()
-        self.process = context.Process(target=engine_core.main, args=(spec, self._child_conn),
+        # the weights follow over the pipe: the spawn's own pickle is read only once the process has
+        # imported torch, and a front stopped meanwhile would leave it a truncated pickle to fail on
+        self._weights = spec.model
+        self.process = context.Process(target=engine_core.main, args=(replace(spec, model=b""), self._child_conn),
                                        name="bytemtp-engine", daemon=True)
         self.send_lock = threading.Lock()  # ``request_stop`` may come from a timer's thread
         self.choices: dict[int, Choice] = {}  # submitted, not yet ended
@@ -64,16 +68,31 @@ class Scheduler:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Start the engine process and wait until its engine is ready; ``BytemtpError`` if it fails."""
+        """Start the engine process and wait until its engine is ready; ``BytemtpError`` if it fails.
+        However this process ends from then on, the engine process ends first (``close``)."""
         self.process.start()
         self._child_conn.close()  # the process has its own: the pipe ends when the process does
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait for it
         try:
+            self.conn.send_bytes(self._weights)
             kind, payload = self.conn.recv()
-        except EOFError:
+        except (EOFError, BrokenPipeError, ConnectionResetError):
             kind, payload = "failed", f"the decode engine process exited (status {self.process.exitcode})"
+        except BaseException:  # interrupted while it started
+            self.close()
+            raise
+        finally:
+            self._weights = b""
         if kind == "failed":
-            self.process.join()
+            self.close()
             raise BytemtpError(payload)
+
+    def close(self) -> None:
+        """End the engine process now, answering nobody: for a front that is exiting."""
+        self.conn.close()
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the engine's reports in ``loop`` from now on."""
