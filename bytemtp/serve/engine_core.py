@@ -5,24 +5,23 @@ the HTTP layer the engine's thread and the event loop took the GIL from each oth
 torch call: a served step cost 1.5–2x the engine's own. Here the engine never waits for the
 HTTP layer, and the HTTP layer never waits for a step.
 
-The front (``bytemtp.serve.scheduler``) sends ``("submit", [Job])``, ``("cancel", [key])``
-and ``("stop", message)`` over a pipe. Each turn this process reads what arrived, retires the
-cancelled rows, admits waiting jobs into free rows and steps the batch once, then sends one
-``("turn", Turn)``: every job's decided bytes, ends and errors, the jobs it admitted, and
-the gauges. A finished job's log-probabilities, when asked, are head 1's, teacher-forced over
+The front (``bytemtp.serve.scheduler``) sends the model's bytes first, then
+``("submit", [Job])``, ``("cancel", [key])`` and ``("stop", message)`` over a pipe. Each
+turn this process reads what arrived, retires the cancelled rows, admits waiting jobs into
+free rows and steps the batch once, then sends one ``("turn", Turn)``: every job's decided
+bytes, ends and errors, the jobs it admitted, and the gauges. A finished job's log-probabilities, when asked, are head 1's, teacher-forced over
 the prompt and the output in one forward after its row finishes: only this process runs the
 model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -125,7 +124,7 @@ def main(spec: EngineSpec, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(spec.threads)
     try:
-        spec = dataclasses.replace(spec, model=conn.recv_bytes())
+        spec = replace(spec, model=conn.recv_bytes())
         try:
             engine = spec.decoder().engine(spec.max_batch, spec.window)
             engine.start()
