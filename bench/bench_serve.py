@@ -17,6 +17,7 @@ no steady load has. ``--rounds R`` runs each level R times, the servers interlea
 each round (so a slow spell of the machine hits them all), and reports each server's median
 bytes/s and the pooled times.
 
+``--server NAME=FLAGS`` adds a server started with other ``serve`` flags beside the three.
 ``--engine`` adds, at concurrency 1, the same requests decoded in this process by the decode
 engine alone (``bytemtp bench``'s speculative decoder, one prompt at a time): what the HTTP
 layer and the scheduler cost a lone request.
@@ -295,13 +296,17 @@ def main() -> None:
     p.add_argument("--engine", action="store_true", help="at concurrency 1, also the decode engine alone, in-process")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server's engine and of --engine's")
     p.add_argument("--rounds", type=int, default=1, help="runs of each level, the servers interleaved")
+    p.add_argument("--server", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more server beside the three, started with these serve flags (e.g. heads3='--draft-heads 3')")
     p.add_argument("--soak", type=int, default=0, help="instead: a soak run of this many mixed requests")
     args = p.parse_args()
     torch.set_num_threads(args.threads)  # --engine decodes as a server's engine does
     prompts = [x.decode("utf-8", "replace") for x in sample_prompts(args.data, 64, args.prompt_bytes, seed=1234)]
     if args.soak:
         raise SystemExit(0 if soak(args, prompts) else 1)
-    servers = {name: start_server(args.ckpt, flags, args.max_batch, args.threads) for name, flags in SERVERS.items()}
+    variants = dict(SERVERS, **dict(server.split("=", 1) for server in args.server))
+    servers = {name: start_server(args.ckpt, flags if isinstance(flags, list) else flags.split(), args.max_batch,
+                                  args.threads) for name, flags in variants.items()}
     engine_model = load_model(args.ckpt)[0] if args.engine else None
     try:
         print(f"{args.ckpt}: {args.requests} requests (at least 4 per client) x {args.max_tokens} bytes per level, "
