@@ -1,4 +1,5 @@
-"""A real server on a free loopback port, in a thread of the test process, for the serving tests."""
+"""A real server on a free loopback port (its front in a thread of the test process, its engine in a
+process of its own), for the serving tests."""
 
 from __future__ import annotations
 

@@ -103,10 +103,6 @@ class Scheduler:
     def alive(self) -> bool:
         return self.accepting and not self.ended
 
-    @property
-    def idle(self) -> bool:
-        return not self.choices
-
     def submit(self, choices: list[Choice]) -> None:
         """Queue a request's choices, all or none."""
         if not self.alive:
