@@ -304,9 +304,8 @@ def main() -> None:
     prompts = [x.decode("utf-8", "replace") for x in sample_prompts(args.data, 64, args.prompt_bytes, seed=1234)]
     if args.soak:
         raise SystemExit(0 if soak(args, prompts) else 1)
-    variants = dict(SERVERS, **dict(server.split("=", 1) for server in args.server))
-    servers = {name: start_server(args.ckpt, flags if isinstance(flags, list) else flags.split(), args.max_batch,
-                                  args.threads) for name, flags in variants.items()}
+    variants = {**SERVERS, **{name: flags.split() for name, flags in (s.split("=", 1) for s in args.server)}}
+    servers = {name: start_server(args.ckpt, flags, args.max_batch, args.threads) for name, flags in variants.items()}
     engine_model = load_model(args.ckpt)[0] if args.engine else None
     try:
         print(f"{args.ckpt}: {args.requests} requests (at least 4 per client) x {args.max_tokens} bytes per level, "

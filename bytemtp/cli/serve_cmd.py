@@ -65,7 +65,7 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
         sock = listen(host, port)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
-    mode = f"speculative, {spec.n_drafts} draft heads" if spec.n_drafts else "autoregressive"
+    mode = f"speculative, {n_drafts} draft heads" if n_drafts else "autoregressive"
     mode += ", adaptive" if adaptive else ""
 
     def ready(url: str) -> None:

@@ -39,6 +39,7 @@ from bytemtp.decode.sampling import RowSampling, SamplingConfig
 from bytemtp.decode.step import ChainOutput, StepOutput, chain_decide, chain_step
 from bytemtp.decode.transfer import download, upload
 from bytemtp.decode.verify import ChainRule, Uniforms
+from bytemtp.model.cache import first_rows
 
 StepFn = Callable[..., ChainOutput]
 # The rule (and its draft context as host arrays) for rows sampled alike, or each row as listed.
@@ -230,11 +231,11 @@ class ChainDrafts:
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
         active_t = sent["active"] if sent else torch.tensor(active, device=batch.device)
         if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
-            first = batch.computed(active) if keep else None
+            n = first_rows(batch.computed(active)) if keep else None
             if not keep:
                 self.draft_probs = q.clone()
-            elif first == list(range(len(first))):  # the first rows: theirs in place, the rest kept
-                self.draft_probs[: len(first)] = q[: len(first)]
+            elif n is not None:  # the first rows: theirs in place, the rest kept
+                self.draft_probs[:n] = q[:n]
             else:
                 self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs)
         if self.policy is not None:

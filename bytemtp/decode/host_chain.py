@@ -62,14 +62,14 @@ def host_chain_decide(
     rows for the others, so that a lone row among many slots costs what a batch of one does."""
     slots = fed.shape[0]
     if n_rows is not None:
-        fed, n_valid, draft_probs, u, rule = _first_rows(n_rows, fed, n_valid, draft_probs, u, rule)
+        fed, n_valid, draft_probs, u, rule = _leading_rows(n_rows, fed, n_valid, draft_probs, u, rule)
         mixing = None if mixing is None else mixing[:n_rows]
     ints, q, confidence = _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, u, context,
                                   texts, mixing)
     return tuple(None if t is None else _pad(t, slots) for t in (ints, q, confidence))
 
 
-def _first_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: torch.Tensor | None,
+def _leading_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: torch.Tensor | None,
                 u: Uniforms | None, rule: ChainRule) -> tuple:
     """A step's per-row arguments, of its first ``n`` rows."""
     def cut(s):

@@ -28,6 +28,7 @@ from bytemtp.decode.incontext import InContext
 from bytemtp.decode.sampling import SamplingConfig, probabilities
 from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
+from bytemtp.model.cache import first_rows
 
 # What a chain step returns: the ``StepOutput`` tensor, the new drafts' distributions when
 # sampling, and the draft heads' confidence when the rule asks for it.
@@ -118,11 +119,11 @@ def chain_step(
     ``kv_len``, ``rows``: eager steps read only the cache slots in use and compute only the live rows
     (``Batch.extent``); when those are the first rows, ``decide`` decides for them alone too
     (``n_rows``), as a batch of that many would."""
-    first = decide is not None and rows is not None and rows == list(range(len(rows)))
-    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len, rows=rows, spread=not first)
+    n_rows = first_rows(rows) if decide is not None else None
+    logits, features = model.decode(ids, input_pos, n_drafts + 1, kv_len=kv_len, rows=rows, spread=n_rows is None)
     if decide is not None:
-        n_rows = {"n_rows": len(rows)} if first else {}
-        return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, **n_rows)
+        first = {} if n_rows is None else {"n_rows": n_rows}
+        return decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, **first)
     return chain_decide(model, rule, n_drafts, logits, features, ids, n_valid, draft_probs, u, counts)
 
 

@@ -28,6 +28,12 @@ import torch
 CacheRows = int | torch.Tensor | None
 
 
+def first_rows(rows: list[int] | None) -> int | None:
+    """How many rows ``rows`` lists when they are the first ones (0, 1, ..., n - 1): those a forward
+    and the work after it can take as views and slices; None for any other set, or for None."""
+    return len(rows) if rows is not None and rows == list(range(len(rows))) else None
+
+
 class KVCache:
     """Keys ``k[layer]`` and values ``v[layer]``, [B, H, S, hd] each, and the causal mask table
     ``causal`` [S, S] (row s: the slots a position at slot s attends to in a plain chain)."""

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bytemtp.errors import BytemtpError
-from bytemtp.model.cache import CacheRows, KVCache
+from bytemtp.model.cache import CacheRows, KVCache, first_rows
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
@@ -210,7 +210,7 @@ class ByteMTP(nn.Module):
         """
         B, picked = ids.shape[0], None
         if rows is not None:
-            picked = rows if rows == list(range(len(rows))) else torch.tensor(rows, device=ids.device)
+            picked = rows if first_rows(rows) is not None else torch.tensor(rows, device=ids.device)
             ids, input_pos, rope_pos, mask = (
                 _pick(t, picked, batched) for t, batched in
                 ((ids, 2), (input_pos, 2), (rope_pos, 2), (mask, 3))

@@ -51,7 +51,6 @@ class EngineSpec:
     config: GenerationConfig
     max_batch: int
     window: int
-    n_drafts: int
     compile: bool | None = None
     adaptive: bool = False
     device: str = "cpu"
@@ -65,8 +64,8 @@ class EngineSpec:
         buf = io.BytesIO()
         torch.save({"cfg": model.cfg, "state": model.state_dict(), "trigrams": model.byte_trigrams}, buf)
         device = str(device or next(model.parameters()).device)
-        return cls(buf.getvalue(), config, max_batch, model.cfg.max_seq_len, config.n_drafts(model.cfg.n_future),
-                   compile, adaptive, device, torch.get_num_threads())
+        return cls(buf.getvalue(), config, max_batch, model.cfg.max_seq_len, compile, adaptive, device,
+                   torch.get_num_threads())
 
     def decoder(self) -> Decoder:
         saved = torch.load(io.BytesIO(self.model), map_location="cpu", weights_only=False)
@@ -103,8 +102,7 @@ class Turn:
     events: list[tuple[int, str, Any]] = field(default_factory=list)
     admitted: list[int] = field(default_factory=list)
     step_s: float | None = None  # the step's wall time, when the turn stepped
-    live: int = 0
-    waiting: int = 0
+    live: int = 0  # rows decoding after the turn
 
 
 @dataclass
@@ -200,7 +198,7 @@ class Core:
             turn.step_s = time.perf_counter() - start
             for row, data in out:
                 self.advance(row, data, turn)
-        turn.live, turn.waiting = self.engine.live, len(self.waiting)
+        turn.live = self.engine.live
         self.conn.send(("turn", turn))
 
     def admit(self, job: Job, turn: Turn) -> None:
