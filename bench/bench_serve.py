@@ -101,7 +101,7 @@ def start_server(ckpt: str, flags: list[str], max_batch: int, threads: int) -> t
 def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int, temperature: float,
                 seed: int) -> tuple[float, float, int, int]:
     """A streamed completion on ``http``'s kept-alive connection -> (time to first byte, latency,
-    bytes, forwards)."""
+    bytes generated, forwards), the last two from the final chunk's ``bytemtp`` extension."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True}
     start, first, n, forwards = time.perf_counter(), None, 0, 0
     with http.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -111,8 +111,8 @@ def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int, temp
             choice = json.loads(line[6:])["choices"][0]
             if choice["text"] and first is None:
                 first = time.perf_counter()
-            n += len(choice["text"].encode())
-            forwards = choice.get("bytemtp", {}).get("forwards", forwards)
+            if choice["finish_reason"]:
+                n, forwards = choice["bytemtp"]["bytes"], choice["bytemtp"]["forwards"]
     end = time.perf_counter()
     return (first or end) - start, end - start, n, forwards
 

@@ -92,7 +92,7 @@ def test_host_decision_is_the_tensor_decision(sampling, k, draft_scale, drafts):
     codes = torch.randint(0, VOCAB**3, (200_000,), generator=gen).unique()  # some pairs kept as contexts, some not
     trigrams = torch.stack((codes, torch.randint(1, 500, codes.shape, generator=gen)))
     context = draft_context(trigrams, 0.7, VOCAB) if coupled else None
-    rule = ChainRule(cfg, confidence=True, draft=draft, context=context)
+    rule = ChainRule(cfg, draft=draft, context=context)
     accepted, draws, moved = [], 0, 0
     with torch.inference_mode():
         for seed in range(4):
@@ -151,7 +151,7 @@ def test_a_decision_over_the_first_rows_is_theirs_alone_and_zero_for_the_parked_
     context = draft_context(torch.stack((codes, torch.randint(1, 500, codes.shape, generator=gen))), 0.7, VOCAB)
 
     def rule_of(rows: list[SamplingConfig]) -> ChainRule:
-        return ChainRule(RowSampling.of(rows, torch.device("cpu")), confidence=True, context=context)
+        return ChainRule(RowSampling.of(rows, torch.device("cpu")), context=context)
 
     def texts_of(count: int) -> RowTexts:
         texts = RowTexts(count, model.cfg.vocab)

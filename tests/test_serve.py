@@ -124,6 +124,7 @@ def test_a_character_split_across_steps_is_never_split_across_chunks():
         else:
             pytest.fail("no seed gave 50 bytes with a multi-byte character")
         assert data.decode("utf-8", "replace") == whole["text"]
+        assert whole["bytemtp"]["bytes"] == len(data) < len(whole["text"].encode())  # U+FFFD is 3 bytes of text
         events = stream(url, **body)
         assert streamed_text(events) == whole["text"]
 

@@ -5,9 +5,9 @@ forward runs alone and the decision is taken on the host (``host_chain_decide``)
 
 The strategy keeps, per row, the drafts of the latest decision and how many of them
 the next step verifies (``n_valid``: all of them, or as many as pay for themselves
-under a ``DraftPolicy``; fewer when the step is narrower, see ``Batch.fits``); when
-sampling, the draft distributions they were drawn from stay on the device for the
-step that judges them.
+under a ``DraftPolicy``, which an eager step then drafts alone; fewer when the step is
+narrower, see ``Batch.fits``); when sampling, the draft distributions they were drawn
+from stay on the device for the step that judges them.
 Autoregressive decoding is the chain of no drafts.
 
 Rows carry their own sampling settings. A step whose rows all share one setting uses that
@@ -80,25 +80,22 @@ class ChainDrafts:
         self.drafts, self.n_valid = [[0] * self.n_drafts for _ in range(n)], [0] * n
         self.looked_up = [False] * n
         self.draft_probs = None
-        if self.policy is not None:
-            self.policy = DraftPolicy(self.policy.costs, n)
         self.texts = RowTexts(n, self.model.cfg.vocab) if self.drafting.on else None
 
     def admit(self, batch: Batch, r: int) -> None:
-        """Slot ``r`` holds a new row: no drafts yet, and its policy's statistics start afresh."""
+        """Slot ``r`` holds a new row: no drafts yet."""
         self.drafts[r], self.n_valid[r], self.looked_up[r] = [0] * self.n_drafts, 0, False
-        if self.policy is not None:
-            self.policy.reset(r)
         if self.texts is not None:
             self.texts.reset(r)
 
     def flush(self) -> None:
         """Nothing is pending between steps (a tree's cache moves are)."""
 
-    def pick(self, batch: Batch, active: list[bool]) -> tuple[ChainRule, Callable, StepFn | None]:
+    def pick(self, batch: Batch, active: list[bool], drafted: int) -> tuple[ChainRule, Callable, StepFn | None]:
         """The rule of a step over the ``active`` rows, how it decides, and the compiled step when the
         rule is the one it was compiled with. An eager decision appends the decided bytes of the
-        active rows that draft from their texts itself, before drafting from them."""
+        active rows that draft from their texts itself, before drafting from them, and drafts from
+        the first ``drafted`` heads only."""
         texts = self.texts
         if texts is not None:
             texts.active = np.array([on and self.drafting.uses_text(row.params.sampling.greedy)
@@ -115,8 +112,20 @@ class ChainDrafts:
         decide = chain_decide
         if step is None:
             mixing = self.drafting.mixing([row.params.sampling.greedy for row in batch.rows])
-            decide = functools.partial(host_chain_decide, context=context, texts=texts, mixing=mixing)
+            decide = functools.partial(host_chain_decide, context=context, texts=texts, mixing=mixing,
+                                       drafted=drafted)
         return rule, decide, step
+
+    def next_drafts(self, batch: Batch) -> int:
+        """How many drafts the decision at hand draws for the next step (``DraftPolicy``): priced for a
+        step of the batch's live rows (an eager step forwards those only, a compiled one every slot),
+        at least as wide as the lookups now pending (a row that drafted from its text likely does again)."""
+        if self.policy is None:
+            return self.n_drafts
+        live = [r for r, row in enumerate(batch.rows) if not row.done]
+        greedy = [batch.rows[r].params.sampling.greedy for r in live]
+        wide = max((self.n_valid[r] for r in live if self.looked_up[r]), default=0)
+        return self.policy.choose(greedy, len(live) if batch.eager else len(batch.rows), wide)
 
     def uniforms(self, batch: Batch, active: list[bool], k: int, rule: ChainRule) -> Uniforms | None:
         """The random numbers of a step judging ``k`` drafts on the device (``draw_uniforms``)."""
@@ -173,10 +182,11 @@ class ChainDrafts:
                     self.texts.begin(r, row.window)
         last = torch.tensor([[row.last] for row in batch.rows], device=batch.device)  # the prompts' ends
         zeros = torch.zeros(len(batch.rows), dtype=torch.long, device=batch.device)
-        rule, decide, step = self.pick(batch, active)
+        drafted = self.next_drafts(batch)
+        rule, decide, step = self.pick(batch, active, drafted)
         u = self.uniforms(batch, active, 0, rule)
         out = decide(self.model, rule, self.n_drafts, logits, features, last, zeros, None, u)
-        return self._read(batch, active, out, [0] * len(batch.rows), fed=False, eager=step is None)
+        return self._read(batch, active, out, [0] * len(batch.rows), drafted, fed=False, eager=step is None)
 
     def step(self, batch: Batch, active: list[bool]) -> dict[int, Decision]:
         """One forward of ``[pending, drafts]`` for the active rows.
@@ -186,7 +196,8 @@ class ChainDrafts:
         rather than narrow the step, and the few steps near the window's end where fewer drafts
         fit run the same step eager and narrower (positions past the cache's end would overwrite
         slots in use). Eager, a step is as wide as the drafts it verifies."""
-        rule, decide, step = self.pick(batch, active)
+        drafted = self.next_drafts(batch)
+        rule, decide, step = self.pick(batch, active, drafted)
         fits = batch.fits(active)
         compiled = step is not None and fits >= self.n_drafts
         most = self.n_drafts if compiled else max(n for n, on in zip(self.n_valid, active) if on)
@@ -205,7 +216,7 @@ class ChainDrafts:
             counts = None if step is None else self.counts(batch)
             out = chain_step(self.model, rule, self.n_drafts, *args, decide=decide, counts=counts,
                              **batch.extent(width, active))
-        return self._read(batch, active, out, n_valid, fed=True, eager=step is None, sent=sent)
+        return self._read(batch, active, out, n_valid, drafted, fed=True, eager=step is None, sent=sent)
 
     def counts(self, batch: Batch) -> InContext | None:
         """The rows' counts for a compiled step's in-context weight, read in place: on a CPU only
@@ -221,15 +232,16 @@ class ChainDrafts:
         active: list[bool],
         out: tuple,
         n_judged: list[int],
+        drafted: int,
         fed: bool,
         eager: bool,
         sent: dict[str, torch.Tensor] | None = None,
     ) -> dict[int, Decision]:
-        """Keep the new drafts (and their distributions) and read the decisions: one transfer for all
-        rows. ``sent``: the step's inputs on the device, ``active`` and ``n_valid`` (= ``n_judged``) among them."""
-        ints, q, confidence = out
+        """Keep the new drafts (and their distributions), of which the next step verifies ``drafted``, and
+        read the decisions: one transfer for all rows. ``sent``: the step's inputs on the device, ``active``
+        among them. A ``DraftPolicy`` learns from the verdicts on the heads' drafts."""
+        ints, q = out
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
-        active_t = sent["active"] if sent else torch.tensor(active, device=batch.device)
         if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
             n = first_rows(batch.computed(active)) if keep else None
             if not keep:
@@ -237,15 +249,12 @@ class ChainDrafts:
             elif n is not None:  # the first rows: theirs in place, the rest kept
                 self.draft_probs[:n] = q[:n]
             else:
+                active_t = sent["active"] if sent else torch.tensor(active, device=batch.device)
                 self.draft_probs = torch.where(active_t[:, None, None], q, self.draft_probs)
+        host = StepOutput.read(download(ints))
         if self.policy is not None:
-            judged_t = sent["n_valid"] if sent else torch.tensor(n_judged, device=batch.device)
-            # priced for a step of as many rows as this one: an eager step forwards the live rows only,
-            # a compiled one every slot (``Batch.extent``)
-            forwarded = sum(active) if batch.eager else len(batch.rows)
-            counts = self.policy.choose(confidence, judged_t, ints[:, 0], active_t, rows=forwarded)
-            ints = torch.cat((counts[:, None], ints), dim=1)
-        host = StepOutput.read(download(ints), counted=self.policy is not None)
+            self.policy.learn([(row.params.sampling.greedy, n_judged[r], host.accepted[r])
+                               for r, row in enumerate(batch.rows) if active[r] and not self.looked_up[r]])
         decisions = {}
         reach = self.longest if batch.live == 1 else self.n_drafts  # a lookup's length
         for r, row in enumerate(batch.rows):
@@ -255,7 +264,7 @@ class ChainDrafts:
             entered = [row.pending, *drafts[:a]] if fed else []
             decisions[r] = Decision(entered, [*drafts[:a], host.next_byte[r]], n_judged[r], host.broken[r])
             self.drafts[r] = host.drafts[r]
-            self.n_valid[r] = host.n_next[r] if host.n_next is not None else self.n_drafts
+            self.n_valid[r] = drafted
             if self.texts is not None and self.drafting.uses_text(row.params.sampling.greedy):
                 self._from_text(r, row, decisions[r].decided, eager, reach)
         return decisions

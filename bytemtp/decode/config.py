@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import CostTable, DraftPolicy
 from bytemtp.decode.batch import RowParams
@@ -154,15 +152,15 @@ class GenerationConfig:
         if given:
             raise BytemtpError(f"{given[0]}: there are no drafts to apply it to ({why})")
 
-    def draft_policy(self, n_drafts: int, device: torch.device) -> DraftPolicy | None:
-        """A policy pricing forwards of 1..n_drafts+1 positions by ``draft_costs`` (None: verify every draft)."""
+    def draft_policy(self, n_drafts: int) -> DraftPolicy | None:
+        """A policy pricing steps of 1..n_drafts+1 positions by ``draft_costs`` (None: draft and verify every head)."""
         if self.draft_costs is None or n_drafts == 0:
             return None
         if len(self.draft_costs[0]) < n_drafts + 1:
             raise BytemtpError(
                 f"draft_costs: {len(self.draft_costs[0])} costs cannot price forwards of up to {n_drafts + 1} positions"
             )
-        return DraftPolicy(torch.tensor([curve[: n_drafts + 1] for curve in self.draft_costs], device=device))
+        return DraftPolicy(self.draft_costs, n_drafts)
 
 
 def cost_table(costs: tuple[float, ...] | CostTable) -> CostTable:

@@ -69,8 +69,7 @@ class Decoder:
                     draft_sampling=config.draft_sampling, context=self.context,
                 )
         else:
-            confidence = config.draft_costs is not None
-            self.rule = ChainRule(config.sampling, confidence, config.draft_sampling, self.context)
+            self.rule = ChainRule(config.sampling, config.draft_sampling, self.context)
             step = functools.partial(chain_step, model, self.rule, self.n_drafts)
         self.step = compile_decode_step(step, self.device, compile)
 
@@ -87,17 +86,17 @@ class Decoder:
         """The chain rule for rows sampled as ``sampling``, or each row as listed (``RowSampling``),
         with the draft coupling for them (a mixed batch's greedy rows draft point masses, which
         coupling leaves as they are), and its context's host arrays."""
-        dt, confidence = self.config.draft_temperature, self.config.draft_costs is not None
+        dt = self.config.draft_temperature
         if isinstance(sampling, list):
             key = tuple(sampling)
             if self._mixed is None or self._mixed[0] != key:
                 draft = RowSampling.of([draft_sampling(s, dt) for s in sampling], self.device)
                 context, host = self.coupling(greedy=False)
-                self._mixed = key, (ChainRule(RowSampling.of(sampling, self.device), confidence, draft, context), host)
+                self._mixed = key, (ChainRule(RowSampling.of(sampling, self.device), draft, context), host)
             return self._mixed[1]
         if sampling not in self._rules:
             context, host = self.coupling(sampling.greedy)
-            self._rules[sampling] = ChainRule(sampling, confidence, draft_sampling(sampling, dt), context), host
+            self._rules[sampling] = ChainRule(sampling, draft_sampling(sampling, dt), context), host
         return self._rules[sampling]
 
     def strategy(self, n_rows: int) -> DraftStrategy:
@@ -109,7 +108,7 @@ class Decoder:
                 self.model, self.config.sampling, self.tree_nodes, self.n_drafts, self.step,
                 self.config.draft_sampling, self.host_context,
             )
-        policy = self.config.draft_policy(self.n_drafts, self.device)
+        policy = self.config.draft_policy(self.n_drafts)
         return ChainDrafts(
             self.model, self.rule, self.n_drafts, policy, self.step, self.host_context, self.chain_rule,
             self.config.context_drafting,

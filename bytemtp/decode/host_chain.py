@@ -51,22 +51,29 @@ def host_chain_decide(
     texts: RowTexts | None = None,
     mixing: np.ndarray | None = None,
     n_rows: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results
-    (the draft heads' confidence only when the rule asks for it), and ``context``, the rule's
-    draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once). With the
+    drafted: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``bytemtp.decode.step.chain_decide``, decided on the host: the same arguments and results,
+    and ``context``, the rule's draft context as host arrays (``host_arrays``; ``ChainDrafts`` binds it once). With the
     rows' ``texts`` (``bytemtp.decode.incontext``), the decided bytes of its ``active`` rows are
     appended to them before drafting, and drafts are mixed with their counts at ``mixing`` [B]
     (each row's strength). ``n_rows``: ``logits`` and ``features`` are the first ``n_rows`` rows'
     only (the rest are parked): the decision is taken for those alone, and the results have zero
-    rows for the others, so that a lone row among many slots costs what a batch of one does."""
+    rows for the others, so that a lone row among many slots costs what a batch of one does.
+    ``drafted``: only the first heads draft (``bytemtp.decode.drafting``); the other drafts and
+    their distributions are zeros, never judged (the next step verifies ``drafted`` at most)."""
     slots = fed.shape[0]
     if n_rows is not None:
         fed, n_valid, draft_probs, u, rule = _leading_rows(n_rows, fed, n_valid, draft_probs, u, rule)
         mixing = None if mixing is None else mixing[:n_rows]
-    ints, q, confidence = _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, u, context,
-                                  texts, mixing)
-    return tuple(None if t is None else _pad(t, slots) for t in (ints, q, confidence))
+    drafted = n_drafts if drafted is None else drafted
+    ints, q = _decide(model, rule, drafted, logits, features, fed, n_valid, draft_probs, u, context, texts, mixing)
+    if drafted < n_drafts:  # the heads left out: zero drafts (before the flag) and distributions
+        ints = torch.cat((ints[:, :-1], ints.new_zeros(len(ints), n_drafts - drafted), ints[:, -1:]), dim=1)
+        if not rule.sampling.greedy:  # none drafted: no distributions came back at all
+            q = q if q is not None else torch.zeros(len(ints), 0, model.cfg.vocab, device=logits.device)
+            q = torch.cat((q, q.new_zeros(len(ints), n_drafts - drafted, q.shape[2])), dim=1)
+    return tuple(None if t is None else _pad(t, slots) for t in (ints, q))
 
 
 def _leading_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: torch.Tensor | None,
@@ -108,18 +115,15 @@ def _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, 
         out = chain_output(
             accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED, *_NO_TABLES, mixing, 1.0
         )
-        return torch.from_numpy(out).to(logits.device), None, None
+        return torch.from_numpy(out).to(logits.device), None
     rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
     draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
-    host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts.cpu().numpy())
+    host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts[:, :n_drafts].cpu().numpy())
     out = chain_output(
         accepted, next_byte, broken, draft_logits.float().cpu().numpy(), host_q, u_drafts, greedy, host_fed, *context,
         *tables, mixing, CONTEXT_PSEUDO,
     )
     if (context[0].size or mixing.any()) and not greedy:  # host_q now holds the distributions the drafts were drawn from
         q = torch.from_numpy(host_q).to(logits.device)
-    confidence = None  # read only by a DraftPolicy, which asks for it
-    if rule.confidence:
-        confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
-    return torch.from_numpy(out).to(logits.device), q, confidence
+    return torch.from_numpy(out).to(logits.device), q

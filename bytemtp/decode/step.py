@@ -30,9 +30,8 @@ from bytemtp.decode.tree_sampling import sampled_candidates, verify_tree
 from bytemtp.decode.verify import ChainRule, Uniforms
 from bytemtp.model.cache import first_rows
 
-# What a chain step returns: the ``StepOutput`` tensor, the new drafts' distributions when
-# sampling, and the draft heads' confidence when the rule asks for it.
-ChainOutput = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+# What a chain step returns: the ``StepOutput`` tensor and the new drafts' distributions when sampling.
+ChainOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 RANKS = 8  # runner-ups a tree considers per draft head: a head's 9th choice is right too rarely to pay for a node
 
@@ -48,22 +47,17 @@ def nonfinite(logits: torch.Tensor) -> torch.Tensor:
 class StepOutput:
     """A chain step's integer tensor [B, 3 + m], read on the host: per row the number of drafts
     accepted, the next byte (head 1's, after them), the ``m`` new drafts, and a flag set when
-    the logits were not finite; with a ``DraftPolicy``, a first column more: how many of the new
-    drafts the next step verifies."""
+    the logits were not finite."""
 
     accepted: list[int]
     next_byte: list[int]
     drafts: list[list[int]]
     broken: list[bool]
-    n_next: list[int] | None = None
 
     @staticmethod
-    def read(out: torch.Tensor, counted: bool = False) -> "StepOutput":
+    def read(out: torch.Tensor) -> "StepOutput":
         rows = out.tolist()  # the step's one host transfer
-        n_next = [r.pop(0) for r in rows] if counted else None
-        return StepOutput(
-            [r[0] for r in rows], [r[1] for r in rows], [r[2:-1] for r in rows], [r[-1] != 0 for r in rows], n_next
-        )
+        return StepOutput([r[0] for r in rows], [r[1] for r in rows], [r[2:-1] for r in rows], [r[-1] != 0 for r in rows])
 
 
 def chain_decide(
@@ -77,25 +71,22 @@ def chain_decide(
     draft_probs: torch.Tensor | None,
     u: Uniforms | None,
     counts: InContext | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> ChainOutput:
     """Verify the drafts of ``fed`` [B, P] (the pending byte, then the drafts; a prompt's forward:
     its last id) against head-1 ``logits`` [B, P, V] and draft the next block at the accepted
     position (``decode`` ``features`` [B, P, F, d]) -> (the ``StepOutput`` tensor, the new drafts'
-    distributions when sampling, and when the rule asks for it the draft heads' confidence [B, m])."""
+    distributions when sampling)."""
     drafts = fed[:, 1:]
     accepted, next_byte = rule.verify(logits, drafts, n_valid, draft_probs, u)
     broken = nonfinite(logits)
-    new = confidence = drafts.new_zeros(drafts.shape[0], 0)
-    q = None
+    new, q = drafts.new_zeros(drafts.shape[0], 0), None
     if n_drafts:
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
         draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
         new, q = rule.propose(draft_logits, u, fed.gather(1, accepted[:, None])[:, 0], next_byte, counts)
-        if rule.confidence:
-            confidence = (draft_logits.float().softmax(dim=-1) if q is None else q).amax(dim=-1)
         broken = broken | nonfinite(draft_logits)
     out = torch.cat((accepted[:, None], next_byte[:, None], new, broken[:, None].long()), dim=1)
-    return out, q, confidence
+    return out, q
 
 
 def chain_step(

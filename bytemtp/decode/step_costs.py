@@ -1,10 +1,10 @@
 """The cost table of ``DraftPolicy``, measured with the decoder's own engine step.
 
 A forward alone is not what a step costs: the step also verifies, drafts the next block and
-hands the host its decisions, and those costs barely grow with the step's width. Priced by
-the forward alone, a CPU server verified fewer drafts than paid for themselves. So the table
-times whole ``Engine.step`` calls of a batch of greedy rows, every row verifying as many
-drafts as the width being measured, at each row count asked for; the widths are interleaved
+hands the host its decisions. Priced by the forward alone, a CPU server verified fewer drafts
+than paid for themselves. So the table times whole ``Engine.step`` calls of a batch of greedy
+rows, every row verifying and drafting as many drafts as the width being measured, at each
+row count asked for; the widths are interleaved
 within each round (so drift hits all alike), and each cost is the fastest of its rounds: a
 step's first run at a new shape (width, and attention's cache span as the rows grow) pays
 for compiling its kernels, which the generations pay once and the rounds could not average
@@ -26,6 +26,19 @@ from bytemtp.decode.generate import Decoder
 ENDLESS = RowParams(max_new_bytes=1 << 40)  # rows that never stop while measured
 
 
+@dataclasses.dataclass
+class Fixed:
+    """A ``DraftPolicy`` of one answer: every step drafts ``k`` (the width being timed)."""
+
+    k: int
+
+    def choose(self, greedy: list[bool], rows: int, wide: int = 0) -> int:
+        return self.k
+
+    def learn(self, verdicts: list[tuple[bool, int, int]]) -> None:
+        """Nothing to learn."""
+
+
 def adaptive_decoder(
     model: torch.nn.Module, config: GenerationConfig, compile: bool | None, cache_len: int, rows: tuple[int, ...]
 ) -> Decoder:
@@ -33,7 +46,7 @@ def adaptive_decoder(
     steps (of the model as it decodes: bfloat16 on CUDA) measured at ``rows`` rows
     (``measure_step_costs``), and at one, with caches of ``cache_len`` positions. A compiled step has one width
     (``ChainDrafts.step``), so its curve is flat: nothing is timed, and no graph compiled for it."""
-    unpriced = dataclasses.replace(config, draft_costs=(1.0,) * model.cfg.n_future)  # a step reporting confidence
+    unpriced = dataclasses.replace(config, draft_costs=(1.0,) * model.cfg.n_future)
     decoder = Decoder(model, unpriced, compile)
     if decoder.step is None:  # and at one row: an eager step forwards only the rows still live
         costs = measure_step_costs(decoder, cache_len, (1, *rows))
@@ -45,13 +58,13 @@ def adaptive_decoder(
 
 @torch.inference_mode()
 def measure_step_costs(decoder: Decoder, cache_len: int, rows: tuple[int, ...] = (1,), rounds: int = 8) -> CostTable:
-    """Time of ``decoder``'s engine step verifying 0..n_drafts drafts per row, relative to none, for
+    """Time of ``decoder``'s engine step verifying and drafting 0..n_drafts drafts per row, relative to none, for
     steps of 1..max(``rows``) rows: measured at each count of ``rows``, interpolated between them.
     ``cache_len`` should be the generations' (a compiled step then serves both with one shape)."""
     measured = {}
     for b in sorted(set(rows)):
         engine = decoder.engine(b, cache_len)
-        engine.stop_at_bos, engine.strategy.policy = False, None  # every row verifies what it is told
+        engine.stop_at_bos, engine.strategy.policy = False, None
         times: list[list[float]] = [[] for _ in range(decoder.n_drafts + 1)]
         engine.start()
         try:
@@ -62,7 +75,7 @@ def measure_step_costs(decoder: Decoder, cache_len: int, rows: tuple[int, ...] =
                     live = [True] * b
                     while any(engine.encoding) or engine.batch.fits(live) < k:  # a window cut comes first
                         engine.step()
-                    engine.strategy.n_valid = [k] * b
+                    engine.strategy.n_valid, engine.strategy.policy = [k] * b, Fixed(k)
                     t = time.perf_counter()
                     engine.step()
                     times[k].append(time.perf_counter() - t)

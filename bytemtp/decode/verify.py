@@ -54,7 +54,6 @@ def accepted_run(agree: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class ChainRule:
     """How drafts are judged and the next byte chosen: greedily (temperature 0) or by sampling.
-    ``confidence``: the step also reports the draft heads' top probabilities (for a ``DraftPolicy``).
     ``draft``: how the draft heads' logits become the distributions drafts are drawn from and
     judged by (default: ``sampling``). Any choice keeps the output exactly head 1's; a lower
     temperature than head 1's is accepted more often (``GenerationConfig.draft_sampling``).
@@ -62,7 +61,6 @@ class ChainRule:
     (``bytemtp.decode.coupling``)."""
 
     sampling: SamplingConfig
-    confidence: bool = False
     draft: SamplingConfig | None = None
     context: DraftContext | None = field(default=None, compare=False)
 

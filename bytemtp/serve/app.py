@@ -165,9 +165,10 @@ def chunk(index: int, text: str, finish: str | None = None, extra: dict | None =
 
 
 def stats(c: Choice) -> dict:
-    """The ``bytemtp`` extension of a choice: how its decoding went."""
+    """The ``bytemtp`` extension of a choice: how its decoding went. ``bytes``: how many the model
+    generated, a stop string included (the text's length misleads: U+FFFD stands for one invalid byte)."""
     s = c.stats
-    return {"forwards": s.forwards, "bytes_per_forward": round(s.bytes_per_forward, 4),
+    return {"bytes": s.bytes, "forwards": s.forwards, "bytes_per_forward": round(s.bytes_per_forward, 4),
             "acceptance": [round(a, 4) for a in s.acceptance], "stop_reason": s.stop_reason}
 
 
