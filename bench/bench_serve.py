@@ -5,8 +5,8 @@ Run from the repository root::
     .venv/bin/python bench/bench_serve.py CKPT --data ~/.cache/bytemtp/python-stdlib
 
 Starts three servers on 127.0.0.1 (``--no-speculative``; speculative as served by default,
-verifying every draft; ``--adaptive``, verifying the drafts worth their cost at the step's row
-count), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
+drafting and verifying the drafts worth their cost at the step's row count; ``--no-adaptive``,
+every draft every step), then for each temperature (greedy, 0.8) and concurrency (1, 4, 8, 16)
 drives closed-loop clients, each sending streamed requests with held-out prompts (the val
 split of ``--data``) one after another, at each server in turn. A level sends ``--requests``
 requests, and at least four per client; every level is bounded in time. Reports aggregate
@@ -80,7 +80,7 @@ class Level:
         return statistics.quantiles(xs, n=100)[int(q) - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)
 
 
-SERVERS = {"plain": ["--no-speculative"], "speculative": [], "adaptive": ["--adaptive"]}
+SERVERS = {"plain": ["--no-speculative"], "speculative": [], "all-drafts": ["--no-adaptive"]}
 
 
 def start_server(ckpt: str, flags: list[str], max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
@@ -279,7 +279,7 @@ def report(t: float, c: int, levels: dict[str, Level]) -> None:
     if "engine" in levels:
         alone = levels["engine"].rate
         print(f"{t:>4} {c:>4}  server / engine: speculative {levels['speculative'].rate / alone:.2f}x, "
-              f"adaptive {levels['adaptive'].rate / alone:.2f}x", flush=True)
+              f"all-drafts {levels['all-drafts'].rate / alone:.2f}x", flush=True)
 
 
 def main() -> None:

@@ -24,9 +24,10 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--tree", type=click.IntRange(min=0), default=0, show_default=True,
               help="Verify a greedy tree of this many draft bytes per step instead of a chain (greedy requests only).")
-@click.option("--adaptive/--no-adaptive", default=False, show_default=True,
-              help="Verify only the drafts worth their cost at the step's row count, as measured at startup by "
-                   "the engine process (a few seconds; its table is timed on greedy rows).")
+@click.option("--adaptive/--no-adaptive", default=None,
+              help="Draft and verify only the drafts worth their cost at the step's row count, priced by the engine "
+                   "process's own steps at startup (a few seconds) [default: on for a chain of drafts; "
+                   "--no-adaptive: every draft, every step].")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),
               help="How strongly drafts follow the two bytes before each (0 = off) [default: 0.7 sampling, 0.3 greedy].")
 @click.option("--grace", default=30.0, show_default=True, type=FiniteFloat(min=0),
@@ -38,7 +39,7 @@ from bytemtp.cli.options import FiniteFloat, decode_threads_option, device_optio
 @device_option
 @decode_threads_option
 def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, model_name: str | None,
-            speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool,
+            speculative: bool | None, draft_heads: int | None, tree: int, adaptive: bool | None,
             draft_coupling: float | None, grace: float, max_body: int, compile_: bool | None, device) -> None:
     from bytemtp.decode.generate import GenerationConfig
     from bytemtp.errors import BytemtpError
@@ -56,6 +57,7 @@ def command(ckpt: Path, host: str, port: int, max_batch: int, max_queue: int, mo
         raise BytemtpError("--adaptive: there are no drafts to choose among (--no-speculative, or n_future=1)")
     if adaptive and tree:
         raise BytemtpError("--tree: a draft tree has a fixed size; it does not combine with --adaptive")
+    adaptive = bool(n_drafts and not tree) if adaptive is None else adaptive
     spec = EngineSpec.of(model, config, max_batch, compile_, adaptive, device)
     del model  # the engine process loads its own copy
     name = model_name or ckpt.resolve().name
