@@ -41,6 +41,21 @@ def test_reverse_schedule_and_the_run_end_as_default_range_end():
     assert draft_weights(cfg, 40, 8) == [0.25] * 7
 
 
+@pytest.mark.parametrize("steps", [40, 300, 2250])
+def test_a_range_in_fractions_of_the_run_follows_its_length(steps):
+    """``objective_begin`` 0.5, ``objective_end`` 0.6: the draft heads weigh 0 for the first half of
+    any run and reach their weight at 60 % of it; fixed to those steps when the run starts."""
+    cfg = TrainConfig(steps=steps, objective_schedule="linear", draft_weight_initial=0.0, draft_loss_weight=0.25,
+                      objective_begin=0.5, objective_end=0.6)
+    half, most = round(0.5 * steps), round(0.6 * steps)
+    assert draft_weights(cfg, half, 8) == [0.0] * 7 and draft_weights(cfg, half + 1, 8)[0] > 0
+    assert draft_weights(cfg, most, 8) == [0.25] * 7
+    resolved = cfg.resolved(dataclasses.replace(FOUR, max_seq_len=64))
+    assert (resolved.objective_begin, resolved.objective_end) == (half, most)
+    longer = dataclasses.replace(resolved, steps=2 * steps)  # ``--resume --steps``: the schedule stays put
+    assert all(draft_weights(longer, s, 8) == draft_weights(cfg, s, 8) for s in (1, half, half + 1, most, steps))
+
+
 def test_heads_trained_grow_from_the_initial_to_the_final_number():
     cfg = scheduled("linear", draft_weight_initial=1.0, heads_initial=2, objective_begin=0, objective_end=12)
     trained = [sum(w > 0 for w in draft_weights(cfg, s, 8)) + 1 for s in range(0, 14)]
@@ -67,6 +82,10 @@ def test_constant_is_the_old_objective_bit_for_bit():
         ({"objective_schedule": "linear", "draft_weight_initial": -1.0}, "draft_weight_initial: must be >= 0"),
         ({"draft_weight_initial": 0.5}, "draft_weight_initial: only used by a schedule"),
         ({"objective_schedule": "linear", "objective_begin": 20, "objective_end": 10}, "objective_end: must be after"),
+        ({"objective_schedule": "linear", "objective_begin": 0.5, "objective_end": 0.4}, "objective_end: must be after"),
+        ({"objective_schedule": "linear", "objective_begin": 0.5, "objective_end": 0.501, "steps": 100},
+         r"objective_end: must be after objective_begin=0.5, got 0.501 \(steps 50 and 50 of 100\)"),
+        ({"objective_schedule": "linear", "objective_begin": 2.5}, "objective_begin: a step number or a fraction"),
         ({"heads_final": -1}, "heads_final: must not be negative"),
     ],
 )

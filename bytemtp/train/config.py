@@ -27,7 +27,7 @@ from typing import Any
 from bytemtp import MAX_SEED
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.config import PRESETS, ModelConfig, from_dict
-from bytemtp.train.objective_schedule import check_heads, check_schedule
+from bytemtp.train.objective_schedule import check_heads, check_schedule, schedule_step
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
@@ -72,8 +72,8 @@ class TrainConfig:
     ``objective_schedule`` (``"linear"``, ``"cosine"``; default ``"constant"``) moves that weight
     from ``draft_weight_initial`` and the number of heads trained from ``heads_initial``
     to their final values (``draft_loss_weight``, ``heads_final``; heads 0: all) between steps
-    ``objective_begin`` and ``objective_end`` (0: the run's ``steps`` when it starts); see
-    ``bytemtp.train.objective_schedule``.
+    ``objective_begin`` and ``objective_end`` (0: the run's ``steps`` when it starts; in (0, 1): that
+    fraction of them, fixed to a step when the run starts); see ``bytemtp.train.objective_schedule``.
     """
 
     steps: int = 200
@@ -97,8 +97,8 @@ class TrainConfig:
     draft_weight_initial: float = 0.0
     heads_initial: int = 0
     heads_final: int = 0
-    objective_begin: int = 0
-    objective_end: int = 0
+    objective_begin: int | float = 0  # a step, or a fraction of the run in (0, 1)
+    objective_end: int | float = 0
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -208,9 +208,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _resolved_schedule(cfg: TrainConfig) -> dict[str, int]:
-    """A schedule's end fixed at the run's steps when it starts, so extending the run with
-    ``--resume --steps`` does not stretch a schedule already under way."""
-    return {"objective_end": cfg.objective_end or cfg.steps} if cfg.objective_schedule != "constant" else {}
+    """A schedule's steps fixed when the run starts (its end at the run's steps, fractions at theirs),
+    so extending the run with ``--resume --steps`` does not stretch a schedule already under way."""
+    if cfg.objective_schedule == "constant":
+        return {}
+    return {"objective_begin": schedule_step(cfg, cfg.objective_begin),
+            "objective_end": schedule_step(cfg, cfg.objective_end) or cfg.steps}
 
 
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))

@@ -6,8 +6,9 @@ Small models pay for multi-byte training with head 1's bits per byte (bench/RESU
 back: the draft heads' weight or number grows over training (or, the reverse, shrinks). A
 schedule moves both, with one shape, from their initial values (``draft_weight_initial``,
 ``heads_initial``) to their final ones (``draft_loss_weight``, ``heads_final``) between
-steps ``objective_begin`` and ``objective_end`` (0: the run's last step): before the range
-they hold the initial values, after it the final ones. ``objective_schedule="constant"`` (the
+steps ``objective_begin`` and ``objective_end`` (0: the run's last step; a number in (0, 1): that
+fraction of the run's steps, so that a preset's schedule fits runs of any length): before the
+range they hold the initial values, after it the final ones. ``objective_schedule="constant"`` (the
 default, and what a config saved before the fields existed means) holds the final values
 throughout. A head beyond the number trained, or a draft head while the draft weight is 0,
 weighs 0 and is not computed (``bytemtp.train.objective.trained_heads``; its loss is logged
@@ -44,15 +45,27 @@ def check_schedule(cfg: TrainConfig) -> None:
     for name in ("heads_initial", "heads_final", "objective_begin", "objective_end"):
         if getattr(cfg, name) < 0:
             raise BytemtpError(f"{name}: must not be negative, got {getattr(cfg, name)}")
+    for name in ("objective_begin", "objective_end"):
+        value = getattr(cfg, name)
+        if value >= 1 and value != int(value):
+            raise BytemtpError(f"{name}: a step number or a fraction of the run in (0, 1), got {value}")
     if cfg.objective_schedule == "constant":
         defaults = {"draft_weight_initial": 0.0, "heads_initial": 0, "objective_begin": 0, "objective_end": 0}
         for name, default in defaults.items():
             if getattr(cfg, name) != default:
                 raise BytemtpError(f"{name}: only used by a schedule; set objective_schedule to linear or cosine")
-    if cfg.objective_end and cfg.objective_end <= cfg.objective_begin:
+    begin, end = (schedule_step(cfg, getattr(cfg, name)) for name in ("objective_begin", "objective_end"))
+    if cfg.objective_end and end <= begin:
         raise BytemtpError(
             f"objective_end: must be after objective_begin={cfg.objective_begin}, got {cfg.objective_end}"
+            + (f" (steps {begin} and {end} of {cfg.steps})" if (begin, end) != (cfg.objective_begin, cfg.objective_end) else "")
         )
+
+
+def schedule_step(cfg: TrainConfig, value: float) -> int:
+    """``objective_begin`` or ``objective_end`` as a step number: a fraction in (0, 1) of the run's
+    ``steps``, rounded; a whole number as it is."""
+    return round(value * cfg.steps) if 0 < value < 1 else int(value)
 
 
 def check_heads(cfg: TrainConfig, n_future: int) -> None:
@@ -67,8 +80,8 @@ def progress(cfg: TrainConfig, step: int) -> float:
     ``objective_begin``, 1 at or after ``objective_end``, shaped in between."""
     if cfg.objective_schedule == "constant":
         return 1.0
-    end = cfg.objective_end or cfg.steps
-    t = min(max((step - cfg.objective_begin) / max(end - cfg.objective_begin, 1), 0.0), 1.0)
+    begin, end = schedule_step(cfg, cfg.objective_begin), schedule_step(cfg, cfg.objective_end) or cfg.steps
+    t = min(max((step - begin) / max(end - begin, 1), 0.0), 1.0)
     return t if cfg.objective_schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
 
 
