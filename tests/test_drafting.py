@@ -67,6 +67,8 @@ def test_policy_prices_a_step_at_its_row_count_and_its_rows_kinds():
     assert rates[1] == pytest.approx([0.8, 0.625, 0.6], abs=0.01) and rates[0][0] == pytest.approx(0.04, abs=0.01)
     assert policy.choose([True], rows=1) == 3  # expected 2.6 bytes at 1.15: the best at one row
     assert policy.choose([True] * 4, rows=4) == 1  # 4 x 1.8 / 1.5 beats 4 / 1, 4 x 2.3 / 2 and 4 x 2.6 / 2.5
+    # a row's lookup will make the step 3 (or 2) drafts wide anyway: fewer drafts would save nothing
+    assert policy.choose([True] * 4, rows=4, wide=3) == 3 and policy.choose([True] * 4, rows=4, wide=2) == 2
     assert policy.choose([False], rows=1) == 0  # 1.04 / 1.05 < 1
     assert policy.choose([], rows=1) == 0
     assert DraftPolicy(table[:1], n_drafts=3).choose([True] * 4, rows=4) == 3  # a single curve prices every step
@@ -133,6 +135,8 @@ def test_adaptive_greedy_matches_autoregressive_and_varies_the_drafts(head_kind)
         ar = run(model, prompt=prompt, max_new_bytes=80, speculative=False)
         sp = run(model, prompt=prompt, max_new_bytes=80, draft_costs=costs, lookup=False)
         assert sp.output == ar.output, (prompt, costs)
+        # with lookups of the row's own text, whose width the policy prices in
+        assert run(model, prompt=prompt, max_new_bytes=80, draft_costs=costs).output == ar.output, (prompt, costs)
         steps = sp.stats.forwards - 1  # the prompt's forward verifies nothing
         short += costs == STEEP and sp.stats.drafted < steps * n_drafts  # some steps verified fewer drafts
         full += sp.stats.attempted[-1] > 0  # and some went all the way to the last head

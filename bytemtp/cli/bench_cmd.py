@@ -32,7 +32,7 @@ from bytemtp.cli.options import (
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for prompt choice and sampling.")
 @click.option("--sweep", is_flag=True, help="One row per number of draft heads (1, 3, 7 for n = 8).")
 @click.option("--adaptive", is_flag=True,
-              help="Add a row verifying only the drafts worth their cost here (cost curve measured first).")
+              help="Add a row drafting and verifying only the drafts worth their cost here (cost curve measured first).")
 @click.option("--draft-temperature", default=None, type=FiniteFloat(min=0),
               help="Temperature drafts are drawn at when sampling [default: 0.8 x --temperature].")
 @click.option("--draft-coupling", default=None, type=FiniteFloat(min=0),

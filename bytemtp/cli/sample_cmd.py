@@ -112,7 +112,8 @@ def _stop_string(ctx: click.Context, param: click.Parameter, values: tuple[str, 
               help="Self-speculative decoding with the draft heads [default: on if the model has them].")
 @click.option("--draft-heads", type=click.IntRange(min=1), default=None, help="Draft heads to use [default: all].")
 @click.option("--adaptive", is_flag=True,
-              help="Verify only the drafts worth their cost on this machine (measures its own steps first, a few seconds).")
+              help="Draft and verify only the drafts worth their cost on this machine (measures its own steps first, "
+                   "a few seconds).")
 @click.option("--draft-temperature", type=FiniteFloat(min=0), default=None,
               help="Temperature sampled drafts are drawn at; the output stays exactly head 1's "
                    "[default: 0.8 x --temperature].")

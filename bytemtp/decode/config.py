@@ -30,9 +30,9 @@ class GenerationConfig:
     (``n_future > 1``); ``draft_heads=None`` uses all ``n_future - 1`` of them,
     a smaller number the first ones (heads 2..draft_heads+1). ``draft_heads`` is
     ignored when not speculative. ``draft_costs``: the relative cost of a decoding
-    forward of 1, 2, ... positions, a curve per number of rows in a step (or one for all;
-    ``bytemtp.decode.step_costs``); given, each step verifies only the
-    drafts expected to pay for their cost at its row count, otherwise all.
+    step of 1, 2, ... positions, a curve per number of rows in a step (or one for all;
+    ``bytemtp.decode.step_costs``); given, each step drafts and verifies only the drafts
+    expected to pay for their cost at its row count (``bytemtp.decode.drafting``), otherwise all.
     ``tree_nodes``: speculative decoding verifies a tree of that many
     candidate bytes per step instead of one chain (``bytemtp.decode.tree``); 0: the chain.
     ``draft_temperature``: the temperature a sampling chain's or tree's drafts are drawn at
