@@ -122,12 +122,15 @@ def test_each_logged_step_records_the_weights_it_trained_with(micro_data, tmp_pa
 
 def test_a_run_costs_the_heads_each_step_trains():
     """``mean_flops_per_byte``: a constant objective costs every head on every step; a schedule
-    training head 1 alone for the first half, then all 8, costs the mean of the two; n = 1 its own."""
-    model, train_cfg = build_configs(preset="tiny", overrides={"steps": 100})
+    training head 1 alone for the first half, then all 8, costs the mean of the two (so does the
+    ``tiny`` preset, whose draft heads weigh 0 for the first half); n = 1 its own. A schedule given
+    replaces the preset's whole."""
+    model, train_cfg = build_configs(preset="tiny", overrides={"steps": 100, "objective_schedule": "constant"})
     every = flops_per_byte(model, train_cfg.resolved(model).seq_len)
     one = flops_per_byte(dataclasses.replace(model, n_future=1), train_cfg.resolved(model).seq_len)
     assert mean_flops_per_byte(model, train_cfg.resolved(model)) == every
     late = {"steps": 100, "objective_schedule": "linear", "heads_initial": 1, "objective_begin": 50,
             "objective_end": 51}
-    model, train_cfg = build_configs(preset="tiny", overrides=late)
-    assert mean_flops_per_byte(model, train_cfg.resolved(model)) == pytest.approx((50 * one + 50 * every) / 100)
+    for overrides in (late, {"steps": 100}):
+        model, train_cfg = build_configs(preset="tiny", overrides=overrides)
+        assert mean_flops_per_byte(model, train_cfg.resolved(model)) == pytest.approx((50 * one + 50 * every) / 100)
