@@ -32,7 +32,7 @@ CostTable = tuple[tuple[float, ...], ...]  # [rows in a step - 1][positions - 1]
 
 PRIOR_RATE = 0.8  # an unseen draft position's acceptance: optimistic, so that it gets tried
 PRIOR_WEIGHT = 2.0  # ... worth this many verdicts
-MEMORY = 0.99  # a kind's verdicts fade by this per step that brings it new ones (about 100 steps' worth)
+MEMORY = 0.99  # a kind's verdicts fade by this per step its rows take part in (about 100 steps' worth)
 
 
 def expected_bytes(rates: Sequence[float]) -> list[float]:
