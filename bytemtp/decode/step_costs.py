@@ -46,7 +46,7 @@ def adaptive_decoder(
     steps (of the model as it decodes: bfloat16 on CUDA) measured at ``rows`` rows
     (``measure_step_costs``), and at one, with caches of ``cache_len`` positions. A compiled step has one width
     (``ChainDrafts.step``), so its curve is flat: nothing is timed, and no graph compiled for it."""
-    unpriced = dataclasses.replace(config, draft_costs=(1.0,) * model.cfg.n_future)
+    unpriced = dataclasses.replace(config, draft_costs=(1.0,) * model.cfg.n_future)  # refused now, not after timing
     decoder = Decoder(model, unpriced, compile)
     if decoder.step is None:  # and at one row: an eager step forwards only the rows still live
         costs = measure_step_costs(decoder, cache_len, (1, *rows))

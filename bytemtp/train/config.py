@@ -27,7 +27,7 @@ from typing import Any
 from bytemtp import MAX_SEED
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.config import PRESETS, ModelConfig, from_dict
-from bytemtp.train.objective_schedule import SCHEDULE_FIELDS, check_heads, check_schedule, schedule_step
+from bytemtp.train.objective_schedule import SCHEDULE_FIELDS, check_heads, check_schedule, schedule_range
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
@@ -216,8 +216,8 @@ def _resolved_schedule(cfg: TrainConfig) -> dict[str, int]:
     so extending the run with ``--resume --steps`` does not stretch a schedule already under way."""
     if cfg.objective_schedule == "constant":
         return {}
-    return {"objective_begin": schedule_step(cfg, cfg.objective_begin),
-            "objective_end": schedule_step(cfg, cfg.objective_end) or cfg.steps}
+    begin, end = schedule_range(cfg)
+    return {"objective_begin": begin, "objective_end": end}
 
 
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))

@@ -54,7 +54,7 @@ def check_schedule(cfg: TrainConfig) -> None:
         for name, default in defaults.items():
             if getattr(cfg, name) != default:
                 raise BytemtpError(f"{name}: only used by a schedule; set objective_schedule to linear or cosine")
-    begin, end = (schedule_step(cfg, getattr(cfg, name)) for name in ("objective_begin", "objective_end"))
+    begin, end = schedule_range(cfg)
     if cfg.objective_end and end <= begin:
         raise BytemtpError(
             f"objective_end: must be after objective_begin={cfg.objective_begin}, got {cfg.objective_end}"
@@ -62,10 +62,14 @@ def check_schedule(cfg: TrainConfig) -> None:
         )
 
 
-def schedule_step(cfg: TrainConfig, value: float) -> int:
-    """``objective_begin`` or ``objective_end`` as a step number: a fraction in (0, 1) of the run's
-    ``steps``, rounded; a whole number as it is."""
-    return round(value * cfg.steps) if 0 < value < 1 else int(value)
+def schedule_range(cfg: TrainConfig) -> tuple[int, int]:
+    """The steps the schedule moves between: ``objective_begin`` and ``objective_end`` as step numbers
+    (a fraction in (0, 1) of the run's ``steps``, rounded; a whole number as it is), an end of 0
+    the run's last step."""
+    def step(value: float) -> int:
+        return round(value * cfg.steps) if 0 < value < 1 else int(value)
+
+    return step(cfg.objective_begin), step(cfg.objective_end) or cfg.steps
 
 
 def check_heads(cfg: TrainConfig, n_future: int) -> None:
@@ -80,7 +84,7 @@ def progress(cfg: TrainConfig, step: int) -> float:
     ``objective_begin``, 1 at or after ``objective_end``, shaped in between."""
     if cfg.objective_schedule == "constant":
         return 1.0
-    begin, end = schedule_step(cfg, cfg.objective_begin), schedule_step(cfg, cfg.objective_end) or cfg.steps
+    begin, end = schedule_range(cfg)
     t = min(max((step - begin) / max(end - begin, 1), 0.0), 1.0)
     return t if cfg.objective_schedule == "linear" else 0.5 - 0.5 * math.cos(math.pi * t)
 
