@@ -93,6 +93,40 @@ def test_weighted_draft_losses_match_the_reference_objective(head_kind, mode):
     torch.testing.assert_close(plain.head_losses.detach(), out.head_losses, **LOSS_TOL)
 
 
+@pytest.mark.parametrize("mode", ["naive", "sequential", "stacked"])
+def test_detached_draft_heads_leave_the_trunk_to_head_one(mode):
+    """``draft_detach``: the objective's value is the weighted one, but the trunk and the shared norm
+    get head 1's gradient alone (as a next-byte model with the same trunk would, scaled by head 1's
+    weight), and each draft head's unembedding the gradient of its loss on features cut off from
+    them: autograd through that formula, written out here."""
+    w, n = 0.3, 8
+    model = make_model("linear", n)
+    ids = padded_batch(n)
+    inputs, targets = split_batch(ids, n)
+    model.zero_grad(set_to_none=True)
+    h = model.head_features(model.trunk(inputs), 0)
+    ce = [F.cross_entropy(model.features_logits(h if k == 0 else h.detach(), k).flatten(0, 1),
+                          targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
+    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
+    reference.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = multihead_loss(model, ids, mode, w, draft_detach=True)
+    out.loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.testing.assert_close(out.loss, reference.detach(), **LOSS_TOL)
+    assert_grads_close(got, want, rtol=1e-5)
+    _, shared = grads_of(model, ids, mode, draft_loss_weight=w)
+    # the detached trunk's gradients really are others than the shared objective's
+    assert (shared["blocks.0.attn.wqkv.weight"] - got["blocks.0.attn.wqkv.weight"]).norm() > 1e-3 * got[
+        "blocks.0.attn.wqkv.weight"].norm()
+
+
+def test_detached_draft_heads_need_linear_heads():
+    with pytest.raises(ValueError, match="linear heads"):
+        multihead_loss(make_model("transformer", 4), padded_batch(4), "sequential", 0.3, draft_detach=True)
+
+
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])
 def test_draft_loss_weight_zero_trains_head_one_alone(mode):
     """Weight 0: the trunk's gradients are head 1's alone, as in a next-byte model with the same

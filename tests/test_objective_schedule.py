@@ -134,3 +134,22 @@ def test_a_run_costs_the_heads_each_step_trains():
     for overrides in (late, {"steps": 100}):
         model, train_cfg = build_configs(preset="tiny", overrides=overrides)
         assert mean_flops_per_byte(model, train_cfg.resolved(model)) == pytest.approx((50 * one + 50 * every) / 100)
+
+
+def test_detached_draft_heads_cost_their_forward_and_weight_gradient():
+    """``draft_detach``: a draft head's unembedding costs 4 FLOPs per weight (forward, weight
+    gradient), not 6, on the steps that train it; head 1 and the trunk cost what they did. An older
+    config (no such field) trains shared heads, and transformer heads refuse it."""
+    model, shared = build_configs(preset="tiny", overrides={"steps": 100, "objective_schedule": "constant"})
+    _, detached = build_configs(preset="tiny", overrides={"steps": 100, "objective_schedule": "constant",
+                                                          "draft_detach": True})
+    T = shared.resolved(model).seq_len
+    unembedding = model.d_model * model.vocab_padded
+    saved = 2 * (model.n_future - 1) * unembedding
+    assert flops_per_byte(model, T) - flops_per_byte(model, T, draft_detach=True) == saved
+    assert mean_flops_per_byte(model, shared.resolved(model)) - mean_flops_per_byte(model, detached.resolved(model)) \
+        == saved
+    assert TrainConfig.from_dict({"steps": 5}).draft_detach is False
+    transformer = dataclasses.replace(model, head_kind="transformer")
+    with pytest.raises(BytemtpError, match="draft_detach: needs linear heads"):
+        detached.resolved(transformer)

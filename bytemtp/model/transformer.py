@@ -144,9 +144,10 @@ class ByteMTP(nn.Module):
 
     def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z."""
-        return self._logits(self.head_features(z, k, pos), k)
+        return self.features_logits(self.head_features(z, k, pos), k)
 
-    def _logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+    def features_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """Head ``k``'s logits from its features (``head_features``)."""
         return soft_cap(self.unembedding_layer(k)(features)[..., : self.cfg.vocab], self.cfg.logit_cap)
 
     def forward(
@@ -162,7 +163,7 @@ class ByteMTP(nn.Module):
         n_heads = self.cfg.n_future if n_heads is None else n_heads
         if self.linear_heads:
             features = self.head_features(z, 0)
-            return torch.stack([self._logits(features, k) for k in range(n_heads)], dim=2)
+            return torch.stack([self.features_logits(features, k) for k in range(n_heads)], dim=2)
         return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
 
     # -- decoding --------------------------------------------------------------
@@ -219,7 +220,7 @@ class ByteMTP(nn.Module):
         z = self.trunk(ids, pos)
         if self.linear_heads:
             features = self.head_features(z, 0)
-            logits, feats = self._logits(features, 0), features[:, :, None]
+            logits, feats = self.features_logits(features, 0), features[:, :, None]
         else:
             drafts = [self.head_features(z, k, pos) for k in range(1, n_heads)]
             feats = torch.stack(drafts, dim=2) if drafts else z.new_empty(*z.shape[:2], 0, z.shape[2])

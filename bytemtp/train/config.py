@@ -74,6 +74,10 @@ class TrainConfig:
     to their final values (``draft_loss_weight``, ``heads_final``; heads 0: all) between steps
     ``objective_begin`` and ``objective_end`` (0: the run's ``steps`` when it starts; in (0, 1): that
     fraction of them, fixed to a step when the run starts); see ``bytemtp.train.objective_schedule``.
+
+    ``draft_detach`` (linear heads): the draft heads learn from the trunk's features without
+    training the trunk, so head 1 shapes it alone (``bytemtp.train.objective``); False, the
+    default and what an older config means, is the paper's shared training.
     """
 
     steps: int = 200
@@ -99,6 +103,7 @@ class TrainConfig:
     heads_final: int = 0
     objective_begin: int | float = 0  # a step, or a fraction of the run in (0, 1)
     objective_end: int | float = 0
+    draft_detach: bool = False
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -157,6 +162,8 @@ class TrainConfig:
         if seq_len > model.max_seq_len:
             raise BytemtpError(f"--seq-len: {seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
         check_heads(self, model.n_future)
+        if self.draft_detach and model.head_kind != "linear":
+            raise BytemtpError("draft_detach: needs linear heads (transformer heads share head 1's unembedding)")
         return dataclasses.replace(self, seq_len=seq_len, decay_steps=self.decay_steps or self.steps,
                                    **_resolved_schedule(self))
 

@@ -27,7 +27,8 @@ def unembed_cross_entropy(
     vocab: int,
     scales: torch.Tensor,
     cap: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    feature_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Summed cross-entropy of ``h`` heads stacked in ``weight`` and the gradients of
     ``sum_k scales[k] * nll_k`` w.r.t. features and weight, without autograd.
 
@@ -37,7 +38,9 @@ def unembed_cross_entropy(
     probability mass and no gradient). The softmax runs in fp32 whatever the matmul
     dtype. Targets of -1 are ignored. ``cap > 0`` soft-caps the logits (``cap * tanh(l / cap)``,
     ``bytemtp.model.layers.soft_cap``) before the softmax.
-    Returns (nll sums [h] fp32, grad_features [N, d], grad_weight [h * vocab_padded, d]).
+    Returns (nll sums [h] fp32, grad_features [N, d], grad_weight [h * vocab_padded, d]);
+    grad_features is None, and not computed, without ``feature_grad`` (heads that must not
+    train the trunk: ``TrainConfig.draft_detach``).
 
     The logits buffer is reused for dlogits, padding columns zeroed, so the backward
     matmuls stay on the aligned padded width and nothing the size of the logits is
@@ -63,7 +66,7 @@ def unembed_cross_entropy(
     if dlogits is not real:
         real.copy_(dlogits)
     per_head[..., vocab:].zero_()
-    return nll, logits @ weight, logits.T @ features
+    return nll, logits @ weight if feature_grad else None, logits.T @ features
 
 
 def cross_entropy_fn(model: ByteMTP) -> Callable:

@@ -50,20 +50,23 @@ def attention_layers(cfg: ModelConfig) -> int:
     return cfg.n_layers + (cfg.n_future * cfg.head_layers if cfg.head_kind == "transformer" else 0)
 
 
-def flops_per_byte(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes."""
-    matmul = attention_layers(cfg) * block_matmul_weights(cfg) + cfg.n_future * cfg.d_model * cfg.vocab_padded
-    return 6.0 * matmul + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+def flops_per_byte(cfg: ModelConfig, seq_len: int, draft_detach: bool = False) -> float:
+    """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes; ``draft_detach``:
+    the draft heads' unembeddings cost their forward and weight gradient only."""
+    unembedding = cfg.d_model * cfg.vocab_padded
+    draft_cost = 4.0 if draft_detach and cfg.head_kind == "linear" else 6.0
+    matmul = attention_layers(cfg) * block_matmul_weights(cfg) + unembedding
+    return 6.0 * matmul + draft_cost * (cfg.n_future - 1) * unembedding + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
 
 
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:
     """Training FLOPs per byte averaged over the ``train.steps`` steps of a run (``train`` resolved):
     each step pays for the heads it trains (head 1 and every draft head weighing more than 0)."""
     if train.objective_schedule == "constant" and train.draft_loss_weight > 0:
-        return flops_per_byte(cfg, train.seq_len)
+        return flops_per_byte(cfg, train.seq_len, train.draft_detach)
     trained = Counter(1 + sum(w > 0 for w in draft_weights(train, step, cfg.n_future))
                       for step in range(1, train.steps + 1))
-    total = sum(n * flops_per_byte(dataclasses.replace(cfg, n_future=heads), train.seq_len)
+    total = sum(n * flops_per_byte(dataclasses.replace(cfg, n_future=heads), train.seq_len, train.draft_detach)
                 for heads, n in trained.items())
     return total / train.steps
 

@@ -153,7 +153,8 @@ class _Run:
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
         self.wrapped = wrap(
-            MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device), cfg.draft_loss_weight), env, cfg.fsdp
+            MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device), cfg.draft_loss_weight,
+                         cfg.draft_detach), env, cfg.fsdp
         )
         self.objective = unwrap(self.wrapped)
         # Saved with every checkpoint, so counted where checkpoints are written: on the main rank,

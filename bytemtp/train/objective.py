@@ -29,6 +29,13 @@ The objective is a weighted mean over heads of each head's mean cross-entropy: h
 weighs 1 and every draft head ``draft_loss_weight`` (1: the paper's plain mean), normalised
 to sum to 1 (``head_weights``). Targets of -1 (padding) are ignored (a head with no real
 target contributes 0, not NaN). Losses are reported in bits per byte.
+
+``draft_detach`` (linear heads): the draft heads learn from the trunk's features but send
+no gradient into them (nor into the shared final norm), so head 1 alone shapes the trunk,
+as in next-byte training, and each draft head is a linear read-out of what the trunk
+already knows. It is the recipe for a model that must predict as well as a next-byte
+model of the same compute: a small trunk has no capacity to spare for bytes further
+ahead. A detached head's step skips the gradient of its features, a third of its cost.
 """
 
 from __future__ import annotations
@@ -112,9 +119,10 @@ def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like:
 
 
 def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                        trained: list[int], h: torch.Tensor):
+                        trained: list[int], detach: bool, h: torch.Tensor):
     """LossAndGradients over (h = norm(z), *unembeddings): the features are shared, only weights differ.
-    Heads not ``trained`` are not computed (``trained_heads``)."""
+    Heads not ``trained`` are not computed (``trained_heads``); with ``detach`` only head 1's loss
+    reaches h."""
     n, dt = targets.shape[-1], matmul_dtype(h)
     ce, scales = cross_entropy_fn(model), weights / counts
     feats = h.detach().flatten(0, 1).to(dt)
@@ -127,8 +135,9 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
                 grad_ws.append(torch.zeros_like(w))
                 continue
             nll_k, g_f, g_w = ce(feats, w.to(dt), targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab,
-                                 scales[k : k + 1], model.cfg.logit_cap)
-            grad_h = _sum_into(grad_h, [g_f], [h])
+                                 scales[k : k + 1], model.cfg.logit_cap, not (detach and k))
+            if g_f is not None:
+                grad_h = _sum_into(grad_h, [g_f], [h])
             grad_ws.append(g_w.to(w.dtype))
             nll.append(nll_k)
     losses = torch.cat(nll) / counts
@@ -136,29 +145,45 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
 
 
 def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                         trained: list[int], h: torch.Tensor):
+                         trained: list[int], detach: bool, h: torch.Tensor):
     """LossAndGradients over (h = norm(z), *unembeddings) with the ``trained`` heads' unembeddings
     stacked: one [d, heads * vocab_padded] product per chunk of rows instead of one narrow one per
-    head, each chunk's logits (at most ``STACKED_LOGITS`` elements) freed before the next."""
+    head, each chunk's logits (at most ``STACKED_LOGITS`` elements) freed before the next. With
+    ``detach`` the draft heads are a second stack whose products leave h's gradient out."""
     n, dt, vp = targets.shape[-1], matmul_dtype(h), model.cfg.vocab_padded
-    ce, scales = cross_entropy_fn(model), (weights / counts)[trained]
-    feats, flat_targets = h.detach().flatten(0, 1).to(dt), targets[..., trained].flatten(0, 1)
+    feats = h.detach().flatten(0, 1).to(dt)
     unembeds = [model.unembedding(k) for k in range(n)]
-    stacked = torch.cat([unembeds[k] for k in trained]).to(dt)
-    rows = max(1, STACKED_LOGITS // (len(trained) * vp))
-    nll, grad_h, grad_w = 0.0, [], None
+    stacks = [[0], trained[1:]] if detach else [trained]
+    nll, grad_h, grad_ws = torch.zeros(n, device=h.device), torch.zeros_like(h), [torch.zeros_like(w) for w in unembeds]
     with no_autocast(h):
-        for start in range(0, feats.shape[0], rows):
-            part = slice(start, start + rows)
-            nll_part, g_f, g_w = ce(feats[part], stacked, flat_targets[part], model.cfg.vocab, scales, model.cfg.logit_cap)
-            nll = nll + nll_part
-            grad_h.append(g_f.to(h.dtype))
-            grad_w = _sum_into(grad_w, [g_w], unembeds[:1])
-    losses = torch.zeros(n, device=h.device).index_copy(0, torch.tensor(trained, device=h.device), nll) / counts
-    grad_ws = [torch.zeros_like(w) for w in unembeds]
-    for k, g in zip(trained, grad_w[0].split(vp), strict=True):
-        grad_ws[k] = g.to(unembeds[k].dtype)
-    return (weights * losses).sum(), losses, [torch.cat(grad_h).view_as(h), *grad_ws]
+        for heads in filter(None, stacks):
+            part_nll, part_h, part_w = _stacked_part(model, feats, targets, (weights / counts)[heads], unembeds,
+                                                     heads, not (detach and heads[0]))
+            nll[heads] = part_nll
+            if part_h is not None:
+                grad_h += part_h.view_as(h).to(h.dtype)
+            for k, g in zip(heads, part_w.split(vp), strict=True):
+                grad_ws[k] = g.to(unembeds[k].dtype)
+    losses = nll / counts
+    return (weights * losses).sum(), losses, [grad_h, *grad_ws]
+
+
+def _stacked_part(model: ByteMTP, feats: torch.Tensor, targets: torch.Tensor, scales: torch.Tensor,
+                  unembeds: list[torch.Tensor], heads: list[int], feature_grad: bool):
+    """The stacked step of ``heads`` over every chunk of rows -> (nll sums [len(heads)], the features'
+    gradient or None, the stacked unembeddings' gradient [len(heads) * vocab_padded, d])."""
+    ce, vp = cross_entropy_fn(model), model.cfg.vocab_padded
+    stacked, flat_targets = torch.cat([unembeds[k] for k in heads]).to(feats.dtype), targets[..., heads].flatten(0, 1)
+    rows = max(1, STACKED_LOGITS // (len(heads) * vp))
+    nll, grad_f, grad_w = 0.0, [], None
+    for start in range(0, feats.shape[0], rows):
+        part = slice(start, start + rows)
+        nll_part, g_f, g_w = ce(feats[part], stacked, flat_targets[part], model.cfg.vocab, scales,
+                                model.cfg.logit_cap, feature_grad)
+        nll = nll + nll_part
+        grad_f.append(g_f)
+        grad_w = _sum_into(grad_w, [g_w], unembeds[:1])
+    return nll, torch.cat(grad_f) if feature_grad else None, grad_w[0]
 
 
 def _transformer_head_grads(model: ByteMTP, k: int, zd: torch.Tensor, pos: PosContext, unembed: torch.Tensor,
@@ -226,22 +251,26 @@ class _GradientsFromForward(torch.autograd.Function):
 
 
 def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                trained: list[int], stacked: bool):
+                trained: list[int], stacked: bool, detach: bool):
     if model.linear_heads:
         unembeds = [model.unembedding(k) for k in range(model.cfg.n_future)]
         heads = _stacked_heads_grads if stacked else _linear_heads_grads
-        compute = functools.partial(heads, model, targets, weights, counts, trained)
+        compute = functools.partial(heads, model, targets, weights, counts, trained, detach)
         return _GradientsFromForward.apply(compute, model.head_features(z, 0), *unembeds)
     params = [model.norm.weight, model.unembedding(0), *model.heads.parameters()]
     compute = functools.partial(_transformer_heads_grads, model, targets, weights, counts, trained)
     return _GradientsFromForward.apply(compute, z, *params)
 
 
-def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor):
+def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
+           detach: bool = False):
+    def logits(k: int) -> torch.Tensor:
+        if detach and k:  # linear heads: the shared features, cut off from the trunk and its norm
+            return model.features_logits(model.head_features(z, k).detach(), k)
+        return model.head_logits(z, k)
+
     nll = [
-        F.cross_entropy(
-            model.head_logits(z, k).flatten(0, 1).float(), targets[..., k].flatten(), ignore_index=-1, reduction="sum"
-        )
+        F.cross_entropy(logits(k).flatten(0, 1).float(), targets[..., k].flatten(), ignore_index=-1, reduction="sum")
         for k in range(targets.shape[-1])
     ]
     losses = torch.stack(nll) / counts
@@ -254,21 +283,25 @@ def resolve_loss_mode(mode: str, device: torch.device) -> str:
 
 
 def multihead_loss(
-    model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0
+    model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0,
+    draft_detach: bool = False,
 ) -> LossOutput:
     """Objective of batch ``ids`` [B, T+n] (draft heads weighted ``draft_loss_weight``, see ``head_weights``);
     call ``.loss.backward()`` on the result. Training computes only the heads that weigh more than 0
-    (``trained_heads``).
+    (``trained_heads``). ``draft_detach`` (linear heads only): the draft heads train only their own
+    unembeddings.
 
     Without grad mode (evaluation) every mode computes every head's loss, head by head.
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
+    if draft_detach and not model.linear_heads:
+        raise ValueError("draft_detach needs linear heads: transformer heads share the unembedding with head 1")
     inputs, targets = split_batch(ids, model.cfg.n_future)
     counts = (targets >= 0).sum((0, 1)).clamp_min(1)
     weights = head_weights(model.cfg.n_future, draft_loss_weight, ids.device)
     z = model.trunk(inputs)
     if mode == "naive" or not torch.is_grad_enabled():
-        return LossOutput(*_naive(model, z, targets, weights, counts))
+        return LossOutput(*_naive(model, z, targets, weights, counts, draft_detach))
     trained = trained_heads(model.cfg.n_future, draft_loss_weight)
-    return LossOutput(*_sequential(model, z, targets, weights, counts, trained, stacked=mode == "stacked"))
+    return LossOutput(*_sequential(model, z, targets, weights, counts, trained, mode == "stacked", draft_detach))
