@@ -152,10 +152,8 @@ class _Run:
                                      "it is no checkpoint to continue from (resume from an earlier one)")
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
-        self.wrapped = wrap(
-            MTPObjective(self.model, resolve_loss_mode(cfg.loss_mode, env.device), cfg.draft_loss_weight,
-                         cfg.draft_detach), env, cfg.fsdp
-        )
+        mode = resolve_loss_mode(cfg.loss_mode, env.device)
+        self.wrapped = wrap(MTPObjective(self.model, mode, cfg.draft_loss_weight, cfg.draft_detach), env, cfg.fsdp)
         self.objective = unwrap(self.wrapped)
         # Saved with every checkpoint, so counted where checkpoints are written: on the main rank,
         # after wrapping, so no process group syncs it, and on the host.
@@ -165,9 +163,8 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.muon = self.optimizer.muon if isinstance(self.optimizer, MuonAdamW) else None
         loader_cfg = LoaderConfig(cfg.batch_size, cfg.seq_len, model_cfg.n_future, cfg.loader_mode, cfg.seed)
-        self.loader = BatchLoader(
-            data_dir, loader_cfg, split="train", rank=env.rank, world_size=env.world_size, device=env.device
-        )
+        self.loader = BatchLoader(data_dir, loader_cfg, "train", rank=env.rank, world_size=env.world_size,
+                                  device=env.device)
         self.bytes_per_step = env.world_size * cfg.grad_accum * cfg.batch_size * cfg.seq_len
         self.step = 0
         self.last_ckpt = ckpt
