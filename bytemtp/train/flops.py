@@ -55,8 +55,8 @@ def flops_per_byte(cfg: ModelConfig, seq_len: int, draft_detach: bool = False) -
     the draft heads' unembeddings cost their forward and weight gradient only."""
     unembedding = cfg.d_model * cfg.vocab_padded
     draft_cost = 4.0 if draft_detach and cfg.head_kind == "linear" else 6.0
-    matmul = attention_layers(cfg) * block_matmul_weights(cfg) + unembedding
-    return 6.0 * matmul + draft_cost * (cfg.n_future - 1) * unembedding + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+    matmul = 6.0 * (attention_layers(cfg) * block_matmul_weights(cfg) + unembedding)
+    return matmul + draft_cost * (cfg.n_future - 1) * unembedding + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
 
 
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:

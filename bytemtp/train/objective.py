@@ -154,18 +154,18 @@ def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.T
     feats = h.detach().flatten(0, 1).to(dt)
     unembeds = [model.unembedding(k) for k in range(n)]
     stacks = [[0], trained[1:]] if detach else [trained]
-    nll, grad_h, grad_ws = torch.zeros(n, device=h.device), torch.zeros_like(h), [torch.zeros_like(w) for w in unembeds]
+    nll, grad_h, grad_ws = torch.zeros(n, device=h.device), None, [torch.zeros_like(w) for w in unembeds]
     with no_autocast(h):
-        for heads in filter(None, stacks):
+        for heads in filter(None, stacks):  # head 1 is in the first: it always reaches h
             part_nll, part_h, part_w = _stacked_part(model, feats, targets, (weights / counts)[heads], unembeds,
                                                      heads, not (detach and heads[0]))
             nll[heads] = part_nll
             if part_h is not None:
-                grad_h += part_h.view_as(h).to(h.dtype)
+                grad_h = _sum_into(grad_h, [part_h.view_as(h)], [h])
             for k, g in zip(heads, part_w.split(vp), strict=True):
                 grad_ws[k] = g.to(unembeds[k].dtype)
     losses = nll / counts
-    return (weights * losses).sum(), losses, [grad_h, *grad_ws]
+    return (weights * losses).sum(), losses, [grad_h[0], *grad_ws]
 
 
 def _stacked_part(model: ByteMTP, feats: torch.Tensor, targets: torch.Tensor, scales: torch.Tensor,
