@@ -45,6 +45,7 @@ def trained_model(
     batch_size: int = 8,
     lr: float = 3e-3,
     seed: int = 0,
+    draft_mlp: int = 0,
 ) -> ByteMTP:
     """A ``ByteMTP`` trained with the multi-byte loss on ``stdlib_corpus`` (deterministic per arguments)."""
     gen = torch.Generator().manual_seed(seed)
@@ -56,6 +57,7 @@ def trained_model(
         n_future=n_future,
         head_kind=head_kind,
         max_seq_len=max_seq_len,
+        draft_mlp=draft_mlp,
     )
     model = ByteMTP(cfg)
     corpus = stdlib_corpus()
@@ -75,6 +77,16 @@ def trained_model(
     codes, counts = ((ids[:-2] * VOCAB + ids[1:-1]) * VOCAB + ids[2:]).unique(return_counts=True)
     model.byte_trigrams = torch.stack((codes, counts))
     return model.eval()
+
+
+def trained_draft_mlps() -> ByteMTP:
+    """``trained_model()`` whose draft heads read the features through MLPs (``draft_mlp``)."""
+    return trained_model(draft_mlp=64)
+
+
+def trained_by_kind(kind: str) -> ByteMTP:
+    """The trained model of a head kind, or ``"mlp"``: linear heads with draft MLPs."""
+    return {"linear": trained_model, "transformer": trained_transformer_heads, "mlp": trained_draft_mlps}[kind]()
 
 
 def trained_transformer_heads() -> ByteMTP:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import write_dataset
-from fixtures_train import stdlib_corpus, trained_model, trained_transformer_heads
+from fixtures_train import stdlib_corpus, trained_by_kind, trained_model
 
 from bytemtp import BOS
 from bytemtp.train.checkpoint import load_model, save_checkpoint
@@ -38,15 +38,16 @@ def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
     return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg, text)
 
 
-@pytest.fixture(scope="module", params=["linear", "transformer"])
+@pytest.fixture(scope="module", params=["linear", "transformer", "mlp"])
 def pair(request) -> tuple[ByteMTP, ByteMTP, dict]:
-    model = trained_model() if request.param == "linear" else trained_transformer_heads()
+    model = trained_by_kind(request.param)
     return (model, *distilled(model))
 
 
 def test_only_draft_heads_change(pair):
     before, after, _ = pair
-    drafts = {name for name, _ in after.named_parameters() if name.startswith("heads.") and name[6:8] != "0."}
+    drafts = {name for name, _ in after.named_parameters()
+              if (name.startswith("heads.") and name[6:8] != "0.") or name.startswith("draft_mlps.")}
     assert drafts
     for (name, p), (_, q) in zip(before.named_parameters(), after.named_parameters()):
         if name in drafts:

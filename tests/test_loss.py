@@ -122,6 +122,54 @@ def test_detached_draft_heads_leave_the_trunk_to_head_one(mode):
         "blocks.0.attn.wqkv.weight"].norm()
 
 
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("mode", ["naive", "sequential", "stacked"])
+@pytest.mark.parametrize("ffn", ["swiglu", "relu2"])
+def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, ffn):
+    """``draft_mlp``: draft head k's logits are its unembedding of h + w_out(act(w_in h)), h the shared
+    features (cut off from the trunk when detached), head 1's those of h alone. Every schedule's loss
+    and gradients (MLPs, unembeddings, norm, trunk) equal autograd through that formula, written out
+    here, with MLP weights large enough to matter."""
+    w, n = 0.3, 4
+    model = make_model("linear", n, draft_mlp=24, ffn=ffn)
+    with torch.no_grad():
+        for p in model.draft_mlps.parameters():
+            p.normal_(0, 0.3)
+    ids = padded_batch(n)
+    inputs, targets = split_batch(ids, n)
+
+    def act(x):
+        if ffn == "relu2":
+            return F.relu(x).square()
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def logits(h, k):
+        if k:
+            mlp = model.draft_mlps.mlps[k - 1]
+            h = (h.detach() if detach else h)
+            h = h + act(h @ mlp.w_in.weight.t()) @ mlp.w_out.weight.t()
+        return (h @ model.unembedding(k).t())[..., :VOCAB]
+
+    model.zero_grad(set_to_none=True)
+    h = model.head_features(model.trunk(inputs), 0)
+    ce = [F.cross_entropy(logits(h, k).flatten(0, 1), targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
+    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
+    reference.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = multihead_loss(model, ids, mode, w, draft_detach=detach)
+    out.loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.testing.assert_close(out.loss, reference.detach(), **LOSS_TOL)
+    assert_grads_close(got, want, rtol=1e-5)
+    assert got["draft_mlps.mlps.0.w_in.weight"].norm() > 0  # the MLPs train
+    # a head of weight 0 is not run: its MLP gets a zero gradient
+    model.zero_grad(set_to_none=True)
+    multihead_loss(model, ids, mode, [0.3, 0.0, 0.3], draft_detach=detach).loss.backward()
+    assert not model.draft_mlps.mlps[1].w_in.weight.grad.any() and model.draft_mlps.mlps[0].w_in.weight.grad.any()
+
+
 def test_detached_draft_heads_need_linear_heads():
     with pytest.raises(ValueError, match="linear heads"):
         multihead_loss(make_model("transformer", 4), padded_batch(4), "sequential", 0.3, draft_detach=True)

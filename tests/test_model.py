@@ -182,13 +182,19 @@ def test_cache_rolls_back(head_kind):
 
 
 @pytest.mark.parametrize("logit_cap", [0.0, 0.1])
-@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("head_kind, draft_mlp", [(kind, 0) for kind in HEAD_KINDS] + [("linear", 24)])
 @pytest.mark.parametrize("n_heads", [1, 2, 4])
-def test_decode_and_draft_logits_equal_forward(head_kind, n_heads, logit_cap):
+def test_decode_and_draft_logits_equal_forward(head_kind, draft_mlp, n_heads, logit_cap):
     """Decoding's split forward: head 1 at every position, draft heads at any one position
-    (soft-capped as in training when the model has a cap)."""
-    model = small_model(head_kind, n_future=4, logit_cap=logit_cap)
+    (soft-capped as in training when the model has a cap; through their MLPs, batched over heads,
+    with ``draft_mlp``, whose weights ``setup_cache`` restacks after they change)."""
+    model = small_model(head_kind, n_future=4, logit_cap=logit_cap, draft_mlp=draft_mlp)
     ids = torch.randint(0, VOCAB, (1, 20))
+    if draft_mlp:
+        model.setup_cache(1, 24)  # stacks the MLPs' weights as they are now, changed below
+        with torch.no_grad():
+            for p in model.draft_mlps.parameters():
+                p.normal_(0, 0.3)
     full = model(ids)
     model.setup_cache(1, 24)
     with torch.no_grad():
@@ -198,6 +204,15 @@ def test_decode_and_draft_logits_equal_forward(head_kind, n_heads, logit_cap):
         for j in range(8):
             drafts = model.draft_logits(features[0, j], n_heads - 1)
             torch.testing.assert_close(drafts, full[0, 12 + j, 1:n_heads], rtol=1e-5, atol=1e-5)
+
+
+def test_draft_mlp_needs_linear_heads():
+    with pytest.raises(BytemtpError, match="draft_mlp"):
+        small_model("transformer", draft_mlp=8)
+    with pytest.raises(BytemtpError, match="draft_mlp"):
+        small_model("linear", draft_mlp=-1)
+    assert ModelConfig.from_dict({"d_model": 32}).draft_mlp == 0  # a config saved before it: plain linear heads
+    assert small_model("linear").draft_mlps is None
 
 
 def test_cache_needs_setup_and_clears():

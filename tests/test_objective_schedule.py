@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bytemtp.errors import BytemtpError
+from bytemtp.model.config import preset
 from bytemtp.train.config import TrainConfig, build_configs
 from bytemtp.train.loop import train
 from bytemtp.train.objective import head_weights
@@ -153,3 +154,19 @@ def test_detached_draft_heads_cost_their_forward_and_weight_gradient():
     transformer = dataclasses.replace(model, head_kind="transformer")
     with pytest.raises(BytemtpError, match="draft_detach: needs linear heads"):
         detached.resolved(transformer)
+
+
+@pytest.mark.parametrize("ffn, inner", [("relu2", 1), ("swiglu", 2)])
+def test_draft_mlps_cost_six_flops_per_weight_and_four_for_their_first_product_when_detached(ffn, inner):
+    """``draft_mlp``: each draft head adds its MLP's weights at 6 FLOPs per weight; detached, its first
+    product (the MLP's input projection, no longer the unembedding, whose input gradient the MLP
+    needs) costs 4."""
+    model = dataclasses.replace(preset("tiny"), ffn=ffn)
+    mlp = dataclasses.replace(model, draft_mlp=96)
+    T, drafts = 256, model.n_future - 1
+    weights = (inner + 1) * model.d_model * 96
+    assert flops_per_byte(mlp, T) - flops_per_byte(model, T) == 6 * drafts * weights
+    first = inner * model.d_model * 96
+    assert flops_per_byte(mlp, T) - flops_per_byte(mlp, T, draft_detach=True) == 2 * drafts * first
+    assert flops_per_byte(dataclasses.replace(mlp, n_future=1), T) == flops_per_byte(
+        dataclasses.replace(model, n_future=1), T)

@@ -22,7 +22,7 @@ FFN_KINDS = ("swiglu", "gelu", "relu2")
 # size within them fits this machine is checked against its memory before allocating
 # (``bytemtp.model.size``, ``bytemtp.memory``).
 MAX_SIZES = {"d_model": 1 << 16, "n_layers": 1024, "n_attn_heads": 1024, "n_future": 256, "head_layers": 1024,
-             "d_ff": 1 << 20, "max_seq_len": 1 << 20}
+             "d_ff": 1 << 20, "max_seq_len": 1 << 20, "draft_mlp": 1 << 20}
 MAX_LOGIT_CAP = 1e4  # a cap far above every logit changes nothing (0 turns it off); past float32's range it is NaN
 
 
@@ -48,6 +48,13 @@ class ModelConfig:
     MLP's ``w_out``) at zero, so each block starts as the identity. ``logit_cap > 0`` soft-caps
     every head's logits at ``cap * tanh(logits / cap)`` (Gemma 2, modded-nanogpt), in training
     and decoding alike.
+
+    ``draft_mlp > 0`` (linear heads): each draft head (2..n) reads the shared features through
+    a residual MLP of that hidden width (``ffn``'s kind) before its unembedding; head 1 stays
+    the plain read-out a next-byte model has. A linear read-out of features a trunk learnt for
+    the next byte predicts bytes further ahead badly; the MLP lets a draft head compute its
+    own guess from them, so the trunk need not spend capacity on the draft heads (see
+    ``TrainConfig.draft_detach``).
     """
 
     d_model: int = 128
@@ -65,6 +72,7 @@ class ModelConfig:
     qk_norm: bool = False
     zero_init_out: bool = False
     logit_cap: float = 0.0
+    draft_mlp: int = 0  # 0: linear draft heads; else the hidden width of each draft head's MLP
 
     def __post_init__(self) -> None:
         if self.head_kind not in HEAD_KINDS:
@@ -74,6 +82,8 @@ class ModelConfig:
         require_at_least_one(self, ("d_model", "n_layers", "n_attn_heads", "n_future", "max_seq_len"))
         if self.head_kind == "transformer" and self.head_layers < 1:
             raise BytemtpError(f"head_layers: must be at least 1 for transformer heads, got {self.head_layers}")
+        if self.draft_mlp < 0 or (self.draft_mlp and self.head_kind != "linear"):
+            raise BytemtpError(f"draft_mlp: must be >= 0, and 0 for transformer heads, got {self.draft_mlp}")
         if self.d_model % self.n_attn_heads or (self.d_model // self.n_attn_heads) % 2:
             raise BytemtpError(
                 f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"
@@ -113,6 +123,11 @@ class ModelConfig:
             return self.d_ff
         hidden = 8 * self.d_model // 3 if self.ffn == "swiglu" else 4 * self.d_model
         return round_up_64(hidden)
+
+    @property
+    def draft_mlp_weights(self) -> int:
+        """Weights of one draft head's MLP (0 without): in and out projections."""
+        return (3 if self.ffn == "swiglu" else 2) * self.d_model * self.draft_mlp
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

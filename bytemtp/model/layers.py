@@ -90,15 +90,16 @@ class MLP(nn.Module):
         self.w_out = PanelLinear(cfg.ffn_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.w_in(x)
+        return self.w_out(self.activate(self.w_in(x)))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity between the two projections (SwiGLU halves the last axis)."""
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h)
-        return self.w_out(h)
+            return F.silu(gate) * up
+        if self.kind == "relu2":
+            return F.relu(h).square()
+        return F.gelu(h)
 
 
 class Block(nn.Module):

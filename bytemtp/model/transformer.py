@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from bytemtp.errors import BytemtpError
 from bytemtp.model.cache import CacheRows, KVCache, first_rows
 from bytemtp.model.config import ModelConfig
+from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
 from bytemtp.model.panels import PanelLinear
@@ -46,6 +47,7 @@ class ByteMTP(nn.Module):
         else:
             self.heads = nn.ModuleList(TransformerHead(cfg) for _ in range(cfg.n_future))
             self.unembed = PanelLinear(cfg.d_model, cfg.vocab_padded, bias=False)
+        self.draft_mlps = DraftMLPs(cfg) if cfg.draft_mlp else None
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -148,7 +150,13 @@ class ByteMTP(nn.Module):
 
     def features_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
         """Head ``k``'s logits from its features (``head_features``)."""
-        return soft_cap(self.unembedding_layer(k)(features)[..., : self.cfg.vocab], self.cfg.logit_cap)
+        read = self.readout(features, k)
+        return soft_cap(self.unembedding_layer(k)(read)[..., : self.cfg.vocab], self.cfg.logit_cap)
+
+    def readout(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """What head ``k``'s unembedding multiplies: its features, through its MLP for a draft
+        head of a model with ``draft_mlp``."""
+        return features if self.draft_mlps is None or k == 0 else self.draft_mlps(features, k)
 
     def forward(
         self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None
@@ -234,8 +242,15 @@ class ByteMTP(nn.Module):
         (one position's, or several).
 
         One matrix product either way: linear heads stack their unembeddings (one feature
-        row against n_drafts * vocab columns), transformer heads share one (F rows).
+        row against n_drafts * vocab columns), transformer heads share one (F rows). Draft heads
+        with MLPs (``draft_mlp``) first run every MLP on the one feature row (``DraftMLPs.decode``),
+        then each head's unembedding on its own row, batched over heads.
         """
+        if self.draft_mlps is not None:  # each head its own features: one batched product per head
+            vocab = self.cfg.vocab
+            read = self.draft_mlps.decode(features[..., 0, :], n_drafts)  # [.., n_drafts, d]
+            unembeds = self.draft_weight[: n_drafts * vocab].view(n_drafts, vocab, self.cfg.d_model).transpose(1, 2)
+            return soft_cap((read.unsqueeze(-2) @ unembeds).squeeze(-2), self.cfg.logit_cap)
         if self.linear_heads:
             vocab = self.cfg.vocab
             logits = F.linear(features, self.draft_weight[: n_drafts * vocab])
@@ -272,6 +287,8 @@ class ByteMTP(nn.Module):
         self.kv_cache = kept
         self._arm_layers(True)
         self.draft_weight = self._stack_draft_weight(dtype)
+        if self.draft_mlps is not None:
+            self.draft_mlps.stack(dtype)
         return kept
 
     def _stack_draft_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -327,7 +344,7 @@ class ByteMTP(nn.Module):
         counts = {
             "embedding": count([self.embed]),
             "trunk": count(self.blocks),
-            "heads": count(self.heads),
+            "heads": count([self.heads, *([self.draft_mlps] if self.draft_mlps is not None else [])]),
             "shared_head": count(shared),
         }
         counts["total"] = sum(counts.values())

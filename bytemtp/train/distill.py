@@ -108,8 +108,10 @@ def trunk_and_choices(model: ByteMTP, seqs: torch.Tensor, batch_size: int) -> tu
 
 
 def draft_parameters(model: ByteMTP) -> list[torch.nn.Parameter]:
-    """The parameters only draft heads use: heads 2..n (a transformer head's blocks; a linear head's unembedding)."""
-    return [p for head in model.heads[1:] for p in head.parameters()]
+    """The parameters only draft heads use: heads 2..n (a transformer head's blocks; a linear head's
+    unembedding, and its MLP with ``draft_mlp``)."""
+    mlps = [] if model.draft_mlps is None else list(model.draft_mlps.parameters())
+    return [p for head in model.heads[1:] for p in head.parameters()] + mlps
 
 
 def draft_pairs(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -52,11 +52,22 @@ def attention_layers(cfg: ModelConfig) -> int:
 
 def flops_per_byte(cfg: ModelConfig, seq_len: int, draft_detach: bool = False) -> float:
     """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes; ``draft_detach``:
-    the draft heads' unembeddings cost their forward and weight gradient only."""
-    unembedding = cfg.d_model * cfg.vocab_padded
-    draft_cost = 4.0 if draft_detach and cfg.head_kind == "linear" else 6.0
-    matmul = 6.0 * (attention_layers(cfg) * block_matmul_weights(cfg) + unembedding)
-    return matmul + draft_cost * (cfg.n_future - 1) * unembedding + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+    a draft head's first product (its unembedding, or its MLP's input projection with
+    ``draft_mlp``) costs its forward and weight gradient only."""
+    matmul = 6.0 * (attention_layers(cfg) * block_matmul_weights(cfg) + cfg.d_model * cfg.vocab_padded)
+    return matmul + (cfg.n_future - 1) * draft_head_flops(cfg, draft_detach) \
+        + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
+
+
+def draft_head_flops(cfg: ModelConfig, draft_detach: bool) -> float:
+    """One draft head's FLOPs per byte: its unembedding (transformer heads: their blocks, counted
+    with the trunk's, and the shared unembedding) and, with ``draft_mlp``, its MLP."""
+    unembedding, mlp = cfg.d_model * cfg.vocab_padded, cfg.draft_mlp_weights
+    if not (draft_detach and cfg.head_kind == "linear"):
+        return 6.0 * (unembedding + mlp)
+    mlp_in = cfg.d_model * cfg.draft_mlp * (2 if cfg.ffn == "swiglu" else 1)
+    first = mlp_in if cfg.draft_mlp else unembedding
+    return 6.0 * (unembedding + mlp) - 2.0 * first
 
 
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:

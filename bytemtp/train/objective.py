@@ -16,7 +16,7 @@ graph, no padded-logit copies, the matmul-dtype cast of the features done once.
 Transformer heads differentiate only their own block, the shared norm and z;
 the unembedding and cross-entropy use the same hand-written step.
 
-``stacked`` (CUDA's default; linear heads only, transformer heads run ``sequential``): the same
+``stacked`` (CUDA's default; linear heads without ``draft_mlp`` only, the others run ``sequential``): the same
 Function, but all heads' unembeddings stacked into one [n * vocab_padded, d]
 weight, so each chunk of rows is one wide product forward and two backward rather
 than n narrow ones each; chunks of rows bound the logits alive at once
@@ -36,6 +36,11 @@ as in next-byte training, and each draft head is a linear read-out of what the t
 already knows. It is the recipe for a model that must predict as well as a next-byte
 model of the same compute: a small trunk has no capacity to spare for bytes further
 ahead. A detached head's step skips the gradient of its features, a third of its cost.
+
+``draft_mlp`` (the model's, linear heads): each draft head reads the features through an MLP
+of its own (``bytemtp.model.draft_mlp``), differentiated with autograd head by head like a
+transformer head's block; its unembedding and cross-entropy are the same hand-written step.
+Detached, such a head trains its MLP and unembedding and sends nothing into the features.
 """
 
 from __future__ import annotations
@@ -120,28 +125,52 @@ def _sum_into(total: list[torch.Tensor] | None, grads: list[torch.Tensor], like:
 
 def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                         trained: list[int], detach: bool, h: torch.Tensor):
-    """LossAndGradients over (h = norm(z), *unembeddings): the features are shared, only weights differ.
-    Heads not ``trained`` are not computed (``trained_heads``); with ``detach`` only head 1's loss
-    reaches h."""
+    """LossAndGradients over (h = norm(z), *unembeddings, *draft MLPs' parameters): the features are
+    shared, only weights differ (and, with ``draft_mlp``, each draft head's MLP of them). Heads not
+    ``trained`` are not computed (``trained_heads``); with ``detach`` only head 1's loss reaches h."""
     n, dt = targets.shape[-1], matmul_dtype(h)
     ce, scales = cross_entropy_fn(model), weights / counts
     feats = h.detach().flatten(0, 1).to(dt)
-    nll, grad_h, grad_ws = [], None, []
+    nll, grad_h, grad_ws, grad_mlps = [], None, [], []
     with no_autocast(h):
         for k in range(n):
-            w = model.unembedding(k)
+            w, mlp = model.unembedding(k), _draft_mlp_params(model, k)
             if k not in trained:
                 nll.append(torch.zeros(1, device=h.device))
                 grad_ws.append(torch.zeros_like(w))
+                grad_mlps += [torch.zeros_like(p) for p in mlp]
                 continue
-            nll_k, g_f, g_w = ce(feats, w.to(dt), targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab,
-                                 scales[k : k + 1], model.cfg.logit_cap, not (detach and k))
+            args = (targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab, scales[k : k + 1], model.cfg.logit_cap)
+            if mlp:
+                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, h, w.to(dt), args, not detach)
+                grad_mlps += g_mlp
+            else:
+                nll_k, g_f, g_w = ce(feats, w.to(dt), *args, not (detach and k))
             if g_f is not None:
-                grad_h = _sum_into(grad_h, [g_f], [h])
+                grad_h = _sum_into(grad_h, [g_f.view_as(h)], [h])
             grad_ws.append(g_w.to(w.dtype))
             nll.append(nll_k)
     losses = torch.cat(nll) / counts
-    return (weights * losses).sum(), losses, [grad_h[0].view_as(h), *grad_ws]
+    return (weights * losses).sum(), losses, [grad_h[0], *grad_ws, *grad_mlps]
+
+
+def _draft_mlp_params(model: ByteMTP, k: int) -> list[torch.Tensor]:
+    """Head ``k``'s MLP parameters (none for head 1 or without ``draft_mlp``)."""
+    return [] if model.draft_mlps is None or k == 0 else list(model.draft_mlps.mlps[k - 1].parameters())
+
+
+def _draft_mlp_head(model: ByteMTP, k: int, h: torch.Tensor, unembed: torch.Tensor, args: tuple,
+                    feature_grad: bool):
+    """Draft head ``k`` through its MLP: (its summed loss, h's gradient or None, its unembedding's
+    gradient, its MLP's gradients); the MLP's activations die when this returns. ``args``: the
+    cross-entropy's targets, vocabulary, scale and cap. Runs in h's dtype (float32)."""
+    params = _draft_mlp_params(model, k)
+    with torch.enable_grad():
+        hd = h.detach().requires_grad_(feature_grad)
+        read = model.readout(hd, k)
+    nll, g_read, g_w = cross_entropy_fn(model)(read.detach().flatten(0, 1).to(unembed.dtype), unembed, *args)
+    grads = torch.autograd.grad(read, [hd, *params] if feature_grad else params, g_read.view_as(read).to(read.dtype))
+    return nll, grads[0] if feature_grad else None, g_w, list(grads[1:] if feature_grad else grads)
 
 
 def _stacked_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
@@ -254,9 +283,10 @@ def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights:
                 trained: list[int], stacked: bool, detach: bool):
     if model.linear_heads:
         unembeds = [model.unembedding(k) for k in range(model.cfg.n_future)]
-        heads = _stacked_heads_grads if stacked else _linear_heads_grads
+        mlps = [p for k in range(model.cfg.n_future) for p in _draft_mlp_params(model, k)]
+        heads = _stacked_heads_grads if stacked and not mlps else _linear_heads_grads
         compute = functools.partial(heads, model, targets, weights, counts, trained, detach)
-        return _GradientsFromForward.apply(compute, model.head_features(z, 0), *unembeds)
+        return _GradientsFromForward.apply(compute, model.head_features(z, 0), *unembeds, *mlps)
     params = [model.norm.weight, model.unembedding(0), *model.heads.parameters()]
     compute = functools.partial(_transformer_heads_grads, model, targets, weights, counts, trained)
     return _GradientsFromForward.apply(compute, z, *params)
