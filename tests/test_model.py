@@ -215,6 +215,15 @@ def test_draft_mlp_needs_linear_heads():
     assert small_model("linear").draft_mlps is None
 
 
+def test_draft_mlps_leave_the_rest_of_the_initialisation_as_it_was():
+    """Seed for seed, a model with draft MLPs starts from the weights a model without them has
+    (the MLPs are drawn last), so the two train as a paired comparison."""
+    plain, mlp = small_model("linear").state_dict(), small_model("linear", draft_mlp=16).state_dict()
+    assert all(torch.equal(plain[name], mlp[name]) for name in plain)
+    assert {name for name in mlp if name not in plain} == {
+        f"draft_mlps.mlps.{k}.{w}.weight" for k in range(2) for w in ("w_in", "w_out")}
+
+
 def test_cache_needs_setup_and_clears():
     model = small_model("transformer")
     ids = torch.randint(0, VOCAB, (1, 4))

@@ -170,3 +170,39 @@ def test_draft_mlps_cost_six_flops_per_weight_and_four_for_their_first_product_w
     assert flops_per_byte(mlp, T) - flops_per_byte(mlp, T, draft_detach=True) == 2 * drafts * first
     assert flops_per_byte(dataclasses.replace(mlp, n_future=1), T) == flops_per_byte(
         dataclasses.replace(model, n_future=1), T)
+
+
+def test_draft_lr_restart_gives_the_draft_heads_a_schedule_from_when_they_join():
+    """``draft_lr_restart``: the draft heads' parameters (and theirs alone) are in groups whose
+    learning rate is 0 until ``objective_begin``, then the run's warm-up and cosine over the rest of
+    the run; every other group keeps the run's schedule, as without it."""
+    from bytemtp.model.transformer import ByteMTP
+    from bytemtp.train.optim import build_optimizer, build_scheduler
+
+    overrides = {"steps": 100, "warmup_steps": 5, "objective_begin": 0.6, "objective_end": 0.7, "draft_detach": True,
+                 "draft_mlp": 32}
+    model_cfg, plain = build_configs(preset="tiny", overrides=overrides)
+    _, restart = build_configs(preset="tiny", overrides={**overrides, "draft_lr_restart": True})
+    assert plain.draft_lr_restart is False and TrainConfig.from_dict({"steps": 5}).draft_lr_restart is False
+    model = ByteMTP(model_cfg)
+    runs = {}
+    for name, cfg in (("plain", plain), ("restart", restart)):
+        cfg = cfg.resolved(model_cfg)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        scheduler = build_scheduler(optimizer, cfg)
+        lrs = []
+        for _ in range(cfg.steps):
+            lrs.append([g["lr"] for g in optimizer.param_groups])
+            optimizer.step()
+            scheduler.step()
+        runs[name] = (optimizer.param_groups, lrs)
+    groups, lrs = runs["restart"]
+    drafts = [i for i, g in enumerate(groups) if g.get("draft")]
+    assert {id(p) for i in drafts for p in groups[i]["params"]} == {id(p) for p in model.draft_parameters()}
+    others = [i for i in range(len(groups)) if i not in drafts]
+    plain_lrs = runs["plain"][1]
+    assert [[step[i] for i in others] for step in lrs] == [step for step in plain_lrs]  # the same groups, same lrs
+    base = [groups[i]["initial_lr"] for i in drafts]
+    assert all(step[i] == 0 for step in lrs[:60] for i in drafts)
+    assert [lrs[64][i] for i in drafts] == pytest.approx(base)  # warmed up: the peak, 5 steps after joining
+    assert [lrs[99][i] for i in drafts] == pytest.approx([0.1 * b for b in base])  # the run's floor at its end

@@ -47,7 +47,7 @@ class ByteMTP(nn.Module):
         else:
             self.heads = nn.ModuleList(TransformerHead(cfg) for _ in range(cfg.n_future))
             self.unembed = PanelLinear(cfg.d_model, cfg.vocab_padded, bias=False)
-        self.draft_mlps = DraftMLPs(cfg) if cfg.draft_mlp else None
+        self.draft_mlps: DraftMLPs | None = None  # made last, see ``_init_weights``
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -68,13 +68,18 @@ class ByteMTP(nn.Module):
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
-        self._init_weights()
+        self._init_weights(self)
+        if cfg.draft_mlp:
+            self.draft_mlps = DraftMLPs(cfg)
+            self._init_weights(self.draft_mlps)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 style: N(0, 0.02), residual output projections scaled by depth (or zero, with
-        ``zero_init_out``)."""
+        ``zero_init_out``). The draft heads' MLPs are made and drawn after everything else, so
+        a model with them starts from the same trunk and heads as one without, seed for seed:
+        their comparison is paired."""
         depth = self.cfg.n_layers + (self.cfg.head_layers if self.cfg.head_kind == "transformer" else 0)
-        for name, p in self.named_parameters():
+        for name, p in module.named_parameters():
             if p.dim() < 2:
                 continue
             output = name.endswith(("wo.weight", "w_out.weight"))
@@ -337,6 +342,12 @@ class ByteMTP(nn.Module):
                 layer.arm(armed)
 
     # -- bookkeeping -----------------------------------------------------------
+    def draft_parameters(self) -> list[nn.Parameter]:
+        """The parameters only draft heads use: heads 2..n (a transformer head's blocks; a linear
+        head's unembedding, and its MLP with ``draft_mlp``)."""
+        mlps = [] if self.draft_mlps is None else list(self.draft_mlps.parameters())
+        return [p for head in self.heads[1:] for p in head.parameters()] + mlps
+
     def param_counts(self) -> dict[str, int]:
         """Parameters by part, so an n=1 baseline of equal size can be configured."""
         count = lambda ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731

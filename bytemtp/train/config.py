@@ -78,6 +78,12 @@ class TrainConfig:
     ``draft_detach`` (linear heads): the draft heads learn from the trunk's features without
     training the trunk, so head 1 shapes it alone (``bytemtp.train.objective``); False, the
     default and what an older config means, is the paper's shared training.
+
+    ``draft_lr_restart``: the draft heads' own parameters (``ByteMTP.draft_parameters``) follow
+    a learning-rate schedule of their own, the run's warm-up and cosine started over at
+    ``objective_begin`` and ending with the run, instead of the run's: heads that join late
+    would otherwise start learning near the floor of the run's cosine. False (the default,
+    and what an older config means): one schedule for every parameter.
     """
 
     steps: int = 200
@@ -104,6 +110,7 @@ class TrainConfig:
     objective_begin: int | float = 0  # a step, or a fraction of the run in (0, 1)
     objective_end: int | float = 0
     draft_detach: bool = False
+    draft_lr_restart: bool = False
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default

@@ -107,13 +107,6 @@ def trunk_and_choices(model: ByteMTP, seqs: torch.Tensor, batch_size: int) -> tu
     return torch.cat(z), torch.cat(choice)
 
 
-def draft_parameters(model: ByteMTP) -> list[torch.nn.Parameter]:
-    """The parameters only draft heads use: heads 2..n (a transformer head's blocks; a linear head's
-    unembedding, and its MLP with ``draft_mlp``)."""
-    mlps = [] if model.draft_mlps is None else list(model.draft_mlps.parameters())
-    return [p for head in model.heads[1:] for p in head.parameters()] + mlps
-
-
 def draft_pairs(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per draft head k+1 (k = 1..n-1): its logits at every t that has a target, [B, T-k, vocab],
     and the target, head 1's choice at t + k (the byte head 1 puts at t + k + 1, the one head
@@ -144,7 +137,7 @@ def fit_draft_heads(
     model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, cfg: DistillConfig, progress: bool = False
 ) -> None:
     """Adam on ``draft_loss`` over the cached trunk outputs, draft heads' parameters only."""
-    params = draft_parameters(model)
+    params = model.draft_parameters()
     trained = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trained]
     for p in frozen:

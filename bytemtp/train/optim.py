@@ -54,9 +54,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     multi-tensor implementation elsewhere.
     """
     fused = True if device.type == "cuda" else None
+    drafts = {id(p) for p in model.draft_parameters()} if cfg.draft_lr_restart else set()
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
+            _apart(param_groups(model, cfg.weight_decay), drafts), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
         )
     hidden = {id(p) for m in model.modules() if isinstance(m, Block) for p in m.parameters() if p.dim() == 2}
     adamw_groups = [
@@ -64,13 +65,21 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     ]
     ns_dtype, why = orthogonalisation_dtype(cfg.muon_dtype, device)
     muon = Muon(
-        [p for p in model.parameters() if id(p) in hidden], lr=cfg.muon_lr, weight_decay=0.0,
-        momentum=cfg.muon_momentum, ns_dtype=ns_dtype, ns_why=why,
+        _apart([{"params": [p for p in model.parameters() if id(p) in hidden]}], drafts), lr=cfg.muon_lr,
+        weight_decay=0.0, momentum=cfg.muon_momentum, ns_dtype=ns_dtype, ns_why=why,
     )
-    adamw = torch.optim.AdamW(
-        [g for g in adamw_groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused
-    )
+    adamw = torch.optim.AdamW(_apart(adamw_groups, drafts), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     return MuonAdamW(muon, adamw)
+
+
+def _apart(groups: list[dict], drafts: set[int]) -> list[dict]:
+    """``groups`` with the parameters in ``drafts`` moved to groups of their own, marked ``"draft"``
+    (``build_scheduler`` gives them their schedule); empty groups left out."""
+    split = []
+    for g in groups:
+        split.append({**g, "params": [p for p in g["params"] if id(p) not in drafts]})
+        split.append({**g, "params": [p for p in g["params"] if id(p) in drafts], "draft": True})
+    return [g for g in split if g["params"]]
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -125,7 +134,24 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class Delayed:
+    """lr multiplier of step ``s``: 0 before ``start``, then ``schedule`` counted from there."""
+
+    start: int
+    schedule: WarmupCosine
+
+    def __call__(self, s: int) -> float:
+        return 0.0 if s < self.start else self.schedule(s - self.start)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """``cfg`` must be resolved (``decay_steps`` filled in)."""
+    """``cfg`` must be resolved (``decay_steps`` and ``objective_begin`` as steps). Groups marked
+    ``"draft"`` (``draft_lr_restart``) start their schedule over when the draft heads join."""
     schedule = WarmupCosine(cfg.warmup_steps, cfg.decay_steps, cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if not any(g.get("draft") for g in optimizer.param_groups):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    begin = int(cfg.objective_begin) if cfg.objective_schedule != "constant" else 0
+    late = Delayed(begin, WarmupCosine(cfg.warmup_steps, max(1, cfg.decay_steps - begin), cfg.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [late if g.get("draft") else schedule
+                                                         for g in optimizer.param_groups])
