@@ -55,6 +55,27 @@ def assert_grads_close(got: dict, want: dict, rtol: float) -> None:
         assert err <= rtol * size, f"{name}: error {err:.2e}, gradient norm {size:.2e}"
 
 
+def assert_objective_is(model: ByteMTP, ids: torch.Tensor, mode: str, w: float, logits, **loss_kw) -> dict:
+    """``multihead_loss(model, ids, mode, w, **loss_kw)``'s loss and gradients equal autograd through
+    (CE_1 + w * the draft heads' CEs) / (1 + w (n - 1)), head k's logits ``logits(h, k)`` from the
+    shared features h; returns the gradients."""
+    n = model.cfg.n_future
+    inputs, targets = split_batch(ids, n)
+    model.zero_grad(set_to_none=True)
+    h = model.head_features(model.trunk(inputs), 0)
+    ce = [F.cross_entropy(logits(h, k).flatten(0, 1), targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
+    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
+    reference.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = multihead_loss(model, ids, mode, w, **loss_kw)
+    out.loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.testing.assert_close(out.loss, reference.detach(), **LOSS_TOL)
+    assert_grads_close(got, want, rtol=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("mode", ["sequential", "stacked"])
 @pytest.mark.parametrize("head_kind", HEAD_KINDS)
 @pytest.mark.parametrize("n_future", [1, 2, 8])
@@ -102,20 +123,8 @@ def test_detached_draft_heads_leave_the_trunk_to_head_one(mode):
     w, n = 0.3, 8
     model = make_model("linear", n)
     ids = padded_batch(n)
-    inputs, targets = split_batch(ids, n)
-    model.zero_grad(set_to_none=True)
-    h = model.head_features(model.trunk(inputs), 0)
-    ce = [F.cross_entropy(model.features_logits(h if k == 0 else h.detach(), k).flatten(0, 1),
-                          targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
-    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
-    reference.backward()
-    want = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    out = multihead_loss(model, ids, mode, w, draft_detach=True)
-    out.loss.backward()
-    got = {name: p.grad.clone() for name, p in model.named_parameters()}
-    torch.testing.assert_close(out.loss, reference.detach(), **LOSS_TOL)
-    assert_grads_close(got, want, rtol=1e-5)
+    got = assert_objective_is(model, ids, mode, w, lambda h, k: model.features_logits(h if k == 0 else h.detach(), k),
+                              draft_detach=True)
     _, shared = grads_of(model, ids, mode, draft_loss_weight=w)
     # the detached trunk's gradients really are others than the shared objective's
     assert (shared["blocks.0.attn.wqkv.weight"] - got["blocks.0.attn.wqkv.weight"]).norm() > 1e-3 * got[
@@ -136,7 +145,6 @@ def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, ffn):
         for p in model.draft_mlps.parameters():
             p.normal_(0, 0.3)
     ids = padded_batch(n)
-    inputs, targets = split_batch(ids, n)
 
     def act(x):
         if ffn == "relu2":
@@ -151,18 +159,7 @@ def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, ffn):
             h = h + act(h @ mlp.w_in.weight.t()) @ mlp.w_out.weight.t()
         return (h @ model.unembedding(k).t())[..., :VOCAB]
 
-    model.zero_grad(set_to_none=True)
-    h = model.head_features(model.trunk(inputs), 0)
-    ce = [F.cross_entropy(logits(h, k).flatten(0, 1), targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
-    reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
-    reference.backward()
-    want = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    out = multihead_loss(model, ids, mode, w, draft_detach=detach)
-    out.loss.backward()
-    got = {name: p.grad.clone() for name, p in model.named_parameters()}
-    torch.testing.assert_close(out.loss, reference.detach(), **LOSS_TOL)
-    assert_grads_close(got, want, rtol=1e-5)
+    got = assert_objective_is(model, ids, mode, w, logits, draft_detach=detach)
     assert got["draft_mlps.mlps.0.w_in.weight"].norm() > 0  # the MLPs train
     # a head of weight 0 is not run: its MLP gets a zero gradient
     model.zero_grad(set_to_none=True)
