@@ -117,6 +117,7 @@ def run_bench(
     info = {
         "n_future": cfg.n_future,
         "head_kind": cfg.head_kind,
+        "draft_mlp": cfg.draft_mlp,
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
@@ -280,8 +281,8 @@ class BenchReport:
         lines = [
             f"{c.prompts} {c.workload} prompts x {c.max_bytes} bytes ({c.prompt_bytes}-byte prompts), {how}, "
             f"on {self.device}; "
-            f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads, "
-            f"{self.model['params']:,} params",
+            f"model: n_future={self.model['n_future']} {self.model['head_kind']} heads"
+            f"{_draft_mlps(self.model)}, {self.model['params']:,} params",
             f"{'batch':>5}  {'mode':<34}{'bytes/s':>10}{'speedup':>9}{'bytes/fwd':>11}{'identical':>11}"
             "  acceptance (h2, h3, ...)",
         ]
@@ -303,3 +304,8 @@ def describe_device(device: torch.device, panels: bool, compiled: bool | None) -
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)}{how})"
     return f"cpu ({torch.get_num_threads()} threads, {'prepacked' if panels else 'F.linear'} matmuls{how})"
+
+
+def _draft_mlps(model: dict) -> str:
+    """How a model's draft heads read their features, when not directly (``draft_mlp``)."""
+    return f" (draft heads through {model['draft_mlp']}-wide MLPs)" if model.get("draft_mlp") else ""
