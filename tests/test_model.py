@@ -207,9 +207,9 @@ def test_decode_and_draft_logits_equal_forward(head_kind, draft_mlp, n_heads, lo
 
 
 def test_draft_mlp_needs_linear_heads():
-    with pytest.raises(BytemtpError, match="draft_mlp"):
+    with pytest.raises(BytemtpError, match="draft_mlp: needs linear heads"):
         small_model("transformer", draft_mlp=8)
-    with pytest.raises(BytemtpError, match="draft_mlp"):
+    with pytest.raises(BytemtpError, match="draft_mlp: must be >= 0"):
         small_model("linear", draft_mlp=-1)
     assert ModelConfig.from_dict({"d_model": 32}).draft_mlp == 0  # a config saved before it: plain linear heads
     assert small_model("linear").draft_mlps is None

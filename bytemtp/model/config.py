@@ -82,8 +82,11 @@ class ModelConfig:
         require_at_least_one(self, ("d_model", "n_layers", "n_attn_heads", "n_future", "max_seq_len"))
         if self.head_kind == "transformer" and self.head_layers < 1:
             raise BytemtpError(f"head_layers: must be at least 1 for transformer heads, got {self.head_layers}")
-        if self.draft_mlp < 0 or (self.draft_mlp and self.head_kind != "linear"):
-            raise BytemtpError(f"draft_mlp: must be >= 0, and 0 for transformer heads, got {self.draft_mlp}")
+        if self.draft_mlp < 0:
+            raise BytemtpError(f"draft_mlp: must be >= 0 (0: linear draft heads), got {self.draft_mlp}")
+        if self.draft_mlp and self.head_kind != "linear":
+            raise BytemtpError(f"draft_mlp: needs linear heads (transformer heads have their blocks), got head_kind "
+                               f"{self.head_kind!r}")
         if self.d_model % self.n_attn_heads or (self.d_model // self.n_attn_heads) % 2:
             raise BytemtpError(
                 f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"
