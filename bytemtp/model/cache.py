@@ -28,6 +28,21 @@ import torch
 CacheRows = int | torch.Tensor | None
 
 
+def kept_in_place(kept: torch.Tensor | None, fresh: torch.Tensor) -> torch.Tensor:
+    """``fresh`` copied into ``kept`` when its shape, dtype and device allow, else ``fresh`` itself.
+
+    Decoding weights stacked at ``setup_cache`` (the draft heads') are read by captured steps at
+    their address, so a new tensor per generation would make every generation record its CUDA
+    graph again; the weights may have changed since (training between samples), so the copy is
+    refreshed every time."""
+    if kept is None or (kept.shape, kept.dtype, kept.device) != (fresh.shape, fresh.dtype, fresh.device):
+        return fresh
+    if kept.data_ptr() != fresh.data_ptr():  # (a transformer head's may be the weight itself)
+        with torch.inference_mode():  # it may have been made in inference mode, where decoding runs
+            kept.copy_(fresh)
+    return kept
+
+
 def first_rows(rows: list[int] | None) -> int | None:
     """How many rows ``rows`` lists when they are the first ones (0, 1, ..., n - 1): those a forward
     and the work after it can take as views and slices; None for any other set, or for None."""

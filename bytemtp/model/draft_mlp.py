@@ -15,6 +15,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from bytemtp.model.cache import kept_in_place
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.layers import MLP
 
@@ -35,15 +36,9 @@ class DraftMLPs(nn.Module):
 
     def stack(self, dtype: torch.dtype) -> None:
         """Refresh the stacked weights ``decode`` reads (the weights may have changed since the last call)."""
-        w_in = torch.cat([m.w_in.weight for m in self.mlps]).t().detach().to(dtype)
-        w_out = torch.stack([m.w_out.weight.t() for m in self.mlps]).detach().to(dtype)
-        for name, fresh in (("w_in", w_in), ("w_out", w_out)):
-            kept = getattr(self, name)
-            if kept is None or (kept.shape, kept.dtype, kept.device) != (fresh.shape, fresh.dtype, fresh.device):
-                setattr(self, name, fresh.contiguous())
-            else:
-                with torch.inference_mode():  # it may have been made in inference mode, where decoding runs
-                    kept.copy_(fresh)
+        w_in = torch.cat([m.w_in.weight for m in self.mlps]).t().detach().to(dtype).contiguous()
+        w_out = torch.stack([m.w_out.weight.t() for m in self.mlps]).detach().to(dtype).contiguous()
+        self.w_in, self.w_out = kept_in_place(self.w_in, w_in), kept_in_place(self.w_out, w_out)
 
     def decode(self, features: torch.Tensor, n: int) -> torch.Tensor:
         """Features [.., d] -> what draft heads 2..n+1 unembed, [.., n, d] (after ``stack``)."""

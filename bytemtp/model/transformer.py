@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bytemtp.errors import BytemtpError
-from bytemtp.model.cache import CacheRows, KVCache, first_rows
+from bytemtp.model.cache import CacheRows, KVCache, first_rows, kept_in_place
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
@@ -300,10 +300,8 @@ class ByteMTP(nn.Module):
         """The draft heads' unembeddings stacked for ``draft_logits``: [n_drafts * vocab, d] for
         linear heads, [vocab, d] for transformer heads (None without draft heads).
 
-        Refreshed every ``setup_cache`` (the weights may have changed since, e.g. between
-        training and sampling), into the same tensor as last time when its shape allows: a
-        captured step reads it at its address, and a new tensor per generation would make
-        every generation record its CUDA graph again."""
+        Refreshed every ``setup_cache``, into the same tensor as last time when its shape
+        allows (``kept_in_place``)."""
         drafts = range(1, self.cfg.n_future)
         if not drafts:
             return None
@@ -311,13 +309,8 @@ class ByteMTP(nn.Module):
             fresh = torch.cat([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
         else:
             fresh = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
-        kept = self._kept_draft_weight
-        if kept is None or (kept.shape, kept.dtype, kept.device) != (fresh.shape, fresh.dtype, fresh.device):
-            self._kept_draft_weight = kept = fresh
-        elif kept.data_ptr() != fresh.data_ptr():  # (a transformer head's may be the weight itself)
-            with torch.inference_mode():  # it may have been made in inference mode, where decoding runs
-                kept.copy_(fresh)
-        return kept
+        self._kept_draft_weight = kept_in_place(self._kept_draft_weight, fresh)
+        return self._kept_draft_weight
 
     def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's cached keys/values of each row from slots ``src`` to slots ``dst``

@@ -142,7 +142,7 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
                 continue
             args = (targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab, scales[k : k + 1], model.cfg.logit_cap)
             if mlp:
-                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, h, w.to(dt), args, not detach)
+                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, mlp, h, w.to(dt), args, not detach)
                 grad_mlps += g_mlp
             else:
                 nll_k, g_f, g_w = ce(feats, w.to(dt), *args, not (detach and k))
@@ -159,12 +159,11 @@ def _draft_mlp_params(model: ByteMTP, k: int) -> list[torch.Tensor]:
     return [] if model.draft_mlps is None or k == 0 else list(model.draft_mlps.mlps[k - 1].parameters())
 
 
-def _draft_mlp_head(model: ByteMTP, k: int, h: torch.Tensor, unembed: torch.Tensor, args: tuple,
-                    feature_grad: bool):
-    """Draft head ``k`` through its MLP: (its summed loss, h's gradient or None, its unembedding's
-    gradient, its MLP's gradients); the MLP's activations die when this returns. ``args``: the
-    cross-entropy's targets, vocabulary, scale and cap. Runs in h's dtype (float32)."""
-    params = _draft_mlp_params(model, k)
+def _draft_mlp_head(model: ByteMTP, k: int, params: list[torch.Tensor], h: torch.Tensor, unembed: torch.Tensor,
+                    args: tuple, feature_grad: bool):
+    """Draft head ``k`` through its MLP (``params``): (its summed loss, h's gradient or None, its
+    unembedding's gradient, its MLP's gradients); the MLP's activations die when this returns.
+    ``args``: the cross-entropy's targets, vocabulary, scale and cap. Runs in h's dtype (float32)."""
     with torch.enable_grad():
         hd = h.detach().requires_grad_(feature_grad)
         read = model.readout(hd, k)
