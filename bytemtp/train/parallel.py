@@ -30,15 +30,18 @@ class MTPObjective(nn.Module):
 
     ``draft_loss_weight`` (one weight for every draft head, or one per draft head) may be
     set between steps: the training loop sets each step's under an objective schedule.
-    ``draft_detach``: the draft heads do not train the trunk (``multihead_loss``)."""
+    ``draft_detach``: the draft heads do not train the trunk; ``draft_targets``: what they learn
+    (``multihead_loss``)."""
 
     def __init__(self, model: ByteMTP, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0,
-                 draft_detach: bool = False):
+                 draft_detach: bool = False, draft_targets: str = "text"):
         super().__init__()
         self.model, self.mode, self.draft_loss_weight, self.draft_detach = model, mode, draft_loss_weight, draft_detach
+        self.draft_targets = draft_targets
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = multihead_loss(self.model, ids, self.mode, self.draft_loss_weight, self.draft_detach)
+        out = multihead_loss(self.model, ids, self.mode, self.draft_loss_weight, self.draft_detach,
+                             self.draft_targets)
         return out.loss, out.head_losses
 
 
