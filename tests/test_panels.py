@@ -158,10 +158,17 @@ def test_compiled_graphs_read_the_copy_only_while_armed():
         assert not big._armed  # big weights have panels, which a graph cannot call
 
 
-def test_the_models_cache_arms_its_layers():
-    model = ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=2, max_seq_len=16))
-    layers = [m for m in model.modules() if isinstance(m, PanelLinear)]
+@pytest.mark.parametrize("head_kind, draft_mlp", [("linear", 0), ("linear", 16), ("transformer", 0)])
+def test_the_models_cache_arms_the_layers_decoding_multiplies_by(head_kind, draft_mlp):
+    """A decoding session arms the trunk's layers and head 1's, and transformer draft heads' (each
+    runs at every position); linear draft heads' unembeddings and MLPs are read stacked, unarmed."""
+    model = ByteMTP(ModelConfig(d_model=32, n_layers=1, n_attn_heads=4, n_future=3, max_seq_len=16,
+                                head_kind=head_kind, draft_mlp=draft_mlp))
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, PanelLinear)}
     model.setup_cache(1, 16)
-    assert all(layer._armed for layer in layers)
+    armed = {name for name, layer in layers.items() if layer._armed}
+    stacked = {name for name in layers if name.startswith(("heads.1", "heads.2", "draft_mlps"))}
+    assert armed == set(layers) - (stacked if head_kind == "linear" else set())
+    assert len(armed) > 2 and (stacked - armed if head_kind == "linear" else stacked <= armed)
     model.clear_cache()
-    assert not any(layer._armed for layer in layers)
+    assert not any(layer._armed for layer in layers.values())

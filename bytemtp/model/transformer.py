@@ -327,12 +327,14 @@ class ByteMTP(nn.Module):
         self._arm_layers(False)
 
     def _arm_layers(self, armed: bool) -> None:
-        """Arm (or disarm) every layer's decoding copy for compiled steps (``PanelLinear.arm``):
-        a decoding session lasts from ``setup_cache`` to ``clear_cache``, and the weights do
-        not change within one."""
+        """Arm (or disarm) the decoding copy of every layer a decoding step multiplies by, for compiled
+        steps (``PanelLinear.arm``): a decoding session lasts from ``setup_cache`` to ``clear_cache``,
+        and the weights do not change within one. Linear draft heads (their unembeddings and
+        MLPs) are not among those layers: ``draft_logits`` reads their weights stacked."""
+        stacked = {id(p) for p in self.draft_parameters()} if self.linear_heads else set()
         for layer in self.modules():
             if isinstance(layer, PanelLinear):
-                layer.arm(armed)
+                layer.arm(armed and id(layer.weight) not in stacked)
 
     # -- bookkeeping -----------------------------------------------------------
     def draft_parameters(self) -> list[nn.Parameter]:
