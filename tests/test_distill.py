@@ -67,6 +67,41 @@ def test_held_out_agreement_with_head_one_rises(pair):
     assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)
 
 
+def test_the_reported_flops_count_every_product(pair):
+    """The cost ``distill`` reports, recounted from the model's own weight matrices: a forward
+    position (generation, encoding) multiplies by the trunk's and head 1's, 2 FLOPs per weight, plus
+    4 d T per attention layer; the fit pays a draft head's products 6 per weight, but 4 for the
+    first product of features that are frozen (and for a transformer head's frozen shared
+    unembedding); the agreement, before and after, its forward."""
+    model, _, result = pair
+    d, n = model.cfg.d_model, model.cfg.n_future
+    T, held, fitted = 1 + 24 + 64, 8 + 8, (48 - 8) + (24 - 8)  # the settings of ``distilled``
+    matrices = {name: p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed.weight"}
+
+    def weights(prefix: str) -> int:
+        return sum(v for name, v in matrices.items() if name.startswith(prefix))
+
+    transformer = model.cfg.head_kind == "transformer"
+    unembed = matrices["unembed.weight" if transformer else "heads.0.weight"]
+    head_layers = model.cfg.head_layers if transformer else 0
+    forward = 2 * (weights("blocks.") + weights("heads.0.") + transformer * unembed) \
+        + 4 * d * T * (model.cfg.n_layers + head_layers)
+    fit = agreement = 0
+    for k in range(1, n):
+        mine = weights(f"heads.{k}.") + weights(f"draft_mlps.mlps.{k - 1}.")
+        if transformer:
+            per_position = 6 * (mine + 2 * d * T * head_layers) + 4 * unembed
+            forward_k = 2 * (mine + 2 * d * T * head_layers + unembed)
+        else:
+            first = matrices.get(f"draft_mlps.mlps.{k - 1}.w_in.weight", matrices[f"heads.{k}.weight"])
+            per_position, forward_k = 6 * mine - 2 * first, 2 * mine
+        fit += 4 * fitted * (T - k) * per_position
+        agreement += 2 * held * (T - k) * forward_k
+    want = {"generation": 48 * 64 * forward, "encoding": (48 + 24) * T * forward, "fit": fit, "agreement": agreement}
+    assert result["flops"] == pytest.approx({**want, "total": sum(want.values())}, rel=1e-12)
+    assert result["fit_bytes"] == fitted * T
+
+
 def test_decoding_output_is_unchanged_and_speculation_stays_exact(pair):
     before, after, _ = pair
     for prompt in [b"", *corpus_prompts(2, 30, seed=5)]:

@@ -63,7 +63,9 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
     if as_json:
         click.echo(json.dumps({"checkpoint": str(path), **result}))
         return
-    click.echo(f"{path}: draft heads fitted on {result['fit_bytes']:,} bytes")
+    flops = result["flops"]
+    click.echo(f"{path}: draft heads fitted on {result['fit_bytes']:,} bytes, {flops['total']:.3g} FLOPs ("
+               + ", ".join(f"{part} {flops[part]:.2g}" for part in ("generation", "encoding", "fit", "agreement")) + ")")
     for part, before in result["agreement_before"].items():
         after = result["agreement_after"][part]
         click.echo(f"agreement with head 1, heads 2..{model.cfg.n_future}, held-out {part}: "

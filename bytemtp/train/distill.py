@@ -37,6 +37,7 @@ from bytemtp.decode.generate import Decoder
 from bytemtp.decode.prompts import sample_prompts
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.flops import distill_flops
 
 
 @dataclass
@@ -172,7 +173,9 @@ def distill(
     real text from dropping while they learn the greedy runs.
 
     Returns the draft heads' agreement with head 1 before and after, on the held-out
-    continuations (``"greedy"``) and text windows (``"text"``), and how many bytes the fit saw.
+    continuations (``"greedy"``) and text windows (``"text"``), how many bytes the fit saw, and
+    what it all cost (``"flops"``, ``bytemtp.train.flops.distill_flops``): a distillation spends
+    compute a training run of the same budget does not get.
     """
     if model.cfg.n_future < 2:
         raise BytemtpError("distill: the model has no draft heads (n_future=1)")
@@ -192,7 +195,11 @@ def distill(
 
     before = measure()
     fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
-    return {"agreement_before": before, "agreement_after": measure(), "fit_bytes": sum(c.numel() for c in fit_choice)}
+    rows, T = sum(len(c) for c in fit_choice), parts["greedy"].shape[1]
+    flops = distill_flops(model.cfg, T, len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values()), rows,
+                          sum(len(c) for _, c in held.values()) if cfg.holdout else 0, cfg.epochs)
+    return {"agreement_before": before, "agreement_after": measure(), "fit_bytes": sum(c.numel() for c in fit_choice),
+            "flops": flops}
 
 
 def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> tuple[list[bytes], list[bytes]]:

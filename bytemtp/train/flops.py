@@ -72,6 +72,28 @@ def draft_head_flops(cfg: ModelConfig, draft_detach: bool) -> float:
     return 6.0 * (unembedding + mlp) - 2.0 * first
 
 
+def distill_flops(cfg: ModelConfig, seq_len: int, generated: int, encoded: int, fitted_rows: int,
+                  measured_rows: int, epochs: int) -> dict[str, float]:
+    """FLOPs of a draft-head distillation (``bytemtp.train.distill``) by part, and their total, so its
+    cost can be set against a training run's: generating ``generated`` bytes, one forward
+    position each (trunk and head 1, as autoregressive decoding needs them); encoding ``encoded``
+    positions (the same forward); ``epochs`` passes of the fit over ``fitted_rows`` rows of
+    ``seq_len`` positions, where draft head k+1 has a target at the first ``seq_len - k`` and costs
+    what training a detached head does (its features are frozen); the agreement with head 1,
+    measured before and after on ``measured_rows`` rows, forward only."""
+    forward = flops_per_byte(dataclasses.replace(cfg, n_future=1), seq_len) / 3
+    positions = sum(seq_len - k for k in range(1, cfg.n_future))  # every draft head's, in one row
+    unembedding = cfg.d_model * cfg.vocab_padded
+    if cfg.head_kind == "linear":
+        fit, measure = draft_head_flops(cfg, draft_detach=True), 2.0 * (unembedding + cfg.draft_mlp_weights)
+    else:  # blocks train in full; the shared unembedding, frozen, costs forward and input gradient
+        blocks = cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len)
+        fit, measure = 6.0 * blocks + 4.0 * unembedding, 2.0 * (blocks + unembedding)
+    parts = {"generation": generated * forward, "encoding": encoded * forward,
+             "fit": epochs * fitted_rows * positions * fit, "agreement": 2 * measured_rows * positions * measure}
+    return {**parts, "total": sum(parts.values())}
+
+
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:
     """Training FLOPs per byte averaged over the ``train.steps`` steps of a run (``train`` resolved):
     each step pays for the heads it trains (head 1 and every draft head weighing more than 0)."""
