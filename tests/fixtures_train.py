@@ -46,6 +46,7 @@ def trained_model(
     lr: float = 3e-3,
     seed: int = 0,
     draft_mlp: int = 0,
+    draft_next_byte: bool = False,
 ) -> ByteMTP:
     """A ``ByteMTP`` trained with the multi-byte loss on ``stdlib_corpus`` (deterministic per arguments)."""
     gen = torch.Generator().manual_seed(seed)
@@ -58,6 +59,7 @@ def trained_model(
         head_kind=head_kind,
         max_seq_len=max_seq_len,
         draft_mlp=draft_mlp,
+        draft_next_byte=draft_next_byte,
     )
     model = ByteMTP(cfg)
     corpus = stdlib_corpus()
@@ -84,9 +86,16 @@ def trained_draft_mlps() -> ByteMTP:
     return trained_model(draft_mlp=64)
 
 
+def trained_next_byte() -> ByteMTP:
+    """``trained_draft_mlps()`` whose draft heads also read the next byte (``draft_next_byte``)."""
+    return trained_model(draft_mlp=64, draft_next_byte=True)
+
+
 def trained_by_kind(kind: str) -> ByteMTP:
-    """The trained model of a head kind, or ``"mlp"``: linear heads with draft MLPs."""
-    return {"linear": trained_model, "transformer": trained_transformer_heads, "mlp": trained_draft_mlps}[kind]()
+    """The trained model of a head kind, or ``"mlp"``: linear heads with draft MLPs (``"next_byte"``:
+    which also read the next byte)."""
+    return {"linear": trained_model, "transformer": trained_transformer_heads, "mlp": trained_draft_mlps,
+            "next_byte": trained_next_byte}[kind]()
 
 
 def trained_transformer_heads() -> ByteMTP:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import write_dataset
-from fixtures_train import stdlib_corpus, trained_draft_mlps, trained_model
+from fixtures_train import stdlib_corpus, trained_by_kind, trained_model
 from torch._dynamo.utils import counters
 
 from bytemtp import BOS
@@ -191,14 +191,15 @@ def test_bench_table_names_the_modes(run, data):
     assert "yes" in result.stdout
 
 
-def test_bench_of_a_saved_model_with_draft_mlps(tmp_path, data):
-    """A checkpoint whose draft heads read through MLPs loads, benches greedy output identical to
-    autoregressive decoding, and its table says how its heads read."""
+@pytest.mark.parametrize("kind, reads", [("mlp", "64-wide MLPs)"), ("next_byte", "64-wide MLPs that read the next byte)")])
+def test_bench_of_a_saved_model_with_draft_mlps(tmp_path, data, kind, reads):
+    """A checkpoint whose draft heads read through MLPs (and the next byte) loads, benches greedy
+    output identical to autoregressive decoding, and its table says how its heads read."""
     run = tmp_path / "mlp"
-    save_checkpoint(run, 1, trained_draft_mlps())
+    save_checkpoint(run, 1, trained_by_kind(kind))
     result = CliRunner().invoke(main, ["bench", str(run), "--data", str(data), "--prompts", "2", "--max-bytes", "24"])
     assert result.exit_code == 0, result.output
-    assert "linear heads (draft heads through 64-wide MLPs)" in result.stdout and "yes" in result.stdout
+    assert f"linear heads (draft heads through {reads}" in result.stdout and "yes" in result.stdout
 
 
 def test_sample_adaptive_greedy_equals_autoregressive(run):

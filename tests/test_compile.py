@@ -86,22 +86,26 @@ def test_batched_decode_step_traces_into_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_draft_mlp_logits_trace_into_one_graph():
-    """Draft heads with MLPs (``draft_mlp``) draft inside a compiled step: their batched logits trace
-    whole, read the stacked weights ``setup_cache`` refreshes in place, and equal the eager ones."""
+@pytest.mark.parametrize("next_byte", [False, True])
+def test_draft_mlp_logits_trace_into_one_graph(next_byte):
+    """Draft heads with MLPs (``draft_mlp``, and reading the next byte with ``draft_next_byte``) draft
+    inside a compiled step: their batched logits trace whole, read the stacked weights
+    ``setup_cache`` refreshes in place, and equal the eager ones."""
     torch.manual_seed(0)
-    model = ByteMTP(preset("tiny", n_future=4, max_seq_len=64, draft_mlp=32)).eval()
+    model = ByteMTP(preset("tiny", n_future=4, max_seq_len=64, draft_mlp=32, draft_next_byte=next_byte)).eval()
     model.setup_cache(2, 64)
     torch.compiler.reset()
     counters.clear()
     drafts = torch.compile(model.draft_logits, backend="aot_eager", fullgraph=True)
     with torch.inference_mode():
         for _ in range(2):
-            features = torch.randn(2, 1, 128)
-            torch.testing.assert_close(drafts(features, 3), model.draft_logits(features, 3), rtol=1e-5, atol=1e-5)
+            features, next_ids = torch.randn(2, 1, 128), torch.randint(0, 257, (2,))
+            torch.testing.assert_close(drafts(features, 3, next_ids), model.draft_logits(features, 3, next_ids),
+                                       rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             for p in model.draft_mlps.parameters():
-                p.mul_(1.5)
+                p.mul_(1.5).add_(0.01)  # the embeddings, which start at zero, change too
         model.setup_cache(2, 64)
-        torch.testing.assert_close(drafts(features, 3), model.draft_logits(features, 3), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(drafts(features, 3, next_ids), model.draft_logits(features, 3, next_ids),
+                                   rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1

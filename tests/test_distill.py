@@ -38,7 +38,7 @@ def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
     return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg, text)
 
 
-@pytest.fixture(scope="module", params=["linear", "transformer", "mlp"])
+@pytest.fixture(scope="module", params=["linear", "transformer", "mlp", "next_byte"])
 def pair(request) -> tuple[ByteMTP, ByteMTP, dict]:
     model = trained_by_kind(request.param)
     return (model, *distilled(model))

@@ -159,7 +159,30 @@ def test_speculative_greedy_matches_autoregressive_on_the_panel_kernel():
     assert isinstance(model.blocks[0].mlp.w_in._packed, np.ndarray)  # panels, not the transposed copy
 
 
-@pytest.mark.parametrize("head_kind", ["linear", "transformer", "mlp"])
+@pytest.mark.parametrize("tree_nodes", [0, 8])
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 1)])
+def test_draft_heads_read_the_byte_head_one_decided(monkeypatch, tree_nodes, temperature, top_k):
+    """``draft_next_byte``: chains and trees, greedy and sampled (top-k 1: a sampling path whose draws
+    are head 1's top byte), hand the draft heads the byte head 1 decided at the position they draft
+    from: its top byte there, recomputed here from the features the heads read."""
+    model = trained_by_kind("next_byte")
+    seen, draft_logits = [], model.draft_logits
+
+    def recording(features, n_drafts, next_ids=None):
+        seen.append((features[..., 0, :].clone(), next_ids.clone()))
+        return draft_logits(features, n_drafts, next_ids)
+
+    monkeypatch.setattr(model, "draft_logits", recording)
+    run(model, prompt=b"    def __init__(self", max_new_bytes=60, speculative=True, temperature=temperature,
+        top_k=top_k, tree_nodes=tree_nodes, seed=0)
+    assert len(seen) >= 5
+    for features, next_ids in seen:
+        with torch.inference_mode():
+            head_one = model.features_logits(features, 0)
+        assert (head_one.gather(-1, next_ids[..., None])[..., 0] >= head_one.amax(-1) - 1e-4).all()
+
+
+@pytest.mark.parametrize("head_kind", ["linear", "transformer", "mlp", "next_byte"])
 def test_speculative_greedy_matches_autoregressive_trained(head_kind):
     model = trained_by_kind(head_kind)
     n_drafts = model.cfg.n_future - 1

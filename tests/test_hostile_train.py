@@ -299,7 +299,7 @@ def test_resume_refuses_a_checkpoint_with_non_finite_weights(run_copy, micro_dat
 
 @pytest.mark.parametrize("fields", [{}, {"ffn": "relu2", "qk_norm": True}, {"head_kind": "transformer", "ffn": "gelu",
                                      "head_layers": 2}, {"n_future": 1, "d_ff": 100, "head_kind": "transformer"},
-                                    {"draft_mlp": 48}, {"draft_mlp": 40, "ffn": "relu2"}])
+                                    {"draft_mlp": 48}, {"draft_mlp": 40, "ffn": "relu2", "draft_next_byte": True}])
 def test_the_parameter_count_from_the_config_is_the_models(fields):
     """The memory checks count a model's parameters without building it; the count is the model's own."""
     from bytemtp.model.config import ModelConfig

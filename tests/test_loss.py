@@ -136,20 +136,22 @@ def test_detached_draft_heads_leave_the_trunk_to_head_one(mode):
         "blocks.0.attn.wqkv.weight"].norm()
 
 
-@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("detach, next_byte", [(False, False), (True, False), (True, True), (False, True)])
 @pytest.mark.parametrize("mode", ["naive", "sequential", "stacked"])
 @pytest.mark.parametrize("ffn", ["swiglu", "relu2"])
-def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, ffn):
-    """``draft_mlp``: draft head k's logits are its unembedding of h + w_out(act(w_in h)), h the shared
-    features (cut off from the trunk when detached), head 1's those of h alone. Every schedule's loss
-    and gradients (MLPs, unembeddings, norm, trunk) equal autograd through that formula, written out
-    here, with MLP weights large enough to matter."""
+def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, next_byte, ffn):
+    """``draft_mlp``: draft head k's logits are its unembedding of u + w_out(act(w_in u)), u = h the
+    shared features (cut off from the trunk when detached), plus with ``draft_next_byte`` its
+    embedding of the text's byte after the position; head 1's those of h alone. Every schedule's
+    loss and gradients (MLPs, embeddings, unembeddings, norm, trunk) equal autograd through that
+    formula, written out here, with MLP weights large enough to matter."""
     w, n = 0.3, 4
-    model = make_model("linear", n, draft_mlp=24, ffn=ffn)
+    model = make_model("linear", n, draft_mlp=24, ffn=ffn, draft_next_byte=next_byte)
     with torch.no_grad():
         for p in model.draft_mlps.parameters():
             p.normal_(0, 0.3)
     ids = padded_batch(n)
+    following = split_batch(ids, n)[1][..., 0].clamp_min(0)  # the byte after each position (padding: any)
 
     def act(x):
         if ffn == "relu2":
@@ -161,11 +163,14 @@ def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, ffn):
         if k:
             mlp = model.draft_mlps.mlps[k - 1]
             h = (h.detach() if detach else h)
+            if next_byte:
+                h = h + model.draft_mlps.next_bytes[k - 1].weight[following]
             h = h + act(h @ mlp.w_in.weight.t()) @ mlp.w_out.weight.t()
         return (h @ model.unembedding(k).t())[..., :VOCAB]
 
     got = assert_objective_is(model, ids, mode, w, logits, draft_detach=detach)
     assert got["draft_mlps.mlps.0.w_in.weight"].norm() > 0  # the MLPs train
+    assert not next_byte or got["draft_mlps.next_bytes.0.weight"].norm() > 0  # and so do the embeddings
     # a head of weight 0 is not run: its MLP gets a zero gradient
     model.zero_grad(set_to_none=True)
     multihead_loss(model, ids, mode, [0.3, 0.0, 0.3], draft_detach=detach).loss.backward()

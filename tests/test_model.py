@@ -182,13 +182,15 @@ def test_cache_rolls_back(head_kind):
 
 
 @pytest.mark.parametrize("logit_cap", [0.0, 0.1])
-@pytest.mark.parametrize("head_kind, draft_mlp", [(kind, 0) for kind in HEAD_KINDS] + [("linear", 24)])
+@pytest.mark.parametrize("head_kind, draft_mlp, next_byte",
+                         [(kind, 0, False) for kind in HEAD_KINDS] + [("linear", 24, False), ("linear", 24, True)])
 @pytest.mark.parametrize("n_heads", [1, 2, 4])
-def test_decode_and_draft_logits_equal_forward(head_kind, draft_mlp, n_heads, logit_cap):
+def test_decode_and_draft_logits_equal_forward(head_kind, draft_mlp, next_byte, n_heads, logit_cap):
     """Decoding's split forward: head 1 at every position, draft heads at any one position
     (soft-capped as in training when the model has a cap; through their MLPs, batched over heads,
-    with ``draft_mlp``, whose weights ``setup_cache`` restacks after they change)."""
-    model = small_model(head_kind, n_future=4, logit_cap=logit_cap, draft_mlp=draft_mlp)
+    with ``draft_mlp``, whose weights ``setup_cache`` restacks after they change; with
+    ``draft_next_byte``, given the byte head 1 chose there, as ``forward``'s draft heads are)."""
+    model = small_model(head_kind, n_future=4, logit_cap=logit_cap, draft_mlp=draft_mlp, draft_next_byte=next_byte)
     ids = torch.randint(0, VOCAB, (1, 20))
     if draft_mlp:
         model.setup_cache(1, 24)  # stacks the MLPs' weights as they are now, changed below
@@ -202,8 +204,11 @@ def test_decode_and_draft_logits_equal_forward(head_kind, draft_mlp, n_heads, lo
         logits, features = model.decode(ids[:, 12:], torch.arange(12, 20), n_heads)
         torch.testing.assert_close(torch.cat((first, logits), dim=1), full[:, :, 0], rtol=1e-5, atol=1e-5)
         for j in range(8):
-            drafts = model.draft_logits(features[0, j], n_heads - 1)
+            drafts = model.draft_logits(features[0, j], n_heads - 1, logits[0, j].argmax())
             torch.testing.assert_close(drafts, full[0, 12 + j, 1:n_heads], rtol=1e-5, atol=1e-5)
+            if next_byte and n_heads > 1:  # another byte, other drafts
+                other = model.draft_logits(features[0, j], n_heads - 1, (logits[0, j].argmax() + 1) % VOCAB)
+                assert (other - drafts).abs().max() > 1e-3
 
 
 def test_draft_mlp_needs_linear_heads():
@@ -222,6 +227,25 @@ def test_draft_mlps_leave_the_rest_of_the_initialisation_as_it_was():
     assert all(torch.equal(plain[name], mlp[name]) for name in plain)
     assert {name for name in mlp if name not in plain} == {
         f"draft_mlps.mlps.{k}.{w}.weight" for k in range(2) for w in ("w_in", "w_out")}
+
+
+def test_draft_heads_reading_the_next_byte_start_as_those_that_do_not():
+    """``draft_next_byte``: the next-byte embeddings (one per draft head) are drawn after everything
+    else and start at zero, so the model computes what the one without them does, seed for seed; the
+    flag needs draft MLPs, and a config saved before it means off."""
+    mlp, reading = small_model("linear", draft_mlp=16), small_model("linear", draft_mlp=16, draft_next_byte=True)
+    plain, extra = mlp.state_dict(), reading.state_dict()
+    assert all(torch.equal(plain[name], extra[name]) for name in plain)
+    assert {name for name in extra if name not in plain} == {f"draft_mlps.next_bytes.{k}.weight" for k in range(2)}
+    assert not any(extra[f"draft_mlps.next_bytes.{k}.weight"].any() for k in range(2))
+    ids = torch.randint(0, VOCAB, (2, 10))
+    torch.testing.assert_close(reading(ids), mlp(ids), rtol=0, atol=0)
+    assert {id(p) for p in reading.draft_mlps.next_bytes.parameters()} <= {id(p) for p in reading.draft_parameters()}
+    with pytest.raises(BytemtpError, match="draft_next_byte: needs draft_mlp"):
+        small_model("linear", draft_next_byte=True)
+    assert ModelConfig.from_dict({"d_model": 32, "draft_mlp": 8}).draft_next_byte is False
+    with pytest.raises(ValueError, match="pass next_ids"):
+        reading.features_logits(torch.zeros(1, 2, 32), 1)
 
 
 def test_cache_needs_setup_and_clears():

@@ -118,6 +118,7 @@ def run_bench(
         "n_future": cfg.n_future,
         "head_kind": cfg.head_kind,
         "draft_mlp": cfg.draft_mlp,
+        "draft_next_byte": cfg.draft_next_byte,
         "d_model": cfg.d_model,
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
@@ -308,4 +309,7 @@ def describe_device(device: torch.device, panels: bool, compiled: bool | None) -
 
 def _draft_mlps(model: dict) -> str:
     """How a model's draft heads read their features, when not directly (``draft_mlp``)."""
-    return f" (draft heads through {model['draft_mlp']}-wide MLPs)" if model.get("draft_mlp") else ""
+    if not model.get("draft_mlp"):
+        return ""
+    reading = " that read the next byte" if model.get("draft_next_byte") else ""
+    return f" (draft heads through {model['draft_mlp']}-wide MLPs{reading})"

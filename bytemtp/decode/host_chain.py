@@ -116,8 +116,9 @@ def _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, 
             accepted, next_byte, broken, no_drafts, _NONE, _NONE_2D, True, host_fed, *UNCOUPLED, *_NO_TABLES, mixing, 1.0
         )
         return torch.from_numpy(out).to(logits.device), None
-    rows, at = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted))
-    draft_logits = model.draft_logits(features[rows, at], n_drafts)  # at each row's accepted position
+    rows, at, decided = (torch.from_numpy(x).to(features.device) for x in (np.arange(len(accepted)), accepted,
+                                                                          next_byte))
+    draft_logits = model.draft_logits(features[rows, at], n_drafts, decided)  # at each row's accepted position
     q = None if greedy else probabilities(draft_logits, rule.draft_sampling)
     host_q, u_drafts = (_NONE, _NONE_2D) if greedy else (q.cpu().numpy(), u.drafts[:, :n_drafts].cpu().numpy())
     out = chain_output(

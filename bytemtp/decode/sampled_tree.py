@@ -168,7 +168,8 @@ class SampledTreeDrafts(TreeDrafts):
             verdicts[r] = (path, length, byte, tokens, n)
         last = torch.tensor([path[length - 1] if length else 0 for path, length, *_ in verdicts.values()])
         at = torch.tensor(rows), last.to(features.device)
-        draft_logits = self.model.draft_logits(features[at], self.n_drafts)  # [rows, m, V]
+        decided = torch.tensor([byte for _, _, byte, *_ in verdicts.values()], device=features.device)
+        draft_logits = self.model.draft_logits(features[at], self.n_drafts, decided)  # [rows, m, V]
         q = probabilities(draft_logits, self.draft_sampling).cpu().numpy()
         host_logits, host_drafts = (t.float().cpu().numpy() for t in (logits[at[0]], draft_logits))
         broken = nonfinite_rows(host_logits) | nonfinite_rows(host_drafts)

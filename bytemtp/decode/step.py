@@ -82,7 +82,7 @@ def chain_decide(
     new, q = drafts.new_zeros(drafts.shape[0], 0), None
     if n_drafts:
         at = accepted[:, None, None, None].expand(-1, 1, *features.shape[2:])
-        draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
+        draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts, next_byte)  # [B, m, V]
         new, q = rule.propose(draft_logits, u, fed.gather(1, accepted[:, None])[:, 0], next_byte, counts)
         broken = broken | nonfinite(draft_logits)
     out = torch.cat((accepted[:, None], next_byte[:, None], new, broken[:, None].long()), dim=1)
@@ -130,8 +130,9 @@ def tree_decide(
     ``RANKS`` likeliest bytes at position ``at`` [B] (the accepted node, ``accepted_node``):
     [B, P + m * RANKS + 1], the last column the non-finite flag. The host walks the same
     accepted path (``bytemtp.decode.tree``) and shapes the next tree from these rankings."""
+    next_byte = choice.gather(1, at[:, None])[:, 0]
     at = at[:, None, None, None].expand(-1, 1, *features.shape[2:])
-    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
+    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts, next_byte)  # [B, m, V]
     ranked = draft_logits.topk(RANKS, dim=-1).indices.flatten(1)
     broken = nonfinite(logits) | nonfinite(draft_logits)
     return torch.cat((choice, ranked, broken[:, None].long()), dim=1)
@@ -222,7 +223,7 @@ def sampled_tree_decide(
     verdict = verify_tree(parent, tokens, node_q, p, uniforms, max_depth, max_children)
     last = verdict.path.gather(1, (verdict.length - 1).clamp_min(0)[:, None])[:, 0] if max_depth else verdict.length
     at = last[:, None, None, None].expand(-1, 1, *features.shape[2:])
-    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts)  # [B, m, V]
+    draft_logits = model.draft_logits(features.gather(1, at)[:, 0], n_drafts, verdict.next_byte)  # [B, m, V]
     q = probabilities(draft_logits, draft_sampling or sampling)
     ranked = q.topk(RANKS, dim=-1).indices.flatten(1)
     broken = nonfinite(logits) | nonfinite(draft_logits)

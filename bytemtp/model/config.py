@@ -54,7 +54,9 @@ class ModelConfig:
     the plain read-out a next-byte model has. A linear read-out of features a trunk learnt for
     the next byte predicts bytes further ahead badly; the MLP lets a draft head compute its
     own guess from them, so the trunk need not spend capacity on the draft heads (see
-    ``TrainConfig.draft_detach``).
+    ``TrainConfig.draft_detach``). ``draft_next_byte`` (with ``draft_mlp``): each draft MLP also
+    reads an embedding of its own of the byte after its position, the one head 1 has decided by
+    the time a decoding step drafts there (``bytemtp.model.draft_mlp``).
     """
 
     d_model: int = 128
@@ -73,6 +75,7 @@ class ModelConfig:
     zero_init_out: bool = False
     logit_cap: float = 0.0
     draft_mlp: int = 0  # 0: linear draft heads; else the hidden width of each draft head's MLP
+    draft_next_byte: bool = False  # draft MLPs also read the byte head 1 decided after their position
 
     def __post_init__(self) -> None:
         if self.head_kind not in HEAD_KINDS:
@@ -87,6 +90,8 @@ class ModelConfig:
         if self.draft_mlp and self.head_kind != "linear":
             raise BytemtpError(f"draft_mlp: needs linear heads (transformer heads have their blocks), got head_kind "
                                f"{self.head_kind!r}")
+        if self.draft_next_byte and not self.draft_mlp:
+            raise BytemtpError("draft_next_byte: needs draft_mlp (the byte enters the draft heads' MLPs)")
         if self.d_model % self.n_attn_heads or (self.d_model // self.n_attn_heads) % 2:
             raise BytemtpError(
                 f"d_model: {self.d_model} must split into {self.n_attn_heads} heads of even size (for RoPE)"

@@ -19,7 +19,8 @@ def parameter_count(cfg: ModelConfig) -> int:
     block = attention + mlp + 2 * d  # two norms
     unembedding = cfg.vocab_padded * d
     if cfg.head_kind == "linear":
-        heads = cfg.n_future * unembedding + (cfg.n_future - 1) * cfg.draft_mlp_weights
+        tables = unembedding if cfg.draft_next_byte else 0  # each draft head's embedding of the next byte
+        heads = cfg.n_future * unembedding + (cfg.n_future - 1) * (cfg.draft_mlp_weights + tables)
     else:
         heads = cfg.n_future * cfg.head_layers * block + unembedding
     return unembedding + cfg.n_layers * block + d + heads  # embedding, trunk, final norm, heads

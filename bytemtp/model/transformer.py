@@ -72,6 +72,8 @@ class ByteMTP(nn.Module):
         if cfg.draft_mlp:
             self.draft_mlps = DraftMLPs(cfg)
             self._init_weights(self.draft_mlps)
+            for table in self.draft_mlps.next_bytes or ():
+                nn.init.zeros_(table.weight)  # the model starts as one whose heads do not read the byte
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 style: N(0, 0.02), residual output projections scaled by depth (or zero, with
@@ -149,19 +151,21 @@ class ByteMTP(nn.Module):
         """Head ``k``'s unembedding weight [vocab_padded, d]."""
         return self.unembedding_layer(k).weight
 
-    def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z."""
-        return self.features_logits(self.head_features(z, k, pos), k)
+    def head_logits(self, z: torch.Tensor, k: int, pos: PosContext | None = None,
+                    next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] of head ``k`` (0-based: predicts byte t+k+1) from z (``next_ids``
+        [B, T]: byte t+1 at every t, which draft heads read with ``draft_next_byte``)."""
+        return self.features_logits(self.head_features(z, k, pos), k, next_ids)
 
-    def features_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
-        """Head ``k``'s logits from its features (``head_features``)."""
-        read = self.readout(features, k)
+    def features_logits(self, features: torch.Tensor, k: int, next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``k``'s logits from its features (``head_features``; ``next_ids``: see ``head_logits``)."""
+        read = self.readout(features, k, next_ids)
         return soft_cap(self.unembedding_layer(k)(read)[..., : self.cfg.vocab], self.cfg.logit_cap)
 
-    def readout(self, features: torch.Tensor, k: int) -> torch.Tensor:
+    def readout(self, features: torch.Tensor, k: int, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """What head ``k``'s unembedding multiplies: its features, through its MLP for a draft
-        head of a model with ``draft_mlp``."""
-        return features if self.draft_mlps is None or k == 0 else self.draft_mlps(features, k)
+        head of a model with ``draft_mlp`` (which also reads ``next_ids`` with ``draft_next_byte``)."""
+        return features if self.draft_mlps is None or k == 0 else self.draft_mlps(features, k, next_ids)
 
     def forward(
         self, ids: torch.Tensor, input_pos: torch.Tensor | None = None, n_heads: int | None = None
@@ -176,7 +180,11 @@ class ByteMTP(nn.Module):
         n_heads = self.cfg.n_future if n_heads is None else n_heads
         if self.linear_heads:
             features = self.head_features(z, 0)
-            return torch.stack([self.features_logits(features, k) for k in range(n_heads)], dim=2)
+            first = self.features_logits(features, 0)
+            # draft heads that read the next byte read the one greedy decoding decides: head 1's top byte
+            next_ids = first.argmax(-1) if self.cfg.draft_next_byte else None
+            drafts = [self.features_logits(features, k, next_ids) for k in range(1, n_heads)]
+            return torch.stack([first, *drafts], dim=2)
         return torch.stack([self.head_logits(z, k, pos) for k in range(n_heads)], dim=2)
 
     # -- decoding --------------------------------------------------------------
@@ -242,9 +250,10 @@ class ByteMTP(nn.Module):
             return logits, feats
         return _spread(logits, B, picked), _spread(feats, B, picked)
 
-    def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
+    def draft_logits(self, features: torch.Tensor, n_drafts: int, next_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [.., n_drafts, vocab] of heads 2..n_drafts+1 from ``decode`` features [.., F, d]
-        (one position's, or several).
+        (one position's, or several), given the byte head 1 decided after that position, ``next_ids``
+        [..] (read only with ``draft_next_byte``).
 
         One matrix product either way: linear heads stack their unembeddings (one feature
         row against n_drafts * vocab columns), transformer heads share one (F rows). Draft heads
@@ -253,7 +262,7 @@ class ByteMTP(nn.Module):
         """
         if self.draft_mlps is not None:  # each head its own features: one batched product per head
             vocab = self.cfg.vocab
-            read = self.draft_mlps.decode(features[..., 0, :], n_drafts)  # [.., n_drafts, d]
+            read = self.draft_mlps.decode(features[..., 0, :], n_drafts, next_ids)  # [.., n_drafts, d]
             unembeds = self.draft_weight[: n_drafts * vocab].view(n_drafts, vocab, self.cfg.d_model).transpose(1, 2)
             return soft_cap((read.unsqueeze(-2) @ unembeds).squeeze(-2), self.cfg.logit_cap)
         if self.linear_heads:

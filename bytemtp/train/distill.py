@@ -113,8 +113,8 @@ def draft_pairs(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> Iterat
     and the target, head 1's choice at t + k (the byte head 1 puts at t + k + 1, the one head
     k+1 drafts), [B, T-k]."""
     T = z.shape[1]
-    for k in range(1, model.cfg.n_future):
-        yield model.head_logits(z[:, : T - k], k), choice[:, k:]
+    for k in range(1, model.cfg.n_future):  # heads that read the next byte read head 1's choice, as decoding's
+        yield model.head_logits(z[:, : T - k], k, next_ids=choice[:, : T - k]), choice[:, k:]
 
 
 def draft_loss(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

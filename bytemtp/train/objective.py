@@ -151,7 +151,8 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
                 continue
             args = (targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab, scales[k : k + 1], model.cfg.logit_cap)
             if mlp:
-                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, mlp, h, w.to(dt), args, not detach)
+                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, mlp, h, _next_ids(targets), w.to(dt), args,
+                                                         not detach)
                 grad_mlps += g_mlp
             else:
                 nll_k, g_f, g_w = ce(feats, w.to(dt), *args, not (detach and k))
@@ -165,17 +166,24 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
 
 def _draft_mlp_params(model: ByteMTP, k: int) -> list[torch.Tensor]:
     """Head ``k``'s MLP parameters (none for head 1 or without ``draft_mlp``)."""
-    return [] if model.draft_mlps is None or k == 0 else list(model.draft_mlps.mlps[k - 1].parameters())
+    return [] if model.draft_mlps is None or k == 0 else model.draft_mlps.head_parameters(k)
 
 
-def _draft_mlp_head(model: ByteMTP, k: int, params: list[torch.Tensor], h: torch.Tensor, unembed: torch.Tensor,
-                    args: tuple, feature_grad: bool):
-    """Draft head ``k`` through its MLP (``params``): (its summed loss, h's gradient or None, its
-    unembedding's gradient, its MLP's gradients); the MLP's activations die when this returns.
-    ``args``: the cross-entropy's targets, vocabulary, scale and cap. Runs in h's dtype (float32)."""
+def _next_ids(targets: torch.Tensor) -> torch.Tensor:
+    """The byte after every position [B, T], which draft heads with ``draft_next_byte`` read: the
+    text's, as decoding's is the one head 1 decided (where it is padding, no draft head has a target)."""
+    return targets[..., 0].clamp_min(0)
+
+
+def _draft_mlp_head(model: ByteMTP, k: int, params: list[torch.Tensor], h: torch.Tensor, next_ids: torch.Tensor,
+                    unembed: torch.Tensor, args: tuple, feature_grad: bool):
+    """Draft head ``k`` through its MLP (``params``, reading ``next_ids`` with ``draft_next_byte``): (its
+    summed loss, h's gradient or None, its unembedding's gradient, its MLP's gradients); the MLP's
+    activations die when this returns. ``args``: the cross-entropy's targets, vocabulary, scale
+    and cap. Runs in h's dtype (float32)."""
     with torch.enable_grad():
         hd = h.detach().requires_grad_(feature_grad)
-        read = model.readout(hd, k)
+        read = model.readout(hd, k, next_ids)
     nll, g_read, g_w = cross_entropy_fn(model)(read.detach().flatten(0, 1).to(unembed.dtype), unembed, *args)
     grads = torch.autograd.grad(read, [hd, *params] if feature_grad else params, g_read.view_as(read).to(read.dtype))
     return nll, grads[0] if feature_grad else None, g_w, list(grads[1:] if feature_grad else grads)
@@ -302,10 +310,12 @@ def _sequential(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights:
 
 def _naive(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
            detach: bool = False):
+    next_ids = _next_ids(targets)
+
     def logits(k: int) -> torch.Tensor:
         if detach and k:  # linear heads: the shared features, cut off from the trunk and its norm
-            return model.features_logits(model.head_features(z, k).detach(), k)
-        return model.head_logits(z, k)
+            return model.features_logits(model.head_features(z, k).detach(), k, next_ids)
+        return model.head_logits(z, k, next_ids=next_ids)
 
     nll = [
         F.cross_entropy(logits(k).flatten(0, 1).float(), targets[..., k].flatten(), ignore_index=-1, reduction="sum")
