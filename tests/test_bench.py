@@ -260,10 +260,12 @@ def test_demo_runs_end_to_end(tmp_path):
         pytest.param("cuda", marks=pytest.mark.gpu),  # CUDA graphs: recorded once, replayed for every prompt
     ],
 )
-def test_compiled_step_matches_eager_and_compiles_once(device):
+@pytest.mark.parametrize("kind", ["linear", "next_byte"])
+def test_compiled_step_matches_eager_and_compiles_once(device, kind):
     """The compiled step decodes exactly as the eager model, and both decoders of every
-    prompt share the graphs of the first (one cache shape, kept between generations)."""
-    model = copy.deepcopy(trained_model()).to(device)
+    prompt share the graphs of the first (one cache shape, kept between generations); also
+    with draft MLPs that read the decided byte."""
+    model = copy.deepcopy(trained_by_kind(kind)).to(device)
     text = bytes(stdlib_corpus()[1:].tolist())
     prompts = [text[i : i + 40] for i in (1000, 9000, 30000)]
     torch.compiler.reset()

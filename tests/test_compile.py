@@ -20,9 +20,9 @@ def train_step(model: ByteMTP, ids: torch.Tensor) -> tuple[torch.Tensor, dict[st
     return out.head_losses, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def compare_compiled_with_eager(head_kind: str, device: str, dtype: torch.dtype, rtol: float) -> None:
+def compare_compiled_with_eager(head_kind: str, device: str, dtype: torch.dtype, rtol: float, **model_kw) -> None:
     torch.manual_seed(0)
-    model = ByteMTP(preset("tiny", head_kind=head_kind, n_future=4, max_seq_len=64)).to(device)
+    model = ByteMTP(preset("tiny", head_kind=head_kind, n_future=4, max_seq_len=64, **model_kw)).to(device)
     ids = torch.randint(0, VOCAB, (2, 64 + 4), device=device)
     ids[1, -9:] = -1
     keys = model.state_dict().keys()
@@ -54,10 +54,11 @@ def test_compiled_matches_eager_on_cpu(head_kind):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_kind", HEAD_KINDS)
+@pytest.mark.parametrize("head_kind, model_kw", [(kind, {}) for kind in HEAD_KINDS]
+                         + [("linear", {"draft_mlp": 64, "draft_next_byte": True})])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-def test_compiled_matches_eager_on_cuda(head_kind, dtype, rtol):
-    compare_compiled_with_eager(head_kind, "cuda", dtype, rtol)
+def test_compiled_matches_eager_on_cuda(head_kind, model_kw, dtype, rtol):
+    compare_compiled_with_eager(head_kind, "cuda", dtype, rtol, **model_kw)
 
 
 @pytest.mark.gpu
