@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,17 +55,14 @@ def assert_grads_close(got: dict, want: dict, rtol: float) -> None:
         assert err <= rtol * size, f"{name}: error {err:.2e}, gradient norm {size:.2e}"
 
 
-def assert_objective_is(model: ByteMTP, ids: torch.Tensor, mode: str, w: float, logits, targets_of=None,
-                        **loss_kw) -> dict:
+def assert_objective_is(model: ByteMTP, ids: torch.Tensor, mode: str, w: float, logits, **loss_kw) -> dict:
     """``multihead_loss(model, ids, mode, w, **loss_kw)``'s loss and gradients equal autograd through
     (CE_1 + w * the draft heads' CEs) / (1 + w (n - 1)), head k's logits ``logits(h, k)`` from the
-    shared features h, its targets the text's or ``targets_of(h, the text's)``; returns the gradients."""
+    shared features h; returns the gradients."""
     n = model.cfg.n_future
     inputs, targets = split_batch(ids, n)
     model.zero_grad(set_to_none=True)
     h = model.head_features(model.trunk(inputs), 0)
-    if targets_of is not None:
-        targets = targets_of(h.detach(), targets)
     ce = [F.cross_entropy(logits(h, k).flatten(0, 1), targets[..., k].flatten(), ignore_index=-1) for k in range(n)]
     reference = (ce[0] + w * sum(ce[1:])) / (1 + w * (n - 1))
     reference.backward()
@@ -175,45 +170,6 @@ def test_draft_mlp_heads_match_the_written_out_objective(mode, detach, next_byte
     model.zero_grad(set_to_none=True)
     multihead_loss(model, ids, mode, [0.3, 0.0, 0.3], draft_detach=detach).loss.backward()
     assert not model.draft_mlps.mlps[1].w_in.weight.grad.any() and model.draft_mlps.mlps[0].w_in.weight.grad.any()
-
-
-@pytest.mark.parametrize("mode", ["naive", "sequential", "stacked"])
-@pytest.mark.parametrize("draft_mlp", [0, 24])
-def test_draft_heads_can_learn_head_ones_choices(mode, draft_mlp):
-    """``draft_targets="head1"``: draft head k+1's target at t is head 1's top byte at t + k, -1 where
-    the text's byte there is padding or t + k lies past the window (written out position by
-    position here). The trunk gets head 1's gradient alone, the very one text targets give it;
-    the draft heads' differ; evaluation still scores them on the text."""
-    w, n = 0.3, 4
-    model = make_model("linear", n, draft_mlp=draft_mlp)
-    with torch.no_grad():
-        for p in model.draft_parameters():
-            p.normal_(0, 0.3)
-    drafts = {id(p) for p in model.draft_parameters()}
-    ids = padded_batch(n)
-
-    def choices(h, text):
-        top, out = model.features_logits(h, 0).argmax(-1), torch.full_like(text, -1)
-        out[..., 0] = text[..., 0]
-        B, T, _ = text.shape
-        for b, t, k in itertools.product(range(B), range(T), range(1, n)):
-            if t + k < T and text[b, t, k] >= 0:
-                out[b, t, k] = top[b, t + k]
-        assert (out != text)[..., 1:].sum() > text[..., 1:].numel() // 2  # other targets than the text's
-        return out
-
-    def logits(h, k):
-        return model.features_logits(h if k == 0 else h.detach(), k)
-
-    got = assert_objective_is(model, ids, mode, w, logits, choices, draft_detach=True, draft_targets="head1")
-    text = assert_objective_is(model, ids, mode, w, logits, draft_detach=True)
-    for name, p in model.named_parameters():
-        assert torch.allclose(got[name], text[name], rtol=1e-5, atol=1e-7) == (id(p) not in drafts), name
-    with torch.no_grad():
-        evaluated = multihead_loss(model, ids, mode, w, draft_detach=True, draft_targets="head1").head_losses
-        torch.testing.assert_close(evaluated, multihead_loss(model, ids, mode, w).head_losses, **LOSS_TOL)
-    with pytest.raises(ValueError, match="draft_targets"):
-        multihead_loss(model, ids, mode, w, draft_targets="head1")
 
 
 def test_detached_draft_heads_need_linear_heads():

@@ -156,27 +156,6 @@ def test_detached_draft_heads_cost_their_forward_and_weight_gradient():
         detached.resolved(transformer)
 
 
-def test_draft_heads_learning_head_ones_choices_cost_head_ones_unembedding_once_more():
-    """``draft_targets="head1"``: head 1's choices are one more forward of its unembedding per byte
-    (2 FLOPs per weight) on the steps that train draft heads, and nothing on the others. It needs
-    detached heads; an older config (no such field) learns the text."""
-    overrides = {"steps": 100, "objective_schedule": "linear", "objective_begin": 50, "objective_end": 51,
-                 "draft_detach": True}
-    model, text = build_configs(preset="tiny", overrides=overrides)
-    _, choices = build_configs(preset="tiny", overrides={**overrides, "draft_targets": "head1"})
-    T, once = text.resolved(model).seq_len, 2 * model.d_model * model.vocab_padded
-    assert flops_per_byte(model, T, True, head1_targets=True) - flops_per_byte(model, T, True) == once
-    one = dataclasses.replace(model, n_future=1)
-    assert flops_per_byte(one, T, True, head1_targets=True) == flops_per_byte(one, T, True)
-    assert (mean_flops_per_byte(model, choices.resolved(model)) - mean_flops_per_byte(model, text.resolved(model))) \
-        * 100 == pytest.approx(once * 50)  # steps 51..100 train the draft heads
-    assert TrainConfig.from_dict({"steps": 5}).draft_targets == "text"
-    with pytest.raises(BytemtpError, match="draft_targets: head1 needs draft_detach"):
-        TrainConfig(draft_targets="head1")
-    with pytest.raises(BytemtpError, match="draft_targets: 'heads' is not one of text, head1"):
-        TrainConfig(draft_targets="heads", draft_detach=True)
-
-
 @pytest.mark.parametrize("ffn, inner", [("relu2", 1), ("swiglu", 2)])
 def test_draft_mlps_cost_six_flops_per_weight_and_four_for_their_first_product_when_detached(ffn, inner):
     """``draft_mlp``: each draft head adds its MLP's weights at 6 FLOPs per weight; detached, its first

@@ -171,11 +171,11 @@ def test_progress_bar_shows_head_1_loss(micro_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model_extra, train_extra", [
-    ({}, {}), ({"draft_mlp": 16}, {"draft_detach": True, "draft_lr_restart": True, "draft_targets": "head1"})])
+    ({}, {}), ({"draft_mlp": 16}, {"draft_detach": True, "draft_lr_restart": True})])
 def test_resume_mid_schedule_matches_uninterrupted_run(micro_data, tmp_path, monkeypatch, model_extra, train_extra):
     """The draft weight and the heads trained depend on the step alone: a run stopped halfway
     through an objective schedule and resumed trains what an uninterrupted one does (also with
-    draft MLPs whose learning rate restarts when they join and that learn head 1's choices)."""
+    draft MLPs whose learning rate restarts when they join)."""
     model = MICRO.__class__(**{**MICRO.to_dict(), "n_future": 3, **model_extra})
     cfg = micro_train(steps=12, ckpt_every=4, objective_schedule="cosine", draft_weight_initial=1.0,
                       draft_loss_weight=0.25, heads_initial=1, objective_begin=2, **train_extra)

@@ -31,7 +31,6 @@ from bytemtp.train.objective_schedule import SCHEDULE_FIELDS, check_heads, check
 
 LOADER_MODES = ("concat", "best-fit")
 LOSS_MODES = ("sequential", "stacked", "naive")
-DRAFT_TARGETS = ("text", "head1")  # what draft heads learn: the next bytes, or head 1's choices of them
 OPTIMIZERS = ("adamw", "muon")
 MUON_DTYPES = ("auto", "bfloat16", "float32")
 
@@ -85,11 +84,6 @@ class TrainConfig:
     ``objective_begin`` and ending with the run, instead of the run's: heads that join late
     would otherwise start learning near the floor of the run's cosine. False (the default,
     and what an older config means): one schedule for every parameter.
-
-    ``draft_targets``: ``"text"`` (the default, and what an older config means), the draft heads
-    learn the bytes ahead; ``"head1"`` (with ``draft_detach``), they learn head 1's choices of
-    them, what a greedy chain accepts (``bytemtp.train.objective``). Validation still scores
-    them on the text.
     """
 
     steps: int = 200
@@ -117,7 +111,6 @@ class TrainConfig:
     objective_end: int | float = 0
     draft_detach: bool = False
     draft_lr_restart: bool = False
-    draft_targets: str = "text"
     seed: int = 0
     loader_mode: str = "concat"
     loss_mode: str = "auto"  # a head schedule of bytemtp.train.objective; auto: the device's default
@@ -158,11 +151,6 @@ class TrainConfig:
                 raise BytemtpError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.loader_mode not in LOADER_MODES:
             raise BytemtpError(f"loader_mode: {self.loader_mode!r} is not one of {', '.join(LOADER_MODES)}")
-        if self.draft_targets not in DRAFT_TARGETS:
-            raise BytemtpError(f"draft_targets: {self.draft_targets!r} is not one of {', '.join(DRAFT_TARGETS)}")
-        if self.draft_targets == "head1" and not self.draft_detach:
-            raise BytemtpError("draft_targets: head1 needs draft_detach (heads that train the trunk would teach it "
-                               "its own guesses)")
         if self.loss_mode not in ("auto", *LOSS_MODES):
             raise BytemtpError(f"loss_mode: {self.loss_mode!r} is not one of auto, {', '.join(LOSS_MODES)}")
         check_train_ranges(self)

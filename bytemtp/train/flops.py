@@ -50,14 +50,12 @@ def attention_layers(cfg: ModelConfig) -> int:
     return cfg.n_layers + (cfg.n_future * cfg.head_layers if cfg.head_kind == "transformer" else 0)
 
 
-def flops_per_byte(cfg: ModelConfig, seq_len: int, draft_detach: bool = False, head1_targets: bool = False) -> float:
+def flops_per_byte(cfg: ModelConfig, seq_len: int, draft_detach: bool = False) -> float:
     """Training FLOPs (forward and backward) per byte of a row of ``seq_len`` bytes; ``draft_detach``:
     a draft head's first product (its unembedding, or its MLP's input projection with
-    ``draft_mlp``) costs its forward and weight gradient only; ``head1_targets`` (draft heads
-    learning head 1's choices): head 1's unembedding runs forward once more, for its choices."""
+    ``draft_mlp``) costs its forward and weight gradient only."""
     matmul = 6.0 * (attention_layers(cfg) * block_matmul_weights(cfg) + cfg.d_model * cfg.vocab_padded)
-    choices = 2.0 * cfg.d_model * cfg.vocab_padded if head1_targets and cfg.n_future > 1 else 0.0
-    return matmul + choices + (cfg.n_future - 1) * draft_head_flops(cfg, draft_detach) \
+    return matmul + (cfg.n_future - 1) * draft_head_flops(cfg, draft_detach) \
         + 12.0 * attention_layers(cfg) * cfg.d_model * seq_len
 
 
@@ -97,12 +95,12 @@ def distill_flops(cfg: ModelConfig, seq_len: int, generated: int, encoded: int, 
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:
     """Training FLOPs per byte averaged over the ``train.steps`` steps of a run (``train`` resolved):
     each step pays for the heads it trains (head 1 and every draft head weighing more than 0)."""
-    how = (train.seq_len, train.draft_detach, train.draft_targets == "head1")
     if train.objective_schedule == "constant" and train.draft_loss_weight > 0:
-        return flops_per_byte(cfg, *how)
+        return flops_per_byte(cfg, train.seq_len, train.draft_detach)
     trained = Counter(1 + sum(w > 0 for w in draft_weights(train, step, cfg.n_future))
                       for step in range(1, train.steps + 1))
-    total = sum(n * flops_per_byte(dataclasses.replace(cfg, n_future=heads), *how) for heads, n in trained.items())
+    total = sum(n * flops_per_byte(dataclasses.replace(cfg, n_future=heads), train.seq_len, train.draft_detach)
+                for heads, n in trained.items())
     return total / train.steps
 
 

@@ -153,8 +153,7 @@ class _Run:
         self.model.to(env.device)
         compile_model(self.model, cfg.compile)
         mode = resolve_loss_mode(cfg.loss_mode, env.device)
-        objective = MTPObjective(self.model, mode, cfg.draft_loss_weight, cfg.draft_detach, cfg.draft_targets)
-        self.wrapped = wrap(objective, env, cfg.fsdp)
+        self.wrapped = wrap(MTPObjective(self.model, mode, cfg.draft_loss_weight, cfg.draft_detach), env, cfg.fsdp)
         self.objective = unwrap(self.wrapped)
         # Saved with every checkpoint, so counted where checkpoints are written: on the main rank,
         # after wrapping, so no process group syncs it, and on the host.

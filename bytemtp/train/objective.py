@@ -41,15 +41,6 @@ ahead. A detached head's step skips the gradient of its features, a third of its
 of its own (``bytemtp.model.draft_mlp``), differentiated with autograd head by head like a
 transformer head's block; its unembedding and cross-entropy are the same hand-written step.
 Detached, such a head trains its MLP and unembedding and sends nothing into the features.
-
-``draft_targets="head1"`` (with ``draft_detach``): each draft head learns head 1's choices instead
-of the text's bytes, its target at t being head 1's top byte at t + k, the byte head 1 itself
-would put where that draft goes (``head1_choices``). A greedy chain keeps a draft only when it is
-that byte, and the text's bytes are a noisier target: where the text surprises head 1, a head
-taught the text learns to bet on the surprise, which head 1 then rejects. It is the corpus half
-of ``bytemtp.train.distill`` done during training, where head 1's logits cost one product more
-per byte and the trunk is not touched (the heads are detached), so head 1 trains exactly as
-with text targets.
 """
 
 from __future__ import annotations
@@ -64,7 +55,7 @@ import torch.nn.functional as F
 
 from bytemtp.model.layers import PosContext
 from bytemtp.model.transformer import ByteMTP
-from bytemtp.train.config import DRAFT_TARGETS, LOSS_MODES
+from bytemtp.train.config import LOSS_MODES
 from bytemtp.train.cross_entropy import cross_entropy_fn, matmul_dtype, no_autocast
 
 LN2 = math.log(2.0)  # nats per bit: losses are computed in nats and reported in bits per byte
@@ -330,43 +321,26 @@ def resolve_loss_mode(mode: str, device: torch.device) -> str:
     return DEFAULT_LOSS_MODE.get(device.type, "sequential") if mode == "auto" else mode
 
 
-@torch.no_grad()
-def head1_choices(model: ByteMTP, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``targets`` [B, T, n] with each draft head's replaced by head 1's choices (``draft_targets="head1"``):
-    head k+1's target at t becomes head 1's top byte at t + k, its guess of the byte head k+1
-    drafts; -1 (ignored) where that byte is padding or t + k lies past the window."""
-    choice = model.head_logits(z, 0).argmax(-1)
-    T, out = targets.shape[1], targets.clone()
-    for k in range(1, targets.shape[-1]):
-        out[:, : T - k, k] = torch.where(targets[:, : T - k, k] >= 0, choice[:, k:], -1)
-        out[:, T - k :, k] = -1
-    return out
-
-
 def multihead_loss(
     model: ByteMTP, ids: torch.Tensor, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0,
-    draft_detach: bool = False, draft_targets: str = "text",
+    draft_detach: bool = False,
 ) -> LossOutput:
     """Objective of batch ``ids`` [B, T+n] (draft heads weighted ``draft_loss_weight``, see ``head_weights``);
     call ``.loss.backward()`` on the result. Training computes only the heads that weigh more than 0
     (``trained_heads``). ``draft_detach`` (linear heads only): the draft heads train only their own
-    unembeddings; ``draft_targets="head1"`` (detached heads only): on head 1's choices, not the text.
+    unembeddings.
 
-    Without grad mode (evaluation) every mode computes every head's loss on the text, head by head.
+    Without grad mode (evaluation) every mode computes every head's loss, head by head.
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode must be one of {LOSS_MODES}, got {mode!r}")
     if draft_detach and not model.linear_heads:
         raise ValueError("draft_detach needs linear heads: transformer heads share the unembedding with head 1")
-    if draft_targets not in DRAFT_TARGETS or (draft_targets == "head1" and not draft_detach):
-        raise ValueError(f"draft_targets must be one of {DRAFT_TARGETS} (head1 with draft_detach), got {draft_targets!r}")
     inputs, targets = split_batch(ids, model.cfg.n_future)
-    weights = head_weights(model.cfg.n_future, draft_loss_weight, ids.device)
-    trained = trained_heads(model.cfg.n_future, draft_loss_weight)
-    z = model.trunk(inputs)
-    if draft_targets == "head1" and torch.is_grad_enabled() and len(trained) > 1:
-        targets = head1_choices(model, z, targets)
     counts = (targets >= 0).sum((0, 1)).clamp_min(1)
+    weights = head_weights(model.cfg.n_future, draft_loss_weight, ids.device)
+    z = model.trunk(inputs)
     if mode == "naive" or not torch.is_grad_enabled():
         return LossOutput(*_naive(model, z, targets, weights, counts, draft_detach))
+    trained = trained_heads(model.cfg.n_future, draft_loss_weight)
     return LossOutput(*_sequential(model, z, targets, weights, counts, trained, mode == "stacked", draft_detach))

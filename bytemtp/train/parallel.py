@@ -30,18 +30,15 @@ class MTPObjective(nn.Module):
 
     ``draft_loss_weight`` (one weight for every draft head, or one per draft head) may be
     set between steps: the training loop sets each step's under an objective schedule.
-    ``draft_detach``: the draft heads do not train the trunk; ``draft_targets``: what they learn
-    (``multihead_loss``)."""
+    ``draft_detach``: the draft heads do not train the trunk (``multihead_loss``)."""
 
     def __init__(self, model: ByteMTP, mode: str = "sequential", draft_loss_weight: float | Sequence[float] = 1.0,
-                 draft_detach: bool = False, draft_targets: str = "text"):
+                 draft_detach: bool = False):
         super().__init__()
         self.model, self.mode, self.draft_loss_weight, self.draft_detach = model, mode, draft_loss_weight, draft_detach
-        self.draft_targets = draft_targets
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = multihead_loss(self.model, ids, self.mode, self.draft_loss_weight, self.draft_detach,
-                             self.draft_targets)
+        out = multihead_loss(self.model, ids, self.mode, self.draft_loss_weight, self.draft_detach)
         return out.loss, out.head_losses
 
 
