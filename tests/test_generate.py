@@ -93,8 +93,8 @@ class StubLM(torch.nn.Module):
         logits = logits if spread or rows == range(ids.shape[0]) else logits[list(rows)]
         return logits[:, :, 0], logits[:, :, 1:]
 
-    def draft_logits(self, features: torch.Tensor, n_drafts: int) -> torch.Tensor:
-        return features[..., :n_drafts, :]
+    def draft_logits(self, features: torch.Tensor, n_drafts: int, next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return features[..., :n_drafts, :]  # the script's drafts do not read the decided byte
 
 
 def one_hot(i: int) -> torch.Tensor:
