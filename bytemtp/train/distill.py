@@ -197,7 +197,7 @@ def distill(
     fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
     rows, T = sum(len(c) for c in fit_choice), parts["greedy"].shape[1]
     flops = distill_flops(model.cfg, T, len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values()), rows,
-                          sum(len(c) for _, c in held.values()) if cfg.holdout else 0, cfg.epochs)
+                          sum(len(c) for _, c in held.values()), cfg.epochs)
     return {"agreement_before": before, "agreement_after": measure(), "fit_bytes": sum(c.numel() for c in fit_choice),
             "flops": flops}
 

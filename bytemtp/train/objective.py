@@ -130,7 +130,7 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
     ``trained`` are not computed (``trained_heads``); with ``detach`` only head 1's loss reaches h."""
     n, dt = targets.shape[-1], matmul_dtype(h)
     ce, scales = cross_entropy_fn(model), weights / counts
-    feats = h.detach().flatten(0, 1).to(dt)
+    feats, next_ids = h.detach().flatten(0, 1).to(dt), _next_ids(targets)
     nll, grad_h, grad_ws, grad_mlps = [], None, [], []
     with no_autocast(h):
         for k in range(n):
@@ -142,8 +142,7 @@ def _linear_heads_grads(model: ByteMTP, targets: torch.Tensor, weights: torch.Te
                 continue
             args = (targets[..., k : k + 1].flatten(0, 1), model.cfg.vocab, scales[k : k + 1], model.cfg.logit_cap)
             if mlp:
-                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, mlp, h, _next_ids(targets), w.to(dt), args,
-                                                         not detach)
+                nll_k, g_f, g_w, g_mlp = _draft_mlp_head(model, k, mlp, h, next_ids, w.to(dt), args, not detach)
                 grad_mlps += g_mlp
             else:
                 nll_k, g_f, g_w = ce(feats, w.to(dt), *args, not (detach and k))
