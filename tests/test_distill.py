@@ -33,7 +33,7 @@ def corpus_prompts(n: int, length: int, seed: int = 0) -> list[bytes]:
 def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
     copy_ = copy.deepcopy(model)
     cfg = DistillConfig(**{"prompts": 48, "text": 24, "prompt_bytes": 24, "new_bytes": 64, "batch_size": 16,
-                           "epochs": 4, "lr": 3e-3, "holdout": 8, "fit_rows": 8, **kw})
+                           "epochs": 4, "lr": 3e-3, "holdout": 8, "fit_rows": 8, "coupling_steps": 20, **kw})
     text = corpus_prompts(cfg.text, cfg.prompt_bytes + cfg.new_bytes, seed=9)
     return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg, text)
 
@@ -97,7 +97,12 @@ def test_the_reported_flops_count_every_product(pair):
             per_position, forward_k = 6 * mine - 2 * first, 2 * mine
         fit += 4 * fitted * (T - k) * per_position
         agreement += 2 * held * (T - k) * forward_k
-    want = {"generation": 48 * 64 * forward, "encoding": (48 + 24) * T * forward, "fit": fit, "agreement": agreement}
+    # the coupling's fit: a draft head's logits per example (its forward, the same for every head, as
+    # the agreement counts it), then 20 steps of 4096 rows at 10 FLOPs per vocabulary entry
+    per_example = agreement / (2 * held * sum(T - k for k in range(1, n)))
+    coupling = result["coupling"]["examples"] * per_example + 20 * 4096 * 10 * model.cfg.vocab
+    want = {"generation": 48 * 64 * forward, "encoding": (48 + 24) * T * forward, "fit": fit, "agreement": agreement,
+            "coupling": coupling}
     assert result["flops"] == pytest.approx({**want, "total": sum(want.values())}, rel=1e-12)
     assert result["fit_bytes"] == fitted * T
 

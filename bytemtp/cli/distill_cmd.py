@@ -26,22 +26,27 @@ from bytemtp.cli.options import FiniteFloat, SEED, device_option
               help="Greedy bytes generated per prompt.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Sequences generated (and encoded) together.")
-@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=1), help="Passes of the fit.")
+@click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Passes of the draft heads' fit (0: the heads stay as they are; the coupling is still fitted).")
 @click.option("--lr", default=1e-3, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Adam learning rate of the fit.")
 @click.option("--holdout", default=64, show_default=True, type=click.IntRange(min=0),
               help="Continuations (and text windows) kept out of the fit to report the draft heads' "
                    "agreement with head 1.")
+@click.option("--coupling/--no-coupling", default=True, show_default=True,
+              help="Then fit greedy drafts' coupling table to the heads, on the continuations (sampled "
+                   "drafts keep the corpus's ratios).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed for the prompts and the fit's order.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's).")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bars.")
-def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed,
-            threads, device, as_json, progress) -> None:
+def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout,
+            coupling, seed, threads, device, as_json, progress) -> None:
     """Fit the draft heads (2..n) of CKPT to head 1's own greedy continuations of --data's
-    train prompts, trunk and head 1 frozen: decoding outputs stay identical, drafts are
-    accepted more often. Writes a new checkpoint under --out."""
+    train prompts, trunk and head 1 frozen, then greedy drafts' coupling table to them:
+    decoding outputs stay identical, drafts are accepted more often. Writes a new
+    checkpoint under --out."""
     import torch
 
     from bytemtp.train.checkpoint import check_out_dir, list_checkpoints, load_model, save_checkpoint
@@ -54,7 +59,8 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
 
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = DistillConfig(prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed)
+    cfg = DistillConfig(prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed,
+                        coupling=coupling)
     model, meta = load_model(ckpt, device)
     prompt_list, windows = training_prompts(data_dir, cfg)
     result = distill(model, prompt_list, cfg, windows, progress=progress and not as_json)
@@ -64,8 +70,15 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
         click.echo(json.dumps({"checkpoint": str(path), **result}))
         return
     flops = result["flops"]
-    click.echo(f"{path}: draft heads fitted on {result['fit_bytes']:,} bytes, {flops['total']:.3g} FLOPs ("
-               + ", ".join(f"{part} {flops[part]:.2g}" for part in ("generation", "encoding", "fit", "agreement")) + ")")
+    heads = f"draft heads fitted on {result['fit_bytes']:,} bytes" if epochs else "draft heads unchanged"
+    click.echo(f"{path}: {heads}, {flops['total']:.3g} FLOPs ("
+               + ", ".join(f"{part} {value:.2g}" for part, value in flops.items() if part != "total") + ")")
+    fit = result.get("coupling", {})
+    if "skipped" in fit:
+        click.echo(f"greedy drafts' coupling not fitted: {fit['skipped']}")
+    if "fitted" in fit:
+        click.echo(f"greedy drafts' coupling fitted: held-out draft bits per byte {fit['corpus']:.3f} with the "
+                   f"corpus's ratios -> {fit['fitted']:.3f}")
     for part, before in result["agreement_before"].items():
         after = result["agreement_after"][part]
         click.echo(f"agreement with head 1, heads 2..{model.cfg.n_future}, held-out {part}: "

@@ -224,7 +224,11 @@ def _coupling_note(decoder, has_trigrams: bool) -> str:
     """Whether the drafts followed the bytes before them, and if not why: a checkpoint from before
     ``train`` kept byte trigrams drafts uncoupled, with fewer bytes per forward."""
     if decoder.context is not None:
-        return f"drafts coupled to the two bytes before each (strength {decoder.config.coupling_strength:g})"
+        greedy = decoder.config.sampling.greedy
+        fitted = greedy and decoder.model.fitted_coupling is not None
+        how = "a table fitted to the heads, " if fitted else ""
+        return (f"drafts coupled to the two bytes before each ({how}strength "
+                f"{decoder.config.coupling_for(greedy, fitted):g})")
     if not has_trigrams:
         return "drafts uncoupled: the checkpoint has no byte_trigrams.safetensors (it predates them)"
     return "drafts uncoupled (--draft-coupling 0)"

@@ -123,6 +123,7 @@ def run_bench(
         "n_layers": cfg.n_layers,
         "params": model.param_counts()["total"],
         "byte_trigrams": model.byte_trigrams is not None,
+        "fitted_coupling": model.fitted_coupling is not None,
     }
     return BenchReport(config, describe_device(device, config.panels, compile), info, rows, costs)
 
@@ -270,11 +271,18 @@ class BenchReport:
     def draft_coupling(self) -> float:
         """The strength of the drafts' coupling to the bytes before them in effect (0: none)."""
         c = GenerationConfig(temperature=self.config.temperature, draft_coupling=self.config.draft_coupling)
-        return c.coupling_strength if self.model.get("byte_trigrams", False) else 0.0
+        fitted = self.fitted_coupling
+        return c.coupling_for(c.sampling.greedy, fitted) if fitted or self.model.get("byte_trigrams", False) else 0.0
+
+    @property
+    def fitted_coupling(self) -> bool:
+        """Whether the drafts followed a coupling table fitted to the model (greedy rows only)."""
+        return self.config.temperature == 0 and self.model.get("fitted_coupling", False)
 
     def table(self) -> str:
         c = self.config
-        coupled = f"coupled {self.draft_coupling:g}" if self.draft_coupling else ""
+        fitted = "fitted, " if self.fitted_coupling else ""
+        coupled = f"coupled {fitted}{self.draft_coupling:g}" if self.draft_coupling else ""
         if c.temperature:
             how = f"temperature {c.temperature} (drafts {self.draft_temperature:g}{', ' if coupled else ''}{coupled})"
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bytemtp.decode.coupling import DRAFT_COUPLING, GREEDY_COUPLING
+from bytemtp.decode.coupling import DRAFT_COUPLING, FITTED_COUPLING, GREEDY_COUPLING
 from bytemtp.decode.drafting import CostTable, DraftPolicy
 from bytemtp.decode.batch import RowParams
 from bytemtp.decode.incontext import (
@@ -43,8 +43,8 @@ class GenerationConfig:
     toward ``max_new_bytes`` but is no output byte): for callers that want every row's ids
     to the same length (``distill``). ``draft_coupling``: how strongly drafts follow the two
     bytes before them (``bytemtp.decode.coupling``; 0: off; None: ``DRAFT_COUPLING`` when
-    sampling, ``GREEDY_COUPLING`` greedy), where the model carries its training data's
-    byte-trigram counts. ``context_mixing``: how strongly chain drafts follow each row's own
+    sampling, ``GREEDY_COUPLING`` greedy; ``FITTED_COUPLING`` greedy with a table fitted to the
+    model), where the model carries its training data's byte-trigram counts or a fitted table. ``context_mixing``: how strongly chain drafts follow each row's own
     byte trigrams (``bytemtp.decode.incontext``; 0: off; None: ``CONTEXT_MIXING`` or
     ``GREEDY_CONTEXT_MIXING``); ``lookup``: a chain row whose last bytes occurred before in its
     text drafts what followed them there (None: ``GREEDY_LOOKUP`` and ``SAMPLED_LOOKUP``).
@@ -108,10 +108,13 @@ class GenerationConfig:
         """The draft coupling's strength (0: off)."""
         return self.coupling_for(self.sampling.greedy)
 
-    def coupling_for(self, greedy: bool) -> float:
-        """The draft coupling's strength for greedy or sampled rows (0: off)."""
+    def coupling_for(self, greedy: bool, fitted: bool = False) -> float:
+        """The draft coupling's strength for greedy or sampled rows (0: off), ``fitted``: with a table
+        fitted to the model (``bytemtp.decode.coupling.FittedCoupling``)."""
         if self.draft_coupling is not None:
             return self.draft_coupling
+        if fitted:
+            return FITTED_COUPLING
         return GREEDY_COUPLING if greedy else DRAFT_COUPLING
 
     @property

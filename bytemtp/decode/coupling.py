@@ -26,6 +26,14 @@ whatever the drafts. Only how often drafts are accepted changes. On the 2000-ste
 benchmark's; chain of 7, bytes per forward): at T = 0.8, 2.578 uncoupled, 3.019 at strength
 0.7 (0.5 to 1.2 within noise of it); greedy, 2.721 uncoupled, 3.200 at 0.3, 3.240 at 0.5, 3.207
 at 0.7. Coupling to the one byte before instead gained about 7 % sampled and nothing greedy.
+
+The corpus's ratios are one guess for every model. ``bytemtp distill`` fits greedy rows'
+weights to the model's own draft heads instead (``bytemtp.train.couple``): log-weights per
+pair of bytes, starting from the corpus's and fitted so that the heads' logits plus them
+predict head 1's greedy continuations. A model that carries them (``ByteMTP.fitted_coupling``)
+drafts greedy rows with them at strength ``FITTED_COUPLING`` (they were fitted at it); sampled
+rows keep the corpus's ratios (a table fitted to the text sampled no better). Exactness is as
+above, whatever the weights.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ DRAFT_COUPLING = 0.7  # strength when sampling: measured on held-out prompts, se
 # 101 at 0.3, 111 at 0.5, 132 at 0.7), and a batch waits for its slowest row. 0.3 keeps most
 # of the average gain (96 prompts: 2.78 -> 3.16 bytes per forward; 3.27 at 0.5).
 GREEDY_COUPLING = 0.3
+FITTED_COUPLING = 1.0  # fitted log-weights are used as fitted
 SMOOTHING = 30.0  # pseudo-counts of the shorter context: 10 and 100 did a little worse
 MAX_CONTEXTS = 16384  # rows of 257 floats: 17 MB at most (the stdlib corpus has 9,900 pairs)
 
@@ -61,6 +70,14 @@ class DraftContext(NamedTuple):
         return DraftContext(self.index.to(device), self.weights.to(device))
 
 
+class FittedCoupling(NamedTuple):
+    """Coupling log-weights fitted to a model's draft heads for greedy rows (``bytemtp.train.couple``):
+    after the bytes ``a, b`` the row ``index[a, b]`` [V, V] (int64) of ``log_weights`` [R, V] (float32)."""
+
+    index: torch.Tensor
+    log_weights: torch.Tensor
+
+
 # A context as the host kernels (``bytemtp_native``) take it: NumPy ``index`` and ``weights``;
 # [0, 0] each for no coupling.
 HostContext = tuple[np.ndarray, np.ndarray]
@@ -75,6 +92,7 @@ def host_arrays(context: DraftContext | None) -> HostContext:
 
 
 _last: tuple = ()  # (trigrams, its version, strength, vocab, context) of the latest call
+_last_fitted: tuple = ()  # (table, its version, strength, context) of the latest ``fitted_context``
 _placed: tuple = ()  # (context, device, the context there) of the latest ``placed``
 
 
@@ -92,6 +110,19 @@ def draft_context(trigrams: torch.Tensor, strength: float, vocab: int) -> DraftC
         return _last[4]
     context = _build(trigrams, strength, vocab)
     _last = (*key, context)
+    return context
+
+
+def fitted_context(fitted: FittedCoupling, strength: float) -> DraftContext:
+    """The weights ``exp(strength * log_weights)`` of ``fitted``. Kept like ``draft_context``'s:
+    building them is an exp over the whole table."""
+    global _last_fitted
+    table = fitted.log_weights
+    key = (table, table._version, strength)
+    if _last_fitted and _last_fitted[0] is table and _last_fitted[1:3] == key[1:]:
+        return _last_fitted[3]
+    context = DraftContext(fitted.index, (strength * table.double()).exp().float())
+    _last_fitted = (*key, context)
     return context
 
 

@@ -24,7 +24,9 @@ from bytemtp.decode.batch import GenerationStats, Row
 from bytemtp.decode.chain import ChainDrafts
 from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.context import generation_cache_length
-from bytemtp.decode.coupling import UNCOUPLED, DraftContext, HostContext, draft_context, host_arrays, placed
+from bytemtp.decode.coupling import (
+    UNCOUPLED, DraftContext, HostContext, draft_context, fitted_context, host_arrays, placed,
+)
 from bytemtp.decode.engine import DraftStrategy, Engine
 from bytemtp.decode.sampled_tree import SampledTreeDrafts
 from bytemtp.decode.sampling import RowSampling, SamplingConfig, draft_sampling
@@ -76,10 +78,14 @@ class Decoder:
     def coupling(self, greedy: bool) -> tuple[DraftContext | None, HostContext]:
         """Drafts coupled to the bytes before them (``bytemtp.decode.coupling``) for greedy or sampled
         rows: the tensors for the steps' tensor code, the host arrays for the eager steps' kernels."""
-        strength, trigrams = self.config.coupling_for(greedy), self.model.byte_trigrams
-        if strength == 0 or trigrams is None or not self.n_drafts:
+        fitted = self.model.fitted_coupling if greedy else None  # fitted for greedy rows only
+        strength, trigrams = self.config.coupling_for(greedy, fitted is not None), self.model.byte_trigrams
+        if strength == 0 or (trigrams is None and fitted is None) or not self.n_drafts:
             return None, UNCOUPLED
-        context = draft_context(trigrams.cpu(), strength, self.model.cfg.vocab)
+        if fitted is not None:
+            context = fitted_context(fitted, strength)
+        else:
+            context = draft_context(trigrams.cpu(), strength, self.model.cfg.vocab)
         return placed(context, self.device), host_arrays(context)
 
     def chain_rule(self, sampling: SamplingConfig | list[SamplingConfig]) -> tuple[ChainRule, HostContext]:

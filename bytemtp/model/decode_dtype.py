@@ -52,5 +52,5 @@ def cast_for_decoding(model: ByteMTP, dtype: torch.dtype | None = None) -> ByteM
     params = dict(model.named_parameters())
     for name, param in copy.named_parameters():
         param.data = params[name].detach().to(dtype)
-    copy.byte_trigrams = model.byte_trigrams
+    copy.byte_trigrams, copy.fitted_coupling = model.byte_trigrams, model.fitted_coupling
     return copy.train(model.training)

@@ -10,6 +10,7 @@ attached by ``setup_cache``, with shapes that never change between steps (friend
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,9 @@ from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
 from bytemtp.model.panels import PanelLinear
+
+if TYPE_CHECKING:
+    from bytemtp.decode.coupling import FittedCoupling
 
 
 class ByteMTP(nn.Module):
@@ -58,6 +62,8 @@ class ByteMTP(nn.Module):
         # a buffer, so it stays on the host whatever device the model moves to: only the coupling
         # tables made from it go to the device, once (``coupling.placed``).
         self.byte_trigrams: torch.Tensor | None = None
+        # Coupling tables fitted to the draft heads (``bytemtp.train.couple``), kept the same way.
+        self.fitted_coupling: FittedCoupling | None = None
         for i, attn in enumerate(self.attention_layers()):
             attn.cache_layer = i
         # The cache cached forwards use (``setup_cache``), and the one kept for reuse after

@@ -43,7 +43,7 @@ FAILED = "the decode engine failed; see the server's log"
 @dataclass
 class EngineSpec:
     """What the engine process builds its engine from; picklable. ``model``: the model's config,
-    weights and byte trigrams as ``torch.save`` bytes (a copy the process owns, whatever device it
+    weights, byte trigrams and fitted coupling as ``torch.save`` bytes (a copy the process owns, whatever device it
     is moved to); ``adaptive``: price drafts by steps measured at 1, ``max_batch`` / 2 and
     ``max_batch`` rows (``bytemtp.decode.step_costs``) in this process, where they will run."""
 
@@ -62,7 +62,8 @@ class EngineSpec:
         """The spec of an engine of ``model`` on ``device`` (default: the model's), with this
         process's torch threads."""
         buf = io.BytesIO()
-        torch.save({"cfg": model.cfg, "state": model.state_dict(), "trigrams": model.byte_trigrams}, buf)
+        torch.save({"cfg": model.cfg, "state": model.state_dict(), "trigrams": model.byte_trigrams,
+                    "fitted": model.fitted_coupling}, buf)
         device = str(device or next(model.parameters()).device)
         return cls(buf.getvalue(), config, max_batch, model.cfg.max_seq_len, compile, adaptive, device,
                    torch.get_num_threads())
@@ -71,7 +72,7 @@ class EngineSpec:
         saved = torch.load(io.BytesIO(self.model), map_location="cpu", weights_only=False)
         model = ByteMTP(saved["cfg"])
         model.load_state_dict(saved["state"])
-        model.byte_trigrams = saved["trigrams"]
+        model.byte_trigrams, model.fitted_coupling = saved["trigrams"], saved["fitted"]
         model = model.to(self.device).eval()
         if not self.adaptive:
             return Decoder(model, self.config, self.compile)

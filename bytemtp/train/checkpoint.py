@@ -3,7 +3,8 @@
 Layout of ``RUN/checkpoints/step-NNNNNNN/``: ``model.safetensors`` (weights),
 ``config.json`` (model config, train config, step, package version),
 ``byte_trigrams.safetensors`` when the model knows its training data's byte-trigram counts
-(``bytemtp.data.trigrams``; older checkpoints have none) and, for
+(``bytemtp.data.trigrams``; older checkpoints have none), ``draft_coupling.safetensors`` when
+``distill`` fitted a coupling table to its draft heads (``bytemtp.train.couple``) and, for
 training runs, ``train_state.pt`` (optimizer, scheduler, loader, RNG). Each is
 built in a temporary directory and renamed into place, then ``latest`` (a
 symlink) is switched to it, so a crash at any moment leaves the previous
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from bytemtp import __version__
 from bytemtp.data.atomic import atomic_dir, fsync_dir
 from bytemtp.data.shards import is_dataset_dir
+from bytemtp.decode.coupling import FittedCoupling
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.transformer import ByteMTP
@@ -35,6 +37,7 @@ from bytemtp.train.config import load_config
 
 WEIGHTS, CONFIG, TRAIN_STATE, LATEST = "model.safetensors", "config.json", "train_state.pt", "latest"
 TRIGRAMS = "byte_trigrams.safetensors"
+COUPLING = "draft_coupling.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -88,6 +91,9 @@ def save_checkpoint(
             if model.byte_trigrams is not None:
                 codes, counts = model.byte_trigrams.cpu()
                 save_file({"codes": codes.clone(), "counts": counts.clone()}, str(tmp / TRIGRAMS))
+            if model.fitted_coupling is not None:
+                save_file({k: v.cpu().contiguous() for k, v in model.fitted_coupling._asdict().items()},
+                          str(tmp / COUPLING))
             meta = {"bytemtp_version": __version__, "step": step, "model": model.cfg.to_dict(), "train": train_config}
             if distill is not None:
                 meta["distill"] = distill
@@ -203,6 +209,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     model = ByteMTP(load_config(ModelConfig, meta.get("model"), f"{ckpt / CONFIG} model"))
     load_weights(model, ckpt)
     model.byte_trigrams = load_byte_trigrams(ckpt, model.cfg.vocab)
+    model.fitted_coupling = load_fitted_coupling(ckpt, model.cfg.vocab)
     return model.to(device).eval(), meta
 
 
@@ -225,6 +232,25 @@ def load_byte_trigrams(ckpt: Path, vocab: int) -> torch.Tensor | None:
             f"{path}: expected int64 'codes' (ascending, below {vocab}^3) and positive int64 'counts' of one length"
         )
     return torch.stack((codes, counts))
+
+
+def load_fitted_coupling(ckpt: Path, vocab: int) -> FittedCoupling | None:
+    """Checkpoint ``ckpt``'s fitted coupling table, None if it has none."""
+    path = ckpt / COUPLING
+    if not path.is_file():
+        return None
+    try:
+        tables = load_file(str(path), device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise BytemtpError(f"{path}: unreadable coupling table ({e})") from None
+    index, table = tables.get("index"), tables.get("log_weights")
+    ok = index is not None and table is not None and index.dtype == torch.int64 and index.shape == (vocab, vocab)
+    ok = ok and table.dtype == torch.float32 and table.dim() == 2 and table.shape[1] == vocab
+    ok = ok and bool(table.isfinite().all()) and 0 <= index.min().item() and index.max().item() < table.shape[0]
+    if not ok:
+        raise BytemtpError(f"{path}: expected an int64 'index' [{vocab}, {vocab}] of the rows of finite float32 "
+                           f"'log_weights' [rows, {vocab}]")
+    return FittedCoupling(index, table)
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:

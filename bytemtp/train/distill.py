@@ -19,6 +19,10 @@ regression: minutes on a CPU). Windows of real text are fitted alongside, with h
 the runs and lose some of their agreement with head 1 on ordinary text. The price is
 the draft heads' fit to the corpus (their validation bits per byte rise): they now
 predict the model, not the text.
+
+Then, by default, the greedy drafts' coupling table is fitted to the heads on the same
+continuations (``bytemtp.train.couple``): the weights a draft gets after the two bytes
+before it, learnt from where these heads go wrong on this model's greedy text.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ from bytemtp.decode.generate import Decoder
 from bytemtp.decode.prompts import sample_prompts
 from bytemtp.errors import BytemtpError, require_at_least_one
 from bytemtp.model.transformer import ByteMTP
-from bytemtp.train.flops import distill_flops
+from bytemtp.decode.coupling import FittedCoupling
+from bytemtp.train.couple import FIT_ROWS, FIT_STEPS, corpus_ratios, examples, fit_coupling
+from bytemtp.train.flops import coupling_flops, distill_flops
 
 
 @dataclass
 class DistillConfig:
     """What to generate and how to fit. ``text`` windows of real text are fitted alongside the
     ``prompts`` continuations (see ``distill``). ``batch_size`` sequences are generated and
-    encoded together, ``fit_rows`` make one optimizer step; ``holdout`` continuations (and
-    as many text windows) are kept out of the fit to measure the heads' agreement with head 1
-    before and after."""
+    encoded together, ``fit_rows`` make one optimizer step (``epochs`` 0: the heads stay as they
+    are); ``holdout`` continuations (and as many text windows) are kept out of the fit to measure
+    the heads' agreement with head 1 before and after, and the coupling's fit."""
 
     prompts: int = 1024
     text: int = 1024
@@ -58,14 +64,18 @@ class DistillConfig:
     holdout: int = 64
     seed: int = 0
     fit_rows: int = 32
+    coupling: bool = True  # then fit greedy drafts' coupling table to the heads (``bytemtp.train.couple``), given trigrams
+    coupling_steps: int = FIT_STEPS
 
     def __post_init__(self) -> None:
-        positive = ("prompts", "prompt_bytes", "new_bytes", "batch_size", "epochs", "fit_rows")
+        positive = ("prompts", "prompt_bytes", "new_bytes", "batch_size", "fit_rows", "coupling_steps")
         require_at_least_one(self, positive, flags=True)
         if not 0 < self.lr < 1:
             raise BytemtpError(f"--lr: must be in (0, 1), got {self.lr}")
         if self.text < 0:
             raise BytemtpError(f"--text: must be >= 0, got {self.text}")
+        if self.epochs < 0 or (self.epochs == 0 and not self.coupling):
+            raise BytemtpError(f"--epochs: must be >= 1, or 0 with the coupling fit (nothing to fit), got {self.epochs}")
         if not 0 <= self.holdout < min(self.prompts, self.text or self.prompts):
             raise BytemtpError(f"--holdout: must be at least 0 and below --prompts and --text, got {self.holdout}")
 
@@ -183,23 +193,42 @@ def distill(
     parts = {"greedy": greedy_continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)}
     if text:
         parts["text"] = torch.tensor([[BOS, *window] for window in text], device=model.embed.weight.device)
-    held, fit_z, fit_choice = {}, [], []
-    for name, seqs in parts.items():
-        z, choice = trunk_and_choices(model, seqs, cfg.batch_size)
-        held[name] = (z[: cfg.holdout], choice[: cfg.holdout])
-        fit_z.append(z[cfg.holdout :])
-        fit_choice.append(choice[cfg.holdout :])
+    encoded = {name: (seqs, *trunk_and_choices(model, seqs, cfg.batch_size)) for name, seqs in parts.items()}
+    held = {name: (z[: cfg.holdout], choice[: cfg.holdout]) for name, (_, z, choice) in encoded.items()}
+    fit_z, fit_choice = ([e[i][cfg.holdout :] for e in encoded.values()] for i in (1, 2))
 
     def measure() -> dict[str, list[float]]:
         return {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()} if cfg.holdout else {}
 
     before = measure()
-    fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
+    if cfg.epochs:
+        fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
     rows, T = sum(len(c) for c in fit_choice), parts["greedy"].shape[1]
     flops = distill_flops(model.cfg, T, len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values()), rows,
                           sum(len(c) for _, c in held.values()), cfg.epochs)
-    return {"agreement_before": before, "agreement_after": measure(), "fit_bytes": sum(c.numel() for c in fit_choice),
-            "flops": flops}
+    result = {"agreement_before": before, "agreement_after": measure(),
+              "fit_bytes": sum(c.numel() for c in fit_choice), "flops": flops}
+    if cfg.coupling and model.byte_trigrams is None:  # a checkpoint from before trigrams: nothing to start from
+        result["coupling"] = {"skipped": "the checkpoint has no byte_trigrams.safetensors (it predates them)"}
+    elif cfg.coupling:
+        model.fitted_coupling, result["coupling"] = couple(model, encoded, len(prompts[0]), cfg)
+        flops["coupling"] = coupling_flops(model.cfg, T, result["coupling"]["examples"], cfg.coupling_steps * FIT_ROWS)
+        flops["total"] += flops["coupling"]
+    return result
+
+
+def couple(model: ByteMTP, encoded: dict[str, tuple[torch.Tensor, ...]], prompt_bytes: int, cfg: DistillConfig
+           ) -> tuple[FittedCoupling, dict[str, float]]:
+    """The greedy rows' coupling table fitted to the heads (``bytemtp.train.couple``) on the
+    ``encoded`` continuations from their prompts' last byte on, the held-out ones apart, and its
+    report (``fit_coupling``'s, and ``"examples"``: how many draft logits were computed for it)."""
+    base = corpus_ratios(model)
+    seqs, z, choice = encoded["greedy"]
+    index = base.index.to(seqs.device)
+    cuts = [slice(cfg.holdout, None)] + ([slice(0, cfg.holdout)] if cfg.holdout else [])
+    ex = [examples(model, seqs[c], z[c], choice[c], prompt_bytes, index, cfg.batch_size, cfg.seed) for c in cuts]
+    table, report = fit_coupling(base, ex[0][0], ex[1][0] if cfg.holdout else None, cfg.seed, cfg.coupling_steps)
+    return table, {**report, "examples": sum(n for _, n in ex)}
 
 
 def training_prompts(data_dir: str | Path, cfg: DistillConfig) -> tuple[list[bytes], list[bytes]]:

@@ -83,13 +83,31 @@ def distill_flops(cfg: ModelConfig, seq_len: int, generated: int, encoded: int, 
     positions = sum(seq_len - k for k in range(1, cfg.n_future))  # every draft head's, in one row
     unembedding = cfg.d_model * cfg.vocab_padded
     if cfg.head_kind == "linear":
-        fit, measure = draft_head_flops(cfg, draft_detach=True), 2.0 * (unembedding + cfg.draft_mlp_weights)
+        fit = draft_head_flops(cfg, draft_detach=True)
     else:  # blocks train in full; the shared unembedding, frozen, costs forward and input gradient
         blocks = cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len)
-        fit, measure = 6.0 * blocks + 4.0 * unembedding, 2.0 * (blocks + unembedding)
+        fit = 6.0 * blocks + 4.0 * unembedding
+    measure = draft_forward_flops(cfg, seq_len)
     parts = {"generation": generated * forward, "encoding": encoded * forward,
              "fit": epochs * fitted_rows * positions * fit, "agreement": 2 * measured_rows * positions * measure}
     return {**parts, "total": sum(parts.values())}
+
+
+def draft_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """FLOPs of one draft head's logits at one position from the trunk's output: its MLP (or
+    blocks, attending over ``seq_len``) and its unembedding."""
+    unembedding = cfg.d_model * cfg.vocab_padded
+    if cfg.head_kind == "linear":
+        return 2.0 * (unembedding + cfg.draft_mlp_weights)
+    return 2.0 * (cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len) + unembedding)
+
+
+def coupling_flops(cfg: ModelConfig, seq_len: int, examples: int, fitted: int) -> float:
+    """FLOPs of fitting a coupling table (``bytemtp.train.couple``) beyond the encoding ``distill``
+    counts: one draft head's logits per example (``examples`` of them, ``draft_forward_flops``)
+    and, per fitted example (``fitted``: steps times rows), the adjusted logits' cross-entropy
+    forward and backward, taken as ten FLOPs per vocabulary entry."""
+    return examples * draft_forward_flops(cfg, seq_len) + fitted * 10.0 * cfg.vocab
 
 
 def mean_flops_per_byte(cfg: ModelConfig, train: "TrainConfig") -> float:
