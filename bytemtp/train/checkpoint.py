@@ -216,12 +216,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def load_byte_trigrams(ckpt: Path, vocab: int) -> torch.Tensor | None:
     """Checkpoint ``ckpt``'s byte-trigram codes and counts [2, n] (int64), None if it has none."""
     path = ckpt / TRIGRAMS
-    if not path.is_file():
+    table = _side_tensors(path, "byte-trigram counts")
+    if table is None:
         return None
-    try:
-        table = load_file(str(path), device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise BytemtpError(f"{path}: unreadable byte-trigram counts ({e})") from None
     codes, counts = table.get("codes"), table.get("counts")
     ok = codes is not None and counts is not None and codes.dtype == counts.dtype == torch.int64
     ok = ok and codes.dim() == 1 and codes.shape == counts.shape
@@ -237,12 +234,9 @@ def load_byte_trigrams(ckpt: Path, vocab: int) -> torch.Tensor | None:
 def load_fitted_coupling(ckpt: Path, vocab: int) -> FittedCoupling | None:
     """Checkpoint ``ckpt``'s fitted coupling table, None if it has none."""
     path = ckpt / COUPLING
-    if not path.is_file():
+    tables = _side_tensors(path, "coupling table")
+    if tables is None:
         return None
-    try:
-        tables = load_file(str(path), device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise BytemtpError(f"{path}: unreadable coupling table ({e})") from None
     index, table = tables.get("index"), tables.get("log_weights")
     ok = index is not None and table is not None and index.dtype == torch.int64 and index.shape == (vocab, vocab)
     ok = ok and table.dtype == torch.float32 and table.dim() == 2 and table.shape[1] == vocab
@@ -251,6 +245,16 @@ def load_fitted_coupling(ckpt: Path, vocab: int) -> FittedCoupling | None:
         raise BytemtpError(f"{path}: expected an int64 'index' [{vocab}, {vocab}] of the rows of finite float32 "
                            f"'log_weights' [rows, {vocab}]")
     return FittedCoupling(index, table)
+
+
+def _side_tensors(path: Path, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a checkpoint's optional safetensors file ``path`` (None: it has none)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path), device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise BytemtpError(f"{path}: unreadable {what} ({e})") from None
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
