@@ -68,6 +68,7 @@ class StubLM(torch.nn.Module):
         self.cache: list[list[int]] | None = None
         self.calls: list[tuple[list[int], list[int], int]] = []
         self.byte_trigrams = None  # no training data: sampled drafts go uncoupled
+        self.fitted_coupling = None  # nor a coupling table fitted to the heads
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None) -> None:
         self.cache = [[-1] * max_len for _ in range(batch_size)]
