@@ -91,9 +91,19 @@ def host_arrays(context: DraftContext | None) -> HostContext:
     return UNCOUPLED if context is None else (context.index.numpy(), context.weights.numpy())
 
 
-_last: tuple = ()  # (trigrams, its version, strength, vocab, context) of the latest call
-_last_fitted: tuple = ()  # (table, its version, strength, context) of the latest ``fitted_context``
+_latest: dict[str, tuple] = {}  # per kind of context: (its source tensor, that tensor's version, args, context)
 _placed: tuple = ()  # (context, device, the context there) of the latest ``placed``
+
+
+def _kept(kind: str, source: torch.Tensor, args: tuple, build) -> DraftContext:
+    """``build()``, or the ``kind`` of context the latest call built from the same, unchanged
+    ``source`` tensor and ``args``: every ``Decoder`` (one per ``generate`` call) asks for one."""
+    last = _latest.get(kind)
+    if last and last[0] is source and last[1] == source._version and last[2] == args:
+        return last[3]
+    context = build()
+    _latest[kind] = (source, source._version, args, context)
+    return context
 
 
 def draft_context(trigrams: torch.Tensor, strength: float, vocab: int) -> DraftContext:
@@ -101,29 +111,17 @@ def draft_context(trigrams: torch.Tensor, strength: float, vocab: int) -> DraftC
     ``(P(c | a, b) / P(c)) ** strength`` for the ``MAX_CONTEXTS`` most frequent pairs ``a, b``,
     and ``(P(c | b) / P(c)) ** strength`` for the rest (one row per ``b``).
 
-    Building them takes 5-10 ms, as much as several decoding steps, and every ``Decoder`` (one
-    per ``generate`` call) needs them: the latest result is kept, with a reference to its
-    counts, and returned while they are the same unchanged tensor."""
-    global _last
-    key = (trigrams, trigrams._version, strength, vocab)
-    if _last and _last[0] is trigrams and _last[1:4] == key[1:]:
-        return _last[4]
-    context = _build(trigrams, strength, vocab)
-    _last = (*key, context)
-    return context
+    Building them takes 5-10 ms, as much as several decoding steps: the latest result is kept,
+    with a reference to its counts, and returned while they are the same unchanged tensor."""
+    return _kept("trigrams", trigrams, (strength, vocab), lambda: _build(trigrams, strength, vocab))
 
 
 def fitted_context(fitted: FittedCoupling, strength: float) -> DraftContext:
-    """The weights ``exp(strength * log_weights)`` of ``fitted``. Kept like ``draft_context``'s:
+    """The weights ``exp(strength * log_weights)`` of ``fitted``, kept as ``draft_context``'s are:
     building them is an exp over the whole table."""
-    global _last_fitted
     table = fitted.log_weights
-    key = (table, table._version, strength)
-    if _last_fitted and _last_fitted[0] is table and _last_fitted[1:3] == key[1:]:
-        return _last_fitted[3]
-    context = DraftContext(fitted.index, (strength * table.double()).exp().float())
-    _last_fitted = (*key, context)
-    return context
+    return _kept("fitted", table, (strength,),
+                 lambda: DraftContext(fitted.index, (strength * table.double()).exp().float()))
 
 
 def placed(context: DraftContext, device: torch.device) -> DraftContext:

@@ -62,7 +62,7 @@ class ByteMTP(nn.Module):
         # a buffer, so it stays on the host whatever device the model moves to: only the coupling
         # tables made from it go to the device, once (``coupling.placed``).
         self.byte_trigrams: torch.Tensor | None = None
-        # Coupling tables fitted to the draft heads (``bytemtp.train.couple``), kept the same way.
+        # A coupling table fitted to the draft heads (``bytemtp.train.couple``), kept the same way.
         self.fitted_coupling: FittedCoupling | None = None
         for i, attn in enumerate(self.attention_layers()):
             attn.cache_layer = i
