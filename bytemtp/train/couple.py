@@ -41,26 +41,29 @@ def examples(model: ByteMTP, seqs: torch.Tensor, z: torch.Tensor, choice: torch.
     """Every draft head's logits at positions ``start..`` of the continuations ``seqs`` [N, T] (trunk
     output ``z``, head 1's ``choice``) with the coupling row after the two bytes before its target,
     and the target, head 1's choice there -> ((logits [M, V] bfloat16, rows [M], targets [M]), a
-    seeded subset of at most ``MAX_EXAMPLES``; how many were computed). Draft heads that read the
-    next byte read head 1's choice, as decoding feeds them."""
+    seeded subset of at most ``MAX_EXAMPLES``; how many draft logits were computed for them). Draft
+    heads that read the next byte read head 1's choice, as decoding feeds them."""
     T = seqs.shape[1]
-    logits, rows, targets = [], [], []
+    # a linear head reads each position alone: only the positions with a target are computed; a
+    # transformer head attends to every position before, so it runs from the first
+    lo = 0 if model.cfg.head_kind == "transformer" else start
+    logits, rows, targets, computed = [], [], [], 0
     for i in range(0, len(seqs), batch_size):
         s, zi, ci = seqs[i : i + batch_size], z[i : i + batch_size], choice[i : i + batch_size]
         for k in range(1, model.cfg.n_future):  # head k+1 at t drafts byte t+k+1 after bytes t+k-1, t+k
             t = torch.arange(start, T - k - 1, device=s.device)
             if not len(t):
                 continue
-            lg = model.head_logits(zi[:, : T - k], k, next_ids=ci[:, : T - k])[:, t]
+            lg = model.head_logits(zi[:, lo : T - k - 1], k, next_ids=ci[:, lo : T - k - 1])[:, start - lo :]
+            computed += lg.shape[0] * (T - k - 1 - lo)
             logits.append(lg.flatten(0, 1).to(torch.bfloat16).cpu())
             rows.append(index[s[:, t + k - 1], s[:, t + k]].flatten().cpu())
             targets.append(ci[:, t + k].flatten().cpu())
     if not logits:
         raise BytemtpError(f"distill: sequences of {T} positions leave no draft targets past position {start}")
     logits, rows, targets = torch.cat(logits), torch.cat(rows), torch.cat(targets)
-    computed = len(targets)
-    if computed > MAX_EXAMPLES:
-        keep = torch.randperm(computed, generator=torch.Generator().manual_seed(seed))[:MAX_EXAMPLES]
+    if len(targets) > MAX_EXAMPLES:
+        keep = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:MAX_EXAMPLES]
         logits, rows, targets = logits[keep], rows[keep], targets[keep]
     return (logits, rows, targets), computed
 

@@ -85,8 +85,7 @@ def distill_flops(cfg: ModelConfig, seq_len: int, generated: int, encoded: int, 
     if cfg.head_kind == "linear":
         fit = draft_head_flops(cfg, draft_detach=True)
     else:  # blocks train in full; the shared unembedding, frozen, costs forward and input gradient
-        blocks = cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len)
-        fit = 6.0 * blocks + 4.0 * unembedding
+        fit = 6.0 * head_block_weights(cfg, seq_len) + 4.0 * unembedding
     measure = draft_forward_flops(cfg, seq_len)
     parts = {"generation": generated * forward, "encoding": encoded * forward,
              "fit": epochs * fitted_rows * positions * fit, "agreement": 2 * measured_rows * positions * measure}
@@ -99,7 +98,13 @@ def draft_forward_flops(cfg: ModelConfig, seq_len: int) -> float:
     unembedding = cfg.d_model * cfg.vocab_padded
     if cfg.head_kind == "linear":
         return 2.0 * (unembedding + cfg.draft_mlp_weights)
-    return 2.0 * (cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len) + unembedding)
+    return 2.0 * (head_block_weights(cfg, seq_len) + unembedding)
+
+
+def head_block_weights(cfg: ModelConfig, seq_len: int) -> float:
+    """A transformer head's blocks in weights per position: their matrices, and attention over
+    ``seq_len`` positions counted as ``2 d T`` more."""
+    return cfg.head_layers * (block_matmul_weights(cfg) + 2.0 * cfg.d_model * seq_len)
 
 
 def coupling_flops(cfg: ModelConfig, seq_len: int, examples: int, fitted: int) -> float:
