@@ -17,7 +17,7 @@ from bytemtp import BOS
 from bytemtp.train.checkpoint import load_model, save_checkpoint
 from bytemtp.cli import main
 from bytemtp.model.config import PRESETS, ModelConfig
-from bytemtp.train.distill import DistillConfig, distill, draft_loss, greedy_continuations, trunk_and_choices
+from bytemtp.train.distill import DistillConfig, distill, draft_loss, continuations, trunk_and_choices
 from bytemtp.errors import BytemtpError
 from bytemtp.decode.generate import GenerationConfig, generate
 from bytemtp.model.transformer import ByteMTP
@@ -38,14 +38,17 @@ def distilled(model: ByteMTP, **kw) -> tuple[ByteMTP, dict]:
     return copy_, distill(copy_, corpus_prompts(cfg.prompts, cfg.prompt_bytes), cfg, text)
 
 
-@pytest.fixture(scope="module", params=["linear", "transformer", "mlp", "next_byte"])
-def pair(request) -> tuple[ByteMTP, ByteMTP, dict]:
-    model = trained_by_kind(request.param)
-    return (model, *distilled(model))
+# every kind of draft head fitted to head 1's choices (temperature 0), and to its distributions
+@pytest.fixture(scope="module", params=[(kind, 0.0) for kind in ("linear", "transformer", "mlp", "next_byte")]
+                + [("linear", 0.8), ("transformer", 0.8), ("next_byte", 0.8)], ids=str)
+def pair(request) -> tuple[ByteMTP, ByteMTP, dict, float]:
+    kind, temperature = request.param
+    model = trained_by_kind(kind)
+    return (model, *distilled(model, temperature=temperature), temperature)
 
 
 def test_only_draft_heads_change(pair):
-    before, after, _ = pair
+    before, after, _, _ = pair
     drafts = {name for name, _ in after.named_parameters()
               if (name.startswith("heads.") and name[6:8] != "0.") or name.startswith("draft_mlps.")}
     assert drafts
@@ -59,9 +62,14 @@ def test_only_draft_heads_change(pair):
 
 
 def test_held_out_agreement_with_head_one_rises(pair):
-    _, _, result = pair
-    assert set(result["agreement_before"]) == set(result["agreement_after"]) == {"greedy", "text"}
-    before, after = result["agreement_before"]["greedy"], result["agreement_after"]["greedy"]
+    """Fitted to head 1's choices, the heads agree with them more often; fitted to its distributions,
+    their sampled drafts would be accepted more often."""
+    _, _, result, temperature = pair
+    sampling = temperature > 0
+    parts = {"greedy", "text", "sampled"} if sampling else {"greedy", "text"}
+    assert set(result["agreement_before"]) == set(result["agreement_after"]) == parts
+    part = "sampled" if sampling else "greedy"
+    before, after = result["agreement_before"][part], result["agreement_after"][part]
     assert len(before) == len(after) == len(pair[0].heads) - 1
     assert all(a > b for a, b in zip(after, before)), (before, after)
     assert sum(after) / len(after) > sum(before) / len(before) + 0.02, (before, after)
@@ -72,10 +80,16 @@ def test_the_reported_flops_count_every_product(pair):
     position (generation, encoding) multiplies by the trunk's and head 1's, 2 FLOPs per weight, plus
     4 d T per attention layer; the fit pays a draft head's products 6 per weight, but 4 for the
     first product of features that are frozen (and for a transformer head's frozen shared
-    unembedding); the agreement, before and after, its forward."""
-    model, _, result = pair
+    unembedding); the agreement, before and after, its forward. Sampling, every prompt is continued
+    twice (greedy, for the coupling table and the agreement, then sampled), the sampled
+    continuations and the text windows are encoded once more (with head 1's distributions), the fit
+    runs on them, and the held-out sampled continuations are measured too."""
+    model, _, result, temperature = pair
     d, n = model.cfg.d_model, model.cfg.n_future
     T, held, fitted = 1 + 24 + 64, 8 + 8, (48 - 8) + (24 - 8)  # the settings of ``distilled``
+    continued, encoded = 48, 48 + 24
+    if temperature:
+        continued, encoded, held = 2 * continued, 2 * encoded, held + 8
     matrices = {name: p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed.weight"}
 
     def weights(prefix: str) -> int:
@@ -101,14 +115,14 @@ def test_the_reported_flops_count_every_product(pair):
     # the agreement counts it), then 20 steps of 4096 rows at 10 FLOPs per vocabulary entry
     per_example = agreement / (2 * held * sum(T - k for k in range(1, n)))
     coupling = result["coupling"]["examples"] * per_example + 20 * 4096 * 10 * model.cfg.vocab
-    want = {"generation": 48 * 64 * forward, "encoding": (48 + 24) * T * forward, "fit": fit, "agreement": agreement,
+    want = {"generation": continued * 64 * forward, "encoding": encoded * T * forward, "fit": fit, "agreement": agreement,
             "coupling": coupling}
     assert result["flops"] == pytest.approx({**want, "total": sum(want.values())}, rel=1e-12)
     assert result["fit_bytes"] == fitted * T
 
 
 def test_decoding_output_is_unchanged_and_speculation_stays_exact(pair):
-    before, after, _ = pair
+    before, after, _, _ = pair
     for prompt in [b"", *corpus_prompts(2, 30, seed=5)]:
         outputs = []
         for model, speculative in ((before, False), (after, False), (after, True)):
@@ -117,10 +131,10 @@ def test_decoding_output_is_unchanged_and_speculation_stays_exact(pair):
         assert outputs[0] == outputs[1] == outputs[2], prompt
 
 
-def test_greedy_continuations_are_autoregressive_decoding():
+def test_continuations_are_autoregressive_decoding():
     model = trained_model()
     prompts = corpus_prompts(5, 20, seed=3)
-    seqs = greedy_continuations(model, prompts, 40, batch_size=2)
+    seqs = continuations(model, prompts, 40, batch_size=2)
     assert seqs.shape == (5, 1 + 20 + 40)
     for prompt, seq in zip(prompts, seqs.tolist()):
         assert bytes(seq[1:21]) == prompt
@@ -133,7 +147,7 @@ def test_greedy_continuations_are_autoregressive_decoding():
     assert torch.equal(seqs[:, 21:], choice[:, 20:-1])
 
 
-def test_greedy_continuations_run_on_through_a_generated_bos():
+def test_continuations_run_on_through_a_generated_bos():
     model = copy.deepcopy(trained_model())
     decode = model.decode
 
@@ -142,14 +156,14 @@ def test_greedy_continuations_run_on_through_a_generated_bos():
         return logits.index_fill(-1, torch.tensor([BOS]), 1e4), features
 
     model.decode = decode_ending_every_document
-    seqs = greedy_continuations(model, corpus_prompts(3, 8, seed=4), 12, batch_size=2)
+    seqs = continuations(model, corpus_prompts(3, 8, seed=4), 12, batch_size=2)
     assert seqs.shape == (3, 1 + 8 + 12)
     assert (seqs[:, 9:] == BOS).all()
 
 
 def test_draft_loss_matches_a_per_position_reference():
     model = trained_model()
-    seqs = greedy_continuations(model, corpus_prompts(2, 10), 14, batch_size=2)
+    seqs = continuations(model, corpus_prompts(2, 10), 14, batch_size=2)
     z, choice = trunk_and_choices(model, seqs, batch_size=2)
     T, terms = z.shape[1], []
     for k in range(1, model.cfg.n_future):
@@ -191,7 +205,7 @@ def test_cli_writes_a_distilled_checkpoint(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fit_bytes"] == (8 + 2) * (1 + 16 + 24)  # held-out continuations and windows aside
-    assert [len(a) for a in report["agreement_after"].values()] == [7, 7]
+    assert {part: len(a) for part, a in report["agreement_after"].items()} == {"greedy": 7, "text": 7, "sampled": 7}
     model, meta = load_model(tmp_path / "out")
     assert meta["step"] == 200 and meta["distill"]["prompts"] == 12 and meta["distill"]["from"] == str(run)
     assert torch.equal(model.heads[0].weight, trained_model().heads[0].weight)

@@ -1,4 +1,4 @@
-"""``bytemtp distill CKPT --data DIR --out RUN``: draft heads fitted to head 1's greedy continuations."""
+"""``bytemtp distill CKPT --data DIR --out RUN``: draft heads fitted to head 1's own continuations."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from bytemtp.cli.options import FiniteFloat, SEED, device_option
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Run directory for the distilled checkpoint (same step as CKPT).")
 @click.option("--prompts", default=1024, show_default=True, type=click.IntRange(min=1),
-              help="Greedy continuations to fit on.")
+              help="Continuations to fit on (each prompt's greedy one too, for the coupling table).")
+@click.option("--temperature", default=0.8, show_default=True, type=FiniteFloat(min=0),
+              help="Fit the heads to head 1's distributions along continuations sampled at this temperature "
+                   "(0: to head 1's choices along greedy ones: greedy drafts gain more, sampled drafts lose).")
 @click.option("--text", default=1024, show_default=True, type=click.IntRange(min=0),
               help="Train-split text windows (--prompt-bytes + --new-bytes long) fitted alongside the "
                    "continuations, so the heads keep agreeing with head 1 on ordinary text (0: none).")
 @click.option("--prompt-bytes", default=64, show_default=True, type=click.IntRange(min=1), help="Bytes per prompt.")
 @click.option("--new-bytes", default=191, show_default=True, type=click.IntRange(min=1),
-              help="Greedy bytes generated per prompt.")
+              help="Bytes generated per prompt.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Sequences generated (and encoded) together.")
 @click.option("--epochs", default=3, show_default=True, type=click.IntRange(min=0),
@@ -41,12 +44,12 @@ from bytemtp.cli.options import FiniteFloat, SEED, device_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bars.")
-def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout,
+def command(ckpt, data_dir, out_dir, prompts, temperature, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout,
             coupling, seed, threads, device, as_json, progress) -> None:
-    """Fit the draft heads (2..n) of CKPT to head 1's own greedy continuations of --data's
-    train prompts, trunk and head 1 frozen, then greedy drafts' coupling table to them:
-    decoding outputs stay identical, drafts are accepted more often. Writes a new
-    checkpoint under --out."""
+    """Fit the draft heads (2..n) of CKPT to head 1's own continuations of --data's train
+    prompts (its distributions along sampled ones, by default), trunk and head 1 frozen, then
+    greedy drafts' coupling table to them: decoding outputs stay identical, drafts are
+    accepted more often. Writes a new checkpoint under --out."""
     import torch
 
     from bytemtp.train.checkpoint import check_out_dir, list_checkpoints, load_model, save_checkpoint
@@ -60,7 +63,7 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = DistillConfig(prompts, text, prompt_bytes, new_bytes, batch_size, epochs, lr, holdout, seed,
-                        coupling=coupling)
+                        coupling=coupling, temperature=temperature)
     model, meta = load_model(ckpt, device)
     prompt_list, windows = training_prompts(data_dir, cfg)
     result = distill(model, prompt_list, cfg, windows, progress=progress and not as_json)
@@ -81,5 +84,7 @@ def command(ckpt, data_dir, out_dir, prompts, text, prompt_bytes, new_bytes, bat
                    f"corpus's ratios -> {fit['fitted']:.3f}")
     for part, before in result["agreement_before"].items():
         after = result["agreement_after"][part]
-        click.echo(f"agreement with head 1, heads 2..{model.cfg.n_future}, held-out {part}: "
+        what = (f"expected acceptance of sampled drafts at T = {temperature:g}" if part == "sampled"
+                else "agreement with head 1")
+        click.echo(f"{what}, heads 2..{model.cfg.n_future}, held-out {part}: "
                    f"{' '.join(f'{x:.2f}' for x in before)} -> {' '.join(f'{x:.2f}' for x in after)}")

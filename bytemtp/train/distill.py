@@ -1,35 +1,41 @@
-"""Draft-head self-distillation: fit heads 2..n to head 1's own greedy continuations.
+"""Draft-head self-distillation: fit heads 2..n to head 1's own continuations.
 
-Self-speculative decoding keeps a draft only when it is the byte head 1 would choose
-there. Heads trained on the corpus learn what the *text* does next, and greedy
-decoding follows what *head 1* does: the two part ways exactly where speculation
-runs, in head 1's own continuations. An undertrained model's greedy text falls into
-runs (``self.________``, ``the the the``) that real text soon leaves, so heads that
-learnt the text bet on the run ending, and lose on every step it does not.
+Self-speculative decoding keeps a draft only when head 1 would have put it there: greedy,
+when it is head 1's choice; sampled, with the probability ``sum min(p, q)`` of head 1's
+distribution and the draft's. Heads trained on the corpus learn what the *text* does next,
+and decoding follows what *head 1* does: the two part ways exactly where speculation runs,
+in head 1's own continuations. An undertrained model's greedy text falls into runs
+(``self.________``, ``the the the``) that real text soon leaves, so heads that learnt the
+text bet on the run ending, and lose on every step it does not.
 
-Distillation generates greedy continuations of training prompts and fits each draft
-head k to head 1's choice k - 1 positions later along them. Only the draft heads'
-own parameters train: the trunk, the shared final norm and head 1 (and, for
-transformer heads, the shared unembedding) stay frozen, so head 1's every output,
-and therefore everything decoding outputs, is unchanged bit for bit; drafts are
-simply right more often. The trunk being frozen, its output is computed once per
-sequence and the fit runs on those features alone (for linear heads, a logistic
-regression: minutes on a CPU). Windows of real text are fitted alongside, with head
-1's choices on them as targets too: fitted on the continuations alone, the heads learn
-the runs and lose some of their agreement with head 1 on ordinary text. The price is
-the draft heads' fit to the corpus (their validation bits per byte rise): they now
-predict the model, not the text.
+By default (``temperature > 0``) distillation samples continuations of training prompts at
+that temperature and fits each draft head k to head 1's whole tempered distribution k - 1
+positions later along them, as decoding draws its drafts (``bytemtp.train.soft_targets``).
+With ``temperature`` 0 it fits each head to head 1's greedy choices along greedy
+continuations instead: greedy drafts gain more, sampled drafts lose (the heads grow sharper
+than head 1). Windows of real text are fitted alongside either way, with head 1's
+distributions (or choices) on them as targets: fitted on its continuations alone, the heads
+learn its runs and lose some of their agreement with head 1 on ordinary text. Only the draft
+heads' own parameters train: the trunk, the shared final norm and head 1 (and, for
+transformer heads, the shared unembedding) stay frozen, so head 1's every output, and
+therefore everything decoding outputs, is unchanged bit for bit; drafts are simply right
+more often. The trunk being frozen, its output is computed once per sequence and the fit
+runs on those features alone (for linear heads, a logistic regression: minutes on a CPU).
+The price is the draft heads' fit to the corpus (their validation bits per byte rise): they
+now predict the model, not the text.
 
-Then, by default, the greedy drafts' coupling table is fitted to the heads on the same
+Then, by default, the greedy drafts' coupling table is fitted to the heads on greedy
 continuations (``bytemtp.train.couple``): the weights a draft gets after the two bytes
 before it, learnt from where these heads go wrong on this model's greedy text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +50,17 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.decode.coupling import FittedCoupling
 from bytemtp.train.couple import FIT_ROWS, FIT_STEPS, corpus_ratios, examples, fit_coupling
 from bytemtp.train.flops import coupling_flops, distill_flops
+from bytemtp.train.soft_targets import DraftLaw, Targets, acceptance, encode, soft_loss
 
 
 @dataclass
 class DistillConfig:
     """What to generate and how to fit. ``text`` windows of real text are fitted alongside the
-    ``prompts`` continuations (see ``distill``). ``batch_size`` sequences are generated and
-    encoded together, ``fit_rows`` make one optimizer step (``epochs`` 0: the heads stay as they
-    are); ``holdout`` continuations (and as many text windows) are kept out of the fit to measure
-    the heads' agreement with head 1 before and after, and the coupling's fit."""
+    ``prompts`` continuations (see ``distill``), sampled at ``temperature`` (0: greedy, and the
+    heads fitted to head 1's choices). ``batch_size`` sequences are generated and encoded
+    together, ``fit_rows`` make one optimizer step (``epochs`` 0: the heads stay as they are);
+    ``holdout`` continuations (and as many text windows) are kept out of the fit to measure the
+    heads' agreement with head 1 before and after, and the coupling's fit."""
 
     prompts: int = 1024
     text: int = 1024
@@ -66,8 +74,11 @@ class DistillConfig:
     fit_rows: int = 32
     coupling: bool = True  # then fit greedy drafts' coupling table to the heads (``bytemtp.train.couple``), given trigrams
     coupling_steps: int = FIT_STEPS
+    temperature: float = 0.8  # the benchmarks' and the server's default sampling temperature
 
     def __post_init__(self) -> None:
+        if not 0 <= self.temperature < math.inf:
+            raise BytemtpError(f"--temperature: must be >= 0 (0: fit to greedy choices), got {self.temperature}")
         positive = ("prompts", "prompt_bytes", "new_bytes", "batch_size", "fit_rows", "coupling_steps")
         require_at_least_one(self, positive, flags=True)
         if not 0 < self.lr < 1:
@@ -80,26 +91,30 @@ class DistillConfig:
             raise BytemtpError(f"--holdout: must be at least 0 and below --prompts and --text, got {self.holdout}")
 
 
-def greedy_continuations(
-    model: ByteMTP, prompts: list[bytes], new_bytes: int, batch_size: int, progress: bool = False
+def continuations(
+    model: ByteMTP, prompts: list[bytes], new_bytes: int, batch_size: int, progress: bool = False,
+    temperature: float = 0.0, seed: int = 0,
 ) -> torch.Tensor:
-    """``BOS + prompt`` and its ``new_bytes`` greedy ids under head 1, [N, 1 + P + new_bytes],
-    decoded by the decode engine ``batch_size`` prompts at a time. A generated BOS does not
-    end a continuation here: every row runs to the same length, as the fit wants."""
+    """``BOS + prompt`` and its ``new_bytes`` ids under head 1, greedy or sampled at ``temperature``
+    (row i with seed ``seed + i``), [N, 1 + P + new_bytes], decoded by the decode engine
+    ``batch_size`` prompts at a time. A generated BOS does not end a continuation here: every
+    row runs to the same length, as the fit wants."""
     lengths = {len(p) for p in prompts}
     if len(lengths) != 1:
-        raise BytemtpError(f"greedy_continuations: prompts must have one length, got {sorted(lengths)}")
+        raise BytemtpError(f"continuations: prompts must have one length, got {sorted(lengths)}")
     total = 1 + lengths.pop() + new_bytes
     if total > model.cfg.max_seq_len:
         raise BytemtpError(
             f"--prompt-bytes + --new-bytes: BOS and {total - 1} bytes need {total} positions, more than the "
             f"model's max_seq_len={model.cfg.max_seq_len}"
         )
-    decoder = Decoder(model, GenerationConfig(max_new_bytes=new_bytes, stop_at_bos=False))
+    decoder = Decoder(model, GenerationConfig(max_new_bytes=new_bytes, stop_at_bos=False, temperature=temperature))
     seqs = []
-    with tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc="greedy", disable=not progress) as bar:
+    desc = f"sample at T = {temperature:g}" if temperature else "greedy"
+    with tqdm(total=len(prompts) * new_bytes, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for i in range(0, len(prompts), batch_size):
-            generation = decoder.generate(prompts[i : i + batch_size])
+            chunk = prompts[i : i + batch_size]
+            generation = decoder.generate(chunk, [seed + i + j for j in range(len(chunk))])
             generation.read_all()
             bar.update(sum(row.stats.bytes for row in generation.rows))  # a generated BOS counts too
             # a row's ids: its context, every id that entered the cache, then its last decided one
@@ -145,9 +160,11 @@ def agreement(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, batch_size:
 
 
 def fit_draft_heads(
-    model: ByteMTP, z: torch.Tensor, choice: torch.Tensor, cfg: DistillConfig, progress: bool = False
+    model: ByteMTP, n_rows: int, loss_of: Callable[[torch.Tensor], torch.Tensor], cfg: DistillConfig,
+    progress: bool = False,
 ) -> None:
-    """Adam on ``draft_loss`` over the cached trunk outputs, draft heads' parameters only."""
+    """Adam on ``loss_of(rows)`` (the mean loss of those of ``n_rows`` cached rows), draft heads'
+    parameters only."""
     params = model.draft_parameters()
     trained = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trained]
@@ -156,14 +173,13 @@ def fit_draft_heads(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows = cfg.fit_rows
-    steps = cfg.epochs * -(-len(z) // rows)
+    steps = cfg.epochs * -(-n_rows // rows)
     try:
         with tqdm(total=steps, desc="fit draft heads", disable=not progress) as bar:
             for _ in range(cfg.epochs):
-                order = torch.randperm(len(z), generator=gen)
-                for i in range(0, len(z), rows):
-                    batch = order[i : i + rows]
-                    loss = draft_loss(model, z[batch], choice[batch])
+                order = torch.randperm(n_rows, generator=gen)
+                for i in range(0, n_rows, rows):
+                    loss = loss_of(order[i : i + rows])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -177,37 +193,61 @@ def fit_draft_heads(
 def distill(
     model: ByteMTP, prompts: list[bytes], cfg: DistillConfig, text: list[bytes] = (), progress: bool = False
 ) -> dict:
-    """Distil ``model``'s draft heads in place on greedy continuations of ``prompts``, and on
-    ``text``: windows of real text as long as a prompt and its continuation. There head 1's
-    choices follow the corpus's contexts; fitting them too keeps the heads' agreement on
-    real text from dropping while they learn the greedy runs.
+    """Distil ``model``'s draft heads in place on continuations of ``prompts`` (sampled at
+    ``cfg.temperature``, or greedy), and on ``text``: windows of real text as long as a prompt and
+    its continuation. There head 1 follows the corpus's contexts; fitting them too keeps the
+    heads' agreement on real text from dropping while they learn head 1's habits.
 
-    Returns the draft heads' agreement with head 1 before and after, on the held-out
-    continuations (``"greedy"``) and text windows (``"text"``), how many bytes the fit saw, and
-    what it all cost (``"flops"``, ``bytemtp.train.flops.distill_flops``): a distillation spends
-    compute a training run of the same budget does not get.
+    Returns the draft heads' agreement with head 1's choices before and after, on held-out
+    greedy continuations (``"greedy"``) and text windows (``"text"``), and when sampling their
+    expected acceptance on held-out sampled continuations (``"sampled"``, ``soft_targets.acceptance``);
+    how many bytes the fit saw, and what it all cost (``"flops"``,
+    ``bytemtp.train.flops.distill_flops``): a distillation spends compute a training run of the
+    same budget does not get.
     """
     if model.cfg.n_future < 2:
         raise BytemtpError("distill: the model has no draft heads (n_future=1)")
     model.eval()
-    parts = {"greedy": greedy_continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)}
+    parts = {"greedy": continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)}
     if text:
         parts["text"] = torch.tensor([[BOS, *window] for window in text], device=model.embed.weight.device)
     encoded = {name: (seqs, *trunk_and_choices(model, seqs, cfg.batch_size)) for name, seqs in parts.items()}
     held = {name: (z[: cfg.holdout], choice[: cfg.holdout]) for name, (_, z, choice) in encoded.items()}
-    fit_z, fit_choice = ([e[i][cfg.holdout :] for e in encoded.values()] for i in (1, 2))
+    generated, positions = len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values())
+    sampling = cfg.temperature > 0 and cfg.epochs > 0  # with no fit of the heads, nothing to sample for
+    if sampling:
+        sampled = continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress, cfg.temperature, cfg.seed)
+        soft = [encode(model, seqs, cfg.temperature, cfg.batch_size) for seqs in (sampled, parts.get("text"))
+                if seqs is not None]
+        generated, positions = 2 * generated, positions + sum(t.seqs.numel() for t in soft)
+        law = DraftLaw.of(model, cfg.temperature)
+        fit_soft = Targets.join([t[cfg.holdout :] for t in soft])
+        rows = len(fit_soft)
+
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:
+            return soft_loss(model, fit_soft[batch], law).mean()
+    else:
+        fit_z, fit_choice = (torch.cat([e[i][cfg.holdout :] for e in encoded.values()]) for i in (1, 2))
+        rows = len(fit_z)
+
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:
+            return draft_loss(model, fit_z[batch], fit_choice[batch])
 
     def measure() -> dict[str, list[float]]:
-        return {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()} if cfg.holdout else {}
+        if not cfg.holdout:
+            return {}
+        out = {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()}
+        if sampling:
+            out["sampled"] = acceptance(model, soft[0][: cfg.holdout], law, cfg.batch_size)
+        return out
 
     before = measure()
     if cfg.epochs:
-        fit_draft_heads(model, torch.cat(fit_z), torch.cat(fit_choice), cfg, progress)
-    rows, T = sum(len(c) for c in fit_choice), parts["greedy"].shape[1]
-    flops = distill_flops(model.cfg, T, len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values()), rows,
-                          sum(len(c) for _, c in held.values()), cfg.epochs)
-    result = {"agreement_before": before, "agreement_after": measure(),
-              "fit_bytes": sum(c.numel() for c in fit_choice), "flops": flops}
+        fit_draft_heads(model, rows, loss_of, cfg, progress)
+    T = parts["greedy"].shape[1]
+    measured = sum(len(c) for _, c in held.values()) + (cfg.holdout if sampling else 0)
+    flops = distill_flops(model.cfg, T, generated, positions, rows, measured, cfg.epochs)
+    result = {"agreement_before": before, "agreement_after": measure(), "fit_bytes": rows * T, "flops": flops}
     if cfg.coupling and model.byte_trigrams is None:  # a checkpoint from before trigrams: nothing to start from
         result["coupling"] = {"skipped": "the checkpoint has no byte_trigrams.safetensors (it predates them)"}
     elif cfg.coupling:
