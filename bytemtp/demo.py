@@ -29,7 +29,9 @@ from bytemtp.compile import compile_model
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import ModelConfig, preset
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.checkpoint import load_model, save_checkpoint
 from bytemtp.train.config import TRAIN_PRESETS, TrainConfig
+from bytemtp.train.distill import DistillConfig, distill, training_prompts
 from bytemtp.train.objective import resolve_loss_mode
 from bytemtp.train.optim import build_optimizer
 from bytemtp.train.precision import training_precision
@@ -63,6 +65,9 @@ class DemoConfig:
     bench_prompts: int = 12  # a median over fewer moves by 0.3x from run to run
     bench_bytes: int = 192
     bench_tree: int = 15  # the bench's last row verifies a draft tree of this many bytes (bytemtp.decode.tree)
+    # ``bytemtp distill`` at a quarter of its defaults: about a minute on a 2-core CPU, and on the
+    # demo's model as many bytes per forward as the defaults (96 prompts at T = 0.7: 3.02 either way)
+    distill_prompts: int = 256
 
     def __post_init__(self) -> None:
         if self.minutes is not None and not self.minutes > 0:
@@ -77,6 +82,26 @@ def ensure_dataset(data_dir: Path) -> bool:
         return True
     prepare([CORPUS], data_dir, overwrite=True)
     return False
+
+
+def distilled_dir(out: Path) -> Path:
+    """Where the demo writes its distilled run: beside the trained one (``runs/demo-distilled``), as
+    ``bytemtp distill --out`` would, never inside it."""
+    return out.with_name(out.name + "-distilled")
+
+
+def distill_demo(cfg: DemoConfig) -> tuple[ByteMTP, Path, dict]:
+    """Fit the trained run's draft heads to head 1's own text at the demo's temperature (and greedy
+    drafts' coupling table to them), as ``bytemtp distill`` does with ``cfg.distill_prompts``
+    prompts and text windows -> the distilled model, its checkpoint and distill's report."""
+    model, meta = load_model(cfg.out, cfg.device)
+    distill_cfg = DistillConfig(prompts=cfg.distill_prompts, text=cfg.distill_prompts, holdout=32,
+                                temperature=cfg.temperature)
+    prompts, windows = training_prompts(cfg.data_dir, distill_cfg)
+    result = distill(model, prompts, distill_cfg, windows, progress=True)
+    path = save_checkpoint(distilled_dir(cfg.out), meta["step"], model, train_config=meta.get("train"),
+                           distill={"from": str(cfg.out), **vars(distill_cfg), **result})
+    return model, path, result
 
 
 def fresh_run_dir(out: Path) -> None:
