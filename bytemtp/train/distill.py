@@ -31,11 +31,10 @@ before it, learnt from where these heads go wrong on this model's greedy text.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import math
 
 import torch
 import torch.nn.functional as F
