@@ -212,6 +212,11 @@ def test_cli_writes_a_distilled_checkpoint(tmp_path):
     bad = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(tmp_path / "o2"),
                                     "--lr", "2"])
     assert bad.exit_code == 1 and "--lr: must be in (0, 1)" in bad.output
+    for value in ("-0.5", "nan", "inf"):
+        cold = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(tmp_path / "o3"),
+                                         "--temperature", value])
+        assert cold.exit_code != 0 and "--temperature" in cold.output and "Traceback" not in cold.output, value
+        assert not (tmp_path / "o3").exists()
     before = (run / "checkpoints" / "step-0000200" / "model.safetensors").read_bytes()
     onto_itself = CliRunner().invoke(main, ["distill", str(run), "--data", str(data), "--out", str(run)])
     assert onto_itself.exit_code == 1 and "already holds checkpoints" in onto_itself.output

@@ -13,8 +13,9 @@ Here each draft head is fitted to ``p`` itself: the cross-entropy of ``q``, comp
 decoding draws it (draft temperature and coupling included), against head 1's tempered
 distribution, along continuations head 1 sampled at that temperature. The two bytes before
 each target, and the next byte a head may read, are the continuation's, as a chain whose
-drafts were all accepted sees them: the only case where a draft is judged at all. Minimising
-``KL(p || q)`` bounds the total variation ``1 - sum min(p, q)``, so drafts survive more often.
+drafts were all accepted sees them: the only case where a draft is judged at all. The total
+variation ``1 - sum min(p, q)`` is at most ``sqrt(KL(p || q) / 2)`` (Pinsker), so minimising the
+KL makes drafts survive more often.
 Greedy drafts gain too (the heads' argmax moves toward head 1's); the greedy coupling table
 is then fitted to these heads (``bytemtp.train.couple``).
 """
