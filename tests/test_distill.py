@@ -82,14 +82,15 @@ def test_the_reported_flops_count_every_product(pair):
     first product of features that are frozen (and for a transformer head's frozen shared
     unembedding); the agreement, before and after, its forward. Sampling, every prompt is continued
     twice (greedy, for the coupling table and the agreement, then sampled), the sampled
-    continuations and the text windows are encoded once more (with head 1's distributions), the fit
-    runs on them, and the held-out sampled continuations are measured too."""
+    continuations are encoded too (head 1's distributions on them and on the text windows come from
+    the same forwards), the fit runs on them, and the held-out sampled continuations are measured
+    too."""
     model, _, result, temperature = pair
     d, n = model.cfg.d_model, model.cfg.n_future
     T, held, fitted = 1 + 24 + 64, 8 + 8, (48 - 8) + (24 - 8)  # the settings of ``distilled``
     continued, encoded = 48, 48 + 24
     if temperature:
-        continued, encoded, held = 2 * continued, 2 * encoded, held + 8
+        continued, encoded, held = 2 * continued, encoded + 48, held + 8
     matrices = {name: p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed.weight"}
 
     def weights(prefix: str) -> int:
@@ -164,7 +165,7 @@ def test_continuations_run_on_through_a_generated_bos():
 def test_draft_loss_matches_a_per_position_reference():
     model = trained_model()
     seqs = continuations(model, corpus_prompts(2, 10), 14, batch_size=2)
-    z, choice = trunk_and_choices(model, seqs, batch_size=2)
+    z, choice, _ = trunk_and_choices(model, seqs, batch_size=2)
     T, terms = z.shape[1], []
     for k in range(1, model.cfg.n_future):
         logits = model.head_logits(z, k)

@@ -10,8 +10,8 @@ from fixtures_train import trained_by_kind
 from bytemtp.decode.config import GenerationConfig
 from bytemtp.decode.coupling import couple, draft_context
 from bytemtp.decode.sampling import probabilities
-from bytemtp.train.distill import continuations
-from bytemtp.train.soft_targets import DraftLaw, acceptance, encode, soft_loss
+from bytemtp.train.distill import continuations, trunk_and_choices
+from bytemtp.train.soft_targets import DraftLaw, Targets, acceptance, soft_loss
 
 T_ROW = 0.8
 
@@ -46,7 +46,8 @@ def test_soft_loss_and_acceptance_are_decodings_draft_law(kind):
     model = trained_by_kind(kind)
     seqs = continuations(model, [b"def f(x):\n    ", b"import os\nimpo"], 10, batch_size=2, temperature=T_ROW)
     law = DraftLaw.of(model, T_ROW)
-    targets = encode(model, seqs, T_ROW, batch_size=1)
+    z, _, log_p = trunk_and_choices(model, seqs, 1, T_ROW)
+    targets = Targets(seqs, z, log_p)
     kls, accepts = reference(model, seqs)
     with torch.no_grad():
         got = soft_loss(model, targets, law)

@@ -49,7 +49,7 @@ from bytemtp.model.transformer import ByteMTP
 from bytemtp.decode.coupling import FittedCoupling
 from bytemtp.train.couple import FIT_ROWS, FIT_STEPS, corpus_ratios, examples, fit_coupling
 from bytemtp.train.flops import coupling_flops, distill_flops
-from bytemtp.train.soft_targets import DraftLaw, Targets, acceptance, encode, soft_loss
+from bytemtp.train.soft_targets import DraftLaw, Targets, acceptance, soft_loss
 
 
 @dataclass
@@ -122,14 +122,21 @@ def continuations(
 
 
 @torch.no_grad()  # not inference_mode: the fit's autograd must be able to save these
-def trunk_and_choices(model: ByteMTP, seqs: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen part, computed once: trunk output [N, T, d] and head 1's choice at every position [N, T]."""
-    z, choice = [], []
+def trunk_and_choices(
+    model: ByteMTP, seqs: torch.Tensor, batch_size: int, temperature: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The frozen part, computed once: trunk output [N, T, d], head 1's choice at every position
+    [N, T] and, given a ``temperature``, its log-probabilities at it [N, T, V] (bfloat16: they are
+    targets, ``soft_targets.Targets``; None without)."""
+    z, choice, log_p = [], [], []
     for i in range(0, len(seqs), batch_size):
         zi = model.trunk(seqs[i : i + batch_size])
+        logits = model.head_logits(zi, 0)
         z.append(zi)
-        choice.append(model.head_logits(zi, 0).argmax(-1))
-    return torch.cat(z), torch.cat(choice)
+        choice.append(logits.argmax(-1))
+        if temperature:
+            log_p.append((logits.float() / temperature).log_softmax(-1).to(torch.bfloat16))
+    return torch.cat(z), torch.cat(choice), torch.cat(log_p) if temperature else None
 
 
 def draft_pairs(model: ByteMTP, z: torch.Tensor, choice: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -207,20 +214,24 @@ def distill(
     if model.cfg.n_future < 2:
         raise BytemtpError("distill: the model has no draft heads (n_future=1)")
     model.eval()
+    sampling = cfg.temperature > 0 and cfg.epochs > 0  # with no fit of the heads, nothing to sample for
     parts = {"greedy": continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress)}
     if text:
         parts["text"] = torch.tensor([[BOS, *window] for window in text], device=model.embed.weight.device)
-    encoded = {name: (seqs, *trunk_and_choices(model, seqs, cfg.batch_size)) for name, seqs in parts.items()}
-    held = {name: (z[: cfg.holdout], choice[: cfg.holdout]) for name, (_, z, choice) in encoded.items()}
-    generated, positions = len(prompts) * cfg.new_bytes, sum(s.numel() for s in parts.values())
-    sampling = cfg.temperature > 0 and cfg.epochs > 0  # with no fit of the heads, nothing to sample for
     if sampling:
-        sampled = continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress, cfg.temperature, cfg.seed)
-        soft = [encode(model, seqs, cfg.temperature, cfg.batch_size) for seqs in (sampled, parts.get("text"))
-                if seqs is not None]
-        generated, positions = 2 * generated, positions + sum(t.seqs.numel() for t in soft)
+        parts["sampled"] = continuations(model, prompts, cfg.new_bytes, cfg.batch_size, progress, cfg.temperature,
+                                         cfg.seed)
+    # head 1's log-probabilities where the fit is soft: along the sampled continuations and the text
+    soft_t = {name: cfg.temperature if sampling and name != "greedy" else 0.0 for name in parts}
+    encoded = {name: (seqs, *trunk_and_choices(model, seqs, cfg.batch_size, soft_t[name])) for name, seqs in parts.items()}
+    held = {name: (z[: cfg.holdout], choice[: cfg.holdout]) for name, (_, z, choice, _) in encoded.items()
+            if name != "sampled"}
+    generated = (1 + sampling) * len(prompts) * cfg.new_bytes
+    positions = sum(s.numel() for s in parts.values())
+    if sampling:
+        soft = {name: Targets(seqs, z, log_p) for name, (seqs, z, _, log_p) in encoded.items() if log_p is not None}
         law = DraftLaw.of(model, cfg.temperature)
-        fit_soft = Targets.join([t[cfg.holdout :] for t in soft])
+        fit_soft = Targets.join([soft[name][cfg.holdout :] for name in ("sampled", "text") if name in soft])
         rows = len(fit_soft)
 
         def loss_of(batch: torch.Tensor) -> torch.Tensor:
@@ -237,7 +248,7 @@ def distill(
             return {}
         out = {name: agreement(model, z, c, cfg.batch_size) for name, (z, c) in held.items()}
         if sampling:
-            out["sampled"] = acceptance(model, soft[0][: cfg.holdout], law, cfg.batch_size)
+            out["sampled"] = acceptance(model, soft["sampled"][: cfg.holdout], law, cfg.batch_size)
         return out
 
     before = measure()
@@ -262,7 +273,7 @@ def couple(model: ByteMTP, encoded: dict[str, tuple[torch.Tensor, ...]], prompt_
     ``encoded`` continuations from their prompts' last byte on, the held-out ones apart, and its
     report (``fit_coupling``'s, and ``"examples"``: how many draft logits were computed for it)."""
     base = corpus_ratios(model)
-    seqs, z, choice = encoded["greedy"]
+    seqs, z, choice, _ = encoded["greedy"]
     index = base.index.to(seqs.device)
     cuts = [slice(cfg.holdout, None)] + ([slice(0, cfg.holdout)] if cfg.holdout else [])
     ex = [examples(model, seqs[c], z[c], choice[c], prompt_bytes, index, cfg.batch_size, cfg.seed) for c in cuts]

@@ -27,15 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from bytemtp.decode.coupling import DRAFT_COUPLING, draft_context
+from bytemtp.decode.coupling import DRAFT_COUPLING
 from bytemtp.decode.sampling import SamplingConfig, draft_sampling
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.couple import corpus_ratios
 
 
 @dataclass
 class Targets:
     """Sequences [N, T] with the frozen trunk's output ``z`` [N, T, d] and head 1's log-probabilities
-    at the fit's temperature ``log_p`` [N, T, V] (bfloat16: targets need no more)."""
+    at the fit's temperature ``log_p`` [N, T, V] (``distill.trunk_and_choices`` computes both)."""
 
     seqs: torch.Tensor
     z: torch.Tensor
@@ -68,21 +69,8 @@ class DraftLaw:
         draft_t = draft_sampling(SamplingConfig(temperature)).temperature
         if model.byte_trigrams is None:
             return cls(draft_t, None, None)
-        context = draft_context(model.byte_trigrams, DRAFT_COUPLING, model.cfg.vocab)
-        device = model.embed.weight.device
-        return cls(draft_t, context.weights.log().to(device), context.index.to(device))
-
-
-@torch.no_grad()  # not inference_mode: the fit's autograd must be able to save these
-def encode(model: ByteMTP, seqs: torch.Tensor, temperature: float, batch_size: int) -> Targets:
-    """The frozen part of ``seqs``, computed once: the trunk's output and head 1's log-probabilities at
-    ``temperature``."""
-    z, log_p = [], []
-    for i in range(0, len(seqs), batch_size):
-        zi = model.trunk(seqs[i : i + batch_size])
-        z.append(zi)
-        log_p.append((model.head_logits(zi, 0).float() / temperature).log_softmax(-1).to(torch.bfloat16))
-    return Targets(seqs, torch.cat(z), torch.cat(log_p))
+        ratios, device = corpus_ratios(model), model.embed.weight.device
+        return cls(draft_t, DRAFT_COUPLING * ratios.weights.to(device), ratios.index.to(device))
 
 
 def draft_pairs(model: ByteMTP, t: Targets, law: DraftLaw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
