@@ -81,21 +81,35 @@ def _tile(rows: int) -> Callable:
 _tile1, _tile2, _tile3, _tile4 = (_tile(rows) for rows in range(1, ROWS + 1))
 
 
-@njit(parallel=True, cache=True)
-def _panel_kernel(x, panels, out):
-    """Panels are shared out between threads; each runs full tiles, then one tile for the rest."""
+@njit(inline="always")
+def _panel(x, panels, p, out):
+    """Every row of x times panel p: full tiles, then one tile for the rest."""
     m_rows = x.shape[0]
     full = m_rows - m_rows % ROWS
+    for m0 in range(0, full, ROWS):
+        _tile4(x, panels, p, m0, out)
+    rest = m_rows - full
+    if rest == 1:
+        _tile1(x, panels, p, full, out)
+    elif rest == 2:
+        _tile2(x, panels, p, full, out)
+    elif rest == 3:
+        _tile3(x, panels, p, full, out)
+
+
+@njit(parallel=True, cache=True)
+def _panel_kernel(x, panels, out):
+    """Panels are shared out between threads."""
     for p in prange(panels.shape[0]):
-        for m0 in range(0, full, ROWS):
-            _tile4(x, panels, p, m0, out)
-        rest = m_rows - full
-        if rest == 1:
-            _tile1(x, panels, p, full, out)
-        elif rest == 2:
-            _tile2(x, panels, p, full, out)
-        elif rest == 3:
-            _tile3(x, panels, p, full, out)
+        _panel(x, panels, p, out)
+
+
+@njit(cache=True)
+def _serial_kernel(x, panels, out):
+    """The same on the calling thread: no parallel launch, which costs a few µs even for one thread,
+    and a 128-wide model's decoding step makes some 20 products of a few µs each."""
+    for p in range(panels.shape[0]):
+        _panel(x, panels, p, out)
 
 
 @contextmanager
@@ -111,18 +125,20 @@ def _slp_vectorizer() -> Iterator[None]:
 
 
 @functools.cache
-def _compiled() -> Callable:
-    """The kernel, compiled (or loaded from Numba's cache) once, for C-contiguous float32 only:
+def _compiled(serial: bool) -> Callable:
+    """A kernel, compiled (or loaded from Numba's cache) once, for C-contiguous float32 only:
     compiling any other signature later would do so without the SLP vectorizer."""
+    kernel = _serial_kernel if serial else _panel_kernel
     with _slp_vectorizer():
-        _panel_kernel.compile(SIGNATURE)
-    _panel_kernel.disable_compile()
-    return _panel_kernel
+        kernel.compile(SIGNATURE)
+    kernel.disable_compile()
+    return kernel
 
 
-def panel_matmul(x: np.ndarray, panels: np.ndarray, out: np.ndarray) -> None:
+def panel_matmul(x: np.ndarray, panels: np.ndarray, out: np.ndarray, serial: bool = False) -> None:
     """``out[:, :N] = x @ W.T`` for ``panels = pack_panels(W)``; ``out`` is [M, n_panels * PANEL].
+    ``serial``: on the calling thread alone (the same bits either way).
 
     All three C-contiguous float32.
     """
-    _compiled()(x, panels, out)
+    _compiled(serial)(x, panels, out)

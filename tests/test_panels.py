@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bytemtp.model.config import ModelConfig
-from bytemtp.model.panels import MAX_ROWS, MIN_WEIGHT, PanelLinear, panels_enabled
+from bytemtp.model.panels import COPY_MAX_WEIGHT, MAX_ROWS, PanelLinear, panels_enabled
 from bytemtp.model.transformer import ByteMTP
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
@@ -52,6 +52,18 @@ def test_a_row_gets_the_same_bits_alone_or_among_others(m, seed):
         np.testing.assert_array_equal(together[i], matmul(x[i : i + 1].copy(), w)[0])
 
 
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, MAX_ROWS), n=st.integers(1, 3 * PANEL + 5), seed=st.integers(0, 2**31 - 1))
+def test_the_serial_kernel_gives_the_parallel_kernels_bits(m, n, seed):
+    """One thread's decoding runs the serial kernel: its results are the same."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((m, 70), dtype=np.float32), rng.standard_normal((n, 70), dtype=np.float32)
+    panels = pack_panels(w)
+    serial = np.full((m, panels.shape[0] * PANEL), np.nan, dtype=np.float32)
+    panel_matmul(x, panels, serial, serial=True)
+    np.testing.assert_array_equal(serial, np.pad(matmul(x, w), ((0, 0), (0, serial.shape[1] - n))))
+
+
 def test_the_kernel_takes_only_the_signature_it_was_vectorized_for():
     """Any other layout would be compiled on the spot without the SLP vectorizer, five times slower."""
     w = np.ones((PANEL, 8), dtype=np.float32)
@@ -68,10 +80,11 @@ def test_pack_panels_pads_columns_with_zeros():
     assert not panels[0, :, 3:].any()
 
 
-def test_linear_routes_few_row_inference_products_by_weight_size():
-    """Big weights go to the panel kernel, small ones to a transposed copy; everything else to F.linear."""
+def test_linear_routes_few_row_inference_products_to_the_panels():
+    """Eager few-row inference products run on the panel kernel whatever the weight's size (but
+    one row of a small weight on its transposed copy); everything else on F.linear."""
     torch.manual_seed(0)
-    n_out = MIN_WEIGHT // 96 + 1
+    n_out = COPY_MAX_WEIGHT // 96 + 1
     big, small = PanelLinear(96, n_out), PanelLinear(96, 64)
     few, many = torch.randn(1, 3, 96), torch.randn(2, MAX_ROWS, 96)
     with torch.inference_mode():
@@ -79,29 +92,39 @@ def test_linear_routes_few_row_inference_products_by_weight_size():
             y = layer(few)
             torch.testing.assert_close(y, F.linear(few, layer.weight), rtol=1e-5, atol=1e-5)
             assert y.shape == (1, 3, layer.out_features)
+            assert isinstance(layer._panels, np.ndarray)  # packed on the first eligible call
+            one = few[:, :1]  # one row: a small weight's transposed copy, a big one's panels
+            torch.testing.assert_close(layer(one), F.linear(one, layer.weight), rtol=1e-5, atol=1e-5)
+            assert (layer._copy is not None) == (layer is small)
             assert torch.equal(layer(many), F.linear(many, layer.weight))
             with panels_enabled(False):
                 assert torch.equal(layer(few), F.linear(few, layer.weight))
-        assert isinstance(big._packed, np.ndarray)  # packed on the first eligible call
-        assert torch.equal(small._packed, small.weight.t())
-        assert small._packed.is_contiguous()
+    # a compiled step's transposed copy: small weights only, made when a decoding session arms the layer
+    for layer in (big, small):
+        layer.arm(True)
+    assert big._copy is None
+    assert torch.equal(small._copy, small.weight.t()) and small._copy.is_contiguous()
+    copy = small._copy
+    small.arm(False)
+    small.arm(True)
+    assert small._copy is copy  # the same tensor while the weight is the same: compiled graphs keep it
     # With autograd the product stays on F.linear, so gradients flow to the weight.
     for layer in (big, small):
         layer(few).sum().backward()
         torch.testing.assert_close(layer.weight.grad, few.reshape(3, 96).sum(0).expand(layer.out_features, -1))
 
 
-@pytest.mark.parametrize("n_in", [512, 64])
-def test_linear_repacks_after_the_weight_changes(n_in):
-    """A model can alternate training and sampling: an optimizer step must not leave a stale copy
-    (panels of a big weight, or the transposed copy of a small one)."""
+@pytest.mark.parametrize("n_in, rows, layout", [(512, 1, "_panels"), (64, 2, "_panels"), (64, 1, "_copy")])
+def test_linear_repacks_after_the_weight_changes(n_in, rows, layout):
+    """A model can alternate training and sampling: an optimizer step must not leave a stale
+    layout (panels, or a small weight's transposed copy, which one row of it is multiplied by)."""
     torch.manual_seed(0)
     layer = PanelLinear(n_in, 512)
-    x = torch.randn(1, n_in)
+    x = torch.randn(rows, n_in)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     with torch.inference_mode():
         before = layer(x)
-    assert layer._packed is not None
+    assert getattr(layer, layout) is not None
     layer(torch.randn(4, n_in)).square().sum().backward()
     opt.step()
     with torch.inference_mode():
@@ -121,7 +144,7 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
         "from bytemtp.model.panels import PanelLinear\n"
         "layer = PanelLinear(512, 512)\n"
         "with torch.inference_mode(): layer(torch.randn(2, 512))\n"
-        "assert layer._packed is not None\n"
+        "assert layer._panels is not None\n"
         "print(torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
@@ -155,7 +178,7 @@ def test_compiled_graphs_read_the_copy_only_while_armed():
         torch.testing.assert_close(compiled(x), 4 * before, rtol=1e-5, atol=1e-5)  # disarmed: the weight
         big = PanelLinear(512, 512)
         big.arm(True)
-        assert not big._armed  # big weights have panels, which a graph cannot call
+        assert not big._armed  # big weights: F.linear in a graph
 
 
 @pytest.mark.parametrize("head_kind, draft_mlp", [("linear", 0), ("linear", 16), ("transformer", 0)])

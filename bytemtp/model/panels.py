@@ -1,30 +1,34 @@
 """``PanelLinear``: ``nn.Linear`` whose decoding-sized CPU products keep the weight in a layout made for them.
 
-A CPU decoding step multiplies 1..8 rows by every weight of the model, and a speculative
-step's speedup is divided by what its 8 rows cost over one. ``F.linear`` hands BLAS the
-weight transposed, which its general kernel repacks on every call. So few-row products
-on CPU float32 inference take one of two routes:
+A CPU decoding step multiplies 1..8 rows per sequence by every weight of the model, and a
+speculative step's speedup is divided by what its 8 rows cost over one. ``F.linear`` hands
+BLAS the weight transposed, which its general kernel repacks on every call, and from two
+rows on even a transposed copy goes through that general kernel. So few-row products on
+CPU float32 inference (up to ``MAX_ROWS`` rows) run on the panel kernel
+(``bytemtp_native.panels``), which reads the weights once whatever the number of rows and
+gives every row the same result it would get alone. The one exception is a single row of a
+small weight, which BLAS's vector kernel multiplies by a transposed copy in less than the
+kernel's call costs (4 µs against 6 µs for 128 x 128). Within a step the weights come from
+the last-level cache (the step has touched everything since), where the kernel's one pass
+over them counts: on a 2-core EPYC, one thread, 8 rows of a 128-wide model's products take
+8-17 µs on the panels against 15-37 µs on BLAS with a transposed copy, and the stacked draft
+heads' one row (128 x 1799, ``ByteMTP.draft_logits``) 23 µs against 49 µs with ``F.linear``.
 
-- **big weights** (``MIN_WEIGHT`` and up) run on the panel kernel
-  (``bytemtp_native.panels``), which reads the weights once whatever the number of rows
-  and gives every row the same result it would get alone;
-- **small weights**, which stay in cache and where a Numba call's fixed cost would
-  dominate, are multiplied by a transposed copy [in, out] with ``torch.matmul``. On a
-  128-wide model that halves one row's product and takes 8 rows' from 11 to 5 µs,
-  so a forward over 8 positions costs 1.2x one over a single position instead of 1.36x.
+Compiled decoding steps cannot call the kernel (a Numba call is a graph break): they
+multiply small weights (under ``COPY_MAX_WEIGHT``) by the transposed copy while a decoding
+session has armed the layer (``arm``), and bigger ones with ``F.linear``. Everything else
+(training, evaluation, long prompts, GPUs, other dtypes) stays on ``F.linear``. The state
+dict is ``nn.Linear``'s, so checkpoints do not care.
 
-Compiled decoding steps use the transposed copy too, while a decoding session has armed
-the layer (``arm``). Everything else (training, evaluation, prompts, GPUs, other dtypes)
-stays on ``F.linear``. The state dict is ``nn.Linear``'s, so checkpoints do not care.
-
-The decoding copy of the weight is made on the first eligible call and again whenever
-the weight changed since (an optimizer step or ``load_state_dict`` bumps the tensor's
-version), so a model can alternate training and sampling. It costs one more copy of
-the weights in memory for a model that decodes on a CPU.
+The decoding layouts of the weight are made on the first call that needs them and again
+whenever the weight changed since (an optimizer step or ``load_state_dict`` bumps the
+tensor's version), so a model can alternate training and sampling. They cost one or two
+more copies of the weights in memory for a model that decodes on a CPU.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,14 +40,17 @@ import torch.nn.functional as F
 
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 
-# Up to here the panels beat BLAS on a 2-core CPU (about 1.7x at 32 rows); beyond it, BLAS's
-# general kernel is at home: prompts, batches, training.
-MAX_ROWS = 32
-# Smaller weights stay in cache, where the kernel's fixed cost per call (a parallel launch
-# and Numba's argument checks) would dominate: they take the transposed copy instead.
-MIN_WEIGHT = 512 * 512
+# Up to here the panels beat BLAS on a 2-core CPU (about 1.7x at 32 rows, 1.2-1.7x at 64: a
+# step of 8 rows verifying 7 drafts each); beyond it, BLAS's general kernel is at home:
+# prompts, big batches, training.
+MAX_ROWS = 64
+# Weights smaller than this keep a transposed copy: for one eager row, and for compiled steps
+# (inductor's own product of a big weight needs none).
+COPY_MAX_WEIGHT = 512 * 512
 
 _enabled = True
+# per thread (Numba's count is a thread's own): torch's thread count Numba's was last set from
+_numba_threads = threading.local()
 
 
 @contextmanager
@@ -63,16 +70,51 @@ def _has_layout(weight: torch.Tensor) -> bool:
     return _enabled and weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
 
 
+def few_rows(x: torch.Tensor, in_features: int) -> bool:
+    """Whether ``x`` [..., in_features] is a few-row CPU float32 inference input the panel kernel takes."""
+    return (
+        _enabled
+        and x.is_cpu
+        and x.dtype == torch.float32
+        and x.numel() <= MAX_ROWS * in_features
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    )
+
+
+def panel_product(x: torch.Tensor, panels: np.ndarray, n_out: int) -> torch.Tensor:
+    """``x [..., K] @ W[:n_out].T`` for ``panels = pack_panels(W)``, on the panel kernel: only the
+    panels that hold the first ``n_out`` columns are read."""
+    threads = torch.get_num_threads()
+    if threads != getattr(_numba_threads, "of", None):  # asking Numba costs ~8 µs: only on a change
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _numba_threads.of = threads
+    n_panels = -(-n_out // PANEL)
+    width = n_panels * PANEL
+    rows = np.ascontiguousarray(x.numpy().reshape(-1, x.shape[-1]))  # numpy's views: cheaper than torch's
+    out = np.empty((*x.shape[:-1], width), dtype=np.float32)
+    panel_matmul(rows, panels if n_panels == len(panels) else panels[:n_panels], out.reshape(-1, width),
+                 serial=threads == 1)
+    if torch.get_num_threads() != threads:
+        # Numba's OpenMP layer can share torch's libgomp, and starting it up resizes
+        # that pool: give torch back the thread count it was asked for.
+        torch.set_num_threads(threads)
+    y = torch.from_numpy(out)
+    return y if width == n_out else y[..., :n_out]
+
+
 class PanelLinear(nn.Linear):
-    """``nn.Linear`` (without bias) with a decoding layout of its weight for few-row CPU float32 inference."""
+    """``nn.Linear`` (without bias) with decoding layouts of its weight for few-row CPU float32 inference."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, **kwargs):
         if bias:
             raise ValueError("bytemtp.model.panels.PanelLinear has no bias")
         super().__init__(in_features, out_features, bias=False, **kwargs)
-        self._packed: np.ndarray | torch.Tensor | None = None  # panels (big weights) or the transposed weight
-        self._packed_from: tuple[int, int] | None = None
-        self._big = in_features * out_features >= MIN_WEIGHT
+        self._panels: np.ndarray | None = None
+        self._panels_from: tuple[int, int] | None = None  # the weight's (address, version) they were made of
+        self._copy: torch.Tensor | None = None  # the transposed weight, [in, out], of a small weight
+        self._copy_from: tuple[int, int] | None = None
+        self._copied = in_features * out_features < COPY_MAX_WEIGHT
         self._armed = False  # a decoding session holds a fresh transposed copy (``arm``)
 
     def arm(self, armed: bool) -> None:
@@ -80,9 +122,9 @@ class PanelLinear(nn.Linear):
         the transposed copy of a small weight is fresh, so it uses the copy only while armed,
         and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
         weight = self._parameters["weight"]
-        self._armed = armed and not self._big and _has_layout(weight)
+        self._armed = armed and self._copied and _has_layout(weight)
         if self._armed:
-            self._decoding_weight(weight)
+            self._transposed(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 17 times per forward of a small model, whose whole forward is under a
@@ -90,43 +132,27 @@ class PanelLinear(nn.Linear):
         weight = self._parameters["weight"]
         if torch.compiler.is_compiling():  # the copy is a graph input, fresh while armed
             if self._armed and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
-                return torch.matmul(x, self._packed)
+                return torch.matmul(x, self._copy)
             return F.linear(x, weight)
-        if not self._eligible(x, weight):
+        if not (few_rows(x, self.in_features) and _has_layout(weight)
+                and not (torch.is_grad_enabled() and weight.requires_grad)):
             return F.linear(x, weight)
-        if self._big:
-            return self._panel_forward(x, weight)
-        return torch.matmul(x, self._decoding_weight(weight))  # folds the leading axes in C++
+        if self._copied and x.numel() == self.in_features:  # one row of a small weight: BLAS's own
+            return torch.matmul(x, self._transposed(weight))  # vector kernel, under the panels' call cost
+        return panel_product(x, self._decoding_panels(weight), self.out_features)
 
-    def _eligible(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (
-            _has_layout(weight)
-            and x.is_cpu
-            and x.dtype == torch.float32
-            and x.numel() <= MAX_ROWS * self.in_features
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        )
-
-    def _decoding_weight(self, weight: torch.Tensor) -> np.ndarray | torch.Tensor:
-        """``weight`` in its decoding layout, rebuilt if the weight changed since it was made."""
+    def _decoding_panels(self, weight: torch.Tensor) -> np.ndarray:
+        """``weight`` in its panel layout, rebuilt if the weight changed since it was made."""
         source = (weight.data_ptr(), weight._version)
-        if self._packed_from != source:
-            weight = weight.detach()
-            self._packed = pack_panels(weight.numpy()) if self._big else weight.t().contiguous()
-            self._packed_from = source
-        return self._packed
+        if self._panels_from != source:
+            self._panels = pack_panels(weight.detach().numpy())
+            self._panels_from = source
+        return self._panels
 
-    def _panel_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        panels = self._decoding_weight(weight)
-        threads = torch.get_num_threads()
-        numba_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-        if numba.get_num_threads() != numba_threads:
-            numba.set_num_threads(numba_threads)
-        rows = x.reshape(-1, self.in_features).contiguous().numpy()
-        out = np.empty((rows.shape[0], panels.shape[0] * PANEL), dtype=np.float32)
-        panel_matmul(rows, panels, out)
-        if torch.get_num_threads() != threads:
-            # Numba's OpenMP layer can share torch's libgomp, and starting it up resizes
-            # that pool: give torch back the thread count it was asked for.
-            torch.set_num_threads(threads)
-        return torch.from_numpy(out[:, : self.out_features]).reshape(*x.shape[:-1], self.out_features)
+    def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` transposed, rebuilt if it changed since (the same tensor otherwise: a compiled
+        graph that reads it needs no new graph)."""
+        source = (weight.data_ptr(), weight._version)
+        if self._copy_from != source:
+            self._copy, self._copy_from = weight.detach().t().contiguous(), source
+        return self._copy

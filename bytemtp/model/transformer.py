@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from bytemtp.model.config import ModelConfig
 from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
-from bytemtp.model.panels import PanelLinear
+from bytemtp.model.panels import PanelLinear, few_rows, panel_product
+from bytemtp_native.panels import pack_panels
 
 if TYPE_CHECKING:
     from bytemtp.decode.coupling import FittedCoupling
@@ -56,11 +58,9 @@ class ByteMTP(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("draft_weight", None, persistent=False)
-        # [2, n] int64 codes and counts of the byte trigrams of the training data
-        # (``bytemtp.data.trigrams``): not a weight, carried by checkpoints beside the weights and
-        # read by drafting (``bytemtp.decode.coupling``); None when unknown. A plain attribute, not
-        # a buffer, so it stays on the host whatever device the model moves to: only the coupling
-        # tables made from it go to the device, once (``coupling.placed``).
+        # [2, n] int64 codes and counts of the training data's byte trigrams (``bytemtp.data.trigrams``),
+        # carried by checkpoints and read by drafting (``bytemtp.decode.coupling``); None when unknown.
+        # Not a buffer: it stays on the host, only the coupling tables made from it go to the device.
         self.byte_trigrams: torch.Tensor | None = None
         # A coupling table fitted to the draft heads (``bytemtp.train.couple``), kept the same way.
         self.fitted_coupling: FittedCoupling | None = None
@@ -71,6 +71,7 @@ class ByteMTP(nn.Module):
         self.kv_cache: KVCache | None = None
         self._kept_cache: KVCache | None = None
         self._kept_draft_weight: torch.Tensor | None = None  # see ``_stack_draft_weight``
+        self._draft_panels: np.ndarray | None = None  # its panels (``bytemtp.model.panels``), on a CPU
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
@@ -217,17 +218,12 @@ class ByteMTP(nn.Module):
         With fixed B, P and cache, every step has the same shapes: a compiled or captured step
         passes tensors of its own (in place) and writes only the cache's buffers.
         ``kv_len``: no position attends past the cache's first ``kv_len`` slots, so attention
-        reads only those. Eager decoding passes it (attention then costs what the context
-        holds, not the whole cache); a compiled step does not, as every value would be a new
-        graph.
+        reads only those (eager decoding; in a compiled step every value would be a new graph).
 
-        Decoding needs head 1 everywhere (to verify drafts) but the draft heads only at
-        the one position verification stops at, which is known only after this forward.
-        Returning features instead of draft logits lets the caller pick that position on
-        the device and run ``draft_logits`` there: for linear heads F = 1 (the features
-        are shared) and the draft heads cost one small batched matmul instead of
-        ``n_heads - 1`` unembeddings over every position. Transformer heads must run at
-        every position anyway (to fill their KV caches), so F = n_heads - 1.
+        Decoding needs head 1 everywhere (to verify drafts) but the draft heads only at the
+        position verification stops at, known only after this forward: the caller picks it and
+        runs ``draft_logits`` there. Linear heads share their features (F = 1); transformer
+        heads run at every position anyway, to fill their KV caches (F = n_heads - 1).
 
         ``rows`` (eager decoding): the only rows of the batch that take part, the others parked
         (stopped, vacant, or waiting while a prompt is encoded). The forward computes just
@@ -261,10 +257,10 @@ class ByteMTP(nn.Module):
         (one position's, or several), given the byte head 1 decided after that position, ``next_ids``
         [..] (read only with ``draft_next_byte``).
 
-        One matrix product either way: linear heads stack their unembeddings (one feature
-        row against n_drafts * vocab columns), transformer heads share one (F rows). Draft heads
-        with MLPs (``draft_mlp``) first run every MLP on the one feature row (``DraftMLPs.decode``),
-        then each head's unembedding on its own row, batched over heads.
+        One matrix product either way: linear heads stack their unembeddings (one feature row
+        against n_drafts * vocab columns; panels on a CPU), transformer heads share one (F rows).
+        Draft MLPs (``draft_mlp``) run on the one feature row first (``DraftMLPs.decode``), then
+        each head's unembedding on its own row, batched over heads.
         """
         if self.draft_mlps is not None:  # each head its own features: one batched product per head
             vocab = self.cfg.vocab
@@ -272,9 +268,13 @@ class ByteMTP(nn.Module):
             unembeds = self.draft_weight[: n_drafts * vocab].view(n_drafts, vocab, self.cfg.d_model).transpose(1, 2)
             return soft_cap((read.unsqueeze(-2) @ unembeds).squeeze(-2), self.cfg.logit_cap)
         if self.linear_heads:
-            vocab = self.cfg.vocab
-            logits = F.linear(features, self.draft_weight[: n_drafts * vocab])
-            return soft_cap(logits.view(*features.shape[:-2], n_drafts, vocab), self.cfg.logit_cap)
+            n_out = n_drafts * self.cfg.vocab
+            panels = None if torch.compiler.is_compiling() else self._draft_panels  # a graph cannot call Numba
+            if panels is not None and few_rows(features, self.cfg.d_model):
+                logits = panel_product(features, panels, n_out)
+            else:
+                logits = F.linear(features, self.draft_weight[:n_out])
+            return soft_cap(logits.view(*features.shape[:-2], n_drafts, self.cfg.vocab), self.cfg.logit_cap)
         return soft_cap(F.linear(features[..., :n_drafts, :], self.draft_weight), self.cfg.logit_cap)
 
     # -- inference cache -------------------------------------------------------
@@ -286,12 +286,10 @@ class ByteMTP(nn.Module):
         """Attach a KV cache of ``batch_size`` rows and ``max_len`` slots (``dtype``: the weights'
         by default) for ``decode`` and ``forward(input_pos=...)`` to read and write; returns it.
 
-        The cache of the previous call is reused when its shape, dtype and device
-        match: compiled decode steps bind to the cache tensors themselves (frozen
-        graphs guard on their identity, CUDA graphs on their addresses), so a fresh
-        cache per generation would recompile or re-record the step every time.
-        Stale entries are harmless: a slot is always written before a mask lets
-        anything read it.
+        The previous call's cache is reused when its shape, dtype and device match: compiled
+        steps bind to the cache tensors themselves (frozen graphs guard on their identity, CUDA
+        graphs on their addresses), so a fresh cache would recompile or re-record the step.
+        Stale entries are harmless: a slot is written before a mask lets anything read it.
         """
         if max_len > self.cfg.max_seq_len:
             raise BytemtpError(f"KV cache of {max_len} positions exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -313,7 +311,7 @@ class ByteMTP(nn.Module):
 
     def _stack_draft_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The draft heads' unembeddings stacked for ``draft_logits``: [n_drafts * vocab, d] for
-        linear heads, [vocab, d] for transformer heads (None without draft heads).
+        linear heads (and their panels for eager CPU steps), [vocab, d] for transformer heads.
 
         Refreshed every ``setup_cache``, into the same tensor as last time when its shape
         allows (``kept_in_place``)."""
@@ -325,6 +323,8 @@ class ByteMTP(nn.Module):
         else:
             fresh = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
         self._kept_draft_weight = kept_in_place(self._kept_draft_weight, fresh)
+        on_panels = self.linear_heads and self.draft_mlps is None and fresh.is_cpu and dtype == torch.float32
+        self._draft_panels = pack_panels(fresh.numpy()) if on_panels else None
         return self._kept_draft_weight
 
     def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -338,7 +338,7 @@ class ByteMTP(nn.Module):
         kept for the next ``setup_cache`` of the same shape (one cache, at most
         ``max_seq_len`` positions)."""
         self.kv_cache = None
-        self.draft_weight = None
+        self.draft_weight, self._draft_panels = None, None
         self._arm_layers(False)
 
     def _arm_layers(self, armed: bool) -> None:
