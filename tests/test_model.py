@@ -323,3 +323,27 @@ def test_draft_weight_stays_at_its_address_and_follows_the_weights(head_kind):
     assert model.draft_weight.data_ptr() == address
     want = torch.cat([model.unembedding(k)[:VOCAB] for k in (1, 2, 3)]) if head_kind == "linear" else None
     assert torch.equal(model.draft_weight, model.unembed.weight[:VOCAB] if want is None else want)
+
+
+@pytest.mark.parametrize("shape, view", [((1, 8, 128), False), ((3, 5, 64), False), ((1, 24, 4, 32), True)])
+def test_decoding_rms_norm_is_torchs_and_each_rows_own(shape, view):
+    """Eager inference normalises in one Numba call (``bytemtp_native.norms``): within float32 rounding
+    of torch's, on contiguous and strided inputs (attention's q and k are a view), each row's bits
+    its own whatever else is in the call; with autograd it is torch's own."""
+    from bytemtp.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(shape) * 3
+    if view:
+        x = x.transpose(1, 2)
+    with torch.inference_mode():
+        y = norm(x)
+        torch.testing.assert_close(y, torch.rms_norm(x, (shape[-1],), norm.weight, 1e-5), rtol=1e-5, atol=1e-6)
+        rows = x.reshape(-1, shape[-1])
+        assert torch.equal(norm(rows[:1]), y.reshape(-1, shape[-1])[:1])
+    x.requires_grad_(True)
+    norm(x).sum().backward()  # the torch path: gradients reach the input and the weight
+    assert x.grad is not None and norm.weight.grad is not None

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from bytemtp.model.cache import CacheRows, KVCache
 from bytemtp.model.config import ModelConfig
-from bytemtp.model.panels import PanelLinear
+from bytemtp.model.panels import PanelLinear, eager_inference
+from bytemtp_native.norms import rms_norm_rows
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +37,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate halves of ``x`` [..., T, hd] by the angles of its positions (cos/sin broadcastable to [..., T, hd/2])."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+NORM_MAX_ELEMENTS = 1 << 16  # a prompt's forward (a few hundred positions of a small model) and less
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose few-row CPU float32 inference (a decoding step's) runs in one Numba call
+    (``bytemtp_native.norms``: torch's takes half a dozen operations, a tenth of a small model's
+    step); everything else, and compiled graphs, as ``nn.RMSNorm``. The same state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if (weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS or not eager_inference(x)
+                or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad)):
+            return super().forward(x)
+        d, out = x.shape[-1], torch.empty(x.shape)
+        rows = x.contiguous().numpy().reshape(-1, d)
+        rms_norm_rows(rows, weight.detach().numpy(), self.eps, out.numpy().reshape(-1, d))
+        return out
 
 
 @dataclass
@@ -63,7 +83,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_attn_heads, cfg.head_dim
         self.wqkv = PanelLinear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = PanelLinear(cfg.d_model, cfg.d_model, bias=False)
-        self.qk_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.qk_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.cache_layer = 0
 
     def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:
@@ -107,9 +127,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, pos: PosContext) -> torch.Tensor:

@@ -70,16 +70,22 @@ def _has_layout(weight: torch.Tensor) -> bool:
     return _enabled and weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
 
 
-def few_rows(x: torch.Tensor, in_features: int) -> bool:
-    """Whether ``x`` [..., in_features] is a few-row CPU float32 inference input the panel kernel takes."""
+def eager_inference(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU float32 input of an eager inference step, which the decoding layouts
+    and kernels take (while they are enabled; not an empty one, which numpy cannot reshape)."""
     return (
         _enabled
+        and x.numel() > 0
         and x.is_cpu
         and x.dtype == torch.float32
-        and x.numel() <= MAX_ROWS * in_features
         and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and x.requires_grad)
     )
+
+
+def few_rows(x: torch.Tensor, in_features: int) -> bool:
+    """Whether ``x`` [..., in_features] is a few-row CPU float32 inference input the panel kernel takes."""
+    return x.numel() <= MAX_ROWS * in_features and eager_inference(x)
 
 
 def panel_product(x: torch.Tensor, panels: np.ndarray, n_out: int) -> torch.Tensor:

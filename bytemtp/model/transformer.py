@@ -22,7 +22,7 @@ from bytemtp.model.cache import CacheRows, KVCache, first_rows, kept_in_place
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
-from bytemtp.model.layers import Attention, Block, PosContext, TransformerHead, rope_tables, soft_cap
+from bytemtp.model.layers import Attention, Block, PosContext, RMSNorm, TransformerHead, rope_tables, soft_cap
 from bytemtp.model.panels import PanelLinear, few_rows, panel_product
 from bytemtp_native.panels import pack_panels
 
@@ -44,7 +44,7 @@ class ByteMTP(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_padded, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         if cfg.head_kind == "linear":
             self.heads = nn.ModuleList(
                 PanelLinear(cfg.d_model, cfg.vocab_padded, bias=False) for _ in range(cfg.n_future)
@@ -270,7 +270,7 @@ class ByteMTP(nn.Module):
         if self.linear_heads:
             n_out = n_drafts * self.cfg.vocab
             panels = None if torch.compiler.is_compiling() else self._draft_panels  # a graph cannot call Numba
-            if panels is not None and few_rows(features, self.cfg.d_model):
+            if panels is not None and n_out and few_rows(features, self.cfg.d_model):
                 logits = panel_product(features, panels, n_out)
             else:
                 logits = F.linear(features, self.draft_weight[:n_out])
