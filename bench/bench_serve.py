@@ -18,9 +18,11 @@ each round (so a slow spell of the machine hits them all), and reports each serv
 bytes/s and the pooled times.
 
 ``--server NAME=FLAGS`` adds a server started with other ``serve`` flags beside the three.
-``--engine`` adds, at concurrency 1, the same requests decoded in this process by the decode
-engine alone (``bytemtp bench``'s speculative decoder, one prompt at a time): what the HTTP
-layer and the scheduler cost a lone request.
+At concurrency 1 the servers take turns request by request (each request goes to every
+server before the next one is sent), so the machine's slow spells, which last seconds, fall on
+all of them alike. ``--engine`` adds, at concurrency 1, the same requests decoded in this process
+by the decode engine alone, in the same turns (``bytemtp bench``'s speculative decoder, one
+prompt at a time): what the HTTP layer and the scheduler cost a lone request.
 
 ``--soak N`` instead sends N mixed requests at the default (speculative) server from
 ``--concurrency``'s first value of clients: streamed and not, greedy and sampled, a tenth
@@ -146,21 +148,43 @@ def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max
     return level
 
 
-def engine_level(model: torch.nn.Module, prompts: list[str], requests: int, max_tokens: int,
-                 temperature: float) -> Level:
-    """The requests of a concurrency-1 level decoded by the engine in this process, one after another
-    (after one untimed warm-up, as ``bytemtp bench`` does), with the seeds the server's got."""
-    decoder = Decoder(model, GenerationConfig(max_new_bytes=max_tokens, temperature=temperature))
-    decoder.generate([prompts[0].encode()], [0]).read()
-    level = Level()
-    for i in range(requests):
-        start = time.perf_counter()
-        gen = decoder.generate([prompts[i % len(prompts)].encode()], [i])
-        gen.read()
-        level.wall_s += time.perf_counter() - start
-        level.bytes += gen.stats.bytes
-        level.forwards += gen.stats.forwards
-    return level
+def lone_levels(urls: dict[str, str], model: torch.nn.Module | None, prompts: list[str], requests: int,
+                max_tokens: int, temperature: float, time_limit: float) -> dict[str, Level]:
+    """Concurrency 1: one client, each request sent to every server in turn (and, with ``model``, decoded
+    by the engine in this process, ``"engine"``: after one untimed warm-up, as ``bytemtp bench`` does,
+    with the seed the servers got), so that a slow spell of the machine, which lasts seconds here,
+    falls on all of them alike. A level's wall time is the sum of its requests' latencies; the turns
+    stop early at ``time_limit``."""
+    levels = {name: Level() for name in [*urls, *(["engine"] if model is not None else [])]}
+    decoder = None
+    if model is not None:
+        decoder = Decoder(model, GenerationConfig(max_new_bytes=max_tokens, temperature=temperature))
+        decoder.generate([prompts[0].encode()], [0]).read()
+    clients = {name: httpx.Client(timeout=300) for name in urls}
+    start = time.perf_counter()
+    try:
+        for i in range(max(requests, 4)):
+            if time.perf_counter() - start > time_limit:
+                break
+            prompt = prompts[i % len(prompts)]
+            for name, url in urls.items():
+                ttfb, latency, n, forwards = one_request(clients[name], url, prompt, max_tokens, temperature, seed=i)
+                level = levels[name]
+                if i:  # the first request of a connection, as in ``run_level``
+                    level.ttfb.append(ttfb)
+                    level.latency.append(latency)
+                level.wall_s, level.bytes, level.forwards = level.wall_s + latency, level.bytes + n, level.forwards + forwards
+            if decoder is not None:
+                began = time.perf_counter()
+                gen = decoder.generate([prompt.encode()], [i])
+                gen.read()
+                level = levels["engine"]
+                level.wall_s += time.perf_counter() - began
+                level.bytes, level.forwards = level.bytes + gen.stats.bytes, level.forwards + gen.stats.forwards
+    finally:
+        for client in clients.values():
+            client.close()
+    return levels
 
 
 MALFORMED = [b"{not json", b"", b'{"prompt": 7}', b'{"prompt": "x", "max_tokens": -1}', b'["prompt"]']
@@ -315,11 +339,15 @@ def main() -> None:
         for t in args.temperatures:
             for c in args.concurrency:
                 levels = {name: Level() for name in [*servers, *(["engine"] if args.engine and c == 1 else [])]}
+                urls = {name: url for name, (_, url) in servers.items()}
                 for _ in range(args.rounds):
-                    for name, (_, url) in servers.items():
+                    if c == 1:
+                        for name, level in lone_levels(urls, engine_model, prompts, args.requests, args.max_tokens,
+                                                       t, args.time_limit).items():
+                            levels[name].add(level)
+                        continue
+                    for name, url in urls.items():
                         levels[name].add(run_level(url, prompts, c, args.requests, args.max_tokens, t, args.time_limit))
-                    if "engine" in levels:
-                        levels["engine"].add(engine_level(engine_model, prompts, args.requests, args.max_tokens, t))
                 report(t, c, levels)
     finally:
         for proc, _ in servers.values():

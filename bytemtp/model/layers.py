@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,9 +54,17 @@ class RMSNorm(nn.RMSNorm):
                 or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad)):
             return super().forward(x)
         d, out = x.shape[-1], torch.empty(x.shape)
-        rows = x.contiguous().numpy().reshape(-1, d)
-        rms_norm_rows(rows, weight.detach().numpy(), self.eps, out.numpy().reshape(-1, d))
+        rows = x.detach().contiguous().numpy().reshape(-1, d)
+        rms_norm_rows(rows, self._kernel_weight(weight), self.eps, out.numpy().reshape(-1, d))
         return out
+
+    def _kernel_weight(self, weight: torch.Tensor) -> np.ndarray:
+        """A copy of the weight for the kernel, made again when the weight changed: a numpy view
+        would pin the parameter's storage, which FSDP frees and regrows between steps."""
+        source = (weight.data_ptr(), weight._version)
+        if getattr(self, "_weight_copy_of", None) != source:
+            self._weight_copy, self._weight_copy_of = weight.detach().clone().numpy(), source
+        return self._weight_copy
 
 
 @dataclass

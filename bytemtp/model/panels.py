@@ -97,7 +97,7 @@ def panel_product(x: torch.Tensor, panels: np.ndarray, n_out: int) -> torch.Tens
         _numba_threads.of = threads
     n_panels = -(-n_out // PANEL)
     width = n_panels * PANEL
-    rows = np.ascontiguousarray(x.numpy().reshape(-1, x.shape[-1]))  # numpy's views: cheaper than torch's
+    rows = np.ascontiguousarray(x.detach().numpy().reshape(-1, x.shape[-1]))  # numpy's views: cheaper than torch's
     out = np.empty((*x.shape[:-1], width), dtype=np.float32)
     panel_matmul(rows, panels if n_panels == len(panels) else panels[:n_panels], out.reshape(-1, width),
                  serial=threads == 1)
@@ -151,7 +151,7 @@ class PanelLinear(nn.Linear):
         """``weight`` in its panel layout, rebuilt if the weight changed since it was made."""
         source = (weight.data_ptr(), weight._version)
         if self._panels_from != source:
-            self._panels = pack_panels(weight.detach().numpy())
+            self._panels = pack_panels(weight.detach().clone().numpy())  # a view would pin the storage (FSDP)
             self._panels_from = source
         return self._panels
 
