@@ -6,17 +6,18 @@ BLAS the weight transposed, which its general kernel repacks on every call, and 
 rows on even a transposed copy goes through that general kernel. So few-row products on
 CPU float32 inference (up to ``MAX_ROWS`` rows) run on the panel kernel
 (``bytemtp_native.panels``), which reads the weights once whatever the number of rows and
-gives every row the same result it would get alone. The one exception is a single row of a
-small weight, which BLAS's vector kernel multiplies by a transposed copy in less than the
-kernel's call costs (4 µs against 6 µs for 128 x 128). Within a step the weights come from
+gives every row the same result it would get alone, so a speculative step's 8 positions
+compute bit for bit what 8 autoregressive steps would. Within a step the weights come from
 the last-level cache (the step has touched everything since), where the kernel's one pass
 over them counts: on a 2-core EPYC, one thread, 8 rows of a 128-wide model's products take
 8-17 µs on the panels against 15-37 µs on BLAS with a transposed copy, and the stacked draft
-heads' one row (128 x 1799, ``ByteMTP.draft_logits``) 23 µs against 49 µs with ``F.linear``.
+heads' one row (128 x 1799, ``ByteMTP.draft_logits``) 23 µs against 49 µs with ``F.linear``;
+one row of a small weight costs the same either way, once the kernel runs on the calling
+thread (``serial``: a parallel launch costs a few µs even on one thread).
 
 Compiled decoding steps cannot call the kernel (a Numba call is a graph break): they
-multiply small weights (under ``COPY_MAX_WEIGHT``) by the transposed copy while a decoding
-session has armed the layer (``arm``), and bigger ones with ``F.linear``. Everything else
+multiply small weights (under ``COPY_MAX_WEIGHT``) by a transposed copy, [in, out], while a
+decoding session has armed the layer (``arm``), and bigger ones with ``F.linear``. Everything else
 (training, evaluation, long prompts, GPUs, other dtypes) stays on ``F.linear``. The state
 dict is ``nn.Linear``'s, so checkpoints do not care.
 
@@ -44,8 +45,8 @@ from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
 # step of 8 rows verifying 7 drafts each); beyond it, BLAS's general kernel is at home:
 # prompts, big batches, training.
 MAX_ROWS = 64
-# Weights smaller than this keep a transposed copy: for one eager row, and for compiled steps
-# (inductor's own product of a big weight needs none).
+# Compiled steps multiply weights smaller than this by a transposed copy (inductor's own
+# product of a big weight needs none).
 COPY_MAX_WEIGHT = 512 * 512
 
 _enabled = True
@@ -118,7 +119,7 @@ class PanelLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, **kwargs)
         self._panels: np.ndarray | None = None
         self._panels_from: tuple[int, int] | None = None  # the weight's (address, version) they were made of
-        self._copy: torch.Tensor | None = None  # the transposed weight, [in, out], of a small weight
+        self._copy: torch.Tensor | None = None  # compiled steps: a small weight transposed, while armed
         self._copy_from: tuple[int, int] | None = None
         self._copied = in_features * out_features < COPY_MAX_WEIGHT
         self._armed = False  # a decoding session holds a fresh transposed copy (``arm``)
@@ -129,8 +130,9 @@ class PanelLinear(nn.Linear):
         and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
         weight = self._parameters["weight"]
         self._armed = armed and self._copied and _has_layout(weight)
-        if self._armed:
-            self._transposed(weight)
+        source = (weight.data_ptr(), weight._version)
+        if self._armed and self._copy_from != source:  # the same tensor while the weight is: no new graph
+            self._copy, self._copy_from = weight.detach().t().contiguous(), source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 17 times per forward of a small model, whose whole forward is under a
@@ -143,8 +145,6 @@ class PanelLinear(nn.Linear):
         if not (few_rows(x, self.in_features) and _has_layout(weight)
                 and not (torch.is_grad_enabled() and weight.requires_grad)):
             return F.linear(x, weight)
-        if self._copied and x.numel() == self.in_features:  # one row of a small weight: BLAS's own
-            return torch.matmul(x, self._transposed(weight))  # vector kernel, under the panels' call cost
         return panel_product(x, self._decoding_panels(weight), self.out_features)
 
     def _decoding_panels(self, weight: torch.Tensor) -> np.ndarray:
@@ -154,11 +154,3 @@ class PanelLinear(nn.Linear):
             self._panels = pack_panels(weight.detach().clone().numpy())  # a view would pin the storage (FSDP)
             self._panels_from = source
         return self._panels
-
-    def _transposed(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` transposed, rebuilt if it changed since (the same tensor otherwise: a compiled
-        graph that reads it needs no new graph)."""
-        source = (weight.data_ptr(), weight._version)
-        if self._copy_from != source:
-            self._copy, self._copy_from = weight.detach().t().contiguous(), source
-        return self._copy
