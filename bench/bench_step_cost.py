@@ -4,7 +4,7 @@ Speedup is bytes per forward divided by the *step cost ratio* (a speculative ste
 over an autoregressive step's). This splits each decoder's step into the model's forward
 (``ByteMTP.decode``, timed by wrapping it) and the rest (verification, drafting, the
 host's bookkeeping, the cache moves of a tree), so a ratio above 1 can be read as extra
-positions in the forward or as work around it. The decoders run interleaved on the same
+positions in the forward or as work around it. The decoders take turns on each batch of
 prompts, ``--rounds`` times after a warm-up; the figures are totals over the timed rounds.
 With ``--batch`` above 1, bytes per forward is the batch's bytes per forward over the rows,
 lower than a row's own once some rows have stopped. "Plain drafts": from the heads and the
@@ -72,8 +72,8 @@ def main() -> None:
     }
     totals = {name: [0.0, 0.0, 0, 0] for name in decoders}  # wall s, forward s, forwards, bytes
     for rnd in range(args.rounds + 1):
-        for name, decoder in decoders.items():
-            for batch in batches:
+        for batch in batches:  # the decoders take turns on each batch: a slow spell falls on them all
+            for name, decoder in decoders.items():
                 forward.seconds, forward.calls = 0.0, 0
                 start = time.perf_counter()
                 out = decoder.generate(batch).read_all()
