@@ -50,7 +50,7 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if (weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS or not eager_inference(x)
+        if (not eager_inference(x) or weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS
                 or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad)):
             return super().forward(x)
         d, out = x.shape[-1], torch.empty(x.shape)

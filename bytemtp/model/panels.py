@@ -75,18 +75,18 @@ def eager_inference(x: torch.Tensor) -> bool:
     """Whether ``x`` is a CPU float32 input of an eager inference step, which the decoding layouts
     and kernels take (while they are enabled; not an empty one, which numpy cannot reshape)."""
     return (
-        _enabled
+        not torch.compiler.is_compiling()  # first: a graph being traced reads nothing else here
+        and _enabled
         and x.numel() > 0
         and x.is_cpu
         and x.dtype == torch.float32
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and x.requires_grad)
     )
 
 
 def few_rows(x: torch.Tensor, in_features: int) -> bool:
     """Whether ``x`` [..., in_features] is a few-row CPU float32 inference input the panel kernel takes."""
-    return x.numel() <= MAX_ROWS * in_features and eager_inference(x)
+    return eager_inference(x) and x.numel() <= MAX_ROWS * in_features
 
 
 def panel_product(x: torch.Tensor, panels: np.ndarray, n_out: int) -> torch.Tensor:
