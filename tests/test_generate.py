@@ -157,7 +157,7 @@ def test_speculative_greedy_matches_autoregressive_on_the_panel_kernel():
     model = ByteMTP(ModelConfig(d_model=512, n_layers=1, n_attn_heads=8, n_future=8, max_seq_len=96)).eval()
     for prompt, draft_heads in itertools.product([b"", b"def main():\n    return"], (3, 7)):
         assert_same_greedy(model, prompt, 60, draft_heads)
-    assert isinstance(model.blocks[0].mlp.w_in._panels, np.ndarray)
+    assert isinstance(model.blocks[0].mlp.w_in._panels.value, np.ndarray)
 
 
 @pytest.mark.parametrize("tree_nodes", [0, 8])

@@ -347,3 +347,6 @@ def test_decoding_rms_norm_is_torchs_and_each_rows_own(shape, view):
     x.requires_grad_(True)
     norm(x).sum().backward()  # the torch path: gradients reach the input and the weight
     assert x.grad is not None and norm.weight.grad is not None
+    with torch.inference_mode():  # a model built for inference only: its weight keeps no version
+        frozen = RMSNorm(shape[-1], eps=1e-5)
+        torch.testing.assert_close(frozen(x.detach()), torch.rms_norm(x.detach(), (shape[-1],), frozen.weight, 1e-5))

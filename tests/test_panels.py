@@ -92,19 +92,19 @@ def test_linear_routes_few_row_inference_products_to_the_panels():
             y = layer(few)
             torch.testing.assert_close(y, F.linear(few, layer.weight), rtol=1e-5, atol=1e-5)
             assert y.shape == (1, 3, layer.out_features)
-            assert isinstance(layer._panels, np.ndarray)  # packed on the first eligible call
+            assert isinstance(layer._panels.value, np.ndarray)  # packed on the first eligible call
             assert torch.equal(layer(many), F.linear(many, layer.weight))
             with panels_enabled(False):
                 assert torch.equal(layer(few), F.linear(few, layer.weight))
     # a compiled step's transposed copy: small weights only, made when a decoding session arms the layer
     for layer in (big, small):
         layer.arm(True)
-    assert big._copy is None
-    assert torch.equal(small._copy, small.weight.t()) and small._copy.is_contiguous()
-    copy = small._copy
+    assert big._copy.value is None
+    assert torch.equal(small._copy.value, small.weight.t()) and small._copy.value.is_contiguous()
+    copy = small._copy.value
     small.arm(False)
     small.arm(True)
-    assert small._copy is copy  # the same tensor while the weight is the same: compiled graphs keep it
+    assert small._copy.value is copy  # the same tensor while the weight is the same: compiled graphs keep it
     # With autograd the product stays on F.linear, so gradients flow to the weight.
     for layer in (big, small):
         layer(few).sum().backward()
@@ -120,7 +120,7 @@ def test_linear_repacks_after_the_weight_changes(n_in):
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
     with torch.inference_mode():
         before = layer(x)
-    assert layer._panels is not None
+    assert layer._panels.value is not None
     layer(torch.randn(4, n_in)).square().sum().backward()
     opt.step()
     with torch.inference_mode():
@@ -140,7 +140,7 @@ def test_the_kernel_leaves_torchs_thread_count_alone():
         "from bytemtp.model.panels import PanelLinear\n"
         "layer = PanelLinear(512, 512)\n"
         "with torch.inference_mode(): layer(torch.randn(2, 512))\n"
-        "assert layer._panels is not None\n"
+        "assert layer._panels.value is not None\n"
         "print(torch.get_num_threads())\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

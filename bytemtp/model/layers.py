@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from bytemtp.model.cache import CacheRows, KVCache
 from bytemtp.model.config import ModelConfig
-from bytemtp.model.panels import PanelLinear, eager_inference
+from bytemtp.model.panels import PanelLinear, WeightLayout, decoding_weight, eager_inference, host_copy
 from bytemtp_native.norms import rms_norm_rows
 
 
@@ -48,23 +47,19 @@ class RMSNorm(nn.RMSNorm):
     (``bytemtp_native.norms``: torch's takes half a dozen operations, a tenth of a small model's
     step); everything else, and compiled graphs, as ``nn.RMSNorm``. The same state dict."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._host_weight = WeightLayout(host_copy)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (not eager_inference(x) or weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS
-                or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad)):
+                or not decoding_weight(weight)):
             return super().forward(x)
         d, out = x.shape[-1], torch.empty(x.shape)
         rows = x.detach().contiguous().numpy().reshape(-1, d)
-        rms_norm_rows(rows, self._kernel_weight(weight), self.eps, out.numpy().reshape(-1, d))
+        rms_norm_rows(rows, self._host_weight.of(weight), self.eps, out.numpy().reshape(-1, d))
         return out
-
-    def _kernel_weight(self, weight: torch.Tensor) -> np.ndarray:
-        """A copy of the weight for the kernel, made again when the weight changed: a numpy view
-        would pin the parameter's storage, which FSDP frees and regrows between steps."""
-        source = (weight.data_ptr(), weight._version)
-        if getattr(self, "_weight_copy_of", None) != source:
-            self._weight_copy, self._weight_copy_of = weight.detach().clone().numpy(), source
-        return self._weight_copy
 
 
 @dataclass

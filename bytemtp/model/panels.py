@@ -30,8 +30,9 @@ more copies of the weights in memory for a model that decodes on a CPU.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numba
 import numpy as np
@@ -69,6 +70,43 @@ def _has_layout(weight: torch.Tensor) -> bool:
     """Whether ``weight`` gets a decoding layout: layouts are on, and it is a CPU float32 tensor
     with a version counter (an inference tensor has none to notice a change by)."""
     return _enabled and weight.is_cpu and weight.dtype == torch.float32 and not weight.is_inference()
+
+
+def decoding_weight(weight: torch.Tensor) -> bool:
+    """Whether an eager inference step may multiply or scale by ``weight``'s decoding layouts: it has
+    them (``_has_layout``) and autograd wants no gradient of it."""
+    return _has_layout(weight) and not (torch.is_grad_enabled() and weight.requires_grad)
+
+
+class WeightLayout:
+    """A layout of a weight, ``make(weight.detach())``, made again whenever the weight changed since
+    (another tensor, or an optimizer step or ``load_state_dict`` bumped its version); otherwise the
+    same object, so a compiled graph that reads it needs no new graph. Its ``value`` is None until
+    first made."""
+
+    def __init__(self, make: Callable[[torch.Tensor], Any]):
+        self.make, self.value = make, None
+        self._source: tuple[int, int] | None = None
+
+    def of(self, weight: torch.Tensor) -> Any:
+        source = (weight.data_ptr(), weight._version)
+        if source != self._source:
+            self.value, self._source = self.make(weight.detach()), source
+        return self.value
+
+
+def host_copy(weight: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``weight``: a view would pin the parameter's storage, which FSDP frees and
+    regrows between steps."""
+    return weight.clone().numpy()
+
+
+def _pack(weight: torch.Tensor) -> np.ndarray:
+    return pack_panels(host_copy(weight))
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous()
 
 
 def eager_inference(x: torch.Tensor) -> bool:
@@ -117,10 +155,8 @@ class PanelLinear(nn.Linear):
         if bias:
             raise ValueError("bytemtp.model.panels.PanelLinear has no bias")
         super().__init__(in_features, out_features, bias=False, **kwargs)
-        self._panels: np.ndarray | None = None
-        self._panels_from: tuple[int, int] | None = None  # the weight's (address, version) they were made of
-        self._copy: torch.Tensor | None = None  # compiled steps: a small weight transposed, while armed
-        self._copy_from: tuple[int, int] | None = None
+        self._panels = WeightLayout(_pack)  # eager products
+        self._copy = WeightLayout(_transposed)  # compiled steps: a small weight transposed
         self._copied = in_features * out_features < COPY_MAX_WEIGHT
         self._armed = False  # a decoding session holds a fresh transposed copy (``arm``)
 
@@ -130,9 +166,8 @@ class PanelLinear(nn.Linear):
         and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
         weight = self._parameters["weight"]
         self._armed = armed and self._copied and _has_layout(weight)
-        source = (weight.data_ptr(), weight._version)
-        if self._armed and self._copy_from != source:  # the same tensor while the weight is: no new graph
-            self._copy, self._copy_from = weight.detach().t().contiguous(), source
+        if self._armed:
+            self._copy.of(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Runs 17 times per forward of a small model, whose whole forward is under a
@@ -140,17 +175,8 @@ class PanelLinear(nn.Linear):
         weight = self._parameters["weight"]
         if torch.compiler.is_compiling():  # the copy is a graph input, fresh while armed
             if self._armed and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
-                return torch.matmul(x, self._copy)
+                return torch.matmul(x, self._copy.value)
             return F.linear(x, weight)
-        if not (few_rows(x, self.in_features) and _has_layout(weight)
-                and not (torch.is_grad_enabled() and weight.requires_grad)):
+        if not (few_rows(x, self.in_features) and decoding_weight(weight)):
             return F.linear(x, weight)
-        return panel_product(x, self._decoding_panels(weight), self.out_features)
-
-    def _decoding_panels(self, weight: torch.Tensor) -> np.ndarray:
-        """``weight`` in its panel layout, rebuilt if the weight changed since it was made."""
-        source = (weight.data_ptr(), weight._version)
-        if self._panels_from != source:
-            self._panels = pack_panels(weight.detach().clone().numpy())  # a view would pin the storage (FSDP)
-            self._panels_from = source
-        return self._panels
+        return panel_product(x, self._panels.of(weight), self.out_features)
