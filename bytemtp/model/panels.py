@@ -9,9 +9,10 @@ CPU float32 inference (up to ``MAX_ROWS`` rows) run on the panel kernel
 gives every row the same result it would get alone, so a speculative step's 8 positions
 compute bit for bit what 8 autoregressive steps would. Within a step the weights come from
 the last-level cache (the step has touched everything since), where the kernel's one pass
-over them counts: on a 2-core EPYC, one thread, 8 rows of a 128-wide model's products take
-8-17 µs on the panels against 15-37 µs on BLAS with a transposed copy, and the stacked draft
-heads' one row (128 x 1799, ``ByteMTP.draft_logits``) 23 µs against 49 µs with ``F.linear``;
+over them counts: on a 2-core EPYC, one thread, caches flushed between calls, 8 rows of a
+128-wide model's products take 7-15 µs on the panels against 10-24 µs on BLAS with a transposed
+copy, and the stacked draft heads' one row (128 x 1799, ``ByteMTP.draft_logits``) 23 µs against
+41 µs with ``F.linear``;
 one row of a small weight costs the same either way, once the kernel runs on the calling
 thread (``serial``: a parallel launch costs a few µs even on one thread).
 
