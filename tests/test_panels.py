@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -15,7 +16,9 @@ from hypothesis import strategies as st
 from bytemtp.model.config import ModelConfig
 from bytemtp.model.panels import COPY_MAX_WEIGHT, MAX_ROWS, PanelLinear, panels_enabled
 from bytemtp.model.transformer import ByteMTP
+from bytemtp.train.parallel import MTPObjective, shard
 from bytemtp_native.panels import PANEL, pack_panels, panel_matmul
+from train_support import gloo_group  # noqa: F401 (a fixture)
 
 
 def matmul(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -191,3 +194,22 @@ def test_the_models_cache_arms_the_layers_decoding_multiplies_by(head_kind, draf
     assert len(armed) > 2 and (stacked - armed if head_kind == "linear" else stacked <= armed)
     model.clear_cache()
     assert not any(layer._armed for layer in layers.values())
+
+
+def test_sharded_evaluation_reads_each_steps_weights(gloo_group):
+    """FSDP2 all-gathers each step's weights into the same unsharded parameters without bumping
+    their versions; layouts keyed on (pointer, version) served step 0's weights at step 1. Its
+    layers compute as torch does: bit for bit what the unsharded model computes without layouts."""
+    torch.manual_seed(0)
+    model = ByteMTP(ModelConfig(d_model=32, n_layers=2, n_attn_heads=2, n_future=2, max_seq_len=32))
+    reference = MTPObjective(copy.deepcopy(model))
+    sharded = shard(MTPObjective(model))
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        for step in range(3):
+            with panels_enabled(False):
+                want = reference(ids)[1]
+            torch.testing.assert_close(sharded(ids)[1], want, rtol=0, atol=0, msg=f"step {step}")
+            for p, q in zip(sharded.parameters(), reference.parameters(), strict=True):
+                p.mul_(1.1)  # what an optimizer step does to the shards
+                q.mul_(1.1)

@@ -50,10 +50,11 @@ class RMSNorm(nn.RMSNorm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._host_weight = WeightLayout(host_copy)
+        self.layouts = True  # False: always torch's (``bytemtp.model.panels.drop_layouts``)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
-        if (not eager_inference(x) or weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS
+        if (not self.layouts or not eager_inference(x) or weight is None or self.eps is None or x.numel() > NORM_MAX_ELEMENTS
                 or not decoding_weight(weight)):
             return super().forward(x)
         d, out = x.shape[-1], torch.empty(x.shape)

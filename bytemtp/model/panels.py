@@ -25,7 +25,8 @@ dict is ``nn.Linear``'s, so checkpoints do not care.
 The decoding layouts of the weight are made on the first call that needs them and again
 whenever the weight changed since (an optimizer step or ``load_state_dict`` bumps the
 tensor's version), so a model can alternate training and sampling. They cost one or two
-more copies of the weights in memory for a model that decodes on a CPU.
+more copies of the weights in memory for a model that decodes on a CPU. FSDP2 breaks that
+contract (``drop_layouts``), so its modules compute as torch does.
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ def host_copy(weight: torch.Tensor) -> np.ndarray:
     return weight.clone().numpy()
 
 
+def drop_layouts(module: nn.Module) -> None:
+    """Turn off for good the decoding layouts of every layer in ``module``: they compute as torch does.
+
+    For modules under FSDP2, whose evaluation would otherwise read an earlier step's weights: it
+    all-gathers each step's weights into the same unsharded parameters with their version counters
+    preserved, often into the same memory, so a layout keyed on (pointer, version) looks fresh."""
+    for layer in module.modules():
+        if any(isinstance(value, WeightLayout) for value in vars(layer).values()):
+            layer.layouts = False
+
+
 def _pack(weight: torch.Tensor) -> np.ndarray:
     return pack_panels(host_copy(weight))
 
@@ -160,13 +172,14 @@ class PanelLinear(nn.Linear):
         self._copy = WeightLayout(_transposed)  # compiled steps: a small weight transposed
         self._copied = in_features * out_features < COPY_MAX_WEIGHT
         self._armed = False  # a decoding session holds a fresh transposed copy (``arm``)
+        self.layouts = True  # False: always ``F.linear`` (``drop_layouts``)
 
     def arm(self, armed: bool) -> None:
         """Decoding starts (True) or ends (False). A compiled decoding step cannot check that
         the transposed copy of a small weight is fresh, so it uses the copy only while armed,
         and arming makes it fresh (``ByteMTP.setup_cache`` arms, ``clear_cache`` disarms)."""
         weight = self._parameters["weight"]
-        self._armed = armed and self._copied and _has_layout(weight)
+        self._armed = armed and self.layouts and self._copied and _has_layout(weight)
         if self._armed:
             self._copy.of(weight)
 
@@ -178,6 +191,6 @@ class PanelLinear(nn.Linear):
             if self._armed and x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled():
                 return torch.matmul(x, self._copy.value)
             return F.linear(x, weight)
-        if not (few_rows(x, self.in_features) and decoding_weight(weight)):
+        if not (self.layouts and few_rows(x, self.in_features) and decoding_weight(weight)):
             return F.linear(x, weight)
         return panel_product(x, self._panels.of(weight), self.out_features)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.nn as nn
 
+from bytemtp.model.panels import drop_layouts
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.distributed import DistEnv
 from bytemtp.train.objective import multihead_loss
@@ -79,8 +80,11 @@ def shard(objective: MTPObjective, mp_policy: MixedPrecisionPolicy | None = None
     """FSDP2 over the process group, in place: every trunk block is its own unit
     (all-gathered just before it runs, freed after); the embedding, heads and shared
     norm belong to the root unit, since the head schedules run all heads inside one
-    autograd Function and need them together anyway."""
+    autograd Function and need them together anyway. The layers' decoding layouts go
+    (``drop_layouts``): FSDP2 rewrites the weights behind them without a trace they can see."""
     from torch.distributed.fsdp import fully_shard
+
+    drop_layouts(objective)
 
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in objective.model.blocks:
