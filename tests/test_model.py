@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bytemtp import VOCAB
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import HEAD_KINDS, ModelConfig, preset
 from bytemtp.model.decode_dtype import cast_for_decoding, decoding_dtype
+from bytemtp.model.layers import soft_cap
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.objective import multihead_loss
 
@@ -323,6 +325,15 @@ def test_draft_weight_stays_at_its_address_and_follows_the_weights(head_kind):
     assert model.draft_weight.data_ptr() == address
     want = torch.cat([model.unembedding(k)[:VOCAB] for k in (1, 2, 3)]) if head_kind == "linear" else None
     assert torch.equal(model.draft_weight, model.unembed.weight[:VOCAB] if want is None else want)
+    if want is not None:  # the eager step's panels follow them too
+        features = torch.randn(1, 1, model.cfg.d_model)
+        with torch.no_grad():
+            got = model.draft_logits(features, 3)
+        torch.testing.assert_close(got, soft_cap(F.linear(features, want), model.cfg.logit_cap).view(1, 3, VOCAB))
+    panels = model._draft_panels
+    model.clear_cache()
+    model.setup_cache(1, 16)
+    assert model._draft_panels is panels  # weights unchanged since: nothing stacked or packed again
 
 
 @pytest.mark.parametrize("shape, view", [((1, 8, 128), False), ((3, 5, 64), False), ((1, 24, 4, 32), True)])

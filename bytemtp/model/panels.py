@@ -97,6 +97,14 @@ class WeightLayout:
         return self.value
 
 
+def weights_source(weights: list[torch.Tensor], *extra: Any) -> tuple | None:
+    """What a layout made from ``weights`` (and ``extra`` choices) depends on, as ``WeightLayout``
+    compares it: their storage and versions; None for inference tensors, which have no version."""
+    if any(w.is_inference() for w in weights):
+        return None
+    return (*((w.data_ptr(), w._version) for w in weights), *extra)
+
+
 def host_copy(weight: torch.Tensor) -> np.ndarray:
     """A numpy copy of ``weight``: a view would pin the parameter's storage, which FSDP frees and
     regrows between steps."""

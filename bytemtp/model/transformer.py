@@ -23,7 +23,7 @@ from bytemtp.model.config import ModelConfig
 from bytemtp.model.draft_mlp import DraftMLPs
 from bytemtp.model.size import require_decoding_memory
 from bytemtp.model.layers import Attention, Block, PosContext, RMSNorm, TransformerHead, rope_tables, soft_cap
-from bytemtp.model.panels import PanelLinear, few_rows, panel_product
+from bytemtp.model.panels import PanelLinear, few_rows, panel_product, weights_source
 from bytemtp_native.panels import pack_panels
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class ByteMTP(nn.Module):
         self._kept_cache: KVCache | None = None
         self._kept_draft_weight: torch.Tensor | None = None  # see ``_stack_draft_weight``
         self._draft_panels: np.ndarray | None = None  # its panels (``bytemtp.model.panels``), on a CPU
+        self._draft_source: tuple | None = None  # the weights and dtype it was stacked from
         # Set by ``bytemtp.compile.compile_model``: the training objective then also runs
         # its per-head cross-entropy compiled, not just the blocks.
         self.compiled = False
@@ -313,18 +314,25 @@ class ByteMTP(nn.Module):
         """The draft heads' unembeddings stacked for ``draft_logits``: [n_drafts * vocab, d] for
         linear heads (and their panels for eager CPU steps), [vocab, d] for transformer heads.
 
-        Refreshed every ``setup_cache``, into the same tensor as last time when its shape
-        allows (``kept_in_place``)."""
+        Stacked again only when the weights changed since the last ``setup_cache`` (an optimizer
+        step or ``load_state_dict`` bumps their versions; packing the panels alone took about a
+        millisecond of every ``tiny`` generation), into the same tensor as last time when its
+        shape allows (``kept_in_place``)."""
         drafts = range(1, self.cfg.n_future)
         if not drafts:
             return None
+        sources = [self.unembedding(k) for k in drafts] if self.linear_heads else [self.unembed.weight]
+        key = weights_source(sources, dtype)
+        if key is not None and key == self._draft_source:
+            return self._kept_draft_weight
         if self.linear_heads:
-            fresh = torch.cat([self.unembedding(k)[: self.cfg.vocab] for k in drafts]).detach().to(dtype)
+            fresh = torch.cat([w[: self.cfg.vocab] for w in sources]).detach().to(dtype)
         else:
-            fresh = self.unembed.weight[: self.cfg.vocab].detach().to(dtype)
+            fresh = sources[0][: self.cfg.vocab].detach().to(dtype)
         self._kept_draft_weight = kept_in_place(self._kept_draft_weight, fresh)
         on_panels = self.linear_heads and self.draft_mlps is None and fresh.is_cpu and dtype == torch.float32
         self._draft_panels = pack_panels(fresh.numpy()) if on_panels else None
+        self._draft_source = key
         return self._kept_draft_weight
 
     def move_cache(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -338,7 +346,7 @@ class ByteMTP(nn.Module):
         kept for the next ``setup_cache`` of the same shape (one cache, at most
         ``max_seq_len`` positions)."""
         self.kv_cache = None
-        self.draft_weight, self._draft_panels = None, None
+        self.draft_weight = None  # (its stacked copy and panels are kept for the next ``setup_cache``)
         self._arm_layers(False)
 
     def _arm_layers(self, armed: bool) -> None:
