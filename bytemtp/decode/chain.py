@@ -238,14 +238,16 @@ class ChainDrafts:
         sent: dict[str, torch.Tensor] | None = None,
     ) -> dict[int, Decision]:
         """Keep the new drafts (and their distributions), of which the next step verifies ``drafted``, and
-        read the decisions: one transfer for all rows. ``sent``: the step's inputs on the device, ``active``
-        among them. A ``DraftPolicy`` learns from the verdicts on the heads' drafts."""
+        read the decisions: one transfer for all rows. ``out``: every row's, or (an eager step of the first
+        rows) those rows' alone. ``sent``: the step's inputs on the device, ``active`` among them. A
+        ``DraftPolicy`` learns from the verdicts on the heads' drafts."""
         ints, q = out
         keep = self.draft_probs is not None and not all(active)  # the waiting rows' drafts are still to be judged
         if q is not None:  # never the output itself: a captured step's next replay overwrites it (CUDA graphs)
             n = first_rows(batch.computed(active)) if keep else None
             if not keep:
-                self.draft_probs = q.clone()
+                self.draft_probs = q.new_zeros(len(batch.rows), *q.shape[1:])
+                self.draft_probs[: len(q)] = q
             elif n is not None:  # the first rows: theirs in place, the rest kept
                 self.draft_probs[:n] = q[:n]
             else:

@@ -58,11 +58,10 @@ def host_chain_decide(
     rows' ``texts`` (``bytemtp.decode.incontext``), the decided bytes of its ``active`` rows are
     appended to them before drafting, and drafts are mixed with their counts at ``mixing`` [B]
     (each row's strength). ``n_rows``: ``logits`` and ``features`` are the first ``n_rows`` rows'
-    only (the rest are parked): the decision is taken for those alone, and the results have zero
-    rows for the others, so that a lone row among many slots costs what a batch of one does.
+    only (the rest are parked): the decision is taken for those alone, and the results are theirs
+    alone, [n_rows, ...], so that a lone row among many slots costs what a batch of one does.
     ``drafted``: only the first heads draft (``bytemtp.decode.drafting``); the other drafts and
     their distributions are zeros, never judged (the next step verifies ``drafted`` at most)."""
-    slots = fed.shape[0]
     if n_rows is not None:
         fed, n_valid, draft_probs, u, rule = _leading_rows(n_rows, fed, n_valid, draft_probs, u, rule)
         mixing = None if mixing is None else mixing[:n_rows]
@@ -73,7 +72,7 @@ def host_chain_decide(
         if not rule.sampling.greedy:  # none drafted: no distributions came back at all
             q = q if q is not None else torch.zeros(len(ints), 0, model.cfg.vocab, device=logits.device)
             q = torch.cat((q, q.new_zeros(len(ints), n_drafts - drafted, q.shape[2])), dim=1)
-    return tuple(None if t is None else _pad(t, slots) for t in (ints, q))
+    return ints, q
 
 
 def _leading_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs: torch.Tensor | None,
@@ -86,11 +85,6 @@ def _leading_rows(n: int, fed: torch.Tensor, n_valid: torch.Tensor, draft_probs:
     if isinstance(rule.sampling, RowSampling) or isinstance(rule.draft, RowSampling):
         rule = dataclasses.replace(rule, sampling=cut(rule.sampling), draft=cut(rule.draft))
     return fed[:n], n_valid[:n], None if draft_probs is None else draft_probs[:n], u, rule
-
-
-def _pad(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``t`` [n, ...] with zero rows up to ``rows``."""
-    return t if t.shape[0] == rows else torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
 
 
 def _decide(model, rule, n_drafts, logits, features, fed, n_valid, draft_probs, u, context, texts, mixing):
