@@ -68,6 +68,9 @@ class ChainDrafts:
         # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step of one
         # live row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
         self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
+        # a row's random numbers per step are laid out for the most drafts an eager step of it could judge,
+        # compiled or not, so that a seed draws the same bytes from a compiled decoder as from an eager one
+        self.judged_max = max(n_drafts, self.drafting.length) if self.drafting.lookup else n_drafts
         self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
@@ -138,7 +141,7 @@ class ChainDrafts:
         however wide the step (which depends on the other rows): its stream of numbers is its own."""
         if rule.sampling.greedy:
             return {}
-        m, w = self.n_drafts, self.longest  # a lookup may judge more drafts than the heads make
+        m, w = self.n_drafts, self.judged_max  # a lookup may judge more drafts than the heads make
         u = torch.zeros(len(batch.rows), w + 1 + m)
         for r, row in enumerate(batch.rows):
             if active[r] and row.generator is not None:
@@ -147,7 +150,7 @@ class ChainDrafts:
 
     def split_uniforms(self, u: torch.Tensor | None, k: int) -> Uniforms | None:
         """Drawn random numbers (``draw_uniforms``, on the device) as a step judging ``k`` drafts reads them."""
-        w = self.longest
+        w = self.judged_max
         return None if u is None else Uniforms(u[:, :k], u[:, w], u[:, w + 1 :])
 
     def judged_probs(self, rule: ChainRule, ids: torch.Tensor, active: list[bool]) -> torch.Tensor | None:
