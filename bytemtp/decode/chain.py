@@ -65,12 +65,13 @@ class ChainDrafts:
         self.step_fn = step  # a compiled ``chain_step`` bound to model, rule and n_drafts; None: eager
         self.host_context, self.rules = host_context, rules
         self.drafting = drafting if n_drafts else ContextDrafting()
+        # the most drafts an eager step of a row could judge: a row's random numbers per step are laid
+        # out for it, compiled or not, so that a seed draws the same bytes from a compiled decoder as
+        # from an eager one
+        self.judged_max = max(n_drafts, self.drafting.length) if self.drafting.lookup else n_drafts
         # the most drafts a row verifies: a lookup runs past the heads' reach in an eager step of one
         # live row only (a compiled one keeps its shapes, and a batch's forward would widen for every row)
-        self.longest = max(n_drafts, self.drafting.length) if self.drafting.lookup and step is None else n_drafts
-        # a row's random numbers per step are laid out for the most drafts an eager step of it could judge,
-        # compiled or not, so that a seed draws the same bytes from a compiled decoder as from an eager one
-        self.judged_max = max(n_drafts, self.drafting.length) if self.drafting.lookup else n_drafts
+        self.longest = self.judged_max if step is None else n_drafts
         self.texts: RowTexts | None = None
         self.drafts: list[list[int]] = []
         self.n_valid: list[int] = []
