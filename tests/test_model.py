@@ -12,7 +12,7 @@ from bytemtp import VOCAB
 from bytemtp.errors import BytemtpError
 from bytemtp.model.config import HEAD_KINDS, ModelConfig, preset
 from bytemtp.model.decode_dtype import cast_for_decoding, decoding_dtype
-from bytemtp.model.layers import soft_cap
+from bytemtp.model.layers import RMSNorm, soft_cap
 from bytemtp.model.transformer import ByteMTP
 from bytemtp.train.objective import multihead_loss
 
@@ -341,8 +341,6 @@ def test_decoding_rms_norm_is_torchs_and_each_rows_own(shape, view):
     """Eager inference normalises in one Numba call (``bytemtp_native.norms``): within float32 rounding
     of torch's, on contiguous and strided inputs (attention's q and k are a view), each row's bits
     its own whatever else is in the call; with autograd it is torch's own."""
-    from bytemtp.model.layers import RMSNorm
-
     torch.manual_seed(0)
     norm = RMSNorm(shape[-1], eps=1e-5)
     with torch.no_grad():
